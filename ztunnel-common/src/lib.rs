@@ -1,0 +1,252 @@
+//! The ABI shared by the kernel programs (`ztunnel-ebpf`) and the agent: map keys and values,
+//! map and program names, ports and the socket mark.
+//!
+//! Every type is `#[repr(C)]` with explicit padding and no `bool`/`Option`, so the kernel and
+//! userspace agree byte for byte and BTF describes the layout (`bpftool map dump` prints the
+//! field names). Addresses are kept as the kernel hands them to programs: `u32` words in
+//! network byte order; an IPv4 address lives in `addr[0]` with the other words zero.
+
+#![no_std]
+
+/// Outbound capture listener, in each enrolled pod's network namespace.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext capture listener, in each enrolled pod's network namespace.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Inbound HBONE listener; peers dial it directly, it is never redirected.
+pub const HBONE_PORT: u16 = 15008;
+/// `SO_MARK` the agent sets on every socket it connects itself, so capture skips it
+/// (1337, the mark upstream ztunnel uses for the same purpose).
+pub const AGENT_SOCKET_MARK: u32 = 0x539;
+
+/// `AF_INET`, as the kernel reports it in program contexts.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6`, as the kernel reports it in program contexts.
+pub const AF_INET6: u32 = 10;
+
+/// Names of the maps, as declared in the object and pinned under the pin directory.
+pub mod maps {
+    /// Enrolled pods: netns cookie (`u64`) -> [`crate::PodConfig`].
+    pub const ENROLLED_PODS: &str = "ENROLLED_PODS";
+    /// Addresses of enrolled pods: [`crate::IpKey`] -> [`crate::PodAddr`].
+    pub const POD_ADDRS: &str = "POD_ADDRS";
+    /// Destination ports never captured outbound: [`crate::PortKey`] -> `u32` (unused).
+    pub const EXCLUDED_OUTBOUND_PORTS: &str = "EXCLUDED_OUTBOUND_PORTS";
+    /// Destination ports never captured inbound: [`crate::PortKey`] -> `u32` (unused).
+    pub const EXCLUDED_INBOUND_PORTS: &str = "EXCLUDED_INBOUND_PORTS";
+    /// Original destination of a captured socket by socket cookie (`u64`) -> [`crate::OrigDst`].
+    pub const ORIG_DST_BY_SOCKET: &str = "ORIG_DST_BY_SOCKET";
+    /// Original destination of a captured connection by its client end: [`crate::ConnKey`] ->
+    /// [`crate::OrigDst`]; the agent reads and deletes it after accept().
+    pub const ORIG_DST: &str = "ORIG_DST";
+    /// The agent's 15006 listeners: [`crate::ListenerKey`] -> socket.
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// Per-CPU counters per pod: netns cookie (`u64`) -> [`crate::PodCounters`].
+    pub const POD_COUNTERS: &str = "POD_COUNTERS";
+    /// aya-log's ring buffer.
+    pub const AYA_LOGS: &str = "AYA_LOGS";
+    /// Every map the agent pins, in a stable order.
+    pub const PINNED: [&str; 8] = [
+        ENROLLED_PODS,
+        POD_ADDRS,
+        EXCLUDED_OUTBOUND_PORTS,
+        EXCLUDED_INBOUND_PORTS,
+        ORIG_DST_BY_SOCKET,
+        ORIG_DST,
+        INBOUND_LISTENERS,
+        POD_COUNTERS,
+    ];
+}
+
+/// Names of the programs in the object.
+pub mod programs {
+    /// `cgroup/connect4`: outbound IPv4 capture.
+    pub const CONNECT4: &str = "ztunnel_connect4";
+    /// `cgroup/connect6`: outbound IPv6 capture.
+    pub const CONNECT6: &str = "ztunnel_connect6";
+    /// `sockops`: moves the original destination to the 4-tuple map.
+    pub const SOCKOPS: &str = "ztunnel_sockops";
+    /// `cgroup/sock_release`: forgets a captured socket.
+    pub const SOCK_RELEASE: &str = "ztunnel_sock_release";
+    /// `cgroup/getpeername4`: shows the application the address it dialled.
+    pub const GETPEERNAME4: &str = "ztunnel_getpeername4";
+    /// `cgroup/getpeername6`.
+    pub const GETPEERNAME6: &str = "ztunnel_getpeername6";
+    /// `sk_lookup`: inbound plaintext steering to 15006, one link per pod netns.
+    pub const INBOUND: &str = "ztunnel_inbound";
+    /// The programs attached once at the cgroup, in attach order.
+    pub const CGROUP: [&str; 6] = [
+        CONNECT4,
+        CONNECT6,
+        SOCKOPS,
+        SOCK_RELEASE,
+        GETPEERNAME4,
+        GETPEERNAME6,
+    ];
+}
+
+/// Bits of [`PodConfig::flags`].
+pub mod pod_flags {
+    /// [`crate::PodConfig::ip4`] is set.
+    pub const HAS_IPV4: u32 = 1;
+    /// [`crate::PodConfig::ip6`] is set.
+    pub const HAS_IPV6: u32 = 2;
+}
+
+/// What the kernel needs to know about an enrolled pod (value of `ENROLLED_PODS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodConfig {
+    /// [`pod_flags`] bits.
+    pub flags: u32,
+    /// The pod's IPv4 address, network order.
+    pub ip4: u32,
+    /// The pod's IPv6 address, network-order words.
+    pub ip6: [u32; 4],
+}
+
+/// An IP address as a map key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u32,
+    /// Network-order words; IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+}
+
+/// Value of `POD_ADDRS`: which pod owns an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodAddr {
+    /// Network namespace cookie of the owning pod.
+    pub netns_cookie: u64,
+}
+
+/// A port as a map key (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// Port, host order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+
+/// The destination an application dialled before capture rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Port, network order (as in `bpf_sock_addr.user_port`).
+    pub port_be: u16,
+    /// Network-order words; IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+}
+
+/// The client end of a captured connection, as the agent sees it as the peer after accept().
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Network namespace cookie of the pod the client is in.
+    pub netns_cookie: u64,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u32,
+    /// Client port, host order.
+    pub port: u32,
+    /// Client address, network-order words; IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+}
+
+/// Key of `INBOUND_LISTENERS`: a pod's 15006 listener for one address family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// Network namespace cookie of the pod.
+    pub netns_cookie: u64,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+}
+
+/// Per-pod capture counters (value of the per-CPU `POD_COUNTERS`; the agent sums the CPUs).
+/// Every kernel decision on an enrolled pod's socket moves exactly one of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodCounters {
+    /// Outbound connections sent to 15001.
+    pub outbound_captured: u64,
+    /// Inbound connections steered to 15006.
+    pub inbound_captured: u64,
+    /// Outbound: destination is loopback.
+    pub skipped_loopback: u64,
+    /// Outbound: destination is one of the pod's own addresses.
+    pub skipped_own_address: u64,
+    /// Outbound or inbound: destination port excluded by configuration.
+    pub skipped_excluded_port: u64,
+    /// Outbound: the socket carries the agent's mark (the agent's own connection).
+    pub skipped_agent_socket: u64,
+    /// Outbound: not a TCP socket (UDP is left alone until DNS capture exists).
+    pub skipped_not_tcp: u64,
+    /// Inbound: the HBONE port, served directly by the agent.
+    pub skipped_hbone_port: u64,
+    /// Outbound refused (EPERM): the pod has no address of the destination's family.
+    pub refused_no_pod_address: u64,
+    /// Outbound refused (EPERM): the original destination could not be recorded.
+    pub refused_map_full: u64,
+    /// Inbound dropped: no 15006 listener registered for the pod (agent down or restarting).
+    pub dropped_no_listener: u64,
+    /// sockops: a captured socket's original destination could not be moved to `ORIG_DST`.
+    pub orig_dst_lost: u64,
+}
+
+impl PodCounters {
+    /// Field names and values, in declaration order (for metrics and `redirect dump`).
+    pub fn fields(&self) -> [(&'static str, u64); 12] {
+        [
+            ("outbound_captured", self.outbound_captured),
+            ("inbound_captured", self.inbound_captured),
+            ("skipped_loopback", self.skipped_loopback),
+            ("skipped_own_address", self.skipped_own_address),
+            ("skipped_excluded_port", self.skipped_excluded_port),
+            ("skipped_agent_socket", self.skipped_agent_socket),
+            ("skipped_not_tcp", self.skipped_not_tcp),
+            ("skipped_hbone_port", self.skipped_hbone_port),
+            ("refused_no_pod_address", self.refused_no_pod_address),
+            ("refused_map_full", self.refused_map_full),
+            ("dropped_no_listener", self.dropped_no_listener),
+            ("orig_dst_lost", self.orig_dst_lost),
+        ]
+    }
+
+    /// Adds another CPU's counters to these.
+    pub fn add(&mut self, other: &PodCounters) {
+        self.outbound_captured += other.outbound_captured;
+        self.inbound_captured += other.inbound_captured;
+        self.skipped_loopback += other.skipped_loopback;
+        self.skipped_own_address += other.skipped_own_address;
+        self.skipped_excluded_port += other.skipped_excluded_port;
+        self.skipped_agent_socket += other.skipped_agent_socket;
+        self.skipped_not_tcp += other.skipped_not_tcp;
+        self.skipped_hbone_port += other.skipped_hbone_port;
+        self.refused_no_pod_address += other.refused_no_pod_address;
+        self.refused_map_full += other.refused_map_full;
+        self.dropped_no_listener += other.dropped_no_listener;
+        self.orig_dst_lost += other.orig_dst_lost;
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all impls): plain-old-data #[repr(C)] structs of integers with explicit
+    // padding fields, so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::PodConfig {}
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::PodAddr {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::PodCounters {}
+}

@@ -1,0 +1,74 @@
+//! Inbound plaintext steering: an `sk_lookup` program attached to each enrolled pod's network
+//! namespace hands TCP connections for the pod's addresses to the agent's 15006 listener, so
+//! the accepted socket's local address is the original destination.
+
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use ztunnel_common::{IpKey, ListenerKey, PortKey, AF_INET, HBONE_PORT};
+
+use crate::maps::{count, EXCLUDED_INBOUND_PORTS, INBOUND_LISTENERS, POD_ADDRS};
+
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+#[sk_lookup]
+pub fn ztunnel_inbound(ctx: SkLookupContext) -> u32 {
+    try_inbound(&ctx)
+}
+
+#[inline(always)]
+fn try_inbound(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the context pointer is the kernel's bpf_sk_lookup for this program type.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let family = lookup.family;
+    let (local, remote) = if family == AF_INET {
+        (
+            [lookup.local_ip4, 0, 0, 0],
+            [lookup.remote_ip4, 0, 0, 0],
+        )
+    } else {
+        (lookup.local_ip6, lookup.remote_ip6)
+    };
+    // SAFETY: read-only lookup of a plain-old-data value.
+    let Some(owner) = (unsafe { POD_ADDRS.get(IpKey { family, addr: local }) }).copied() else {
+        // Not addressed to the pod (loopback, another address): untouched.
+        return SK_PASS;
+    };
+    // The agent's own connections to the application (from the pod's address to itself),
+    // and the pod calling itself, are never steered.
+    if local == remote {
+        return SK_PASS;
+    }
+    let port = lookup.local_port as u16;
+    if port == HBONE_PORT {
+        count(owner.netns_cookie, |c| c.skipped_hbone_port += 1);
+        return SK_PASS;
+    }
+    if EXCLUDED_INBOUND_PORTS
+        .get_ptr(PortKey { port, _pad: 0 })
+        .is_some()
+    {
+        count(owner.netns_cookie, |c| c.skipped_excluded_port += 1);
+        return SK_PASS;
+    }
+    let key = ListenerKey {
+        netns_cookie: owner.netns_cookie,
+        family,
+        _pad: 0,
+    };
+    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
+        Ok(()) => {
+            count(owner.netns_cookie, |c| c.inbound_captured += 1);
+            SK_PASS
+        }
+        Err(_) => {
+            // Enrolled but no listener (agent restarting): refuse rather than let plaintext
+            // reach the application around the proxy.
+            count(owner.netns_cookie, |c| c.dropped_no_listener += 1);
+            SK_DROP
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The maps, declared once with BTF so `bpftool map dump` prints field names.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
+    macros::btf_map,
+};
+use ztunnel_common::{
+    ConnKey, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig, PodCounters, PortKey,
+};
+
+/// Pods on this node a kubelet cannot exceed by much (default max-pods is 110).
+const MAX_PODS: usize = 1024;
+/// Original destinations of connections in flight (LRU: a stale entry is evicted, never
+/// blocks a new connection).
+const MAX_IN_FLIGHT: usize = 65536;
+
+#[btf_map]
+pub static ENROLLED_PODS: HashMap<u64, PodConfig, MAX_PODS> = HashMap::new();
+
+#[btf_map]
+pub static POD_ADDRS: HashMap<IpKey, PodAddr, { MAX_PODS * 4 }> = HashMap::new();
+
+#[btf_map]
+pub static EXCLUDED_OUTBOUND_PORTS: HashMap<PortKey, u32, 256> = HashMap::new();
+
+#[btf_map]
+pub static EXCLUDED_INBOUND_PORTS: HashMap<PortKey, u32, 256> = HashMap::new();
+
+#[btf_map]
+pub static ORIG_DST_BY_SOCKET: LruHashMap<u64, OrigDst, MAX_IN_FLIGHT> = LruHashMap::new();
+
+#[btf_map]
+pub static ORIG_DST: LruHashMap<ConnKey, OrigDst, MAX_IN_FLIGHT> = LruHashMap::new();
+
+#[btf_map]
+pub static INBOUND_LISTENERS: SockHash<ListenerKey, { MAX_PODS * 2 }> = SockHash::new();
+
+#[btf_map]
+pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, MAX_PODS> = PerCpuHashMap::new();
+
+/// Moves one counter of a pod. Per-CPU values need no atomics.
+#[inline(always)]
+pub fn count(netns_cookie: u64, bump: impl FnOnce(&mut PodCounters)) {
+    if POD_COUNTERS.get_ptr_mut(netns_cookie).is_none() {
+        // BPF_NOEXIST: another CPU may have created it meanwhile; either way it exists now.
+        let _ = POD_COUNTERS.insert(netns_cookie, PodCounters::default(), 1);
+    }
+    if let Some(counters) = POD_COUNTERS.get_ptr_mut(netns_cookie) {
+        // SAFETY: the pointer comes from a successful lookup of this CPU's slot, valid for
+        // the duration of the program; no other code on this CPU runs concurrently.
+        bump(unsafe { &mut *counters });
+    }
+}

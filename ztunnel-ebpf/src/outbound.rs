@@ -1,0 +1,182 @@
+//! Outbound capture: `cgroup/connect4|6` send an enrolled pod's TCP connections to the
+//! agent's 15001 listener in the same pod, after recording where they were going;
+//! `cgroup/getpeername4|6` give the application back the address it dialled.
+
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use ztunnel_common::{
+    pod_flags, IpKey, OrigDst, PodConfig, PortKey, AF_INET, AF_INET6, AGENT_SOCKET_MARK,
+    OUTBOUND_PORT,
+};
+
+use crate::maps::{count, ENROLLED_PODS, EXCLUDED_OUTBOUND_PORTS, ORIG_DST_BY_SOCKET, POD_ADDRS};
+
+/// Let the connect() proceed (possibly with a rewritten destination).
+const ALLOW: i32 = 1;
+/// Fail the connect() with EPERM: used when capture cannot be done safely, so an enrolled
+/// pod's traffic never bypasses the proxy.
+const REFUSE: i32 = 0;
+const SOCK_STREAM: u32 = 1;
+/// `::ffff:0:0/96`, the IPv4-mapped prefix, third word in network order.
+const V4_MAPPED_WORD: u32 = 0xffff_u32.to_be();
+
+#[cgroup_sock_addr(connect4)]
+pub fn ztunnel_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ztunnel_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ztunnel_getpeername4(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn ztunnel_getpeername6(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, true)
+}
+
+/// The destination of a connect() as (family, address words); IPv4-mapped IPv6 addresses are
+/// IPv4 on the wire, so they are treated as IPv4.
+#[inline(always)]
+fn destination(ctx: &SockAddrContext, ipv6_hook: bool) -> (u32, [u32; 4]) {
+    // SAFETY: the context pointer is the kernel's bpf_sock_addr for this program type.
+    let sa = unsafe { &*ctx.sock_addr };
+    if !ipv6_hook {
+        return (AF_INET, [sa.user_ip4, 0, 0, 0]);
+    }
+    let ip6 = sa.user_ip6;
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
+        (AF_INET, [ip6[3], 0, 0, 0])
+    } else {
+        (AF_INET6, ip6)
+    }
+}
+
+#[inline(always)]
+fn is_loopback(family: u32, addr: &[u32; 4]) -> bool {
+    if family == AF_INET {
+        // 127.0.0.0/8: first byte of the network-order word.
+        (u32::from_be(addr[0]) >> 24) == 127
+    } else {
+        addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 1u32.to_be()
+    }
+}
+
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
+    // SAFETY: bpf_get_netns_cookie accepts this program type's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of a plain-old-data value.
+    let pod: PodConfig = match unsafe { ENROLLED_PODS.get(netns) } {
+        Some(pod) => *pod,
+        // Not an enrolled pod: never touched, not even counted.
+        None => return ALLOW,
+    };
+    // SAFETY: the context pointer is the kernel's bpf_sock_addr for this program type.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        count(netns, |c| c.skipped_not_tcp += 1);
+        return ALLOW;
+    }
+    // SAFETY: `sk` is always set for connect hooks; the verifier allows reading `mark`.
+    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    if mark == AGENT_SOCKET_MARK {
+        count(netns, |c| c.skipped_agent_socket += 1);
+        return ALLOW;
+    }
+    let (family, addr) = destination(ctx, ipv6_hook);
+    let port_be = sa.user_port as u16;
+    if is_loopback(family, &addr) {
+        count(netns, |c| c.skipped_loopback += 1);
+        return ALLOW;
+    }
+    // SAFETY: read-only lookup of a plain-old-data value.
+    if let Some(owner) = unsafe { POD_ADDRS.get(IpKey { family, addr }) } {
+        if owner.netns_cookie == netns {
+            count(netns, |c| c.skipped_own_address += 1);
+            return ALLOW;
+        }
+    }
+    let port_key = PortKey {
+        port: u16::from_be(port_be),
+        _pad: 0,
+    };
+    if EXCLUDED_OUTBOUND_PORTS.get_ptr(port_key).is_some() {
+        count(netns, |c| c.skipped_excluded_port += 1);
+        return ALLOW;
+    }
+    let needed = if family == AF_INET {
+        pod_flags::HAS_IPV4
+    } else {
+        pod_flags::HAS_IPV6
+    };
+    if pod.flags & needed == 0 {
+        count(netns, |c| c.refused_no_pod_address += 1);
+        return REFUSE;
+    }
+    // SAFETY: bpf_get_socket_cookie accepts this program type's context.
+    let socket = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        family: family as u16,
+        port_be,
+        addr,
+    };
+    if ORIG_DST_BY_SOCKET.insert(socket, orig, 0).is_err() {
+        count(netns, |c| c.refused_map_full += 1);
+        return REFUSE;
+    }
+    let listener_port = (OUTBOUND_PORT.to_be()) as u32;
+    // SAFETY: connect hooks may rewrite user_ip4/user_ip6/user_port.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        if !ipv6_hook {
+            sa.user_ip4 = pod.ip4;
+        } else if family == AF_INET {
+            sa.user_ip6 = [0, 0, V4_MAPPED_WORD, pod.ip4];
+        } else {
+            sa.user_ip6 = pod.ip6;
+        }
+        sa.user_port = listener_port;
+    }
+    count(netns, |c| c.outbound_captured += 1);
+    debug!(
+        ctx,
+        "outbound captured: netns {} dst port {}",
+        netns,
+        u16::from_be(port_be)
+    );
+    ALLOW
+}
+
+#[inline(always)]
+fn try_getpeername(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
+    // SAFETY: bpf_get_socket_cookie accepts this program type's context.
+    let socket = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of a plain-old-data value.
+    let Some(orig) = (unsafe { ORIG_DST_BY_SOCKET.get(socket) }).copied() else {
+        return ALLOW;
+    };
+    // SAFETY: getpeername hooks may rewrite user_ip4/user_ip6/user_port.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        if !ipv6_hook {
+            sa.user_ip4 = orig.addr[0];
+        } else if orig.family as u32 == AF_INET {
+            sa.user_ip6 = [0, 0, V4_MAPPED_WORD, orig.addr[0]];
+        } else {
+            sa.user_ip6 = orig.addr;
+        }
+        sa.user_port = orig.port_be as u32;
+    }
+    ALLOW
+}
