@@ -1,1 +1,64 @@
-fn main() {}
+//! ztunnel-agent entry point: parse the command line, set up logging, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ztunnel_agent::cli::{Cli, Command, RedirectAction};
+use ztunnel_agent::config::Config;
+use ztunnel_agent::telemetry::{self, ErrorChain};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            telemetry::init(&args.log_filter, args.log_format);
+            let config = match Config::from_args(&args) {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("ztunnel")
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match runtime.block_on(ztunnel_agent::app::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e.as_ref()),
+            }
+        }
+        Command::Redirect { action } => match action {
+            RedirectAction::Dump(arg) => {
+                match ztunnel_agent::redirect::dump::render(&arg.pin_dir) {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                }
+            }
+            RedirectAction::Uninstall(arg) => {
+                match ztunnel_agent::redirect::uninstall(&arg.pin_dir) {
+                    Ok(removed) => {
+                        for p in &removed {
+                            println!("removed {}", p.display());
+                        }
+                        println!(
+                            "uninstalled: nothing is captured by {} any more",
+                            arg.pin_dir.display()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                }
+            }
+        },
+    }
+}
+
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("error: {}", ErrorChain(e));
+    ExitCode::FAILURE
+}

@@ -16,24 +16,52 @@ pub fn ztunnel_inbound(ctx: SkLookupContext) -> u32 {
     try_inbound(&ctx)
 }
 
+/// Reads one `u32` field of the context. Volatile so that each read stays a load at a
+/// constant offset from the context pointer, the only form the verifier accepts (merged
+/// branches otherwise turn into a load through a derived pointer).
+macro_rules! ctx_u32 {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: the context pointer is the kernel's bpf_sk_lookup for this program type;
+        // the field is an aligned u32 inside it.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx.lookup).$($field)+)) }
+    };
+}
+
 #[inline(always)]
 fn try_inbound(ctx: &SkLookupContext) -> u32 {
-    // SAFETY: the context pointer is the kernel's bpf_sk_lookup for this program type.
-    let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != IPPROTO_TCP {
+    if ctx_u32!(ctx, protocol) != IPPROTO_TCP {
         return SK_PASS;
     }
-    let family = lookup.family;
+    let family = ctx_u32!(ctx, family);
     let (local, remote) = if family == AF_INET {
         (
-            [lookup.local_ip4, 0, 0, 0],
-            [lookup.remote_ip4, 0, 0, 0],
+            [ctx_u32!(ctx, local_ip4), 0, 0, 0],
+            [ctx_u32!(ctx, remote_ip4), 0, 0, 0],
         )
     } else {
-        (lookup.local_ip6, lookup.remote_ip6)
+        (
+            [
+                ctx_u32!(ctx, local_ip6[0]),
+                ctx_u32!(ctx, local_ip6[1]),
+                ctx_u32!(ctx, local_ip6[2]),
+                ctx_u32!(ctx, local_ip6[3]),
+            ],
+            [
+                ctx_u32!(ctx, remote_ip6[0]),
+                ctx_u32!(ctx, remote_ip6[1]),
+                ctx_u32!(ctx, remote_ip6[2]),
+                ctx_u32!(ctx, remote_ip6[3]),
+            ],
+        )
     };
     // SAFETY: read-only lookup of a plain-old-data value.
-    let Some(owner) = (unsafe { POD_ADDRS.get(IpKey { family, addr: local }) }).copied() else {
+    let Some(owner) = (unsafe {
+        POD_ADDRS.get(IpKey {
+            family,
+            addr: local,
+        })
+    })
+    .copied() else {
         // Not addressed to the pod (loopback, another address): untouched.
         return SK_PASS;
     };
@@ -42,7 +70,7 @@ fn try_inbound(ctx: &SkLookupContext) -> u32 {
     if local == remote {
         return SK_PASS;
     }
-    let port = lookup.local_port as u16;
+    let port = ctx_u32!(ctx, local_port) as u16;
     if port == HBONE_PORT {
         count(owner.netns_cookie, |c| c.skipped_hbone_port += 1);
         return SK_PASS;

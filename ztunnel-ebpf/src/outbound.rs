@@ -45,6 +45,22 @@ pub fn ztunnel_getpeername6(ctx: SockAddrContext) -> i32 {
     try_getpeername(&ctx, true)
 }
 
+/// Writes `user_ip6` one word at a time: the verifier only accepts context stores at a
+/// constant offset from the context pointer, and a 16-byte array store would be lowered to a
+/// copy through a derived pointer.
+#[inline(always)]
+fn set_user_ip6(ctx: &SockAddrContext, ip6: [u32; 4]) {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the kernel's bpf_sock_addr; connect and getpeername hooks may write
+    // user_ip6, and each store is a single aligned u32 at a constant offset.
+    unsafe {
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[0]), ip6[0]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[1]), ip6[1]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[2]), ip6[2]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[3]), ip6[3]);
+    }
+}
+
 /// The destination of a connect() as (family, address words); IPv4-mapped IPv6 addresses are
 /// IPv4 on the wire, so they are treated as IPv4.
 #[inline(always)]
@@ -136,18 +152,16 @@ fn try_connect(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
         return REFUSE;
     }
     let listener_port = (OUTBOUND_PORT.to_be()) as u32;
-    // SAFETY: connect hooks may rewrite user_ip4/user_ip6/user_port.
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        if !ipv6_hook {
-            sa.user_ip4 = pod.ip4;
-        } else if family == AF_INET {
-            sa.user_ip6 = [0, 0, V4_MAPPED_WORD, pod.ip4];
-        } else {
-            sa.user_ip6 = pod.ip6;
-        }
-        sa.user_port = listener_port;
+    if !ipv6_hook {
+        // SAFETY: connect hooks may rewrite user_ip4.
+        unsafe { (*ctx.sock_addr).user_ip4 = pod.ip4 };
+    } else if family == AF_INET {
+        set_user_ip6(ctx, [0, 0, V4_MAPPED_WORD, pod.ip4]);
+    } else {
+        set_user_ip6(ctx, pod.ip6);
     }
+    // SAFETY: connect hooks may rewrite user_port.
+    unsafe { (*ctx.sock_addr).user_port = listener_port };
     count(netns, |c| c.outbound_captured += 1);
     debug!(
         ctx,
@@ -166,17 +180,15 @@ fn try_getpeername(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
     let Some(orig) = (unsafe { ORIG_DST_BY_SOCKET.get(socket) }).copied() else {
         return ALLOW;
     };
-    // SAFETY: getpeername hooks may rewrite user_ip4/user_ip6/user_port.
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        if !ipv6_hook {
-            sa.user_ip4 = orig.addr[0];
-        } else if orig.family as u32 == AF_INET {
-            sa.user_ip6 = [0, 0, V4_MAPPED_WORD, orig.addr[0]];
-        } else {
-            sa.user_ip6 = orig.addr;
-        }
-        sa.user_port = orig.port_be as u32;
+    if !ipv6_hook {
+        // SAFETY: getpeername hooks may rewrite user_ip4.
+        unsafe { (*ctx.sock_addr).user_ip4 = orig.addr[0] };
+    } else if orig.family as u32 == AF_INET {
+        set_user_ip6(ctx, [0, 0, V4_MAPPED_WORD, orig.addr[0]]);
+    } else {
+        set_user_ip6(ctx, orig.addr);
     }
+    // SAFETY: getpeername hooks may rewrite user_port.
+    unsafe { (*ctx.sock_addr).user_port = orig.port_be as u32 };
     ALLOW
 }

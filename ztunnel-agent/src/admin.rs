@@ -1,0 +1,105 @@
+//! Admin (127.0.0.1:15000), readiness (15021) and metrics (15020) endpoints.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::enroll::Enrollment;
+use crate::http::{text, Body};
+use crate::readiness::Readiness;
+
+/// The admin endpoints and what they are for (served at `/`).
+const ENDPOINTS: &[(&str, &str)] = &[
+    ("/config_dump", "enrolled pods and configuration (JSON)"),
+    (
+        "/quitquitquit",
+        "POST: stop the agent (kernel redirect stays pinned)",
+    ),
+];
+
+/// Handles an admin request.
+pub async fn admin(
+    req: Request<Incoming>,
+    enrollment: Arc<Mutex<Enrollment>>,
+    shutdown: CancellationToken,
+    config_json: Arc<serde_json::Value>,
+) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => {
+            let list: String = ENDPOINTS
+                .iter()
+                .map(|(p, d)| format!("{p}: {d}\n"))
+                .collect();
+            text(StatusCode::OK, list)
+        }
+        (&Method::GET, "/config_dump") => {
+            let pods = enrollment.lock().await.status();
+            let mut state = serde_json::Map::new();
+            for p in pods {
+                state.insert(
+                    p.uid.clone(),
+                    serde_json::json!({
+                        "state": "Up",
+                        "info": {"name": p.name, "namespace": p.namespace},
+                        "ips": p.ips,
+                        "netnsCookie": p.netns_cookie,
+                        "source": p.source,
+                        "connections": {"inbound": [], "outbound": []},
+                    }),
+                );
+            }
+            let dump = serde_json::json!({
+                "workloads": [],
+                "services": [],
+                "policies": [],
+                "certificates": [],
+                "workloadState": state,
+                "config": *config_json,
+                "version": env!("CARGO_PKG_VERSION"),
+            });
+            let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
+            text(StatusCode::OK, body)
+        }
+        (&Method::POST, "/quitquitquit") => {
+            shutdown.cancel();
+            text(StatusCode::OK, "shutting down\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: see / for the endpoints\n",
+        ),
+    }
+}
+
+/// Handles a readiness request.
+pub fn ready(req: &Request<Incoming>, readiness: &Readiness) -> Response<Body> {
+    if req.uri().path() != "/healthz/ready" {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    let pending = readiness.pending();
+    if pending.is_empty() {
+        text(StatusCode::OK, "ready\n")
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", pending.join(", ")),
+        )
+    }
+}
+
+/// Handles a metrics request (the istio_tcp_* metrics come with the data plane).
+pub fn metrics(req: &Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/metrics" | "/stats/prometheus" => text(
+            StatusCode::OK,
+            format!(
+                "# HELP istio_build Istio component build info\n# TYPE istio_build gauge\nistio_build{{component=\"ztunnel\",tag=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}

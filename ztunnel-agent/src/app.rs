@@ -1,0 +1,131 @@
+//! Wiring: checks, the kernel redirect, pod sources, and the agent's own servers.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::enroll::{self, Enrollment};
+use crate::netns::HostNetns;
+use crate::readiness::Readiness;
+use crate::redirect::{kernel, Redirect};
+
+const BLOCK_EBPF: &str = "ebpf attached";
+const BLOCK_PODS: &str = "pods enrolled";
+
+/// Runs the agent until SIGTERM/SIGINT or `POST /quitquitquit`. The kernel redirect stays
+/// pinned on exit, so enrolled pods stay captured (fail closed) until the next agent.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    kernel::check_kernel_and_privileges()?;
+    kernel::check_cgroup(&config.redirect.cgroup)?;
+    kernel::ensure_bpffs(&config.redirect.pin_dir)?;
+    tracing::info!(config = ?config, "starting ztunnel-agent {}", env!("CARGO_PKG_VERSION"));
+
+    let readiness = Readiness::default();
+    readiness.block(BLOCK_EBPF);
+    readiness.block(BLOCK_PODS);
+    let shutdown = CancellationToken::new();
+
+    let readiness_listener = crate::http::bind(config.readiness_addr, "readiness").await?;
+    let metrics_listener = crate::http::bind(config.metrics_addr, "metrics").await?;
+    let admin_listener = crate::http::bind(config.admin_addr, "admin").await?;
+
+    let host = HostNetns::current()?;
+    let redirect = Redirect::install(config.redirect.clone())?;
+    for (program, state) in redirect.attachments() {
+        tracing::info!(program, state = ?state, cgroup = %config.redirect.cgroup.display(), "eBPF program");
+    }
+    readiness.unblock(BLOCK_EBPF);
+    let enrollment = Arc::new(Mutex::new(Enrollment::new(redirect, host)));
+
+    let r = readiness.clone();
+    tokio::spawn(crate::http::serve(
+        readiness_listener,
+        move |req| {
+            let resp = crate::admin::ready(&req, &r);
+            async move { resp }
+        },
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::http::serve(
+        metrics_listener,
+        |req| {
+            let resp = crate::admin::metrics(&req);
+            async move { resp }
+        },
+        shutdown.clone(),
+    ));
+    let config_json = Arc::new(serde_json::json!({
+        "nodeName": config.node_name,
+        "clusterId": config.cluster_id,
+        "localXdsPath": config.local_xds_path,
+        "inpodUds": config.inpod_uds,
+        "pinDir": config.redirect.pin_dir,
+        "cgroupPath": config.redirect.cgroup,
+        "excludeOutboundPorts": config.redirect.exclude_outbound_ports,
+        "excludeInboundPorts": config.redirect.exclude_inbound_ports,
+    }));
+    let (e, s) = (enrollment.clone(), shutdown.clone());
+    tokio::spawn(crate::http::serve(
+        admin_listener,
+        move |req| crate::admin::admin(req, e.clone(), s.clone(), config_json.clone()),
+        shutdown.clone(),
+    ));
+
+    // Pod sources. Pods a previous run left in the maps are swept only once every source
+    // has had its initial sync, so a restart never uncaptures a live pod.
+    if let (Some(path), Some(node)) = (&config.local_xds_path, &config.node_name) {
+        let text = enroll::local::initial(path, node, &enrollment)
+            .await
+            .context("the local config is invalid")?;
+        tokio::spawn(enroll::local::watch(
+            path.clone(),
+            node.clone(),
+            enrollment.clone(),
+            text,
+            shutdown.clone(),
+        ));
+    }
+    if let Some(uds) = &config.inpod_uds {
+        let synced = Arc::new(Notify::new());
+        tokio::spawn(enroll::zds::run(
+            uds.clone(),
+            enrollment.clone(),
+            synced.clone(),
+            shutdown.clone(),
+        ));
+        tokio::select! {
+            _ = synced.notified() => {}
+            _ = shutdown.cancelled() => {}
+            _ = signal() => shutdown.cancel(),
+        }
+    }
+    if !shutdown.is_cancelled() {
+        let swept = enrollment.lock().await.sweep_stale()?;
+        if swept > 0 {
+            tracing::info!(swept, "stale pods removed from the kernel maps");
+        }
+        readiness.unblock(BLOCK_PODS);
+        tracing::info!("ready");
+    }
+
+    tokio::select! {
+        _ = shutdown.cancelled() => tracing::info!("shutdown requested"),
+        _ = signal() => tracing::info!("signal received, shutting down"),
+    }
+    shutdown.cancel();
+    Ok(())
+}
+
+async fn signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,119 @@
+//! Command line. Every `run` setting is a flag that can also come from the environment
+//! variable upstream ztunnel's DaemonSet uses for the same thing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default pin directory for maps and links.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ztunnel";
+
+/// ztunnel-agent: node agent for Istio-style ambient meshes.
+#[derive(Debug, Parser)]
+#[command(name = "ztunnel-agent", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent.
+    Run(Box<RunArgs>),
+    /// Inspect or remove the kernel redirect.
+    Redirect {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: RedirectAction,
+    },
+}
+
+/// `redirect` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RedirectAction {
+    /// Print the pinned maps and links, decoded.
+    Dump(PinDirArg),
+    /// Detach every program and remove every pin (captured pods fall back to no capture).
+    Uninstall(PinDirArg),
+}
+
+/// The pin directory argument shared by `redirect` subcommands.
+#[derive(Debug, Args)]
+pub struct PinDirArg {
+    /// Where the agent pins maps and links.
+    #[arg(long, env = "ZTUNNEL_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (upstream's default).
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `run` settings.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Local mesh configuration (upstream ztunnel's LOCAL_XDS_PATH YAML); workloads on this
+    /// node with a `netns` field are enrolled.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    pub local_xds_path: Option<PathBuf>,
+    /// Name of this node; workloads whose `node` matches are local.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The agent's own pod name.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The agent's own namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// The agent's own IP.
+    #[arg(long, env = "INSTANCE_IP")]
+    pub instance_ip: Option<std::net::IpAddr>,
+    /// xDS server (istiod), for the control-plane mode.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// CA server (istiod), for the control-plane mode.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// Cluster id.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// istio-cni's ZDS socket; when set, pods are enrolled from it.
+    #[arg(long, env = "INPOD_UDS")]
+    pub inpod_uds: Option<PathBuf>,
+    /// Log filter, RUST_LOG syntax (e.g. `info,access=off`).
+    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+    /// Where maps and links are pinned (one directory per agent).
+    #[arg(long, env = "ZTUNNEL_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory the capture programs attach to [default: the kubepods cgroup if
+    /// present, else the cgroup v2 root].
+    #[arg(long, env = "ZTUNNEL_CGROUP_PATH")]
+    pub cgroup_path: Option<PathBuf>,
+    /// Destination ports never captured outbound (comma-separated).
+    #[arg(long, env = "ZTUNNEL_EXCLUDE_OUTBOUND_PORTS", value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Destination ports never captured inbound (comma-separated).
+    #[arg(long, env = "ZTUNNEL_EXCLUDE_INBOUND_PORTS", value_delimiter = ',')]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Admin server (loopback only).
+    #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics server.
+    #[arg(long, env = "ZTUNNEL_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness server.
+    #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+}

@@ -1,0 +1,105 @@
+//! The validated configuration, built once from the command line and passed down.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::cli::{LogFormat, RunArgs};
+use crate::redirect::{kernel, RedirectConfig};
+
+/// Invalid settings, each naming the flag and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Admin must stay on loopback.
+    #[error("--admin-addr {0} is not a loopback address: the admin server exposes config and shutdown, keep it on 127.0.0.1 or [::1]")]
+    AdminNotLoopback(SocketAddr),
+    /// Nothing to enroll pods from.
+    #[error("no pod source: set LOCAL_XDS_PATH (--local-xds-path) with NODE_NAME, or INPOD_UDS (--inpod-uds) for istio-cni")]
+    NoPodSource,
+    /// A local config needs a node name to know which workloads are local.
+    #[error("LOCAL_XDS_PATH is set but NODE_NAME (--node-name) is not: the agent enrolls the workloads whose `node` is this node")]
+    NoNodeName,
+    /// Control-plane mode is not built yet.
+    #[error("XDS_ADDRESS/CA_ADDRESS are not supported by this build yet: use LOCAL_XDS_PATH")]
+    ControlPlaneUnsupported,
+    /// cgroup problems.
+    #[error(transparent)]
+    Kernel(#[from] kernel::Error),
+    /// A port list contains 0.
+    #[error("{flag} contains port 0: list real destination ports")]
+    PortZero {
+        /// The flag.
+        flag: &'static str,
+    },
+}
+
+/// Everything the agent runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Local mesh configuration file.
+    pub local_xds_path: Option<PathBuf>,
+    /// This node's name.
+    pub node_name: Option<String>,
+    /// istio-cni ZDS socket.
+    pub inpod_uds: Option<PathBuf>,
+    /// Cluster id.
+    pub cluster_id: String,
+    /// Redirect settings.
+    pub redirect: RedirectConfig,
+    /// Admin server address.
+    pub admin_addr: SocketAddr,
+    /// Metrics server address.
+    pub metrics_addr: SocketAddr,
+    /// Readiness server address.
+    pub readiness_addr: SocketAddr,
+    /// Log filter.
+    pub log_filter: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Validates the command line.
+    pub fn from_args(args: &RunArgs) -> Result<Self, Error> {
+        if !args.admin_addr.ip().is_loopback() {
+            return Err(Error::AdminNotLoopback(args.admin_addr));
+        }
+        if args.xds_address.is_some() || args.ca_address.is_some() {
+            return Err(Error::ControlPlaneUnsupported);
+        }
+        if args.local_xds_path.is_none() && args.inpod_uds.is_none() {
+            return Err(Error::NoPodSource);
+        }
+        if args.local_xds_path.is_some() && args.node_name.is_none() {
+            return Err(Error::NoNodeName);
+        }
+        for (flag, ports) in [
+            ("--exclude-outbound-ports", &args.exclude_outbound_ports),
+            ("--exclude-inbound-ports", &args.exclude_inbound_ports),
+        ] {
+            if ports.contains(&0) {
+                return Err(Error::PortZero { flag });
+            }
+        }
+        let cgroup = match &args.cgroup_path {
+            Some(path) => path.clone(),
+            None => kernel::default_cgroup()?,
+        };
+        Ok(Self {
+            local_xds_path: args.local_xds_path.clone(),
+            node_name: args.node_name.clone(),
+            inpod_uds: args.inpod_uds.clone(),
+            cluster_id: args.cluster_id.clone(),
+            redirect: RedirectConfig {
+                pin_dir: args.pin_dir.clone(),
+                cgroup,
+                exclude_outbound_ports: args.exclude_outbound_ports.clone(),
+                exclude_inbound_ports: args.exclude_inbound_ports.clone(),
+            },
+            admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            readiness_addr: args.readiness_addr,
+            log_filter: args.log_filter.clone(),
+            log_format: args.log_format,
+        })
+    }
+}

@@ -1,0 +1,376 @@
+//! Pod enrollment: a pod arrives with its network namespace (from istio-cni over ZDS, or from
+//! the local config's `netns` field); the agent opens its listeners inside that namespace and
+//! registers the pod with the kernel programs. Removal does the reverse.
+
+pub mod local;
+pub mod zds;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use ztunnel_common::{AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+
+use crate::netns::{HostNetns, PodNetns};
+use crate::proxy::{self, PodProxy};
+use crate::redirect::{self, PodRedirect, Redirect};
+use crate::socket::NetnsCookie;
+
+/// Why a pod could not be enrolled or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Namespace problems.
+    #[error(transparent)]
+    Netns(#[from] crate::netns::Error),
+    /// A listener could not be opened in the pod.
+    #[error("cannot listen on {addr} in pod {pod}: is another proxy (a sidecar?) using the port?")]
+    Listen {
+        /// Pod.
+        pod: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// No addresses.
+    #[error("pod {0} has no IP address in its network namespace: enroll it after the CNI has set up its interface")]
+    NoAddress(String),
+    /// Kernel maps.
+    #[error(transparent)]
+    Redirect(#[from] redirect::Error),
+    /// Reading interface addresses failed.
+    #[error("cannot list the addresses of pod {pod}")]
+    Addresses {
+        /// Pod.
+        pod: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where a pod's enrollment came from; each source only removes its own pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The local config file's `netns` field.
+    LocalConfig,
+    /// istio-cni over ZDS.
+    Zds,
+}
+
+/// A pod to enroll.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSpec {
+    /// Unique id (the Kubernetes pod uid, or the local config's uid).
+    pub uid: String,
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+    /// Addresses; empty means "read them from the pod's interfaces".
+    pub ips: Vec<IpAddr>,
+}
+
+/// A pod the agent serves.
+struct EnrolledPod {
+    spec: PodSpec,
+    source: Source,
+    proxy: Arc<PodProxy>,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// A summary of an enrolled pod, for status views.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    /// Pod uid.
+    pub uid: String,
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Addresses.
+    pub ips: Vec<IpAddr>,
+    /// Netns cookie.
+    pub netns_cookie: u64,
+    /// Where the enrollment came from.
+    pub source: Source,
+}
+
+/// The enrolled pods and the kernel redirect they are registered with.
+pub struct Enrollment {
+    redirect: Redirect,
+    host: HostNetns,
+    pods: BTreeMap<String, EnrolledPod>,
+}
+
+impl Enrollment {
+    /// Starts with no pods (the kernel maps may still hold pods from before a restart; they
+    /// keep being captured until [`Enrollment::sweep_stale`]).
+    pub fn new(redirect: Redirect, host: HostNetns) -> Self {
+        Self {
+            redirect,
+            host,
+            pods: BTreeMap::new(),
+        }
+    }
+
+    /// The agent's own network namespace.
+    pub fn host(&self) -> &HostNetns {
+        &self.host
+    }
+
+    /// The redirect layer.
+    pub fn redirect(&self) -> &Redirect {
+        &self.redirect
+    }
+
+    /// Enrolled pods.
+    pub fn status(&self) -> Vec<PodStatus> {
+        self.pods
+            .values()
+            .map(|p| PodStatus {
+                uid: p.spec.uid.clone(),
+                name: p.spec.name.clone(),
+                namespace: p.spec.namespace.clone(),
+                ips: p.proxy.ips.clone(),
+                netns_cookie: p.proxy.netns.cookie().0,
+                source: p.source,
+            })
+            .collect()
+    }
+
+    /// Whether a pod is enrolled.
+    pub fn contains(&self, uid: &str) -> bool {
+        self.pods.contains_key(uid)
+    }
+
+    /// Enrolls a pod (or re-enrolls it if its namespace or addresses changed).
+    pub async fn enroll(
+        &mut self,
+        source: Source,
+        spec: PodSpec,
+        netns: PodNetns,
+    ) -> Result<(), Error> {
+        if let Some(existing) = self.pods.get(&spec.uid) {
+            if existing.spec == spec && existing.proxy.netns.cookie() == netns.cookie() {
+                return Ok(());
+            }
+            self.unenroll(&spec.uid.clone()).await?;
+        }
+        let ips = if spec.ips.is_empty() {
+            interface_addresses(&netns, &spec.name)?
+        } else {
+            spec.ips.clone()
+        };
+        if ips.is_empty() {
+            return Err(Error::NoAddress(spec.name.clone()));
+        }
+        let has_v6 = ips.iter().any(|ip| ip.is_ipv6());
+        let mut listeners = Vec::new();
+        for (port, listener) in open_listeners(&netns, &spec.name, has_v6)? {
+            let addr = listener
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
+            let listener = TcpListener::from_std(listener).map_err(|source| Error::Listen {
+                pod: spec.name.clone(),
+                addr,
+                source,
+            })?;
+            listeners.push((addr, listener));
+        }
+        let inbound_fds: Vec<(u32, i32)> = listeners
+            .iter()
+            .filter(|(addr, _)| addr.port() == INBOUND_PLAINTEXT_PORT)
+            .map(|(addr, l)| {
+                let family = if addr.is_ipv6() { AF_INET6 } else { AF_INET };
+                (family, l.as_raw_fd())
+            })
+            .collect();
+        self.redirect.add_pod(&PodRedirect {
+            netns_cookie: netns.cookie(),
+            netns: netns.file(),
+            ips: &ips,
+            inbound_listeners: &inbound_fds,
+        })?;
+        let proxy = Arc::new(PodProxy {
+            uid: spec.uid.clone(),
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            ips: ips.clone(),
+            netns: netns.clone(),
+            orig_dst: self.redirect.orig_dst_table(),
+        });
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for (addr, listener) in listeners {
+            let (pod, cancel) = (proxy.clone(), cancel.clone());
+            match addr.port() {
+                OUTBOUND_PORT => tasks.spawn(proxy::accept_loop(
+                    listener,
+                    pod,
+                    cancel,
+                    proxy::outbound::handle,
+                )),
+                INBOUND_PLAINTEXT_PORT => tasks.spawn(proxy::accept_loop(
+                    listener,
+                    pod,
+                    cancel,
+                    proxy::inbound_passthrough::handle,
+                )),
+                _ => tasks.spawn(proxy::accept_loop(
+                    listener,
+                    pod,
+                    cancel,
+                    proxy::hbone_refuse,
+                )),
+            };
+        }
+        tracing::info!(
+            pod = %spec.name,
+            namespace = %spec.namespace,
+            uid = %spec.uid,
+            ips = ?ips,
+            netns_cookie = %netns.cookie(),
+            "pod enrolled"
+        );
+        self.pods.insert(
+            spec.uid.clone(),
+            EnrolledPod {
+                spec,
+                source,
+                proxy,
+                cancel,
+                tasks,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a pod: capture stops, then its listeners close. Returns whether it was
+    /// enrolled.
+    pub async fn unenroll(&mut self, uid: &str) -> Result<bool, Error> {
+        let Some(mut pod) = self.pods.remove(uid) else {
+            return Ok(false);
+        };
+        let result = self.redirect.remove_pod(pod.proxy.netns.cookie());
+        pod.cancel.cancel();
+        // Wait until every accept loop has returned, so the listeners are closed when this
+        // returns (connections already accepted finish on their own).
+        while pod.tasks.join_next().await.is_some() {}
+        tracing::info!(pod = %pod.spec.name, namespace = %pod.spec.namespace, uid, "pod removed");
+        result?;
+        Ok(true)
+    }
+
+    /// Unenrolls the pods `source` enrolled that are not in `keep`.
+    pub async fn retain(&mut self, source: Source, keep: &[String]) -> Result<(), Error> {
+        let gone: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(uid, pod)| pod.source == source && !keep.contains(uid))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            self.unenroll(&uid).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes from the kernel maps the pods a previous run enrolled that no source has
+    /// enrolled again. Call once every pod source has had its initial sync.
+    pub fn sweep_stale(&mut self) -> Result<usize, Error> {
+        let live: Vec<NetnsCookie> = self.pods.values().map(|p| p.proxy.netns.cookie()).collect();
+        let mut swept = 0;
+        for cookie in self.redirect.enrolled_cookies() {
+            if !live.contains(&cookie) {
+                self.redirect.remove_pod(cookie)?;
+                tracing::info!(netns_cookie = %cookie, "removed a pod left over from a previous run");
+                swept += 1;
+            }
+        }
+        Ok(swept)
+    }
+}
+
+/// Opens 15001, 15006 and 15008 inside the pod (IPv4, and IPv6 when the pod has it).
+fn open_listeners(
+    netns: &PodNetns,
+    pod: &str,
+    has_v6: bool,
+) -> Result<Vec<(u16, std::net::TcpListener)>, Error> {
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for port in [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT] {
+        addrs.push(SocketAddr::from(([0, 0, 0, 0], port)));
+        if has_v6 {
+            addrs.push(SocketAddr::from(([0u16; 8], port)));
+        }
+    }
+    let opened = netns.run(|| {
+        addrs
+            .iter()
+            .map(|addr| {
+                bind(*addr)
+                    .map(|l| (addr.port(), l))
+                    .map_err(|e| (*addr, e))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    opened.map_err(|(addr, source)| Error::Listen {
+        pod: pod.to_string(),
+        addr,
+        source,
+    })
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// The pod's global addresses, read from inside its namespace.
+fn interface_addresses(netns: &PodNetns, pod: &str) -> Result<Vec<IpAddr>, Error> {
+    let listed = netns.run(|| -> io::Result<Vec<IpAddr>> {
+        let mut ips = Vec::new();
+        for ifaddr in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+            let Some(addr) = ifaddr.address else { continue };
+            let ip = if let Some(v4) = addr.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                IpAddr::V6(v6.ip())
+            } else {
+                continue;
+            };
+            let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+            if !ip.is_loopback() && !link_local && !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        Ok(ips)
+    })?;
+    listed.map_err(|source| Error::Addresses {
+        pod: pod.to_string(),
+        source,
+    })
+}

@@ -1,0 +1,22 @@
+//! ztunnel-agent: a node agent for Istio-style ambient meshes. eBPF programs capture pod
+//! traffic; a tokio proxy inside each pod's network namespace carries it.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod enroll;
+pub mod http;
+pub mod netns;
+pub mod proxy;
+pub mod readiness;
+pub mod redirect;
+pub mod socket;
+pub mod telemetry;
+pub mod xds;
+
+/// istio-cni's ZDS messages, generated from proto/zds.proto.
+#[allow(missing_docs, clippy::all)]
+pub mod zds_proto {
+    include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
+}

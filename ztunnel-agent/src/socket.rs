@@ -1,0 +1,95 @@
+//! Socket options the kernel ABI needs: netns cookies, the agent's mark, `SO_ORIGINAL_DST`.
+
+use std::io;
+use std::mem::size_of;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use ztunnel_common::AGENT_SOCKET_MARK;
+
+/// The network namespace cookie the kernel programs see (`bpf_get_netns_cookie`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetnsCookie(pub u64);
+
+impl std::fmt::Display for NetnsCookie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14), not in every libc crate version.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Reads the cookie of the network namespace the socket was created in.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the fd is a valid socket for the borrow; `cookie` and `len` are valid writable
+    // memory of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(NetnsCookie(cookie))
+}
+
+/// Marks a socket as the agent's own so outbound capture never loops it back.
+pub fn set_agent_mark(socket: &socket2::Socket) -> io::Result<()> {
+    socket.set_mark(AGENT_SOCKET_MARK)
+}
+
+/// The destination iptables' REDIRECT recorded, when capture was done that way
+/// (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, both 80).
+pub fn so_original_dst(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<SocketAddr> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let level = if ipv6 { libc::SOL_IPV6 } else { libc::SOL_IP };
+    // SAFETY: valid fd for the borrow; storage/len are writable and sized as passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (family says so), which fits in storage.
+            let sin: libc::sockaddr_in =
+                unsafe { *(&storage as *const libc::sockaddr_storage).cast() };
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6 (family says so), which fits in storage.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { *(&storage as *const libc::sockaddr_storage).cast() };
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                0,
+                0,
+            )))
+        }
+        family => Err(io::Error::other(format!(
+            "SO_ORIGINAL_DST returned address family {family}"
+        ))),
+    }
+}

@@ -1,0 +1,204 @@
+//! The local mesh configuration file (upstream ztunnel's `LOCAL_XDS_PATH` YAML), read as
+//! upstream writes it. One extension: a workload on this node may carry `netns`, the path of
+//! its network namespace, to be enrolled without istio-cni.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A file that cannot be used, with the file, line and field named.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Unreadable file.
+    #[error("cannot read {path}: check LOCAL_XDS_PATH")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Malformed YAML or a field of the wrong type (serde_yaml names field, line, column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde's message: `workloads[1].workloadIps[0]: invalid IP address syntax at line 9 column 7`.
+        message: String,
+    },
+    /// A semantic problem serde cannot see.
+    #[error("{path}: workloads[{index}] ({name}): {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Index in `workloads`.
+        index: usize,
+        /// Workload name.
+        name: String,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
+}
+
+/// The file's top level. Services and policies are kept as read until the mesh state exists.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalConfig {
+    /// Workloads.
+    #[serde(default)]
+    pub workloads: Vec<LocalWorkload>,
+    /// Services (not interpreted yet).
+    #[serde(default)]
+    pub services: Vec<serde_yaml_ng::Value>,
+    /// Authorization policies (not interpreted yet).
+    #[serde(default)]
+    pub policies: Vec<serde_yaml_ng::Value>,
+}
+
+/// A workload as upstream's file describes it (the fields this agent uses; others are
+/// accepted and ignored).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalWorkload {
+    /// Unique id; upstream uses `<cluster>//Pod/<ns>/<name>`.
+    #[serde(default)]
+    pub uid: String,
+    /// Pod name.
+    #[serde(default)]
+    pub name: String,
+    /// Namespace.
+    #[serde(default)]
+    pub namespace: String,
+    /// Service account.
+    #[serde(default)]
+    pub service_account: String,
+    /// Addresses.
+    #[serde(default)]
+    pub workload_ips: Vec<IpAddr>,
+    /// Node name.
+    #[serde(default)]
+    pub node: String,
+    /// `HBONE` or `TCP`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Extension: path of the pod's network namespace, for enrollment without istio-cni.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+}
+
+impl LocalWorkload {
+    /// The uid, or `<namespace>/<name>` when the file gives none.
+    pub fn key(&self) -> String {
+        if self.uid.is_empty() {
+            format!("{}/{}", self.namespace, self.name)
+        } else {
+            self.uid.clone()
+        }
+    }
+}
+
+/// Reads and validates a file.
+pub fn load(path: &Path) -> Result<LocalConfig, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates file contents.
+pub fn parse(path: &Path, text: &str) -> Result<LocalConfig, Error> {
+    let config: LocalConfig = if text.trim().is_empty() {
+        LocalConfig::default()
+    } else {
+        serde_yaml_ng::from_str(text).map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?
+    };
+    for (index, w) in config.workloads.iter().enumerate() {
+        let invalid = |problem: &str| Error::Invalid {
+            path: path.to_path_buf(),
+            index,
+            name: w.name.clone(),
+            problem: problem.to_string(),
+        };
+        if w.name.is_empty() {
+            return Err(invalid("`name` is missing"));
+        }
+        if let Some(p) = &w.protocol {
+            if p != "HBONE" && p != "TCP" {
+                return Err(invalid("`protocol` must be HBONE or TCP"));
+            }
+        }
+        if let Some(netns) = &w.netns {
+            if !netns.is_absolute() {
+                return Err(invalid(
+                    "`netns` must be an absolute path such as /var/run/netns/<pod>",
+                ));
+            }
+        }
+    }
+    Ok(config)
+}
+
+impl LocalConfig {
+    /// Workloads on `node` that carry a network namespace path: the pods to enroll.
+    pub fn local_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a LocalWorkload> {
+        self.workloads
+            .iter()
+            .filter(move |w| w.node == node && w.netns.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_workloads_with_netns_extension() {
+        let text = r#"
+workloads:
+- uid: cluster1//v1/Pod/default/productpage
+  name: productpage
+  namespace: default
+  serviceAccount: bookinfo-productpage
+  workloadIps: ["10.244.1.10", "fd00::10"]
+  protocol: HBONE
+  node: node-1
+  netns: /var/run/netns/productpage
+  unknownUpstreamField: kept-compatible
+- name: remote
+  namespace: default
+  workloadIps: ["10.244.2.10"]
+  node: node-2
+"#;
+        let c = parse(Path::new("mesh.yaml"), text).expect("valid file");
+        let local: Vec<_> = c.local_pods("node-1").collect();
+        assert_eq!(local.len(), 1);
+        assert_eq!(local[0].workload_ips.len(), 2);
+        assert_eq!(c.local_pods("node-2").count(), 0, "no netns, not enrolled");
+    }
+
+    #[test]
+    fn bad_ip_names_file_field_and_line() {
+        let text = "workloads:\n- name: a\n  workloadIps: [\"10.244.1\"]\n";
+        let err = parse(Path::new("/etc/mesh.yaml"), text)
+            .expect_err("invalid address")
+            .to_string();
+        assert!(err.contains("/etc/mesh.yaml"), "{err}");
+        assert!(err.contains("workloadIps"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn relative_netns_is_refused_with_fix() {
+        let text = "workloads:\n- name: a\n  netns: productpage\n";
+        let err = parse(Path::new("m.yaml"), text)
+            .expect_err("relative")
+            .to_string();
+        assert!(err.contains("workloads[0] (a)"), "{err}");
+        assert!(err.contains("absolute path"), "{err}");
+    }
+}
