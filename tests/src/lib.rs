@@ -1,1 +1,53 @@
-//! Privileged end-to-end tests.
+//! Test harness for the privileged end-to-end tests: a node (network namespace) with pods
+//! (network namespaces on a bridge, IPv4 and IPv6), agents started for real, and traffic
+//! sent from inside pods. Everything is torn down on drop, also when a test fails.
+
+pub mod agent;
+pub mod cni;
+pub mod topology;
+pub mod traffic;
+
+use std::time::{Duration, Instant};
+
+/// Fails (under CI) or skips (elsewhere) when not root. Returns false to skip.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("privileged test cannot run: not root, and CI=true forbids skipping");
+    }
+    eprintln!("skipping privileged test: run as root (cargo xtask test does)");
+    false
+}
+
+/// Polls `check` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,194 @@
+//! A real agent process, started in the node's network namespace with its own pin
+//! directory; stopped and uninstalled on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::topology::Topology;
+use crate::wait_for;
+
+/// The agent binary (`cargo xtask test` builds it before the tests run).
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("ZTUNNEL_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ztunnel-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p ztunnel-agent` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Option<Child>,
+    /// Its log (stdout and stderr).
+    pub log_path: PathBuf,
+    /// Its pin directory.
+    pub pin_dir: PathBuf,
+    node: PathBuf,
+    args: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent in the topology's node namespace; `args` follow `run`.
+    pub fn start(topo: &Topology, args: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(&topo.prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+        let _ = Command::new(agent_binary())
+            .args(["redirect", "uninstall", "--pin-dir"])
+            .arg(&pin_dir)
+            .output();
+        let mut agent = Self {
+            child: None,
+            log_path: dir.join("agent-0.log"),
+            pin_dir,
+            node: topo.node_path(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        agent.spawn(0);
+        agent
+    }
+
+    /// The per-test scratch directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn spawn(&mut self, generation: u32) {
+        self.log_path = self.dir.join(format!("agent-{generation}.log"));
+        let log = std::fs::File::create(&self.log_path).expect("create agent log");
+        let err = log.try_clone().expect("clone log fd");
+        // nsenter enters only the network namespace; `ip netns exec` would also remount
+        // /sys and hide bpffs and the cgroup2 mount from the agent.
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.node.display()))
+            .arg(agent_binary())
+            .arg("run")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("start agent");
+        self.child = Some(child);
+    }
+
+    /// The current log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log has a line containing every one of `parts`; returns the line.
+    pub fn wait_log(&mut self, parts: &[&str]) -> String {
+        let what = format!("agent log line with {parts:?}");
+        let mut exited = None;
+        let line = wait_for(&what, Duration::from_secs(20), || {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    exited = Some(status);
+                    return Some(String::new());
+                }
+            }
+            self.log()
+                .lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .map(str::to_string)
+        });
+        if let Some(status) = exited {
+            if !self
+                .log()
+                .lines()
+                .any(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                panic!(
+                    "agent exited ({status}) before logging {parts:?}:\n{}",
+                    self.log()
+                );
+            }
+            return self
+                .log()
+                .lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .map(str::to_string)
+                .unwrap_or_default();
+        }
+        line
+    }
+
+    /// Lines containing every one of `parts`.
+    pub fn lines_with(&self, parts: &[&str]) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits for readiness.
+    pub fn wait_ready(&mut self) {
+        self.wait_log(&["ztunnel_agent::app", "ready"]);
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM and wait; the pinned redirect stays.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().expect("wait for agent")
+    }
+
+    /// Starts the agent again with the same arguments (a restart).
+    pub fn restart(&mut self, generation: u32) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.spawn(generation);
+    }
+
+    /// `ztunnel-agent redirect dump` for this agent's pin directory.
+    pub fn dump(&self) -> String {
+        crate::sh(
+            &agent_binary().display().to_string(),
+            &[
+                "redirect",
+                "dump",
+                "--pin-dir",
+                &self.pin_dir.display().to_string(),
+            ],
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new(agent_binary())
+            .args(["redirect", "uninstall", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
+        if std::thread::panicking() {
+            eprintln!("agent log ({}):\n{}", self.log_path.display(), self.log());
+        }
+    }
+}

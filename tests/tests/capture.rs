@@ -1,0 +1,251 @@
+//! Kernel capture end to end: real eBPF programs, real namespaces, a real agent.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ztunnel_e2e::agent::Agent;
+use ztunnel_e2e::topology::{Pod, Topology};
+use ztunnel_e2e::traffic::{exchange, in_netns, Server};
+use ztunnel_e2e::{require_root, wait_for};
+
+const NODE: &str = "node-1";
+
+/// A local config enrolling `pods` (with their netns) on this node.
+fn mesh_yaml(pods: &[&Pod]) -> String {
+    let mut yaml = String::from("workloads:\n");
+    for p in pods {
+        yaml.push_str(&format!(
+            "- uid: cluster1//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {name}\n  workloadIps: [\"{ip4}\", \"{ip6}\"]\n  protocol: TCP\n  node: {NODE}\n  netns: {netns}\n",
+            name = p.name,
+            ip4 = p.ip4,
+            ip6 = p.ip6,
+            netns = p.netns_path().display(),
+        ));
+    }
+    yaml
+}
+
+fn start_agent(topo: &Topology, enrolled: &[&Pod]) -> (Agent, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let config = dir.join("mesh.yaml");
+    std::fs::write(&config, mesh_yaml(enrolled)).expect("write config");
+    let config_arg = config.display().to_string();
+    let mut agent = Agent::start(
+        topo,
+        &["--node-name", NODE, "--local-xds-path", &config_arg],
+    );
+    agent.wait_ready();
+    (agent, config)
+}
+
+fn addr(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+/// Asserts one captured outbound connection from `client` to `dst` end to end.
+fn assert_outbound_captured(agent: &mut Agent, client: &Pod, server: &Server, dst: SocketAddr) {
+    let before = server.accepted().len();
+    let got = exchange(&client.netns_path(), dst, "ping").expect("connection through the agent");
+    assert_eq!(got.response, "hello ping", "bytes arrive both ways");
+    assert_eq!(
+        got.peer, dst,
+        "getpeername() shows the dialled address, not 15001"
+    );
+    let line = agent.wait_log(&[
+        "captured connection",
+        "direction=\"outbound\"",
+        &format!("src.addr={}", got.local),
+    ]);
+    assert!(
+        line.contains(&format!("original_dst={dst}")),
+        "agent reports the original destination: {line}"
+    );
+    assert_eq!(
+        server.accepted().len(),
+        before + 1,
+        "exactly one connection reaches the server"
+    );
+}
+
+#[test]
+fn outbound_capture_ipv4_and_ipv6() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("outb");
+    let client = topo.add_pod("client", 10);
+    let server_pod = topo.add_pod("server", 11);
+    let (mut agent, _) = start_agent(&topo, &[&client]);
+    let v4 = Server::start(
+        server_pod.netns_path(),
+        addr("0.0.0.0".parse().expect("ip"), 9080),
+    );
+    let v6 = Server::start(server_pod.netns_path(), addr(server_pod.ip6, 9080));
+
+    assert_outbound_captured(&mut agent, &client, &v4, addr(server_pod.ip4, 9080));
+    assert_outbound_captured(&mut agent, &client, &v6, addr(server_pod.ip6, 9080));
+
+    // The agent's own upstream connection (also made inside the client pod) was not
+    // captured again: one captured line per client connection, and the kernel counted the
+    // agent's marked socket as skipped.
+    assert_eq!(
+        agent
+            .lines_with(&["captured connection", "direction=\"outbound\""])
+            .len(),
+        2
+    );
+    let dump = agent.dump();
+    assert!(dump.contains("outbound_captured=2"), "{dump}");
+    assert!(dump.contains("skipped_agent_socket=2"), "{dump}");
+}
+
+#[test]
+fn inbound_plaintext_lands_on_15006_with_original_destination() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("inb");
+    let client = topo.add_pod("client", 10);
+    let server_pod = topo.add_pod("server", 11);
+    let (mut agent, _) = start_agent(&topo, &[&server_pod]);
+    let server = Server::start(
+        server_pod.netns_path(),
+        addr("0.0.0.0".parse().expect("ip"), 9080),
+    );
+    let server6 = Server::start(server_pod.netns_path(), addr(server_pod.ip6, 9080));
+
+    for ip in [server_pod.ip4, server_pod.ip6] {
+        let dst = addr(ip, 9080);
+        let got = exchange(&client.netns_path(), dst, "in").expect("inbound connection");
+        assert_eq!(got.response, "hello in");
+        let line = agent.wait_log(&[
+            "captured connection",
+            "direction=\"inbound\"",
+            &format!("src.addr={}", got.local),
+        ]);
+        assert!(line.contains(&format!("original_dst={dst}")), "{line}");
+    }
+    // The application saw the agent's connection (from the pod itself), not the client's:
+    // the client's connection ended on 15006.
+    let accepted: Vec<_> = server
+        .accepted()
+        .into_iter()
+        .chain(server6.accepted())
+        .collect();
+    assert_eq!(accepted.len(), 2);
+    assert!(
+        accepted.iter().all(|a| a.peer.ip() == a.local.ip()),
+        "{accepted:?}"
+    );
+
+    // Steering does not depend on the application listening: a port nobody serves is still
+    // accepted by 15006 (whose local address is the original destination), and the agent
+    // reports the refused upstream.
+    let dst = addr(server_pod.ip4, 9999);
+    let _ = exchange(&client.netns_path(), dst, "x");
+    let line = agent.wait_log(&["connection complete", &format!("dst.addr={dst}")]);
+    assert!(
+        line.contains("ERROR") && line.contains("Connection refused"),
+        "{line}"
+    );
+}
+
+#[test]
+fn unenrolled_pods_are_untouched() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("unenr");
+    let enrolled = topo.add_pod("enrolled", 10);
+    let plain_client = topo.add_pod("plain", 12);
+    let plain_server = topo.add_pod("plainsrv", 13);
+    let (agent, _) = start_agent(&topo, &[&enrolled]);
+    let server = Server::start(
+        plain_server.netns_path(),
+        addr("0.0.0.0".parse().expect("ip"), 9080),
+    );
+
+    let dst = addr(plain_server.ip4, 9080);
+    let got = exchange(&plain_client.netns_path(), dst, "direct").expect("direct connection");
+    assert_eq!(got.response, "hello direct");
+    assert_eq!(got.peer, dst);
+    // The server saw the client itself: nothing in between.
+    let seen = server.accepted();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].peer, got.local);
+    assert!(
+        agent.lines_with(&["captured connection"]).is_empty(),
+        "{}",
+        agent.log()
+    );
+    // And the kernel recorded nothing for pods it does not know.
+    let dump = agent.dump();
+    assert!(!dump.contains(&plain_client.ip4.to_string()), "{dump}");
+}
+
+#[test]
+fn pod_dropped_from_config_is_released() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("drop");
+    let client = topo.add_pod("client", 10);
+    let server_pod = topo.add_pod("server", 11);
+    let (mut agent, config) = start_agent(&topo, &[&client]);
+    let server = Server::start(
+        server_pod.netns_path(),
+        addr("0.0.0.0".parse().expect("ip"), 9080),
+    );
+    let dst = addr(server_pod.ip4, 9080);
+    assert_outbound_captured(&mut agent, &client, &server, dst);
+
+    std::fs::write(&config, mesh_yaml(&[])).expect("rewrite config");
+    agent.wait_log(&["pod removed", "pod=client"]);
+
+    let got = exchange(&client.netns_path(), dst, "after").expect("direct connection");
+    assert_eq!(got.response, "hello after");
+    let seen = server.accepted();
+    assert_eq!(
+        seen.last().expect("accepted").peer,
+        got.local,
+        "no proxy in between any more"
+    );
+    assert_eq!(agent.lines_with(&["captured connection"]).len(), 1);
+    // Its listeners are gone.
+    for port in [15001u16, 15006, 15008] {
+        let listening = in_netns(&client.netns_path(), move || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(!listening, "port {port} still open in the released pod");
+    }
+    assert!(!agent.dump().contains(&client.ip4.to_string()));
+}
+
+#[test]
+fn invalid_config_change_keeps_last_good_state() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("badcfg");
+    let client = topo.add_pod("client", 10);
+    let server_pod = topo.add_pod("server", 11);
+    let (mut agent, config) = start_agent(&topo, &[&client]);
+    std::fs::write(
+        &config,
+        "workloads:\n- name: client\n  workloadIps: [\"10.244.1\"]\n",
+    )
+    .expect("write bad config");
+    let line = agent.wait_log(&["local config refused"]);
+    assert!(
+        line.contains("workloadIps") && line.contains("line 3"),
+        "{line}"
+    );
+    let server = Server::start(
+        server_pod.netns_path(),
+        addr("0.0.0.0".parse().expect("ip"), 9080),
+    );
+    assert_outbound_captured(&mut agent, &client, &server, addr(server_pod.ip4, 9080));
+    wait_for("agent alive", std::time::Duration::from_secs(1), || {
+        agent.is_running().then_some(())
+    });
+}
