@@ -18,6 +18,10 @@ const BLOCK_PODS: &str = "pods enrolled";
 /// Runs the agent until SIGTERM/SIGINT or `POST /quitquitquit`. The kernel redirect stays
 /// pinned on exit, so enrolled pods stay captured (fail closed) until the next agent.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // The local config is validated before anything touches the kernel.
+    if let Some(path) = &config.local_xds_path {
+        crate::xds::local::load(path).context("the local config is invalid")?;
+    }
     kernel::check_kernel_and_privileges()?;
     kernel::check_cgroup(&config.redirect.cgroup)?;
     kernel::ensure_bpffs(&config.redirect.pin_dir)?;

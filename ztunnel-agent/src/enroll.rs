@@ -268,7 +268,7 @@ impl Enrollment {
         // Wait until every accept loop has returned, so the listeners are closed when this
         // returns (connections already accepted finish on their own).
         while pod.tasks.join_next().await.is_some() {}
-        tracing::info!(pod = %pod.spec.name, namespace = %pod.spec.namespace, uid, "pod removed");
+        tracing::info!(pod = %pod.spec.name, namespace = %pod.spec.namespace, uid = %uid, "pod removed");
         result?;
         Ok(true)
     }

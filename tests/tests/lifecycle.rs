@@ -1,0 +1,237 @@
+//! Enrollment over ZDS, agent restarts, and refusals at start-up.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use ztunnel_agent::zds_proto::Version;
+use ztunnel_e2e::agent::{agent_binary, Agent};
+use ztunnel_e2e::cni::CniServer;
+use ztunnel_e2e::topology::Topology;
+use ztunnel_e2e::traffic::{exchange, in_netns, Server};
+use ztunnel_e2e::{require_root, sh};
+
+#[test]
+fn zds_add_del_and_malformed_messages() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("zds");
+    let client = topo.add_pod("client", 10);
+    let server_pod = topo.add_pod("server", 11);
+    let server = Server::start(
+        server_pod.netns_path(),
+        SocketAddr::new(server_pod.ip4, 9080),
+    );
+    let sock = std::env::temp_dir().join(format!("{}-cni.sock", topo.prefix));
+    let mut cni = CniServer::listen(&sock);
+    let sock_arg = sock.display().to_string();
+    let mut agent = Agent::start(&topo, &["--inpod-uds", &sock_arg]);
+
+    let hello = cni.accept_hello();
+    assert_eq!(hello.version, Version::V1 as i32);
+    assert_eq!(cni.add("uid-client", "client", &client.netns_path()), "");
+    assert_eq!(cni.snapshot_sent(), "");
+    agent.wait_ready();
+
+    let dst = SocketAddr::new(server_pod.ip4, 9080);
+    let got = exchange(&client.netns_path(), dst, "zds").expect("captured connection");
+    assert_eq!(got.response, "hello zds");
+    assert_eq!(got.peer, dst);
+    agent.wait_log(&["captured connection", &format!("original_dst={dst}")]);
+    // The pod's addresses were read from its interfaces (ZDS does not carry them).
+    let dump = agent.dump();
+    assert!(
+        dump.contains(&client.ip4.to_string()) && dump.contains(&client.ip6.to_string()),
+        "{dump}"
+    );
+
+    // Malformed input is refused with a reason and the session carries on.
+    let nack = cni.send_raw(&[0xff, 0xff, 0xff], None);
+    assert!(nack.contains("malformed WorkloadRequest"), "{nack}");
+    // Tag 4 is the oneof member upstream removed (NoSnapshotPresent): decodes, no payload.
+    let nack = cni.send_raw(&[0x22, 0x00], None);
+    assert!(nack.contains("without payload"), "{nack}");
+    let nack = cni.send(
+        ztunnel_agent::zds_proto::workload_request::Payload::Add(
+            ztunnel_agent::zds_proto::AddWorkload {
+                uid: "uid-nofd".into(),
+                workload_info: None,
+            },
+        ),
+        None,
+    );
+    assert!(nack.contains("no network namespace fd"), "{nack}");
+    assert!(agent.is_running());
+
+    // del releases the pod: no capture, listeners closed.
+    assert_eq!(cni.del("uid-client"), "");
+    agent.wait_log(&["pod removed", "uid=uid-client"]);
+    let got = exchange(&client.netns_path(), dst, "gone").expect("direct connection");
+    assert_eq!(server.accepted().last().expect("accepted").peer, got.local);
+    let open = in_netns(&client.netns_path(), || {
+        std::net::TcpStream::connect(("127.0.0.1", 15001)).is_ok()
+    });
+    assert!(!open, "15001 still open after del");
+    assert_eq!(
+        cni.del("uid-unknown"),
+        "",
+        "del of an unknown pod is not an error"
+    );
+}
+
+/// The capture programs attached at `cgroup`, as bpftool reports them.
+fn attached(cgroup: &str) -> Vec<String> {
+    sh("bpftool", &["cgroup", "show", cgroup])
+        .lines()
+        .filter(|l| l.contains("ztunnel_"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn restart_reuses_pinned_state() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("restart");
+    let client = topo.add_pod("client", 10);
+    let server_pod = topo.add_pod("server", 11);
+    // A cgroup of its own, so bpftool's view holds only this agent's programs.
+    let root = ztunnel_agent::redirect::kernel::cgroup2_root().expect("cgroup2 mounted");
+    let cgroup = root.join(&topo.prefix);
+    let _ = std::fs::create_dir(&cgroup);
+    let cgroup_arg = cgroup.display().to_string();
+    let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("mesh.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "workloads:\n- name: client\n  namespace: default\n  workloadIps: [\"{}\"]\n  node: node-1\n  netns: {}\n",
+            client.ip4,
+            client.netns_path().display()
+        ),
+    )
+    .expect("config");
+    let config_arg = config.display().to_string();
+    let mut agent = Agent::start(
+        &topo,
+        &[
+            "--node-name",
+            "node-1",
+            "--local-xds-path",
+            &config_arg,
+            "--cgroup-path",
+            &cgroup_arg,
+        ],
+    );
+    agent.wait_ready();
+    let first = attached(&cgroup_arg);
+    assert_eq!(first.len(), 6, "six programs at the cgroup: {first:?}");
+    let _server = Server::start(
+        server_pod.netns_path(),
+        SocketAddr::new(server_pod.ip4, 9080),
+    );
+
+    // A client process inside the cgroup and the pod (bash's /dev/tcp: a plain connect()).
+    let client_in_cgroup = |payload: &str| -> String {
+        let script = format!(
+            "echo $$ > {cg}/cgroup.procs && exec 3<>/dev/tcp/{ip}/9080 && printf {payload} >&3 && exec 3>&- ; cat <&3",
+            cg = cgroup_arg,
+            ip = server_pod.ip4,
+        );
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", client.netns_path().display()))
+            .args(["bash", "-c", &script])
+            .output()
+            .expect("run client");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let _ = client_in_cgroup("one");
+    agent.wait_log(&["captured connection", "original_dst=10.244.1.11:9080"]);
+
+    // Stopped: links stay pinned and attached, so the pod stays captured (fail closed).
+    assert!(agent.stop().success(), "SIGTERM exits 0");
+    assert_eq!(
+        attached(&cgroup_arg),
+        first,
+        "pinned links outlive the agent"
+    );
+
+    agent.restart(1);
+    agent.wait_ready();
+    for line in agent.lines_with(&["eBPF program"]) {
+        assert!(line.contains("state=Reused"), "{line}");
+    }
+    assert_eq!(agent.lines_with(&["state=Reused"]).len(), 6);
+    assert_eq!(
+        attached(&cgroup_arg),
+        first,
+        "no duplicate attachments after restart"
+    );
+    let links = sh("bpftool", &["link", "show"]);
+    let inbound_links = agent
+        .dump()
+        .lines()
+        .filter(|l| l.contains("inbound-"))
+        .count();
+    assert_eq!(
+        inbound_links, 1,
+        "one sk_lookup link for the one pod:\n{links}"
+    );
+    let _ = client_in_cgroup("two");
+    agent.wait_log(&["captured connection", "original_dst=10.244.1.11:9080"]);
+    drop(agent);
+    let _ = std::fs::remove_dir(&cgroup);
+}
+
+/// Runs the agent expecting it to refuse to start; returns stderr+stdout.
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(agent_binary())
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("run agent");
+    assert!(!out.status.success(), "agent started with {args:?}");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn refuses_to_start_without_what_it_needs() {
+    if !require_root() {
+        return;
+    }
+    let dir = std::env::temp_dir().join("zt-refuse");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("mesh.yaml");
+    std::fs::write(&config, "workloads: []\n").expect("config");
+    let cfg = config.display().to_string();
+    let base = ["--node-name", "n", "--local-xds-path", cfg.as_str()];
+
+    let err = refused(&[&base[..], &["--pin-dir", "/tmp/zt-refuse/pins"]].concat());
+    assert!(err.contains("bpffs"), "{err}");
+    let err = refused(&[&base[..], &["--cgroup-path", "/tmp"]].concat());
+    assert!(err.contains("is not a cgroup v2 directory"), "{err}");
+    let err = refused(&[&base[..], &["--admin-addr", "0.0.0.0:15000"]].concat());
+    assert!(err.contains("not a loopback address"), "{err}");
+    let err = refused(&["--local-xds-path", cfg.as_str()]);
+    assert!(err.contains("NODE_NAME"), "{err}");
+    std::fs::write(&config, "workloads:\n- name: a\n  workloadIps: 7\n").expect("config");
+    let err = refused(&[&base[..], &["--pin-dir", "/sys/fs/bpf/zt-refuse"]].concat());
+    assert!(
+        err.contains(&cfg) && err.contains("workloads[0].workloadIps") && err.contains("line 3"),
+        "{err}"
+    );
+    let _ = Command::new(agent_binary())
+        .args([
+            "redirect",
+            "uninstall",
+            "--pin-dir",
+            "/sys/fs/bpf/zt-refuse",
+        ])
+        .output();
+}
