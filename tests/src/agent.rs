@@ -37,10 +37,15 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent in the topology's node namespace; `args` follow `run`.
     pub fn start(topo: &Topology, args: &[&str]) -> Self {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+        Self::start_pinned(topo, pin_dir, args)
+    }
+
+    /// Like [`Agent::start`] with a chosen pin directory.
+    pub fn start_pinned(topo: &Topology, pin_dir: PathBuf, args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(&topo.prefix);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create test dir");
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
         let _ = Command::new(agent_binary())
             .args(["redirect", "uninstall", "--pin-dir"])
             .arg(&pin_dir)

@@ -22,7 +22,11 @@ enum Task {
     Setup,
     /// Build everything and run a demo node: pods in network namespaces, captured traffic,
     /// the pinned maps.
-    Demo,
+    Demo {
+        /// Leave the demo running until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run the whole test suite, privileged end-to-end tests included (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`: test name filters).
@@ -42,7 +46,14 @@ fn main() -> Result<()> {
     setup::run(&root)?;
     match cli.task {
         Task::Setup => Ok(()),
-        Task::Demo => demo::run(&root),
+        Task::Demo { keep } => {
+            let extra = if keep {
+                vec!["--keep".to_string()]
+            } else {
+                Vec::new()
+            };
+            demo::run(&root, &extra)
+        }
         Task::Test { args } => test(&args),
         Task::Run { args } => {
             build_agent()?;

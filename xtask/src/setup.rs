@@ -18,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "protobuf-compiler",
+    "curl",
 ];
 /// The bpf-linker release known to work with LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,17 +92,17 @@ pub async fn run(
 }
 
 async fn session(
-    path: &PathBuf,
+    path: &Path,
     enrollment: &Mutex<Enrollment>,
     synced: &Notify,
     backoff: &mut Duration,
 ) -> Result<(), Error> {
     let io_err = |source| Error::Io {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
     let fd = connect_seqpacket(path).map_err(|source| Error::Connect {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     })?;
     // SAFETY: the AsyncFd takes ownership of the fd, so it stays open and registered with
@@ -222,14 +222,14 @@ async fn handle(
     }
 }
 
-fn connect_seqpacket(path: &PathBuf) -> io::Result<OwnedFd> {
+fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
     let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
-    let addr = UnixAddr::new(path.as_path())?;
+    let addr = UnixAddr::new(path)?;
     match connect(fd.as_raw_fd(), &addr) {
         Ok(()) => Ok(fd),
         // A non-blocking unix connect either succeeds or fails at once, except EAGAIN when

@@ -201,4 +201,20 @@ workloads:
         assert!(err.contains("workloads[0] (a)"), "{err}");
         assert!(err.contains("absolute path"), "{err}");
     }
+
+    #[test]
+    fn upstream_example_loads_unchanged() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/upstream-localhost.yaml");
+        let c = load(&path).expect("upstream's examples/localhost.yaml loads");
+        assert_eq!(c.workloads.len(), 2);
+        assert_eq!(c.workloads[0].service_account, "default");
+        assert_eq!(c.workloads[1].protocol.as_deref(), Some("TCP"));
+        assert_eq!(
+            c.local_pods("local").count(),
+            0,
+            "no netns: nothing to enroll"
+        );
+        assert!(!c.services.is_empty() && !c.policies.is_empty());
+    }
 }

@@ -1,0 +1,183 @@
+//! `cargo xtask demo`: a demo node with the troubleshooting guide's pods, a real agent,
+//! captured traffic, and the guide's troubleshooting views printed. Pass `--keep` to leave it
+//! running until Ctrl-C.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+
+use ztunnel_e2e::agent::{agent_binary, Agent};
+use ztunnel_e2e::sh;
+use ztunnel_e2e::topology::{Pod, Topology};
+
+/// The guide's pods and their host numbers (10.244.1.<n>).
+const PODS: &[(&str, &str, u8)] = &[
+    ("productpage-v1", "bookinfo-productpage", 10),
+    ("details-v1", "bookinfo-details", 11),
+    ("curl", "curl", 12),
+    ("ratings-v1", "bookinfo-ratings", 13),
+    ("reviews-v1", "bookinfo-reviews", 14),
+    ("reviews-v2", "bookinfo-reviews", 15),
+    ("reviews-v3", "bookinfo-reviews", 16),
+];
+const PIN_DIR: &str = "/sys/fs/bpf/ztunnel";
+
+fn heading(text: &str) {
+    println!("\n\x1b[1m== {text}\x1b[0m");
+}
+
+/// A tiny HTTP server on :9080 inside the pod, answering with the pod's name.
+fn serve_http(pod: &Pod) {
+    let netns = std::fs::File::open(pod.netns_path()).expect("open pod netns");
+    let name = pod.name.clone();
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd changes only this thread's namespace.
+        let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns");
+        // [::] with IPV6_V6ONLY off (the Linux default) serves IPv4 and IPv6.
+        let listener = TcpListener::bind(("::", 9080)).expect("bind :9080");
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let mut buf = [0u8; 2048];
+            let _ = conn.read(&mut buf);
+            let body = format!("hello from {name}\n");
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+}
+
+fn main() {
+    let keep = std::env::args().any(|a| a == "--keep");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the demo creates network namespaces and loads eBPF: run it as root");
+        std::process::exit(1);
+    }
+    heading("demo node: namespace zt-demo-node, bridge 10.244.1.1/24, fd00::1/64");
+    let mut topo = Topology::new("demo");
+    let mut yaml = String::from("workloads:\n");
+    for (name, sa, host) in PODS {
+        let pod = topo.add_pod(name, *host);
+        println!(
+            "  pod {name:<16} {} {}  netns {}",
+            pod.ip4,
+            pod.ip6,
+            pod.netns_path().display()
+        );
+        yaml.push_str(&format!(
+            "- uid: cluster1//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{}\", \"{}\"]\n  protocol: HBONE\n  node: demo-node\n  netns: {}\n",
+            pod.ip4,
+            pod.ip6,
+            pod.netns_path().display()
+        ));
+        if *name != "curl" {
+            serve_http(&pod);
+        }
+    }
+    let config: PathBuf = std::env::temp_dir().join("zt-demo-mesh.yaml");
+    std::fs::write(&config, &yaml).expect("write demo config");
+    let config_arg = config.display().to_string();
+
+    heading(&format!(
+        "agent: ztunnel-agent run --node-name demo-node --local-xds-path {config_arg}"
+    ));
+    let mut agent = Agent::start_pinned(
+        &topo,
+        PathBuf::from(PIN_DIR),
+        &["--node-name", "demo-node", "--local-xds-path", &config_arg],
+    );
+    agent.wait_ready();
+    for line in agent.lines_with(&["pod enrolled"]) {
+        println!("  {line}");
+    }
+
+    let curl = topo
+        .pods
+        .iter()
+        .find(|p| p.name == "curl")
+        .expect("curl pod")
+        .clone();
+    let productpage = topo.pods[0].clone();
+    heading(
+        "traffic: curl -s http://<productpage>:9080/ from the curl pod (3 times, IPv4 and IPv6)",
+    );
+    for target in [
+        SocketAddr::new(productpage.ip4, 9080).to_string(),
+        SocketAddr::new(productpage.ip4, 9080).to_string(),
+        SocketAddr::new(productpage.ip6, 9080).to_string(),
+    ] {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", curl.netns_path().display()))
+            .args([
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://{target}/"),
+            ])
+            .output()
+            .expect("run curl");
+        print!("  {target} -> {}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            println!("  curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    heading("kubectl logs -l app=ztunnel | grep -E \"inbound|outbound\"  (the agent's log)");
+    for line in agent.lines_with(&["connection complete"]) {
+        println!("  {line}");
+    }
+
+    heading(&format!("ztunnel-agent redirect dump --pin-dir {PIN_DIR}"));
+    print!("{}", agent.dump());
+
+    heading("bpftool prog show  (ztunnel programs)");
+    let progs = sh("bpftool", &["prog", "show"]);
+    let mut lines = progs.lines().peekable();
+    while let Some(l) = lines.next() {
+        if l.contains("name ztunnel_") {
+            println!("  {l}");
+            while let Some(next) = lines.peek() {
+                if next.starts_with(char::is_whitespace) {
+                    println!("  {}", lines.next().unwrap_or_default());
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+    heading("bpftool cgroup tree  (ztunnel programs)");
+    for l in sh("bpftool", &["cgroup", "tree"]).lines() {
+        if l.starts_with('/') || l.starts_with("CgroupPath") || l.contains("ztunnel_") {
+            println!("  {l}");
+        }
+    }
+    for map in ["ENROLLED_PODS", "POD_COUNTERS"] {
+        heading(&format!(
+            "bpftool map dump pinned {PIN_DIR}/{map}  (first entries)"
+        ));
+        let dump = sh(
+            "bpftool",
+            &["map", "dump", "pinned", &format!("{PIN_DIR}/{map}")],
+        );
+        for l in dump.lines().take(24) {
+            println!("  {l}");
+        }
+    }
+
+    if keep {
+        heading("running: press Ctrl-C to stop (pods and agent are torn down on exit)");
+        let _ = Command::new("sleep").arg("infinity").status();
+    }
+    heading("tearing down: agent stopped, `ztunnel-agent redirect uninstall`, namespaces deleted");
+    drop(agent);
+    drop(topo);
+    let _ = agent_binary();
+}
