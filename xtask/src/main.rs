@@ -92,16 +92,59 @@ fn test(args: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     build_agent()?;
-    // The end-to-end tests start the agent binary built above.
-    setup::run_cmd(
-        Command::new("cargo")
-            .args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "ztunnel-ebpf",
-                "--no-fail-fast",
-            ])
-            .args(args),
-    )
+    // The end-to-end tests start the agent binary built above. No doctests: the crates have
+    // none, and their empty summaries would be the run's last words.
+    let mut child = Command::new("cargo")
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "ztunnel-ebpf",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--no-fail-fast",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some((p, f)) = parse_summary(&line) {
+                passed += p;
+                failed += f;
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("\ntests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        anyhow::bail!("tests failed");
+    }
+    if passed == 0 {
+        anyhow::bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Counts from a libtest line `test result: ok. 5 passed; 0 failed; ...`.
+fn parse_summary(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .strip_suffix(word)?
+                .trim()
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    };
+    Some((count("passed")?, count("failed")?))
 }
