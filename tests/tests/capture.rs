@@ -25,15 +25,22 @@ fn mesh_yaml(pods: &[&Pod]) -> String {
 }
 
 fn start_agent(topo: &Topology, enrolled: &[&Pod]) -> (Agent, std::path::PathBuf) {
+    start_agent_with(topo, enrolled, &[])
+}
+
+fn start_agent_with(
+    topo: &Topology,
+    enrolled: &[&Pod],
+    extra: &[&str],
+) -> (Agent, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
     std::fs::create_dir_all(&dir).expect("config dir");
     let config = dir.join("mesh.yaml");
     std::fs::write(&config, mesh_yaml(enrolled)).expect("write config");
     let config_arg = config.display().to_string();
-    let mut agent = Agent::start(
-        topo,
-        &["--node-name", NODE, "--local-xds-path", &config_arg],
-    );
+    let mut args = vec!["--node-name", NODE, "--local-xds-path", &config_arg];
+    args.extend_from_slice(extra);
+    let mut agent = Agent::start(topo, &args);
     agent.wait_ready();
     (agent, config)
 }
@@ -75,7 +82,8 @@ fn outbound_capture_ipv4_and_ipv6() {
     let mut topo = Topology::new("outb");
     let client = topo.add_pod("client", 10);
     let server_pod = topo.add_pod("server", 11);
-    let (mut agent, _) = start_agent(&topo, &[&client]);
+    // Kernel debug records (aya-log) are drained into the agent's log at debug level.
+    let (mut agent, _) = start_agent_with(&topo, &[&client], &["--log", "info,ztunnel=debug"]);
     let v4 = Server::start(
         server_pod.netns_path(),
         addr("0.0.0.0".parse().expect("ip"), 9080),
@@ -94,6 +102,7 @@ fn outbound_capture_ipv4_and_ipv6() {
             .len(),
         2
     );
+    agent.wait_log(&["DEBUG", "outbound captured: netns", "dst port 9080"]);
     let dump = agent.dump();
     assert!(dump.contains("outbound_captured=2"), "{dump}");
     assert!(dump.contains("skipped_agent_socket=2"), "{dump}");

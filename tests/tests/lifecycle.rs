@@ -61,6 +61,16 @@ fn zds_add_del_and_malformed_messages() {
         None,
     );
     assert!(nack.contains("no network namespace fd"), "{nack}");
+    let netns = std::fs::File::open(client.netns_path()).expect("netns");
+    let nack = cni.send(
+        ztunnel_agent::zds_proto::workload_request::Payload::Del(
+            ztunnel_agent::zds_proto::DelWorkload {
+                uid: "uid-other".into(),
+            },
+        ),
+        Some(&netns),
+    );
+    assert!(nack.contains("unexpected file descriptor"), "{nack}");
     assert!(agent.is_running());
 
     // del releases the pod: no capture, listeners closed.

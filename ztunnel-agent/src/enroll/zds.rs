@@ -155,6 +155,13 @@ async fn handle(
     if fds.next().is_some() {
         return Some("request carried more than one file descriptor".to_string());
     }
+    let is_add = matches!(request.payload, Some(workload_request::Payload::Add(_)));
+    if netns_fd.is_some() && !is_add {
+        // Upstream refuses it too: only `add` carries a namespace.
+        return Some(
+            "unexpected file descriptor: only add carries a network namespace".to_string(),
+        );
+    }
     match request.payload {
         None => Some(
             "WorkloadRequest without payload: expected add, keep, del or snapshot_sent".to_string(),
@@ -195,9 +202,6 @@ async fn handle(
                 .map(|e| ErrorChain(&e).to_string())
         }
         Some(workload_request::Payload::Keep(keep)) => {
-            if netns_fd.is_some() {
-                return Some("keep must not carry a file descriptor".to_string());
-            }
             snapshot.push(keep.uid);
             None
         }

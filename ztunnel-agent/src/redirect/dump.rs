@@ -81,7 +81,9 @@ pub fn render(pin_dir: &Path) -> Result<String, Error> {
         }
     }
     let _ = writeln!(out, "\n{} (netns cookie -> pod):", maps::ENROLLED_PODS);
-    for (cookie, pod) in enrolled.iter().filter_map(Result::ok) {
+    let mut pods: Vec<(u64, PodConfig)> = enrolled.iter().filter_map(Result::ok).collect();
+    pods.sort_by_key(|(cookie, _)| *cookie);
+    for (cookie, pod) in pods {
         let mut ips = Vec::new();
         if pod.flags & ztunnel_common::pod_flags::HAS_IPV4 != 0 {
             ips.push(ip(AF_INET, &[pod.ip4, 0, 0, 0]));
@@ -97,10 +99,14 @@ pub fn render(pin_dir: &Path) -> Result<String, Error> {
             .filter(|(_, v)| *v > 0)
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        let _ = writeln!(out, "  {:<20} counters: {}", "", moved.join(" "));
+        if !moved.is_empty() {
+            let _ = writeln!(out, "  {:<20} counters: {}", "", moved.join(" "));
+        }
     }
     let _ = writeln!(out, "\n{} (address -> netns cookie):", maps::POD_ADDRS);
-    for (key, owner) in addrs.iter().filter_map(Result::ok) {
+    let mut owned: Vec<(IpKey, PodAddr)> = addrs.iter().filter_map(Result::ok).collect();
+    owned.sort_by_key(|(key, owner)| (owner.netns_cookie, key.family, key.addr));
+    for (key, owner) in owned {
         let _ = writeln!(
             out,
             "  {:<40} {}",
@@ -121,7 +127,9 @@ pub fn render(pin_dir: &Path) -> Result<String, Error> {
     let listeners: aya::maps::SockHash<MapData, ListenerKey> =
         open(pin_dir, maps::INBOUND_LISTENERS, Map::SockHash)?;
     let _ = writeln!(out, "\n{} (netns cookie, family):", maps::INBOUND_LISTENERS);
-    for key in listeners.keys().filter_map(Result::ok) {
+    let mut keys: Vec<ListenerKey> = listeners.keys().filter_map(Result::ok).collect();
+    keys.sort_by_key(|k| (k.netns_cookie, k.family));
+    for key in keys {
         let family = if key.family == AF_INET {
             "ipv4"
         } else {
