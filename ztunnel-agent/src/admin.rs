@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::enroll::Enrollment;
 use crate::http::{text, Body};
 use crate::readiness::Readiness;
+use crate::state::SharedState;
 
 /// The admin endpoints and what they are for (served at `/`).
 const ENDPOINTS: &[(&str, &str)] = &[
@@ -24,6 +25,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
 pub async fn admin(
     req: Request<Incoming>,
     enrollment: Arc<Mutex<Enrollment>>,
+    state: SharedState,
     shutdown: CancellationToken,
     config_json: Arc<serde_json::Value>,
 ) -> Response<Body> {
@@ -37,9 +39,9 @@ pub async fn admin(
         }
         (&Method::GET, "/config_dump") => {
             let pods = enrollment.lock().await.status();
-            let mut state = serde_json::Map::new();
+            let mut pod_state = serde_json::Map::new();
             for p in pods {
-                state.insert(
+                pod_state.insert(
                     p.uid.clone(),
                     serde_json::json!({
                         "state": "Up",
@@ -51,12 +53,16 @@ pub async fn admin(
                     }),
                 );
             }
+            let mesh = state.snapshot();
+            let workloads: Vec<_> = mesh.workloads().map(|w| &**w).collect();
+            let services: Vec<_> = mesh.services().map(|s| &s.service).collect();
+            let policies: Vec<_> = mesh.policies().map(|p| &**p).collect();
             let dump = serde_json::json!({
-                "workloads": [],
-                "services": [],
-                "policies": [],
+                "workloads": workloads,
+                "services": services,
+                "policies": policies,
                 "certificates": [],
-                "workloadState": state,
+                "workloadState": pod_state,
                 "config": *config_json,
                 "version": env!("CARGO_PKG_VERSION"),
             });

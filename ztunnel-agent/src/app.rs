@@ -11,6 +11,7 @@ use crate::enroll::{self, Enrollment};
 use crate::netns::HostNetns;
 use crate::readiness::Readiness;
 use crate::redirect::{kernel, Redirect};
+use crate::state::SharedState;
 
 const BLOCK_EBPF: &str = "ebpf attached";
 const BLOCK_PODS: &str = "pods enrolled";
@@ -43,6 +44,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     readiness.unblock(BLOCK_EBPF);
     let enrollment = Arc::new(Mutex::new(Enrollment::new(redirect, host)));
+    let state = SharedState::default();
 
     let r = readiness.clone();
     tokio::spawn(crate::http::serve(
@@ -71,22 +73,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "excludeOutboundPorts": config.redirect.exclude_outbound_ports,
         "excludeInboundPorts": config.redirect.exclude_inbound_ports,
     }));
-    let (e, s) = (enrollment.clone(), shutdown.clone());
+    let (e, s, m) = (enrollment.clone(), shutdown.clone(), state.clone());
     tokio::spawn(crate::http::serve(
         admin_listener,
-        move |req| crate::admin::admin(req, e.clone(), s.clone(), config_json.clone()),
+        move |req| crate::admin::admin(req, e.clone(), m.clone(), s.clone(), config_json.clone()),
         shutdown.clone(),
     ));
 
     // Pod sources. Pods a previous run left in the maps are swept only once every source
     // has had its initial sync, so a restart never uncaptures a live pod.
     if let (Some(path), Some(node)) = (&config.local_xds_path, &config.node_name) {
-        let text = enroll::local::initial(path, node, &enrollment)
+        let text = enroll::local::initial(path, node, &state, &enrollment)
             .await
             .context("the local config is invalid")?;
         tokio::spawn(enroll::local::watch(
             path.clone(),
             node.clone(),
+            state.clone(),
             enrollment.clone(),
             text,
             shutdown.clone(),

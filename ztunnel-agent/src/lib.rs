@@ -7,11 +7,13 @@ pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod http;
+pub mod identity;
 pub mod netns;
 pub mod proxy;
 pub mod readiness;
 pub mod redirect;
 pub mod socket;
+pub mod state;
 pub mod telemetry;
 pub mod xds;
 

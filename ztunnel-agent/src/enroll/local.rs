@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Enrollment, PodSpec, Source};
 use crate::netns::PodNetns;
-use crate::xds::local::{self, LocalConfig};
+use crate::state::workload::Workload;
+use crate::state::SharedState;
+use crate::xds::local;
 
 /// How often the file is checked for changes.
 const POLL: Duration = Duration::from_millis(500);
@@ -20,14 +22,16 @@ const POLL: Duration = Duration::from_millis(500);
 pub async fn initial(
     path: &Path,
     node: &str,
+    state: &SharedState,
     enrollment: &Mutex<Enrollment>,
 ) -> Result<String, local::Error> {
     let text = std::fs::read_to_string(path).map_err(|source| local::Error::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let config = local::parse(path, &text)?;
-    apply(&config, node, enrollment).await;
+    let (mesh, workloads) = local::load_state(path, &text)?;
+    state.replace(mesh);
+    apply(&workloads, node, enrollment).await;
     Ok(text)
 }
 
@@ -35,6 +39,7 @@ pub async fn initial(
 pub async fn watch(
     path: PathBuf,
     node: String,
+    state: SharedState,
     enrollment: Arc<Mutex<Enrollment>>,
     mut last: String,
     cancel: CancellationToken,
@@ -58,10 +63,11 @@ pub async fn watch(
             continue;
         }
         last = text.clone();
-        match local::parse(&path, &text) {
-            Ok(config) => {
+        match local::load_state(&path, &text) {
+            Ok((mesh, workloads)) => {
                 tracing::info!(path = %path.display(), "local config changed; applying");
-                apply(&config, &node, &enrollment).await;
+                state.replace(mesh);
+                apply(&workloads, &node, &enrollment).await;
             }
             Err(e) => {
                 tracing::error!(error = %e, "local config refused; keeping the last good one");
@@ -71,10 +77,10 @@ pub async fn watch(
 }
 
 /// Makes the enrolled set match the file: enroll what is listed, remove what is not.
-async fn apply(config: &LocalConfig, node: &str, enrollment: &Mutex<Enrollment>) {
+async fn apply(workloads: &[Workload], node: &str, enrollment: &Mutex<Enrollment>) {
     let mut enrollment = enrollment.lock().await;
     let mut keep = Vec::new();
-    for w in config.local_pods(node) {
+    for w in workloads.iter().filter(|w| w.node == node) {
         let Some(netns_path) = &w.netns else { continue };
         let spec = PodSpec {
             uid: w.key(),

@@ -2,10 +2,14 @@
 //! upstream writes it. One extension: a workload on this node may carry `netns`, the path of
 //! its network namespace, to be enrolled without istio-cni.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::state::policy::Authorization;
+use crate::state::service::Service;
+use crate::state::workload::Workload;
+use crate::state::{self, MeshState};
 
 /// A file that cannot be used, with the file, line and field named.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +31,15 @@ pub enum Error {
         /// serde's message: `workloads[1].workloadIps[0]: invalid IP address syntax at line 9 column 7`.
         message: String,
     },
+    /// The resources contradict each other.
+    #[error("{path}: {source}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What.
+        #[source]
+        source: Box<state::Error>,
+    },
     /// A semantic problem serde cannot see.
     #[error("{path}: workloads[{index}] ({name}): {problem}")]
     Invalid {
@@ -41,61 +54,19 @@ pub enum Error {
     },
 }
 
-/// The file's top level. Services and policies are kept as read until the mesh state exists.
+/// The file's top level, as upstream reads it.
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalConfig {
     /// Workloads.
     #[serde(default)]
-    pub workloads: Vec<LocalWorkload>,
-    /// Services (not interpreted yet).
+    pub workloads: Vec<Workload>,
+    /// Services.
     #[serde(default)]
-    pub services: Vec<serde_yaml_ng::Value>,
-    /// Authorization policies (not interpreted yet).
+    pub services: Vec<Service>,
+    /// Authorization policies.
     #[serde(default)]
-    pub policies: Vec<serde_yaml_ng::Value>,
-}
-
-/// A workload as upstream's file describes it (the fields this agent uses; others are
-/// accepted and ignored).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct LocalWorkload {
-    /// Unique id; upstream uses `<cluster>//Pod/<ns>/<name>`.
-    #[serde(default)]
-    pub uid: String,
-    /// Pod name.
-    #[serde(default)]
-    pub name: String,
-    /// Namespace.
-    #[serde(default)]
-    pub namespace: String,
-    /// Service account.
-    #[serde(default)]
-    pub service_account: String,
-    /// Addresses.
-    #[serde(default)]
-    pub workload_ips: Vec<IpAddr>,
-    /// Node name.
-    #[serde(default)]
-    pub node: String,
-    /// `HBONE` or `TCP`.
-    #[serde(default)]
-    pub protocol: Option<String>,
-    /// Extension: path of the pod's network namespace, for enrollment without istio-cni.
-    #[serde(default)]
-    pub netns: Option<PathBuf>,
-}
-
-impl LocalWorkload {
-    /// The uid, or `<namespace>/<name>` when the file gives none.
-    pub fn key(&self) -> String {
-        if self.uid.is_empty() {
-            format!("{}/{}", self.namespace, self.name)
-        } else {
-            self.uid.clone()
-        }
-    }
+    pub policies: Vec<Authorization>,
 }
 
 /// Reads and validates a file.
@@ -127,11 +98,6 @@ pub fn parse(path: &Path, text: &str) -> Result<LocalConfig, Error> {
         if w.name.is_empty() {
             return Err(invalid("`name` is missing"));
         }
-        if let Some(p) = &w.protocol {
-            if p != "HBONE" && p != "TCP" {
-                return Err(invalid("`protocol` must be HBONE or TCP"));
-            }
-        }
         if let Some(netns) = &w.netns {
             if !netns.is_absolute() {
                 return Err(invalid(
@@ -143,9 +109,25 @@ pub fn parse(path: &Path, text: &str) -> Result<LocalConfig, Error> {
     Ok(config)
 }
 
+/// Reads a file into a mesh state (and the workloads to enroll).
+pub fn load_state(path: &Path, text: &str) -> Result<(MeshState, Vec<Workload>), Error> {
+    let config = parse(path, text)?;
+    let LocalConfig {
+        workloads,
+        services,
+        policies,
+    } = config;
+    let state =
+        MeshState::build(workloads.clone(), services, policies).map_err(|source| Error::State {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+    Ok((state, workloads))
+}
+
 impl LocalConfig {
     /// Workloads on `node` that carry a network namespace path: the pods to enroll.
-    pub fn local_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a LocalWorkload> {
+    pub fn local_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> {
         self.workloads
             .iter()
             .filter(move |w| w.node == node && w.netns.is_some())
@@ -168,7 +150,6 @@ workloads:
   protocol: HBONE
   node: node-1
   netns: /var/run/netns/productpage
-  unknownUpstreamField: kept-compatible
 - name: remote
   namespace: default
   workloadIps: ["10.244.2.10"]
@@ -183,7 +164,7 @@ workloads:
 
     #[test]
     fn bad_ip_names_file_field_and_line() {
-        let text = "workloads:\n- name: a\n  workloadIps: [\"10.244.1\"]\n";
+        let text = "workloads:\n- name: a\n  workloadIps: [\"10.244.1\"]\n  namespace: d\n";
         let err = parse(Path::new("/etc/mesh.yaml"), text)
             .expect_err("invalid address")
             .to_string();
@@ -193,8 +174,22 @@ workloads:
     }
 
     #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let text =
+            "workloads:\n- name: a\n  namespace: default\n  workloadIps: []\n  serviceAcount: x\n";
+        let err = parse(Path::new("m.yaml"), text)
+            .expect_err("typo")
+            .to_string();
+        assert!(
+            err.contains("serviceAcount") && err.contains("line 5"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn relative_netns_is_refused_with_fix() {
-        let text = "workloads:\n- name: a\n  netns: productpage\n";
+        let text =
+            "workloads:\n- name: a\n  namespace: d\n  workloadIps: []\n  netns: productpage\n";
         let err = parse(Path::new("m.yaml"), text)
             .expect_err("relative")
             .to_string();
@@ -209,7 +204,16 @@ workloads:
         let c = load(&path).expect("upstream's examples/localhost.yaml loads");
         assert_eq!(c.workloads.len(), 2);
         assert_eq!(c.workloads[0].service_account, "default");
-        assert_eq!(c.workloads[1].protocol.as_deref(), Some("TCP"));
+        assert_eq!(
+            c.workloads[1].protocol,
+            crate::state::workload::Protocol::TCP
+        );
+        let text = std::fs::read_to_string(&path).expect("fixture");
+        let (state, _) = load_state(&path, &text).expect("state builds");
+        let svc = state
+            .service_by_vip("", "127.10.0.1".parse().expect("ip"))
+            .expect("vip /127.10.0.1");
+        assert_eq!(svc.endpoints.len(), 2);
         assert_eq!(
             c.local_pods("local").count(),
             0,

@@ -1,0 +1,103 @@
+//! L4 authorization policies, as upstream's local config describes them. Evaluation comes
+//! with the control-plane issue; parsing them strictly now refuses bad files early.
+
+use serde::{Deserialize, Serialize};
+
+/// Policy scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Scope {
+    /// Every workload.
+    Global,
+    /// The policy's namespace.
+    Namespace,
+    /// Workloads listing the policy in `authorizationPolicies`.
+    WorkloadSelector,
+}
+
+/// Policy action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Action {
+    /// Allow matching connections.
+    Allow,
+    /// Deny matching connections.
+    Deny,
+}
+
+/// A string match.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub enum StringMatch {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// Present at all.
+    Presence(Vec<String>),
+}
+
+/// A service account reference.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountMatch {
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+}
+
+/// One match: every populated field must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RbacMatch {
+    /// Source namespaces.
+    pub namespaces: Vec<StringMatch>,
+    /// Not these source namespaces.
+    pub not_namespaces: Vec<StringMatch>,
+    /// Source principals.
+    pub principals: Vec<StringMatch>,
+    /// Not these principals.
+    pub not_principals: Vec<StringMatch>,
+    /// Source service accounts.
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    /// Not these service accounts.
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
+    /// Source CIDRs.
+    pub source_ips: Vec<String>,
+    /// Not these source CIDRs.
+    pub not_source_ips: Vec<String>,
+    /// Destination CIDRs.
+    pub destination_ips: Vec<String>,
+    /// Not these destination CIDRs.
+    pub not_destination_ips: Vec<String>,
+    /// Destination ports.
+    pub destination_ports: Vec<u16>,
+    /// Not these destination ports.
+    pub not_destination_ports: Vec<u16>,
+}
+
+/// An authorization policy.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Authorization {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Scope.
+    pub scope: Scope,
+    /// Action.
+    pub action: Action,
+    /// Rules (OR) of clauses (AND) of matches (OR).
+    pub rules: Vec<Vec<Vec<RbacMatch>>>,
+    /// Only log, never enforce.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+impl Authorization {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
