@@ -1,4 +1,8 @@
-//! Workload identities: SPIFFE ids `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+//! Workload identities: SPIFFE ids `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`,
+//! and the certificates that prove them.
+
+pub mod ca;
+pub mod manager;
 
 use std::fmt;
 use std::str::FromStr;

@@ -15,6 +15,7 @@ pub mod redirect;
 pub mod socket;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod xds;
 
 /// istio-cni's ZDS messages, generated from proto/zds.proto.

@@ -1,0 +1,220 @@
+//! The built-in CA for standalone mode: a root created on first start and kept on disk (or
+//! given as files), issuing short-lived ECDSA P-256 workload certificates whose only SAN is
+//! the workload's SPIFFE URI.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::Identity;
+
+/// File names of the root inside the CA directory.
+const ROOT_CERT: &str = "root-cert.pem";
+const ROOT_KEY: &str = "root-key.pem";
+/// Root lifetime when we create one.
+const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Leaves are backdated a little to tolerate clock skew between nodes.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+/// CA failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing the root.
+    #[error("cannot use the CA root in {dir}: the directory must be writable on first start, readable after")]
+    Io {
+        /// The CA directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bad root files or a signing failure.
+    #[error("CA {what} failed: if {dir}/root-cert.pem and root-key.pem were given, they must be a PEM CA certificate and its PKCS#8 key")]
+    Crypto {
+        /// What was being done.
+        what: &'static str,
+        /// The CA directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: rcgen::Error,
+    },
+}
+
+/// A certificate issued for a workload.
+#[derive(Debug)]
+pub struct Issued {
+    /// Leaf then intermediates (none for the local CA).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// Validity start.
+    pub not_before: SystemTime,
+    /// Validity end.
+    pub not_after: SystemTime,
+}
+
+/// The local CA.
+pub struct LocalCa {
+    dir: PathBuf,
+    issuer: rcgen::Certificate,
+    key: KeyPair,
+    root_der: CertificateDer<'static>,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalCa({})", self.dir.display())
+    }
+}
+
+impl LocalCa {
+    /// Loads the root from `dir`, creating it (and the directory) on first start.
+    pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
+        let io = |source| Error::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let crypto = |what, source| Error::Crypto {
+            what,
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let (cert_path, key_path) = (dir.join(ROOT_CERT), dir.join(ROOT_KEY));
+        if !cert_path.exists() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+                .map_err(|e| crypto("root key generation", e))?;
+            let mut params = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::OrganizationName, trust_domain);
+            dn.push(DnType::CommonName, "ztunnel-agent local CA");
+            params.distinguished_name = dn;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let now = SystemTime::now();
+            params.not_before = (now - BACKDATE).into();
+            params.not_after = (now + ROOT_VALIDITY).into();
+            let cert = params
+                .self_signed(&key)
+                .map_err(|e| crypto("root self-signing", e))?;
+            write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io)?;
+            std::fs::write(&cert_path, cert.pem()).map_err(io)?;
+            tracing::info!(dir = %dir.display(), "created the local CA root");
+        }
+        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io)?;
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| crypto("reading root-key.pem", e))?;
+        let params = CertificateParams::from_ca_cert_pem(&cert_pem)
+            .map_err(|e| crypto("reading root-cert.pem", e))?;
+        // Re-signing the parsed parameters gives an issuer with the same subject and key, which
+        // is all that signing leaves needs; the root on disk is what peers trust.
+        let issuer = params
+            .self_signed(&key)
+            .map_err(|e| crypto("loading the root", e))?;
+        let root_der = pem_to_der(&cert_pem).ok_or_else(|| {
+            crypto(
+                "reading root-cert.pem",
+                rcgen::Error::CouldNotParseCertificate,
+            )
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            issuer,
+            key,
+            root_der,
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    /// The root certificate peers must trust.
+    pub fn root(&self) -> CertificateDer<'static> {
+        self.root_der.clone()
+    }
+
+    /// The trust domain of this CA.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Issues a certificate for `identity`, valid for `validity`.
+    pub fn issue(&self, identity: &Identity, validity: Duration) -> Result<Issued, Error> {
+        let crypto = |what, source| Error::Crypto {
+            what,
+            dir: self.dir.clone(),
+            source,
+        };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| crypto("leaf key generation", e))?;
+        let uri = identity
+            .to_string()
+            .try_into()
+            .map_err(|e| crypto("encoding the SPIFFE URI", e))?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.distinguished_name = DistinguishedName::new();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        let now = SystemTime::now();
+        let not_before = now - BACKDATE;
+        let not_after = now + validity;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let cert = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(|e| crypto("signing a workload certificate", e))?;
+        Ok(Issued {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before,
+            not_after,
+        })
+    }
+}
+
+/// 16 random bytes with the top bit clear (serials are positive integers).
+fn random_serial() -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    // ring's SystemRandom is what rustls and rcgen already use.
+    let _ = ring_fill(&mut bytes);
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    bytes
+}
+
+fn ring_fill(bytes: &mut [u8]) -> Result<(), rustls::Error> {
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(bytes)
+        .map_err(|_| rustls::Error::FailedToGetRandomBytes)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// The DER of the first certificate in a PEM string.
+fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    Some(CertificateDer::from(block.contents))
+}

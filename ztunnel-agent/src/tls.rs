@@ -1,0 +1,364 @@
+//! rustls configurations for HBONE: TLS 1.3 only, ALPN `h2`, no SNI, client certificates
+//! required. Peers are identified by the SPIFFE URI SAN of their leaf certificate; the client
+//! accepts a server only if that identity is one it expects for the destination, the server
+//! accepts a client whose chain leads to the mesh roots and whose trust domain is ours.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::identity::manager::CertManager;
+use crate::identity::Identity;
+
+/// ALPN protocol of HBONE.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// TLS set-up and peer-identity failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Building a configuration failed.
+    #[error("TLS configuration failed")]
+    Config(#[source] rustls::Error),
+    /// The roots could not be used.
+    #[error("the mesh root certificates are not usable")]
+    Roots(#[source] rustls::server::VerifierBuilderError),
+    /// Getting our own certificate failed.
+    #[error(transparent)]
+    Cert(#[from] crate::identity::manager::Error),
+    /// The peer presented no certificate.
+    #[error("the peer presented no certificate")]
+    NoPeerCert,
+    /// The peer's certificate has no usable SPIFFE id.
+    #[error(
+        "the peer certificate has no SPIFFE URI SAN of the form spiffe://<td>/ns/<ns>/sa/<sa>"
+    )]
+    NoIdentity,
+    /// The peer is in another trust domain.
+    #[error("peer identity {0} is not in trust domain {1}")]
+    TrustDomain(Identity, String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn root_store(certs: &CertManager) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    for root in certs.roots() {
+        // A root the store rejects simply does not anchor anything.
+        let _ = roots.add(root);
+    }
+    roots
+}
+
+/// The SPIFFE identity of a leaf certificate.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => uri.parse().ok(),
+        _ => None,
+    })
+}
+
+/// The peer identity of an established connection, checked against the trust domain.
+pub fn peer_identity(
+    certs: Option<&[CertificateDer<'_>]>,
+    trust_domain: &str,
+) -> Result<Identity, Error> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(Error::NoPeerCert)?;
+    let id = identity_of(leaf).ok_or(Error::NoIdentity)?;
+    if id.trust_domain != trust_domain {
+        return Err(Error::TrustDomain(id, trust_domain.to_string()));
+    }
+    Ok(id)
+}
+
+/// Serves the pod's current certificate (renewed certificates are picked up per handshake).
+#[derive(Debug)]
+struct PodCertResolver {
+    certs: Arc<CertManager>,
+    identity: Identity,
+}
+
+impl ResolvesServerCert for PodCertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match self.certs.fetch(&self.identity) {
+            Ok(cert) => Some(cert.certified.clone()),
+            Err(e) => {
+                tracing::error!(identity = %self.identity, error = %crate::telemetry::ErrorChain(&e), "no certificate to serve HBONE");
+                None
+            }
+        }
+    }
+}
+
+/// The 15008 server configuration of a pod with `identity`.
+pub fn server_config(certs: Arc<CertManager>, identity: Identity) -> Result<ServerConfig, Error> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(&certs)), provider.clone())
+            .build()
+            .map_err(Error::Roots)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(Error::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(PodCertResolver { certs, identity }));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// Checks the server's chain against the mesh roots and its SPIFFE id against the expected
+/// set; the hostname is not used (peers are dialled by IP, no SNI).
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: RootCertStore,
+    expected: Vec<Identity>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let id = identity_of(end_entity).ok_or_else(|| {
+            rustls::Error::General("server certificate has no SPIFFE identity".into())
+        })?;
+        if self.expected.contains(&id) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            let expected: Vec<String> = self.expected.iter().map(|i| i.to_string()).collect();
+            Err(rustls::Error::General(format!(
+                "server identity {id} is not one of the expected [{}]",
+                expected.join(", ")
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client configuration presenting `source`'s certificate and accepting only `expected`.
+pub fn client_config(
+    certs: &CertManager,
+    source: &Identity,
+    expected: Vec<Identity>,
+) -> Result<ClientConfig, Error> {
+    let provider = provider();
+    let cert = certs.fetch(source)?;
+    let verifier = SpiffeServerVerifier {
+        roots: root_store(certs),
+        expected,
+        provider: provider.clone(),
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(Error::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(FixedClientCert(cert.certified.clone())));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    Ok(config)
+}
+
+#[derive(Debug)]
+struct FixedClientCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::identity::ca::LocalCa;
+
+    fn id(sa: &str) -> Identity {
+        format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .parse()
+            .expect("valid id")
+    }
+
+    fn manager(dir: &std::path::Path) -> Arc<CertManager> {
+        let ca = LocalCa::load_or_create(dir, "cluster.local").expect("ca");
+        Arc::new(CertManager::new(ca, Duration::from_secs(3600)))
+    }
+
+    /// Handshakes a client and a server over a pipe; returns (client result, server result).
+    async fn handshake(
+        client: ClientConfig,
+        server: ServerConfig,
+    ) -> (Result<(), String>, Result<Identity, String>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let name = ServerName::try_from("10.244.1.10").expect("ip name");
+        let client = async move {
+            let mut s = connector
+                .connect(name, a)
+                .await
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"x").await.map_err(|e| e.to_string())?;
+            s.flush().await.map_err(|e| e.to_string())?;
+            let mut byte = [0u8; 1];
+            s.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+            Ok(())
+        };
+        let server = async move {
+            let mut s = acceptor.accept(b).await.map_err(|e| e.to_string())?;
+            let mut byte = [0u8; 1];
+            s.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+            s.write_all(b"y").await.map_err(|e| e.to_string())?;
+            s.flush().await.map_err(|e| e.to_string())?;
+            peer_identity(s.get_ref().1.peer_certificates(), "cluster.local")
+                .map_err(|e| e.to_string())
+        };
+        tokio::join!(client, server)
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("zt-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_with_expected_identity() {
+        let certs = manager(&temp_dir("ok"));
+        let server = server_config(certs.clone(), id("productpage")).expect("server");
+        let client = client_config(&certs, &id("curl"), vec![id("productpage")]).expect("client");
+        let (c, s) = handshake(client, server).await;
+        assert_eq!(c, Ok(()));
+        assert_eq!(
+            s,
+            Ok(id("curl")),
+            "server sees the client's SPIFFE identity"
+        );
+    }
+
+    #[tokio::test]
+    async fn unexpected_server_identity_is_refused() {
+        let certs = manager(&temp_dir("wrongid"));
+        let server = server_config(certs.clone(), id("ratings")).expect("server");
+        let client = client_config(&certs, &id("curl"), vec![id("productpage")]).expect("client");
+        let (c, _) = handshake(client, server).await;
+        let err = c.expect_err("wrong identity refused");
+        assert!(
+            err.contains("ratings") && err.contains("productpage"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn certificate_from_another_root_is_refused() {
+        let ours = manager(&temp_dir("root-a"));
+        let theirs = manager(&temp_dir("root-b"));
+        let server = server_config(ours.clone(), id("productpage")).expect("server");
+        let client = client_config(&theirs, &id("curl"), vec![id("productpage")]).expect("client");
+        let (c, s) = handshake(client, server).await;
+        assert!(c.is_err() && s.is_err(), "{c:?} {s:?}");
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_refused() {
+        let certs = manager(&temp_dir("nocert"));
+        let server = server_config(certs.clone(), id("productpage")).expect("server");
+        let mut client =
+            client_config(&certs, &id("curl"), vec![id("productpage")]).expect("client");
+        client.client_auth_cert_resolver = Arc::new(NoClientCert);
+        let (_, s) = handshake(client, server).await;
+        assert!(
+            s.is_err(),
+            "server must require a client certificate: {s:?}"
+        );
+    }
+
+    #[derive(Debug)]
+    struct NoClientCert;
+
+    impl rustls::client::ResolvesClientCert for NoClientCert {
+        fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+            None
+        }
+
+        fn has_certs(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn local_ca_root_persists_and_leaf_carries_spiffe_san() {
+        let dir = temp_dir("persist");
+        let first = LocalCa::load_or_create(&dir, "cluster.local").expect("create");
+        let again = LocalCa::load_or_create(&dir, "cluster.local").expect("reload");
+        assert_eq!(first.root(), again.root(), "root kept on disk");
+        let issued = again
+            .issue(&id("curl"), Duration::from_secs(60))
+            .expect("issue");
+        assert_eq!(identity_of(&issued.chain[0]), Some(id("curl")));
+    }
+}
