@@ -71,6 +71,12 @@ impl Agent {
         self.log_path = self.dir.join(format!("agent-{generation}.log"));
         let log = std::fs::File::create(&self.log_path).expect("create agent log");
         let err = log.try_clone().expect("clone log fd");
+        // A CA of the test's own unless the test shares one between agents.
+        let ca_arg: Vec<String> = if self.args.iter().any(|a| a == "--ca-dir") {
+            Vec::new()
+        } else {
+            vec!["--ca-dir".into(), self.dir.join("ca").display().to_string()]
+        };
         // nsenter enters only the network namespace; `ip netns exec` would also remount
         // /sys and hide bpffs and the cgroup2 mount from the agent.
         let child = Command::new("nsenter")
@@ -79,6 +85,7 @@ impl Agent {
             .arg("run")
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .args(ca_arg)
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -8,7 +8,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::enroll::{self, Enrollment};
+use crate::identity::ca::LocalCa;
+use crate::identity::manager::CertManager;
 use crate::netns::HostNetns;
+use crate::proxy::hbone::Pool;
+use crate::proxy::MeshContext;
 use crate::readiness::Readiness;
 use crate::redirect::{kernel, Redirect};
 use crate::state::SharedState;
@@ -43,8 +47,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(program, state = ?state, cgroup = %config.redirect.cgroup.display(), "eBPF program");
     }
     readiness.unblock(BLOCK_EBPF);
-    let enrollment = Arc::new(Mutex::new(Enrollment::new(redirect, host)));
     let state = SharedState::default();
+    let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)?;
+    let mesh = Arc::new(MeshContext {
+        state: state.clone(),
+        certs: Arc::new(CertManager::new(ca, config.cert_ttl)),
+        pool: Pool::default(),
+    });
+    let enrollment = Arc::new(Mutex::new(Enrollment::new(redirect, host, mesh)));
 
     let r = readiness.clone();
     tokio::spawn(crate::http::serve(

@@ -107,6 +107,19 @@ pub struct RunArgs {
     /// Destination ports never captured inbound (comma-separated).
     #[arg(long, env = "ZTUNNEL_EXCLUDE_INBOUND_PORTS", value_delimiter = ',')]
     pub exclude_inbound_ports: Vec<u16>,
+    /// Directory of the local CA's root (root-cert.pem, root-key.pem); created on first start.
+    #[arg(
+        long,
+        env = "ZTUNNEL_CA_DIR",
+        default_value = "/var/lib/ztunnel-agent/ca"
+    )]
+    pub ca_dir: PathBuf,
+    /// Trust domain of workload identities.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime of workload certificates in seconds (renewed at half life).
+    #[arg(long, env = "ZTUNNEL_CERT_TTL_SECS", default_value_t = 86400)]
+    pub cert_ttl_secs: u64,
     /// Admin server (loopback only).
     #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,

@@ -24,6 +24,9 @@ pub enum Error {
     /// cgroup problems.
     #[error(transparent)]
     Kernel(#[from] kernel::Error),
+    /// Certificates would be renewed constantly.
+    #[error("--cert-ttl-secs {0} is below 60: certificates would be renewed constantly")]
+    CertTtl(u64),
     /// A port list contains 0.
     #[error("{flag} contains port 0: list real destination ports")]
     PortZero {
@@ -45,6 +48,12 @@ pub struct Config {
     pub cluster_id: String,
     /// Redirect settings.
     pub redirect: RedirectConfig,
+    /// Local CA directory.
+    pub ca_dir: PathBuf,
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Certificate lifetime.
+    pub cert_ttl: std::time::Duration,
     /// Admin server address.
     pub admin_addr: SocketAddr,
     /// Metrics server address.
@@ -72,6 +81,9 @@ impl Config {
         if args.local_xds_path.is_some() && args.node_name.is_none() {
             return Err(Error::NoNodeName);
         }
+        if args.cert_ttl_secs < 60 {
+            return Err(Error::CertTtl(args.cert_ttl_secs));
+        }
         for (flag, ports) in [
             ("--exclude-outbound-ports", &args.exclude_outbound_ports),
             ("--exclude-inbound-ports", &args.exclude_inbound_ports),
@@ -95,6 +107,9 @@ impl Config {
                 exclude_outbound_ports: args.exclude_outbound_ports.clone(),
                 exclude_inbound_ports: args.exclude_inbound_ports.clone(),
             },
+            ca_dir: args.ca_dir.clone(),
+            trust_domain: args.trust_domain.clone(),
+            cert_ttl: std::time::Duration::from_secs(args.cert_ttl_secs),
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
             readiness_addr: args.readiness_addr,

@@ -16,8 +16,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use ztunnel_common::{AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
+use crate::identity::Identity;
 use crate::netns::{HostNetns, PodNetns};
-use crate::proxy::{self, PodProxy};
+use crate::proxy::{self, MeshContext, PodProxy};
 use crate::redirect::{self, PodRedirect, Redirect};
 use crate::socket::NetnsCookie;
 
@@ -44,6 +45,15 @@ pub enum Error {
     /// Kernel maps.
     #[error(transparent)]
     Redirect(#[from] redirect::Error),
+    /// The pod's TLS server could not be set up.
+    #[error("cannot set up HBONE for pod {pod}")]
+    Tls {
+        /// Pod.
+        pod: String,
+        /// Why.
+        #[source]
+        source: crate::tls::Error,
+    },
     /// Reading interface addresses failed.
     #[error("cannot list the addresses of pod {pod}")]
     Addresses {
@@ -111,16 +121,18 @@ pub struct PodStatus {
 pub struct Enrollment {
     redirect: Redirect,
     host: HostNetns,
+    mesh: Arc<MeshContext>,
     pods: BTreeMap<String, EnrolledPod>,
 }
 
 impl Enrollment {
     /// Starts with no pods (the kernel maps may still hold pods from before a restart; they
     /// keep being captured until [`Enrollment::sweep_stale`]).
-    pub fn new(redirect: Redirect, host: HostNetns) -> Self {
+    pub fn new(redirect: Redirect, host: HostNetns, mesh: Arc<MeshContext>) -> Self {
         Self {
             redirect,
             host,
+            mesh,
             pods: BTreeMap::new(),
         }
     }
@@ -203,13 +215,41 @@ impl Enrollment {
             ips: &ips,
             inbound_listeners: &inbound_fds,
         })?;
+        // The mesh state knows the workload (identity, network) when the pod is in it;
+        // a ZDS pod not (yet) in the state gets the identity its CNI message describes.
+        let known = self.mesh.state.snapshot().workload(&spec.uid);
+        let (identity, network) = match &known {
+            Some(w) => (w.identity(), w.network.clone()),
+            None => (
+                Identity {
+                    trust_domain: self.mesh.certs.trust_domain().to_string(),
+                    namespace: spec.namespace.clone(),
+                    service_account: if spec.service_account.is_empty() {
+                        "default".to_string()
+                    } else {
+                        spec.service_account.clone()
+                    },
+                },
+                String::new(),
+            ),
+        };
+        let tls = crate::tls::server_config(self.mesh.certs.clone(), identity.clone()).map_err(
+            |source| Error::Tls {
+                pod: spec.name.clone(),
+                source,
+            },
+        )?;
         let proxy = Arc::new(PodProxy {
             uid: spec.uid.clone(),
             name: spec.name.clone(),
             namespace: spec.namespace.clone(),
+            identity,
+            network,
             ips: ips.clone(),
             netns: netns.clone(),
             orig_dst: self.redirect.orig_dst_table(),
+            mesh: self.mesh.clone(),
+            hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
         });
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -232,7 +272,7 @@ impl Enrollment {
                     listener,
                     pod,
                     cancel,
-                    proxy::hbone_refuse,
+                    proxy::hbone::serve,
                 )),
             };
         }

@@ -1,6 +1,7 @@
 //! ztunnel-agent: a node agent for Istio-style ambient meshes. eBPF programs capture pod
 //! traffic; a tokio proxy inside each pod's network namespace carries it.
 
+pub mod accesslog;
 pub mod admin;
 pub mod app;
 pub mod cli;

@@ -1,21 +1,27 @@
-//! The per-pod listeners. Until HBONE lands, 15001 and 15006 forward plain TCP to the
-//! original destination from inside the pod's network namespace, and 15008 refuses.
+//! The per-pod listeners: 15001 (outbound, to HBONE or plain TCP), 15006 (inbound plaintext)
+//! and 15008 (inbound HBONE), all inside the pod's network namespace.
 
+pub mod hbone;
 pub mod inbound_passthrough;
 pub mod outbound;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use ztunnel_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
+use crate::accesslog::Peer;
+use crate::identity::manager::CertManager;
+use crate::identity::Identity;
 use crate::netns::PodNetns;
 use crate::redirect::OrigDstTable;
 use crate::socket::set_agent_mark;
+use crate::state::{MeshState, SharedState};
 
 /// Ports a captured connection may never target (a self-call would loop).
 pub const ILLEGAL_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
@@ -48,21 +54,45 @@ pub enum Error {
     Relay(#[source] io::Error),
 }
 
-/// The pod a listener serves.
+/// What every pod's proxy shares: the mesh state, certificates and the HBONE pool.
 #[derive(Debug)]
+pub struct MeshContext {
+    /// Workloads, services, policies.
+    pub state: SharedState,
+    /// Certificates by identity.
+    pub certs: Arc<CertManager>,
+    /// HBONE connections.
+    pub pool: hbone::Pool,
+}
+
+/// The pod a listener serves.
 pub struct PodProxy {
-    /// Pod uid.
+    /// Pod uid (the workload key in the mesh state).
     pub uid: String,
     /// Pod name.
     pub name: String,
     /// Pod namespace.
     pub namespace: String,
+    /// The pod's identity.
+    pub identity: Identity,
+    /// The pod's network.
+    pub network: String,
     /// Pod addresses.
     pub ips: Vec<IpAddr>,
     /// Pod network namespace.
     pub netns: PodNetns,
     /// Where outbound original destinations are looked up.
     pub orig_dst: Arc<OrigDstTable>,
+    /// Shared mesh context.
+    pub mesh: Arc<MeshContext>,
+    /// TLS server for 15008 with the pod's certificate.
+    pub hbone_tls: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for PodProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PodProxy({}/{})", self.namespace, self.name)
+    }
 }
 
 impl PodProxy {
@@ -85,77 +115,39 @@ impl PodProxy {
             Err(_) => Err(Error::ConnectTimeout(dst)),
         }
     }
+
+    /// This pod as the access log names it.
+    pub fn as_peer(&self, identity: Option<Identity>) -> Peer {
+        Peer {
+            workload: Some(self.name.clone()),
+            namespace: Some(self.namespace.clone()),
+            identity,
+        }
+    }
+
+    /// The hostname of a service this pod backs on `target_port`.
+    pub fn service_of(&self, mesh: &MeshState, target_port: u16) -> Option<String> {
+        let workload = mesh.workload(&self.uid)?;
+        workload.services.iter().find_map(|(key, ports)| {
+            ports.values().any(|p| *p == target_port).then(|| {
+                key.split_once('/')
+                    .map_or(key.as_str(), |(_, h)| h)
+                    .to_string()
+            })
+        })
+    }
 }
 
 /// Copies both ways until both sides are done, propagating half-closes.
-/// Returns (bytes client->upstream, bytes upstream->client).
-pub async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-) -> (u64, u64, Option<io::Error>) {
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((sent, received)) => (sent, received, None),
+/// Returns (bytes a->b, bytes b->a, the error that ended it early).
+pub async fn relay<A, B>(mut a: A, mut b: B) -> (u64, u64, Option<io::Error>)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        Ok((ab, ba)) => (ab, ba, None),
         Err(e) => (0, 0, Some(e)),
-    }
-}
-
-/// Direction of a connection, as the access log names it.
-#[derive(Clone, Copy, Debug)]
-pub enum Direction {
-    /// From the pod.
-    Outbound,
-    /// To the pod.
-    Inbound,
-}
-
-impl Direction {
-    fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-        }
-    }
-}
-
-/// Logs the end of a connection: exactly one event per connection, from here.
-pub fn log_complete(
-    direction: Direction,
-    src: SocketAddr,
-    dst: SocketAddr,
-    started: Instant,
-    bytes: (u64, u64),
-    error: Option<&dyn std::error::Error>,
-) {
-    let duration = format!("{}ms", started.elapsed().as_millis());
-    let direction = direction.as_str();
-    match error {
-        None => tracing::event!(
-            target: "access",
-            tracing::Level::INFO,
-            {
-                src.addr = %src,
-                dst.addr = %dst,
-                direction,
-                bytes_sent = bytes.0,
-                bytes_recv = bytes.1,
-                duration,
-            },
-            "connection complete"
-        ),
-        Some(e) => tracing::event!(
-            target: "access",
-            tracing::Level::ERROR,
-            {
-                src.addr = %src,
-                dst.addr = %dst,
-                direction,
-                bytes_sent = bytes.0,
-                bytes_recv = bytes.1,
-                duration,
-                error = %crate::telemetry::ErrorChain(e),
-            },
-            "connection complete"
-        ),
     }
 }
 
@@ -184,13 +176,4 @@ pub async fn accept_loop<F, Fut>(
             }
         }
     }
-}
-
-/// 15008 until HBONE exists: accept and close, saying why.
-pub async fn hbone_refuse(_pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
-    tracing::warn!(
-        src.addr = %peer,
-        "connection failed: HBONE (15008) is not served by this build yet"
-    );
-    drop(stream);
 }

@@ -1,17 +1,17 @@
 //! 15006: plaintext connections to an enrolled pod, steered by the `sk_lookup` program. The
-//! accepted socket's local address is the original destination.
+//! accepted socket's local address is the original destination. Policy decides here once
+//! authorization lands; for now the connection is forwarded to the application.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use super::{log_complete, relay, Direction, Error, PodProxy, ILLEGAL_PORTS};
+use super::{relay, Error, PodProxy, ILLEGAL_PORTS};
+use crate::accesslog::{ConnectionRecord, Direction, Peer};
 
 /// Serves one captured inbound connection.
 pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
     let dst = match client.local_addr() {
         Ok(addr) => addr,
         Err(e) => {
@@ -27,27 +27,27 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
         direction = "inbound",
         "captured connection"
     );
+    let mut record = ConnectionRecord::new(Direction::Inbound, peer, dst);
+    let mesh = pod.mesh.state.snapshot();
+    if let Some(w) = mesh.workload_by_ip(&pod.network, peer.ip()) {
+        record.src = Peer {
+            workload: Some(w.name.clone()),
+            namespace: Some(w.namespace.clone()),
+            identity: None,
+        };
+    }
+    record.dst = pod.as_peer(None);
+    record.dst_service = pod.service_of(&mesh, dst.port());
     if ILLEGAL_PORTS.contains(&dst.port()) {
-        let e = Error::SelfCall(dst);
-        log_complete(Direction::Inbound, peer, dst, started, (0, 0), Some(&e));
-        return;
+        return record.complete(Some(&Error::SelfCall(dst)));
     }
     let upstream = match pod.connect(dst).await {
         Ok(s) => s,
-        Err(e) => {
-            log_complete(Direction::Inbound, peer, dst, started, (0, 0), Some(&e));
-            return;
-        }
+        Err(e) => return record.complete(Some(&e)),
     };
     // Inbound: the reporting side sends what the application answers.
     let (from_client, to_client, err) = relay(client, upstream).await;
-    let err = err.map(Error::Relay);
-    log_complete(
-        Direction::Inbound,
-        peer,
-        dst,
-        started,
-        (to_client, from_client),
-        err.as_ref().map(|e| e as &dyn std::error::Error),
-    );
+    record.bytes_sent = to_client;
+    record.bytes_recv = from_client;
+    record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
 }

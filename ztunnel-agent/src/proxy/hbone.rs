@@ -1,0 +1,379 @@
+//! HBONE: HTTP/2 CONNECT over mutual TLS to port 15008.
+//!
+//! Client: a pool of HTTP/2 connections keyed by (source identity, expected destination
+//! identities, destination address, source IP); a connection carries up to the peer's stream
+//! limit, then a new one is opened. No lock is held across a handshake.
+//!
+//! Server (15008 in each pod): TLS with the pod's certificate, client certificate required;
+//! CONNECT only; the authority must be one of the pod's addresses (400 otherwise); 200 only
+//! once the application accepted the connection (503 otherwise).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use super::{PodProxy, ILLEGAL_PORTS};
+use crate::accesslog::{ConnectionRecord, Direction, Peer};
+use crate::identity::Identity;
+use crate::telemetry::ErrorChain;
+
+/// Per-stream flow-control window.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Per-connection flow-control window.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest frame.
+pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Streams per connection.
+pub const MAX_STREAMS: u32 = 100;
+/// Keepalive PING interval and timeout.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// TLS and HTTP/2 handshake limit.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tunnel failures, named for the access log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// TCP to 15008 failed.
+    #[error(transparent)]
+    Connect(#[from] super::Error),
+    /// The TLS handshake failed (identity, root, or no certificate).
+    #[error("TLS handshake with {peer} failed")]
+    Tls {
+        /// Peer.
+        peer: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A handshake took too long.
+    #[error("handshake with {0} timed out")]
+    HandshakeTimeout(SocketAddr),
+    /// TLS configuration.
+    #[error(transparent)]
+    Config(#[from] crate::tls::Error),
+    /// HTTP/2 failed.
+    #[error("HTTP/2 with {peer} failed")]
+    H2 {
+        /// Peer.
+        peer: SocketAddr,
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The server refused the CONNECT.
+    #[error("HBONE CONNECT to {authority} via {peer} answered {status}")]
+    Status {
+        /// Tunnel target.
+        authority: SocketAddr,
+        /// Peer.
+        peer: SocketAddr,
+        /// The status.
+        status: StatusCode,
+    },
+    /// The authority is not this pod's.
+    #[error("authority {authority} is not an address of pod {pod}")]
+    WrongAuthority {
+        /// Requested.
+        authority: String,
+        /// This pod.
+        pod: String,
+    },
+    /// Not a CONNECT.
+    #[error("{0} request: HBONE accepts CONNECT only")]
+    NotConnect(Method),
+    /// The peer's identity is unusable.
+    #[error("client identity rejected")]
+    PeerIdentity(#[source] crate::tls::Error),
+}
+
+/// Pool key: connections are shared only between identical tunnels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Identity presented.
+    pub source: Identity,
+    /// Identities accepted from the server.
+    pub expected: Vec<Identity>,
+    /// The server's 15008 address.
+    pub dst: SocketAddr,
+    /// The pod the tunnel carries traffic for.
+    pub src_ip: IpAddr,
+}
+
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    active: Arc<AtomicUsize>,
+}
+
+/// Counts a stream on a pooled connection until dropped.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// HTTP/2 connections to HBONE peers.
+#[derive(Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pool")
+    }
+}
+
+impl Pool {
+    /// A connection with a free stream for `key`, if one exists.
+    fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.sender.is_closed());
+        list.iter().find_map(|c| {
+            // The peer advertises 100 (upstream and ours); a new connection past that.
+            let limit = MAX_STREAMS as usize;
+            let active = c.active.load(Ordering::Relaxed);
+            (active < limit && c.sender.is_ready()).then(|| {
+                c.active.fetch_add(1, Ordering::Relaxed);
+                (c.sender.clone(), StreamGuard(c.active.clone()))
+            })
+        })
+    }
+
+    fn checkin(&self, key: PoolKey, sender: SendRequest<Empty<Bytes>>) -> StreamGuard {
+        let active = Arc::new(AtomicUsize::new(1));
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.entry(key).or_default().push(Pooled {
+            sender,
+            active: active.clone(),
+        });
+        StreamGuard(active)
+    }
+
+    /// Opens a tunnel from `pod` to `authority` through the HBONE server at `key.dst`.
+    pub async fn tunnel(
+        &self,
+        pod: &PodProxy,
+        key: PoolKey,
+        authority: SocketAddr,
+        src: SocketAddr,
+    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamGuard), Error> {
+        let (mut sender, guard) = match self.checkout(&key) {
+            Some(found) => found,
+            None => {
+                let sender = connect(pod, &key).await?;
+                let guard = self.checkin(key.clone(), sender.clone());
+                (sender, guard)
+            }
+        };
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .header("forwarded", format!("for=\"{src}\""))
+            .header("baggage", baggage(pod))
+            .header("traceparent", traceparent())
+            .body(Empty::<Bytes>::new())
+            .map_err(|_| Error::Status {
+                authority,
+                peer: key.dst,
+                status: StatusCode::BAD_REQUEST,
+            })?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| Error::H2 {
+                peer: key.dst,
+                source,
+            })?;
+        if response.status() != StatusCode::OK {
+            return Err(Error::Status {
+                authority,
+                peer: key.dst,
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|source| Error::H2 {
+                peer: key.dst,
+                source,
+            })?;
+        Ok((TokioIo::new(upgraded), guard))
+    }
+}
+
+/// TCP (from inside the pod, marked), TLS with the source's certificate, then HTTP/2.
+async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, Error> {
+    let tcp = pod.connect(key.dst).await?;
+    let config = crate::tls::client_config(&pod.mesh.certs, &key.source, key.expected.clone())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::IpAddress(key.dst.ip().into());
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| Error::HandshakeTimeout(key.dst))?
+        .map_err(|source| Error::Tls {
+            peer: key.dst,
+            source,
+        })?;
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .keep_alive_interval(PING_INTERVAL)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|source| Error::H2 {
+            peer: key.dst,
+            source,
+        })?;
+    let peer = key.dst;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(peer = %peer, error = %ErrorChain(&e), "HBONE connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+fn baggage(pod: &PodProxy) -> String {
+    format!(
+        "k8s.namespace.name={},k8s.pod.name={}",
+        pod.namespace, pod.name
+    )
+}
+
+/// A fresh W3C traceparent (random trace and span ids, not sampled).
+fn traceparent() -> String {
+    let mut bytes = [0u8; 24];
+    let _ = rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+}
+
+/// Serves one connection accepted on a pod's 15008.
+pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let fail = |e: &dyn std::error::Error| {
+        let mut record = ConnectionRecord::new(Direction::Inbound, peer, local);
+        record.dst = pod.as_peer(None);
+        record.complete(Some(e));
+    };
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, pod.hbone_tls.accept(stream)).await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(source)) => return fail(&Error::Tls { peer, source }),
+        Err(_) => return fail(&Error::HandshakeTimeout(peer)),
+    };
+    let client_identity = match crate::tls::peer_identity(
+        tls.get_ref().1.peer_certificates(),
+        pod.mesh.certs.trust_domain(),
+    ) {
+        Ok(id) => id,
+        Err(e) => return fail(&Error::PeerIdentity(e)),
+    };
+    let service = {
+        let pod = pod.clone();
+        hyper::service::service_fn(move |req| {
+            let (pod, id) = (pod.clone(), client_identity.clone());
+            async move { Ok::<_, std::convert::Infallible>(handle_connect(pod, peer, id, req).await) }
+        })
+    };
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(PING_INTERVAL)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(src.addr = %peer, error = %ErrorChain(&e), "HBONE connection ended");
+    }
+}
+
+fn respond(status: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle_connect(
+    pod: Arc<PodProxy>,
+    peer: SocketAddr,
+    client: Identity,
+    mut req: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let target: Option<SocketAddr> = authority.as_deref().and_then(|a| a.parse().ok());
+    // src.addr is the tunnel's peer, as upstream (and the guide) report it.
+    let mut record = ConnectionRecord::new(Direction::Inbound, peer, target.unwrap_or(peer));
+    record.dst_hbone_addr = target;
+    let mesh = pod.mesh.state.snapshot();
+    let src_workload = mesh.workload_by_ip(&pod.network, record.src_addr.ip());
+    record.src = Peer {
+        workload: src_workload.as_ref().map(|w| w.name.clone()),
+        namespace: src_workload.as_ref().map(|w| w.namespace.clone()),
+        identity: Some(client),
+    };
+    record.dst = pod.as_peer(Some(pod.identity.clone()));
+    record.dst_service = target.and_then(|t| pod.service_of(&mesh, t.port()));
+    if req.method() != Method::CONNECT {
+        record.complete(Some(&Error::NotConnect(req.method().clone())));
+        return respond(StatusCode::BAD_REQUEST);
+    }
+    let Some(target) = target.filter(|t| pod.ips.contains(&t.ip())) else {
+        let e = Error::WrongAuthority {
+            authority: authority.unwrap_or_default(),
+            pod: pod.name.clone(),
+        };
+        record.complete(Some(&e));
+        return respond(StatusCode::BAD_REQUEST);
+    };
+    if ILLEGAL_PORTS.contains(&target.port()) {
+        record.complete(Some(&super::Error::SelfCall(target)));
+        return respond(StatusCode::BAD_REQUEST);
+    }
+    let app = match pod.connect(target).await {
+        Ok(app) => app,
+        Err(e) => {
+            record.complete(Some(&e));
+            return respond(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                // Inbound: the reporting side sends what the application answers.
+                let (from_client, to_client, err) = super::relay(TokioIo::new(upgraded), app).await;
+                record.bytes_sent = to_client;
+                record.bytes_recv = from_client;
+                record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
+            }
+            Err(e) => record.complete(Some(&e)),
+        }
+    });
+    respond(StatusCode::OK)
+}
