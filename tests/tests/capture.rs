@@ -102,7 +102,7 @@ fn outbound_capture_ipv4_and_ipv6() {
             .len(),
         2
     );
-    agent.wait_log(&["DEBUG", "outbound captured: netns", "dst port 9080"]);
+    agent.wait_log(&["\tdebug\t", "outbound captured: netns", "dst port 9080"]);
     let dump = agent.dump();
     assert!(dump.contains("outbound_captured=2"), "{dump}");
     assert!(dump.contains("skipped_agent_socket=2"), "{dump}");
@@ -154,7 +154,7 @@ fn inbound_plaintext_lands_on_15006_with_original_destination() {
     let _ = exchange(&client.netns_path(), dst, "x");
     let line = agent.wait_log(&["connection complete", &format!("dst.addr={dst}")]);
     assert!(
-        line.contains("ERROR") && line.contains("Connection refused"),
+        line.contains("\terror\taccess\t") && line.contains("Connection refused"),
         "{line}"
     );
 }

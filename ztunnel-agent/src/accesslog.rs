@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use crate::identity::Identity;
+use crate::state::workload::Workload;
 
 /// Which side reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +38,8 @@ pub struct Peer {
     pub namespace: Option<String>,
     /// SPIFFE identity (only under mTLS).
     pub identity: Option<Identity>,
+    /// The workload as the mesh state knows it (canonical names for metrics).
+    pub detail: Option<Arc<Workload>>,
 }
 
 /// Everything logged about one connection.
@@ -79,8 +84,10 @@ impl ConnectionRecord {
         }
     }
 
-    /// Emits the one `connection complete` event (level error when `error` is set).
-    pub fn complete(&self, error: Option<&dyn std::error::Error>) {
+    /// Emits the one `connection complete` event (level error when `error` is set) and
+    /// updates the connection metrics from the same record.
+    pub fn complete(&self, error: Option<&(dyn std::error::Error + 'static)>) {
+        crate::metrics::global().record(self, error.map(response_flags));
         let duration = format!("{}ms", self.started.elapsed().as_millis());
         let src_identity = self.src.identity.as_ref().map(Identity::to_string);
         let dst_identity = self.dst.identity.as_ref().map(Identity::to_string);
@@ -118,4 +125,18 @@ impl ConnectionRecord {
             emit!(tracing::Level::INFO);
         }
     }
+}
+
+/// Istio's response flag for a failure.
+fn response_flags(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    use crate::proxy::hbone::Error as Hbone;
+    if let Some(e) = error.downcast_ref::<Hbone>() {
+        return match e {
+            Hbone::Tls { .. } | Hbone::HandshakeTimeout(_) | Hbone::Config(_) => "TLS_FAILURE",
+            Hbone::PeerIdentity(_) => "IDENTITY_ERROR",
+            Hbone::H2 { .. } => "H2_HANDSHAKE_FAILURE",
+            _ => "CONNECT",
+        };
+    }
+    "CONNECT"
 }

@@ -96,16 +96,10 @@ pub fn ready(req: &Request<Incoming>, readiness: &Readiness) -> Response<Body> {
     }
 }
 
-/// Handles a metrics request (the istio_tcp_* metrics come with the data plane).
+/// Handles a metrics request.
 pub fn metrics(req: &Request<Incoming>) -> Response<Body> {
     match req.uri().path() {
-        "/metrics" | "/stats/prometheus" => text(
-            StatusCode::OK,
-            format!(
-                "# HELP istio_build Istio component build info\n# TYPE istio_build gauge\nistio_build{{component=\"ztunnel\",tag=\"{}\"}} 1\n",
-                env!("CARGO_PKG_VERSION")
-            ),
-        ),
+        "/metrics" | "/stats/prometheus" => text(StatusCode::OK, crate::metrics::global().encode()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod enroll;
 pub mod http;
 pub mod identity;
+pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod readiness;

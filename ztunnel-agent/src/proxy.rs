@@ -117,11 +117,12 @@ impl PodProxy {
     }
 
     /// This pod as the access log names it.
-    pub fn as_peer(&self, identity: Option<Identity>) -> Peer {
+    pub fn as_peer(&self, mesh: &MeshState, identity: Option<Identity>) -> Peer {
         Peer {
             workload: Some(self.name.clone()),
             namespace: Some(self.namespace.clone()),
             identity,
+            detail: mesh.workload(&self.uid),
         }
     }
 

@@ -1,6 +1,13 @@
 //! Logging set-up: RUST_LOG-style filters, plain or JSON lines on stdout, and `log` records
 //! (aya-log's kernel messages) forwarded to tracing.
 
+use std::fmt::Write as _;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
@@ -31,13 +38,120 @@ pub fn init(filter: &str, format: LogFormat) {
         .with_writer(std::io::stdout)
         .with_ansi(false);
     let installed = match format {
-        LogFormat::Plain => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Plain => builder.event_format(PlainFormat).try_init(),
+        LogFormat::Json => builder.event_format(JsonFormat).try_init(),
     };
     if installed.is_err() {
         return;
     }
     if let Some(e) = bad {
         tracing::warn!(filter, error = %e, "invalid RUST_LOG filter; using info");
+    }
+}
+
+/// `2024-05-04T09:59:05.028709Z`: RFC 3339, UTC, microseconds (upstream's timestamps).
+fn timestamp() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.microsecond()
+    )
+}
+
+fn level_name(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::ERROR => "error",
+        tracing::Level::WARN => "warn",
+        tracing::Level::INFO => "info",
+        tracing::Level::DEBUG => "debug",
+        tracing::Level::TRACE => "trace",
+    }
+}
+
+/// Upstream's plain lines: time, level, target and message separated by tabs, then the
+/// fields as `key=value` (strings quoted).
+struct PlainFormat;
+
+impl<S, N> FormatEvent<S, N> for PlainFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        write!(
+            writer,
+            "{}\t{}\t{}\t",
+            timestamp(),
+            level_name(meta.level()),
+            meta.target()
+        )?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+/// One JSON object per line: the event's fields plus `level`, `time`, `scope`, `message`.
+struct JsonFormat;
+
+#[derive(Default)]
+struct JsonFields(serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let mut text = String::new();
+        let _ = write!(text, "{value:?}");
+        self.0.insert(field.name().into(), text.into());
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for JsonFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        let mut fields = JsonFields::default();
+        event.record(&mut fields);
+        let mut object = serde_json::Map::new();
+        object.insert("level".into(), level_name(meta.level()).into());
+        object.insert("time".into(), timestamp().into());
+        object.insert("scope".into(), meta.target().into());
+        object.append(&mut fields.0);
+        let line = serde_json::to_string(&object).map_err(|_| std::fmt::Error)?;
+        writeln!(writer, "{line}")
     }
 }

@@ -273,9 +273,9 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let fail = |e: &dyn std::error::Error| {
+    let fail = |e: &(dyn std::error::Error + 'static)| {
         let mut record = ConnectionRecord::new(Direction::Inbound, peer, local);
-        record.dst = pod.as_peer(None);
+        record.dst = pod.as_peer(&pod.mesh.state.snapshot(), None);
         record.complete(Some(e));
     };
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, pod.hbone_tls.accept(stream)).await;
@@ -336,8 +336,9 @@ async fn handle_connect(
         workload: src_workload.as_ref().map(|w| w.name.clone()),
         namespace: src_workload.as_ref().map(|w| w.namespace.clone()),
         identity: Some(client),
+        detail: src_workload.clone(),
     };
-    record.dst = pod.as_peer(Some(pod.identity.clone()));
+    record.dst = pod.as_peer(&mesh, Some(pod.identity.clone()));
     record.dst_service = target.and_then(|t| pod.service_of(&mesh, t.port()));
     if req.method() != Method::CONNECT {
         record.complete(Some(&Error::NotConnect(req.method().clone())));

@@ -34,9 +34,10 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
             workload: Some(w.name.clone()),
             namespace: Some(w.namespace.clone()),
             identity: None,
+            detail: Some(w.clone()),
         };
     }
-    record.dst = pod.as_peer(None);
+    record.dst = pod.as_peer(&mesh, None);
     record.dst_service = pod.service_of(&mesh, dst.port());
     if ILLEGAL_PORTS.contains(&dst.port()) {
         return record.complete(Some(&Error::SelfCall(dst)));

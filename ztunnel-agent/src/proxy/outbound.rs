@@ -137,11 +137,12 @@ fn route(pod: &PodProxy, mesh: &MeshState, dst: SocketAddr) -> Result<Route, Rou
     })
 }
 
-fn peer_of(w: &Workload, with_identity: bool) -> Peer {
+fn peer_of(w: &Arc<Workload>, with_identity: bool) -> Peer {
     Peer {
         workload: Some(w.name.clone()),
         namespace: Some(w.namespace.clone()),
         identity: with_identity.then(|| w.identity()),
+        detail: Some(w.clone()),
     }
 }
 
@@ -156,12 +157,12 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
         direction = "outbound",
         "captured connection"
     );
+    let mesh = pod.mesh.state.snapshot();
     let mut record = ConnectionRecord::new(Direction::Outbound, peer, dst);
-    record.src = pod.as_peer(None);
+    record.src = pod.as_peer(&mesh, None);
     if ILLEGAL_PORTS.contains(&dst.port()) {
         return record.complete(Some(&Error::SelfCall(dst)));
     }
-    let mesh = pod.mesh.state.snapshot();
     let route = match route(&pod, &mesh, dst) {
         Ok(r) => r,
         Err(e) => return record.complete(Some(&e)),

@@ -1,0 +1,267 @@
+//! The data plane on the troubleshooting guide's own walkthrough: HBONE between the guide's
+//! pods, the access log in the guide's format, round robin behind a VIP, metrics that agree
+//! with the log.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+
+use ztunnel_e2e::agent::Agent;
+use ztunnel_e2e::require_root;
+use ztunnel_e2e::topology::{Pod, Topology};
+use ztunnel_e2e::traffic::{exchange, in_netns, Server};
+
+const PRODUCTPAGE_VIP: &str = "10.96.0.10";
+const REVIEWS_VIP: &str = "10.96.0.20";
+
+/// The guide's pods (name, service account, host number, service).
+const PODS: &[(&str, &str, u8, Option<&str>)] = &[
+    (
+        "productpage-v1",
+        "bookinfo-productpage",
+        10,
+        Some("productpage"),
+    ),
+    ("details-v1", "bookinfo-details", 11, Some("details")),
+    ("curl", "curl", 12, None),
+    ("ratings-v1", "bookinfo-ratings", 13, Some("ratings")),
+    ("reviews-v1", "bookinfo-reviews", 14, Some("reviews")),
+    ("reviews-v2", "bookinfo-reviews", 15, Some("reviews")),
+    ("reviews-v3", "bookinfo-reviews", 16, Some("reviews")),
+];
+
+fn mesh_yaml(pods: &[Pod]) -> String {
+    let mut yaml = String::from("workloads:\n");
+    for (pod, (_, sa, _, svc)) in pods.iter().zip(PODS) {
+        yaml.push_str(&format!(
+            "- uid: cluster1//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: node-1\n  netns: {netns}\n",
+            name = pod.name,
+            ip = pod.ip4,
+            netns = pod.netns_path().display(),
+        ));
+        if let Some(svc) = svc {
+            yaml.push_str(&format!(
+                "  services:\n    \"default/{svc}.default.svc.cluster.local\":\n      9080: 9080\n"
+            ));
+        }
+    }
+    yaml.push_str("services:\n");
+    for (svc, vip) in [("productpage", PRODUCTPAGE_VIP), ("reviews", REVIEWS_VIP)] {
+        yaml.push_str(&format!(
+            "- name: {svc}\n  namespace: default\n  hostname: {svc}.default.svc.cluster.local\n  vips: [\"/{vip}\"]\n  ports:\n    9080: 9080\n"
+        ));
+    }
+    yaml
+}
+
+/// GET a path from the agent's metrics port inside the node namespace.
+fn scrape(topo: &Topology) -> String {
+    in_netns(&topo.node_path(), || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", 15020)).expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("request");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("response");
+        body
+    })
+}
+
+/// The value of the first sample of `metric` whose labels contain every one of `labels`.
+fn sample(metrics: &str, metric: &str, labels: &[&str]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[test]
+fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("guide");
+    let pods: Vec<Pod> = PODS
+        .iter()
+        .map(|(name, _, host, _)| topo.add_pod(name, *host))
+        .collect();
+    let servers: Vec<Option<Server>> = pods
+        .iter()
+        .map(|p| {
+            (p.name != "curl").then(|| Server::start(p.netns_path(), SocketAddr::new(p.ip4, 9080)))
+        })
+        .collect();
+    let config = std::env::temp_dir().join("zt-guide-mesh.yaml");
+    std::fs::write(&config, mesh_yaml(&pods)).expect("config");
+    let config_arg = config.display().to_string();
+    let mut agent = Agent::start(
+        &topo,
+        &["--node-name", "node-1", "--local-xds-path", &config_arg],
+    );
+    agent.wait_ready();
+    let curl = &pods[2];
+
+    // 10 requests from curl to productpage:9080.
+    let vip: SocketAddr = format!("{PRODUCTPAGE_VIP}:9080").parse().expect("vip");
+    for i in 0..10 {
+        let got = exchange(&curl.netns_path(), vip, "ping").expect("request through HBONE");
+        assert_eq!(got.response, "hello ping", "request {i}");
+        assert_eq!(got.peer, vip, "curl sees the VIP it dialled");
+    }
+    let outbound = wait_lines(&mut agent, "direction=\"outbound\"", 10);
+    let inbound = wait_lines(&mut agent, "direction=\"inbound\"", 10);
+    assert_eq!(outbound.len(), 10, "{outbound:#?}");
+    assert_eq!(inbound.len(), 10, "{inbound:#?}");
+    let id = |sa: &str| format!("\"spiffe://cluster.local/ns/default/sa/{sa}\"");
+    for line in &outbound {
+        assert!(
+            line.contains("\tinfo\taccess\tconnection complete src.addr=10.244.1.12:"),
+            "{line}"
+        );
+        assert_fields_in_order(
+            line,
+            &[
+                "src.addr=10.244.1.12:".to_string(),
+                "src.workload=\"curl\"".into(),
+                "src.namespace=\"default\"".into(),
+                format!("src.identity={}", id("curl")),
+                "dst.addr=10.244.1.10:15008".into(),
+                "dst.hbone_addr=\"10.244.1.10:9080\"".into(),
+                "dst.service=\"productpage.default.svc.cluster.local\"".into(),
+                "dst.workload=\"productpage-v1\"".into(),
+                "dst.namespace=\"default\"".into(),
+                format!("dst.identity={}", id("bookinfo-productpage")),
+                "direction=\"outbound\"".into(),
+                "bytes_sent=4".into(),
+                "bytes_recv=10".into(),
+                "duration=\"".into(),
+            ],
+        );
+    }
+    for line in &inbound {
+        assert_fields_in_order(
+            line,
+            &[
+                "src.addr=10.244.1.12:".to_string(),
+                "src.workload=\"curl\"".into(),
+                "src.namespace=\"default\"".into(),
+                format!("src.identity={}", id("curl")),
+                "dst.addr=10.244.1.10:9080".into(),
+                "dst.hbone_addr=\"10.244.1.10:9080\"".into(),
+                "dst.service=\"productpage.default.svc.cluster.local\"".into(),
+                "dst.workload=\"productpage-v1\"".into(),
+                "dst.namespace=\"default\"".into(),
+                format!("dst.identity={}", id("bookinfo-productpage")),
+                "direction=\"inbound\"".into(),
+                "bytes_sent=10".into(),
+                "bytes_recv=4".into(),
+                "duration=\"".into(),
+            ],
+        );
+        assert!(!line.contains("error="), "{line}");
+    }
+
+    // 9 connections to the reviews VIP land exactly 3 times on each replica.
+    let reviews: SocketAddr = format!("{REVIEWS_VIP}:9080").parse().expect("vip");
+    for _ in 0..9 {
+        exchange(&curl.netns_path(), reviews, "r").expect("request to reviews");
+    }
+    for (pod, server) in pods.iter().zip(&servers) {
+        if pod.name.starts_with("reviews-") {
+            let server = server.as_ref().expect("server");
+            assert_eq!(server.accepted().len(), 3, "{} got its share", pod.name);
+        }
+    }
+
+    // The counters agree with the log: 10 connections of 4 bytes out and 10 back.
+    let metrics = scrape(&topo);
+    let to_productpage = [
+        "reporter=\"source\"",
+        "destination_workload=\"productpage-v1\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert_eq!(
+        sample(
+            &metrics,
+            "istio_tcp_connections_opened_total",
+            &to_productpage
+        ),
+        10,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "istio_tcp_connections_closed_total",
+            &to_productpage
+        ),
+        10
+    );
+    assert_eq!(
+        sample(&metrics, "istio_tcp_sent_bytes_total", &to_productpage),
+        40
+    );
+    assert_eq!(
+        sample(&metrics, "istio_tcp_received_bytes_total", &to_productpage),
+        100
+    );
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .expect("a sample");
+    let order = [
+        "reporter=",
+        "source_workload=",
+        "source_canonical_service=",
+        "source_canonical_revision=",
+        "source_workload_namespace=",
+        "source_principal=",
+        "source_app=",
+        "source_version=",
+        "source_cluster=",
+        "destination_service=",
+        "destination_service_namespace=",
+        "destination_service_name=",
+        "destination_workload=",
+        "destination_canonical_service=",
+        "destination_canonical_revision=",
+        "destination_workload_namespace=",
+        "destination_principal=",
+        "destination_app=",
+        "destination_version=",
+        "destination_cluster=",
+        "request_protocol=",
+        "response_flags=",
+        "connection_security_policy=",
+    ];
+    let owned: Vec<String> = order.iter().map(|s| s.to_string()).collect();
+    assert_fields_in_order(line, &owned);
+}
+
+/// Waits until the log has `n` `connection complete` lines containing `part`.
+fn wait_lines(agent: &mut Agent, part: &str, n: usize) -> Vec<String> {
+    ztunnel_e2e::wait_for(
+        &format!("{n} lines with {part}"),
+        std::time::Duration::from_secs(10),
+        || {
+            let lines = agent.lines_with(&["connection complete", part]);
+            (lines.len() >= n).then_some(lines)
+        },
+    )
+}
+
+/// Every expected field is present, in this order.
+fn assert_fields_in_order(line: &str, fields: &[String]) {
+    let mut at = 0;
+    for f in fields {
+        match line[at..].find(f.as_str()) {
+            Some(i) => at += i + f.len(),
+            None => panic!("{f:?} missing or out of order in:\n{line}"),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Prometheus metrics on 15020: Istio's `istio_tcp_*` connection metrics with Istio's labels
+//! in Istio's order. Updated only from the access-log record, so counters and log agree.
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::accesslog::{ConnectionRecord, Direction, Peer};
+
+/// Istio's TCP metric labels, in Istio's order.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_cluster: String,
+    destination_service: String,
+    destination_service_namespace: String,
+    destination_service_name: String,
+    destination_workload: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_cluster: String,
+    request_protocol: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+/// Build information labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    failed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process-wide metrics (one registry, as one /metrics endpoint serves them).
+pub fn global() -> &'static Metrics {
+    METRICS.get_or_init(Metrics::new)
+}
+
+fn or_unknown(s: Option<&str>) -> String {
+    match s {
+        Some(v) if !v.is_empty() => v.to_string(),
+        _ => "unknown".to_string(),
+    }
+}
+
+struct Side {
+    workload: String,
+    canonical_service: String,
+    canonical_revision: String,
+    namespace: String,
+    principal: String,
+    cluster: String,
+}
+
+fn side(peer: &Peer) -> Side {
+    let detail = peer.detail.as_deref();
+    let workload = detail
+        .map(|w| w.workload_name.as_str())
+        .filter(|n| !n.is_empty())
+        .or(peer.workload.as_deref());
+    Side {
+        workload: or_unknown(workload),
+        canonical_service: or_unknown(detail.map(|w| w.canonical_name.as_str())),
+        canonical_revision: or_unknown(detail.map(|w| w.canonical_revision.as_str())),
+        namespace: or_unknown(peer.namespace.as_deref()),
+        principal: or_unknown(peer.identity.as_ref().map(|i| i.to_string()).as_deref()),
+        cluster: or_unknown(detail.map(|w| w.cluster_id.as_str())),
+    }
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let opened = Family::<TcpLabels, Counter>::default();
+        let closed = Family::<TcpLabels, Counter>::default();
+        let failed = Family::<TcpLabels, Counter>::default();
+        let sent = Family::<TcpLabels, Counter>::default();
+        let received = Family::<TcpLabels, Counter>::default();
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "istio_tcp_connections_opened",
+            "The total number of TCP connections opened",
+            opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "The total number of TCP connections closed",
+            closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_failed",
+            "The total number of TCP connections that failed to establish",
+            failed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            received.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("istio_build", "Istio component build info", build);
+        Self {
+            registry,
+            opened,
+            closed,
+            failed,
+            sent,
+            received,
+        }
+    }
+
+    fn labels(record: &ConnectionRecord, flags: &'static str) -> TcpLabels {
+        let (src, dst) = (side(&record.src), side(&record.dst));
+        let service = record.dst_service.as_deref();
+        // A service hostname is name.namespace.svc.<domain>.
+        let mut parts = service.unwrap_or_default().split('.');
+        let service_name = parts.next().filter(|s| !s.is_empty());
+        let service_namespace = parts.next();
+        TcpLabels {
+            reporter: match record.direction {
+                Direction::Outbound => "source",
+                Direction::Inbound => "destination",
+            },
+            source_app: src.canonical_service.clone(),
+            source_version: src.canonical_revision.clone(),
+            source_workload: src.workload,
+            source_canonical_service: src.canonical_service,
+            source_canonical_revision: src.canonical_revision,
+            source_workload_namespace: src.namespace,
+            source_principal: src.principal,
+            source_cluster: src.cluster,
+            destination_service: or_unknown(service),
+            destination_service_namespace: or_unknown(service_namespace),
+            destination_service_name: or_unknown(service_name),
+            destination_app: dst.canonical_service.clone(),
+            destination_version: dst.canonical_revision.clone(),
+            destination_workload: dst.workload,
+            destination_canonical_service: dst.canonical_service,
+            destination_canonical_revision: dst.canonical_revision,
+            destination_workload_namespace: dst.namespace,
+            destination_principal: dst.principal,
+            destination_cluster: dst.cluster,
+            request_protocol: "tcp",
+            response_flags: flags,
+            connection_security_policy: if record.src.identity.is_some() {
+                "mutual_tls"
+            } else {
+                "unknown"
+            },
+        }
+    }
+
+    /// Counts a connection that ended (successfully or not).
+    pub fn record(&self, record: &ConnectionRecord, flags: Option<&'static str>) {
+        let labels = Self::labels(record, flags.unwrap_or("-"));
+        if flags.is_some() && record.bytes_sent == 0 && record.bytes_recv == 0 {
+            self.failed.get_or_create(&labels).inc();
+            return;
+        }
+        self.opened.get_or_create(&labels).inc();
+        self.closed.get_or_create(&labels).inc();
+        self.sent.get_or_create(&labels).inc_by(record.bytes_sent);
+        self.received
+            .get_or_create(&labels)
+            .inc_by(record.bytes_recv);
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
