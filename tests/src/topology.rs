@@ -29,6 +29,8 @@ impl Pod {
 pub struct Topology {
     /// Prefix of every namespace name (unique per test).
     pub prefix: String,
+    /// This node's pod subnet: 10.244.<subnet>.0/24 and fd00:<subnet>::/64.
+    pub subnet: u8,
     /// The node's namespace name.
     pub node: String,
     /// Pods.
@@ -38,6 +40,12 @@ pub struct Topology {
 impl Topology {
     /// Creates the node namespace and its bridge (10.244.1.1/24, fd00::1/64).
     pub fn new(test: &str) -> Self {
+        Self::with_subnet(test, 1)
+    }
+
+    /// A node whose pods are in 10.244.<subnet>.0/24 and fd00:<subnet>::/64 (subnet 1 uses
+    /// fd00::/64).
+    pub fn with_subnet(test: &str, subnet: u8) -> Self {
         // Namespace names are per test, so tests run in parallel without sharing anything.
         let prefix = format!("zt-{test}");
         let node = format!("{prefix}-node");
@@ -46,14 +54,19 @@ impl Topology {
         sh("ip", &["netns", "add", &node]);
         let topo = Self {
             prefix,
+            subnet,
             node: node.clone(),
             pods: Vec::new(),
         };
+        let (gw4, gw6) = (
+            format!("10.244.{subnet}.1/24"),
+            format!("{}1/64", topo.v6_prefix()),
+        );
         for args in [
             vec!["link", "set", "lo", "up"],
             vec!["link", "add", "br0", "type", "bridge"],
-            vec!["addr", "add", "10.244.1.1/24", "dev", "br0"],
-            vec!["addr", "add", "fd00::1/64", "dev", "br0", "nodad"],
+            vec!["addr", "add", gw4.as_str(), "dev", "br0"],
+            vec!["addr", "add", gw6.as_str(), "dev", "br0", "nodad"],
             vec!["link", "set", "br0", "up"],
         ] {
             let mut full = vec!["-n", &node];
@@ -81,14 +94,17 @@ impl Topology {
                 "-n", &self.node, "link", "set", &veth, "master", "br0", "up",
             ],
         );
-        let ip4 = format!("10.244.1.{host}");
-        let ip6 = format!("fd00::{host:x}");
+        let ip4 = format!("10.244.{}.{host}", self.subnet);
+        let ip6 = format!("{}{host:x}", self.v6_prefix());
+        let gw = format!("10.244.{}.1", self.subnet);
+        let gw6 = format!("{}1", self.v6_prefix());
         for args in [
             vec!["link", "set", "lo", "up"],
             vec!["addr", "add", &format!("{ip4}/24"), "dev", "eth0"],
             vec!["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"],
             vec!["link", "set", "eth0", "up"],
-            vec!["route", "add", "default", "via", "10.244.1.1"],
+            vec!["route", "add", "default", "via", gw.as_str()],
+            vec!["-6", "route", "add", "default", "via", gw6.as_str()],
         ] {
             let mut full = vec!["-n", &netns];
             full.extend(args);
@@ -102,6 +118,67 @@ impl Topology {
         };
         self.pods.push(pod.clone());
         pod
+    }
+
+    fn v6_prefix(&self) -> String {
+        if self.subnet == 1 {
+            "fd00::".to_string()
+        } else {
+            format!("fd00:{:x}::", self.subnet)
+        }
+    }
+
+    /// Connects two nodes with a veth pair and routes each one's pod subnets via the other.
+    pub fn link(a: &Topology, b: &Topology) {
+        let (va, vb) = (
+            format!("n{}", short_hash(&a.node)),
+            format!("n{}", short_hash(&b.node)),
+        );
+        sh(
+            "ip",
+            &[
+                "link", "add", &va, "netns", &a.node, "type", "veth", "peer", "name", &vb, "netns",
+                &b.node,
+            ],
+        );
+        for (topo, dev, mine, peer_net, peer_gw) in [
+            (a, &va, "172.31.0.1/30", b, "172.31.0.2"),
+            (b, &vb, "172.31.0.2/30", a, "172.31.0.1"),
+        ] {
+            let n = topo.node.as_str();
+            let net4 = format!("10.244.{}.0/24", peer_net.subnet);
+            let net6 = format!("{}/64", peer_net.v6_prefix());
+            let mine6 = if mine.ends_with(".1/30") {
+                "fd31::1/64"
+            } else {
+                "fd31::2/64"
+            };
+            let gw6 = if peer_gw.ends_with(".1") {
+                "fd31::1"
+            } else {
+                "fd31::2"
+            };
+            sh("ip", &["-n", n, "addr", "add", mine, "dev", dev]);
+            sh("ip", &["-n", n, "addr", "add", mine6, "dev", dev, "nodad"]);
+            sh("ip", &["-n", n, "link", "set", dev, "up"]);
+            sh("ip", &["-n", n, "route", "add", &net4, "via", peer_gw]);
+            sh("ip", &["-n", n, "-6", "route", "add", &net6, "via", gw6]);
+            sh(
+                "ip",
+                &["netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            );
+            sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    n,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.forwarding=1",
+                ],
+            );
+        }
     }
 
     /// Path of the node namespace file.
