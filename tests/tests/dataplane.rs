@@ -265,3 +265,107 @@ fn assert_fields_in_order(line: &str, fields: &[String]) {
         }
     }
 }
+
+/// A deterministic byte stream: `len` bytes, different for each `seed`.
+fn pattern(seed: u8, offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let n = offset + i as u64;
+        *b = (n.wrapping_mul(2654435761) >> 13) as u8 ^ seed;
+    }
+}
+
+/// FNV-1a over everything read from `r` until EOF; returns (bytes, hash).
+fn drain_hash(r: &mut impl Read) -> (u64, u64) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut n, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+    loop {
+        let k = r.read(&mut buf).expect("read");
+        if k == 0 {
+            return (n, h);
+        }
+        for b in &buf[..k] {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        n += k as u64;
+    }
+}
+
+/// Writes `len` bytes of `pattern(seed)` to `w`; returns their hash.
+fn send_pattern(w: &mut impl Write, seed: u8, len: u64) -> u64 {
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut sent, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+    while sent < len {
+        let k = (len - sent).min(buf.len() as u64) as usize;
+        pattern(seed, sent, &mut buf[..k]);
+        for b in &buf[..k] {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        w.write_all(&buf[..k]).expect("write");
+        sent += k as u64;
+    }
+    h
+}
+
+#[test]
+fn large_transfers_arrive_intact_both_ways_with_half_close() {
+    if !require_root() {
+        return;
+    }
+    const LEN: u64 = 200 * 1024 * 1024;
+    let mut topo = Topology::new("bulk");
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let config = std::env::temp_dir().join("zt-bulk-mesh.yaml");
+    let mut yaml = String::from("workloads:\n");
+    for (p, sa) in [(&client, "client"), (&server, "server")] {
+        yaml.push_str(&format!(
+            "- name: {}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: node-1\n  netns: {}\n",
+            p.name,
+            p.ip4,
+            p.netns_path().display()
+        ));
+    }
+    std::fs::write(&config, yaml).expect("config");
+    let config_arg = config.display().to_string();
+    let mut agent = Agent::start(
+        &topo,
+        &["--node-name", "node-1", "--local-xds-path", &config_arg],
+    );
+    agent.wait_ready();
+
+    // The server reads until the client's half-close arrives (proving it propagated), then
+    // answers with the hash of what it got and LEN bytes of its own.
+    let server_addr = SocketAddr::new(server.ip4, 9080);
+    let netns = server.netns_path();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server_thread = std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            let listener = std::net::TcpListener::bind(server_addr).expect("bind");
+            ready_tx.send(()).expect("ready");
+            let (mut conn, _) = listener.accept().expect("accept");
+            let (got, hash) = drain_hash(&mut conn);
+            conn.write_all(&got.to_be_bytes()).expect("write count");
+            conn.write_all(&hash.to_be_bytes()).expect("write hash");
+            send_pattern(&mut conn, 2, LEN)
+        })
+    });
+    ready_rx.recv().expect("server ready");
+
+    let (up_hash, echoed_len, echoed_hash, down) = in_netns(&client.netns_path(), move || {
+        let mut s = std::net::TcpStream::connect(server_addr).expect("connect");
+        let up = send_pattern(&mut s, 1, LEN);
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut header = [0u8; 16];
+        s.read_exact(&mut header).expect("header");
+        let len = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
+        let hash = u64::from_be_bytes(header[8..].try_into().expect("8 bytes"));
+        (up, len, hash, drain_hash(&mut s))
+    });
+    let down_hash = server_thread.join().expect("server thread");
+    assert_eq!(echoed_len, LEN, "every byte arrived upstream");
+    assert_eq!(echoed_hash, up_hash, "upstream bytes intact");
+    assert_eq!(down, (LEN, down_hash), "downstream bytes intact");
+    let line = agent.wait_log(&["connection complete", "direction=\"outbound\""]);
+    assert!(line.contains(&format!("bytes_sent={LEN}")), "{line}");
+    assert!(line.contains(&format!("bytes_recv={}", LEN + 16)), "{line}");
+}
