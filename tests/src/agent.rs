@@ -96,6 +96,11 @@ impl Agent {
         self.child = Some(child);
     }
 
+    /// The agent's process id (nsenter execs it, so the child is the agent).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The current log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

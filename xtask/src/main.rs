@@ -33,6 +33,9 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Measure direct TCP, TCP passthrough and HBONE on one machine (release build; not a
+    /// test). Writes target/bench-results.md.
+    Bench,
     /// Build the agent and run it with the given arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -55,6 +58,30 @@ fn main() -> Result<()> {
             demo::run(&root, &extra)
         }
         Task::Test { args } => test(&args),
+        Task::Bench => {
+            setup::run_cmd(Command::new("cargo").args([
+                "build",
+                "--release",
+                "-p",
+                "ztunnel-agent",
+            ]))?;
+            setup::run_cmd(
+                Command::new("cargo")
+                    .args([
+                        "run",
+                        "--release",
+                        "--quiet",
+                        "-p",
+                        "ztunnel-e2e",
+                        "--bin",
+                        "ztunnel-bench",
+                    ])
+                    .env(
+                        "ZTUNNEL_AGENT_BIN",
+                        root.join("target/release/ztunnel-agent"),
+                    ),
+            )
+        }
         Task::Run { args } => {
             build_agent()?;
             setup::run_cmd(Command::new(agent_binary(&root)).args(args))

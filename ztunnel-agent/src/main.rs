@@ -9,6 +9,7 @@ use ztunnel_agent::telemetry::{self, ErrorChain};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     match cli.command {
         Command::Run(args) => {
             telemetry::init(&args.log_filter, args.log_format);
@@ -61,4 +62,21 @@ fn main() -> ExitCode {
 fn fail(e: &dyn std::error::Error) -> ExitCode {
     eprintln!("error: {}", ErrorChain(e));
     ExitCode::FAILURE
+}
+
+/// Every proxied connection costs two descriptors (more with HBONE); the default soft limit
+/// of 1024 would cap a node at a few hundred connections. Raise it to the hard limit.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }

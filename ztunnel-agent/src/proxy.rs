@@ -1,6 +1,7 @@
 //! The per-pod listeners: 15001 (outbound, to HBONE or plain TCP), 15006 (inbound plaintext)
 //! and 15008 (inbound HBONE), all inside the pod's network namespace.
 
+pub mod copy;
 pub mod hbone;
 pub mod inbound_passthrough;
 pub mod outbound;
@@ -141,15 +142,12 @@ impl PodProxy {
 
 /// Copies both ways until both sides are done, propagating half-closes.
 /// Returns (bytes a->b, bytes b->a, the error that ended it early).
-pub async fn relay<A, B>(mut a: A, mut b: B) -> (u64, u64, Option<io::Error>)
+pub async fn relay<A, B>(a: A, b: B) -> (u64, u64, Option<io::Error>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        Ok((ab, ba)) => (ab, ba, None),
-        Err(e) => (0, 0, Some(e)),
-    }
+    copy::bidirectional(a, b).await
 }
 
 /// Accepts on `listener` until cancelled, handing each connection to `handle`.

@@ -1,0 +1,399 @@
+//! `cargo xtask bench`: direct TCP, agent TCP passthrough and agent HBONE measured in one run
+//! on the same two-node network-namespace path, each figure with its ratio to direct TCP.
+//! Not a test: figures vary with the machine; ratios in one run are what compare.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ztunnel_e2e::agent::Agent;
+use ztunnel_e2e::topology::{Pod, Topology};
+use ztunnel_e2e::traffic::in_netns;
+
+const ECHO_PORT: u16 = 9000;
+const SINK_PORT: u16 = 9001;
+const RUN: Duration = Duration::from_secs(3);
+const CONCURRENCY: usize = 16;
+const IDLE_CONNECTIONS: usize = 1000;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Echo on 9000, count-and-discard on 9001, inside the pod (one thread, one runtime).
+fn start_servers(pod: &Pod) {
+    let netns = pod.netns_path();
+    let ip = pod.ip4;
+    std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            runtime().block_on(async move {
+                let echo = tokio::net::TcpListener::bind((ip, ECHO_PORT))
+                    .await
+                    .expect("echo");
+                let sink = tokio::net::TcpListener::bind((ip, SINK_PORT))
+                    .await
+                    .expect("sink");
+                tokio::spawn(async move {
+                    while let Ok((mut s, _)) = sink.accept().await {
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 256 * 1024];
+                            let mut total = 0u64;
+                            while let Ok(n) = s.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                                total += n as u64;
+                            }
+                            let _ = s.write_all(&total.to_be_bytes()).await;
+                        });
+                    }
+                });
+                while let Ok((mut s, _)) = echo.accept().await {
+                    tokio::spawn(async move {
+                        let _ = s.set_nodelay(true);
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = s.read(&mut buf).await {
+                            if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            })
+        })
+    });
+}
+
+/// Single-stream bulk throughput in MB/s (bytes the server counted / time until it answered).
+fn bulk(client: &Pod, dst: SocketAddr) -> f64 {
+    in_netns(&client.netns_path(), move || {
+        let mut s = std::net::TcpStream::connect(dst).expect("connect");
+        let buf = vec![7u8; 256 * 1024];
+        let start = Instant::now();
+        while start.elapsed() < RUN {
+            s.write_all(&buf).expect("write");
+        }
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).expect("count");
+        u64::from_be_bytes(count) as f64 / start.elapsed().as_secs_f64() / 1e6
+    })
+}
+
+/// New connections per second: 16 clients, each connect, 1-byte echo, close.
+fn connections(client: &Pod, dst: SocketAddr) -> f64 {
+    in_netns(&client.netns_path(), move || {
+        runtime().block_on(async move {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..CONCURRENCY)
+                .map(|_| {
+                    tokio::spawn(async move {
+                        let mut done = 0u64;
+                        while start.elapsed() < RUN {
+                            let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
+                                continue;
+                            };
+                            let mut b = [1u8; 1];
+                            if s.write_all(&b).await.is_ok() && s.read_exact(&mut b).await.is_ok() {
+                                done += 1;
+                            }
+                        }
+                        done
+                    })
+                })
+                .collect();
+            let mut total = 0;
+            for t in tasks {
+                total += t.await.unwrap_or(0);
+            }
+            total as f64 / start.elapsed().as_secs_f64()
+        })
+    })
+}
+
+/// 1 KiB request/response rate over 16 persistent connections.
+fn request_rate(client: &Pod, dst: SocketAddr) -> f64 {
+    in_netns(&client.netns_path(), move || {
+        runtime().block_on(async move {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..CONCURRENCY)
+                .map(|_| {
+                    tokio::spawn(async move {
+                        let mut s = tokio::net::TcpStream::connect(dst).await.expect("connect");
+                        let _ = s.set_nodelay(true);
+                        let mut buf = [3u8; 1024];
+                        let mut done = 0u64;
+                        while start.elapsed() < RUN {
+                            if s.write_all(&buf).await.is_err()
+                                || s.read_exact(&mut buf).await.is_err()
+                            {
+                                break;
+                            }
+                            done += 1;
+                        }
+                        done
+                    })
+                })
+                .collect();
+            let mut total = 0;
+            for t in tasks {
+                total += t.await.unwrap_or(0);
+            }
+            total as f64 / start.elapsed().as_secs_f64()
+        })
+    })
+}
+
+/// p50 and p99 of a 1 KiB round trip on one connection, in microseconds.
+fn latency(client: &Pod, dst: SocketAddr) -> (f64, f64) {
+    in_netns(&client.netns_path(), move || {
+        let mut s = std::net::TcpStream::connect(dst).expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        let mut buf = [5u8; 1024];
+        let mut samples = Vec::with_capacity(5000);
+        for _ in 0..5000 {
+            let t = Instant::now();
+            s.write_all(&buf).expect("write");
+            s.read_exact(&mut buf).expect("read");
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        samples.sort_by(f64::total_cmp);
+        (
+            samples[samples.len() / 2],
+            samples[samples.len() * 99 / 100],
+        )
+    })
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens 1000 idle HBONE connections and returns the agents' RSS growth in KiB.
+fn idle_rss(client: &Pod, dst: SocketAddr, agents: &[&Agent]) -> (u64, u64) {
+    let pids: Vec<u32> = agents.iter().filter_map(|a| a.pid()).collect();
+    let before: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let netns = client.netns_path();
+    let holder = std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            let mut conns = Vec::with_capacity(IDLE_CONNECTIONS);
+            for _ in 0..IDLE_CONNECTIONS {
+                let mut s = std::net::TcpStream::connect(dst).expect("connect");
+                let mut b = [1u8; 1];
+                s.write_all(&b).expect("write");
+                s.read_exact(&mut b).expect("read");
+                conns.push(s);
+            }
+            opened_tx.send(()).expect("opened");
+            let _ = rx.recv();
+            drop(conns);
+        })
+    });
+    opened_rx.recv().expect("connections opened");
+    std::thread::sleep(Duration::from_millis(500));
+    let after: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let _ = tx.send(());
+    let _ = holder.join();
+    (before, after)
+}
+
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+struct Row {
+    name: &'static str,
+    unit: &'static str,
+    direct: f64,
+    passthrough: f64,
+    hbone: f64,
+    target: Option<(&'static str, f64)>,
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the benchmark creates network namespaces and loads eBPF: run it as root");
+        std::process::exit(1);
+    }
+    raise_fd_limit();
+    let mut n1 = Topology::with_subnet("bn1", 1);
+    let mut n2 = Topology::with_subnet("bn2", 2);
+    Topology::link(&n1, &n2);
+    let (dc, pc, hc) = (
+        n1.add_pod("dclient", 10),
+        n1.add_pod("pclient", 11),
+        n1.add_pod("hclient", 12),
+    );
+    let (ds, ps, hs) = (
+        n2.add_pod("dserver", 10),
+        n2.add_pod("pserver", 11),
+        n2.add_pod("hserver", 12),
+    );
+    for s in [&ds, &ps, &hs] {
+        start_servers(s);
+    }
+    let dir: PathBuf = std::env::temp_dir().join("zt-bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut yaml = String::from("workloads:\n");
+    for (pod, node, proto, enrolled) in [
+        (&pc, "node-1", "HBONE", true),
+        (&hc, "node-1", "HBONE", true),
+        (&ps, "node-2", "TCP", false),
+        (&hs, "node-2", "HBONE", true),
+    ] {
+        yaml.push_str(&format!(
+            "- name: {}\n  namespace: default\n  serviceAccount: {}\n  workloadIps: [\"{}\"]\n  protocol: {proto}\n  node: {node}\n",
+            pod.name, pod.name, pod.ip4
+        ));
+        if enrolled {
+            yaml.push_str(&format!("  netns: {}\n", pod.netns_path().display()));
+        }
+    }
+    let config = dir.join("mesh.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    let (cfg, ca) = (
+        config.display().to_string(),
+        dir.join("ca").display().to_string(),
+    );
+    let mut a1 = Agent::start(
+        &n1,
+        &[
+            "--node-name",
+            "node-1",
+            "--local-xds-path",
+            &cfg,
+            "--ca-dir",
+            &ca,
+        ],
+    );
+    let mut a2 = Agent::start(
+        &n2,
+        &[
+            "--node-name",
+            "node-2",
+            "--local-xds-path",
+            &cfg,
+            "--ca-dir",
+            &ca,
+        ],
+    );
+    a1.wait_ready();
+    a2.wait_ready();
+
+    let paths = [(&dc, &ds), (&pc, &ps), (&hc, &hs)];
+    let measure = |f: &dyn Fn(&Pod, SocketAddr) -> f64, port: u16| -> [f64; 3] {
+        paths.map(|(c, s)| {
+            // Warm up (certificates, pooled connection), then measure.
+            let _ = std::net::TcpStream::connect(SocketAddr::new(s.ip4, port));
+            f(c, SocketAddr::new(s.ip4, port))
+        })
+    };
+    eprintln!("bulk throughput...");
+    let bulk_r = measure(&bulk, SINK_PORT);
+    eprintln!("new connections per second...");
+    let cps_r = measure(&connections, ECHO_PORT);
+    eprintln!("1 KiB request/response rate...");
+    let rr_r = measure(&request_rate, ECHO_PORT);
+    eprintln!("latency...");
+    let lat: Vec<(f64, f64)> = paths
+        .iter()
+        .map(|(c, s)| latency(c, SocketAddr::new(s.ip4, ECHO_PORT)))
+        .collect();
+    eprintln!("agent memory with {IDLE_CONNECTIONS} idle HBONE connections...");
+    let (before, after) = idle_rss(&hc, SocketAddr::new(hs.ip4, ECHO_PORT), &[&a1, &a2]);
+
+    let rows = [
+        Row {
+            name: "bulk throughput, 1 stream",
+            unit: "MB/s",
+            direct: bulk_r[0],
+            passthrough: bulk_r[1],
+            hbone: bulk_r[2],
+            target: Some(("hbone >= 0.36, passthrough >= 0.75", 0.36)),
+        },
+        Row {
+            name: "new connections, 16 clients",
+            unit: "conn/s",
+            direct: cps_r[0],
+            passthrough: cps_r[1],
+            hbone: cps_r[2],
+            target: Some(("hbone >= 0.25", 0.25)),
+        },
+        Row {
+            name: "1 KiB req/resp, 16 conns",
+            unit: "req/s",
+            direct: rr_r[0],
+            passthrough: rr_r[1],
+            hbone: rr_r[2],
+            target: Some(("hbone >= 0.17", 0.17)),
+        },
+        Row {
+            name: "latency p50, 1 KiB",
+            unit: "us",
+            direct: lat[0].0,
+            passthrough: lat[1].0,
+            hbone: lat[2].0,
+            target: None,
+        },
+        Row {
+            name: "latency p99, 1 KiB",
+            unit: "us",
+            direct: lat[0].1,
+            passthrough: lat[1].1,
+            hbone: lat[2].1,
+            target: None,
+        },
+    ];
+    let mut out = String::new();
+    out.push_str("| figure | unit | direct TCP | passthrough | ratio | HBONE | ratio | target |\n|---|---|---|---|---|---|---|---|\n");
+    for r in &rows {
+        let (pr, hr) = (r.passthrough / r.direct, r.hbone / r.direct);
+        let verdict = match r.target {
+            Some((text, min)) => {
+                let ok = hr >= min && (r.name != "bulk throughput, 1 stream" || pr >= 0.75);
+                format!("{text}: {}", if ok { "met" } else { "NOT met" })
+            }
+            None => "-".to_string(),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {} |\n",
+            r.name, r.unit, r.direct, r.passthrough, pr, r.hbone, hr, verdict
+        ));
+    }
+    let growth = after.saturating_sub(before);
+    out.push_str(&format!(
+        "\nAgents' RSS (both nodes): {before} KiB before, {after} KiB with {IDLE_CONNECTIONS} idle HBONE connections: {:.1} KiB per connection.\n",
+        growth as f64 / IDLE_CONNECTIONS as f64
+    ));
+    print!("{out}");
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-results.md");
+    if std::fs::write(&file, &out).is_ok() {
+        println!("written to {}", file.display());
+    }
+    drop(a1);
+    drop(a2);
+}
