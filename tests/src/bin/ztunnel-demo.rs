@@ -12,15 +12,27 @@ use ztunnel_e2e::agent::{agent_binary, Agent};
 use ztunnel_e2e::sh;
 use ztunnel_e2e::topology::{Pod, Topology};
 
-/// The guide's pods and their host numbers (10.244.1.<n>).
-const PODS: &[(&str, &str, u8)] = &[
-    ("productpage-v1", "bookinfo-productpage", 10),
-    ("details-v1", "bookinfo-details", 11),
-    ("curl", "curl", 12),
-    ("ratings-v1", "bookinfo-ratings", 13),
-    ("reviews-v1", "bookinfo-reviews", 14),
-    ("reviews-v2", "bookinfo-reviews", 15),
-    ("reviews-v3", "bookinfo-reviews", 16),
+/// The guide's pods: name, service account, host number (10.244.1.<n>), service.
+const PODS: &[(&str, &str, u8, Option<&str>)] = &[
+    (
+        "productpage-v1",
+        "bookinfo-productpage",
+        10,
+        Some("productpage"),
+    ),
+    ("details-v1", "bookinfo-details", 11, Some("details")),
+    ("curl", "curl", 12, None),
+    ("ratings-v1", "bookinfo-ratings", 13, Some("ratings")),
+    ("reviews-v1", "bookinfo-reviews", 14, Some("reviews")),
+    ("reviews-v2", "bookinfo-reviews", 15, Some("reviews")),
+    ("reviews-v3", "bookinfo-reviews", 16, Some("reviews")),
+];
+/// Service VIPs.
+const SERVICES: &[(&str, &str)] = &[
+    ("productpage", "10.96.0.10"),
+    ("details", "10.96.0.11"),
+    ("ratings", "10.96.0.13"),
+    ("reviews", "10.96.0.14"),
 ];
 const PIN_DIR: &str = "/sys/fs/bpf/ztunnel";
 
@@ -62,7 +74,7 @@ fn main() {
     heading("demo node: namespace zt-demo-node, bridge 10.244.1.1/24, fd00::1/64");
     let mut topo = Topology::new("demo");
     let mut yaml = String::from("workloads:\n");
-    for (name, sa, host) in PODS {
+    for (name, sa, host, svc) in PODS {
         let pod = topo.add_pod(name, *host);
         println!(
             "  pod {name:<16} {} {}  netns {}",
@@ -76,9 +88,19 @@ fn main() {
             pod.ip6,
             pod.netns_path().display()
         ));
-        if *name != "curl" {
+        if let Some(svc) = svc {
+            yaml.push_str(&format!(
+                "  services:\n    \"default/{svc}.default.svc.cluster.local\":\n      9080: 9080\n"
+            ));
             serve_http(&pod);
         }
+    }
+    yaml.push_str("services:\n");
+    for (svc, vip) in SERVICES {
+        yaml.push_str(&format!(
+            "- name: {svc}\n  namespace: default\n  hostname: {svc}.default.svc.cluster.local\n  vips: [\"/{vip}\"]\n  ports:\n    9080: 9080\n"
+        ));
+        println!("  service {svc:<12} VIP {vip}:9080");
     }
     let config: PathBuf = std::env::temp_dir().join("zt-demo-mesh.yaml");
     std::fs::write(&config, &yaml).expect("write demo config");
@@ -104,13 +126,13 @@ fn main() {
         .expect("curl pod")
         .clone();
     let productpage = topo.pods[0].clone();
-    heading(
-        "traffic: curl -s http://<productpage>:9080/ from the curl pod (3 times, IPv4 and IPv6)",
-    );
+    heading("traffic: curl from the curl pod: productpage (VIP, then pod IPv6), reviews VIP x3");
     for target in [
-        SocketAddr::new(productpage.ip4, 9080).to_string(),
-        SocketAddr::new(productpage.ip4, 9080).to_string(),
+        "10.96.0.10:9080".to_string(),
         SocketAddr::new(productpage.ip6, 9080).to_string(),
+        "10.96.0.14:9080".to_string(),
+        "10.96.0.14:9080".to_string(),
+        "10.96.0.14:9080".to_string(),
     ] {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", curl.netns_path().display()))
@@ -133,6 +155,27 @@ fn main() {
     heading("kubectl logs -l app=ztunnel | grep -E \"inbound|outbound\"  (the agent's log)");
     for line in agent.lines_with(&["connection complete"]) {
         println!("  {line}");
+    }
+
+    heading("curl localhost:15020/metrics | grep istio_tcp_connections_opened  (first samples)");
+    let node = topo.node_path();
+    let metrics = Command::new("nsenter")
+        .arg(format!("--net={}", node.display()))
+        .args([
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15020/metrics",
+        ])
+        .output()
+        .expect("scrape metrics");
+    for l in String::from_utf8_lossy(&metrics.stdout)
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
+        .take(3)
+    {
+        println!("  {l}");
     }
 
     heading(&format!("ztunnel-agent redirect dump --pin-dir {PIN_DIR}"));
