@@ -5,6 +5,7 @@ pub mod copy;
 pub mod hbone;
 pub mod inbound_passthrough;
 pub mod outbound;
+pub mod splice;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

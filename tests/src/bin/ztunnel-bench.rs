@@ -304,6 +304,18 @@ fn main() {
     a1.wait_ready();
     a2.wait_ready();
 
+    if std::env::var_os("ZTUNNEL_BENCH_PROFILE").is_some() {
+        // For `perf record -p <pids>`: the HBONE bulk path alone, for longer.
+        println!("agent pids: {:?} {:?}", a1.pid(), a2.pid());
+        std::thread::sleep(Duration::from_secs(2));
+        for _ in 0..4 {
+            println!(
+                "hbone bulk: {:.0} MB/s",
+                bulk(&hc, SocketAddr::new(hs.ip4, SINK_PORT))
+            );
+        }
+        return;
+    }
     let paths = [(&dc, &ds), (&pc, &ps), (&hc, &hs)];
     let measure = |f: &dyn Fn(&Pod, SocketAddr) -> f64, port: u16| -> [f64; 3] {
         paths.map(|(c, s)| {
@@ -372,11 +384,14 @@ fn main() {
     out.push_str("| figure | unit | direct TCP | passthrough | ratio | HBONE | ratio | target |\n|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         let (pr, hr) = (r.passthrough / r.direct, r.hbone / r.direct);
+        let met = |ok: bool| if ok { "met" } else { "NOT met" };
         let verdict = match r.target {
-            Some((text, min)) => {
-                let ok = hr >= min && (r.name != "bulk throughput, 1 stream" || pr >= 0.75);
-                format!("{text}: {}", if ok { "met" } else { "NOT met" })
-            }
+            Some((_, min)) if r.name.starts_with("bulk") => format!(
+                "passthrough >= 0.75: {}; HBONE >= {min}: {}",
+                met(pr >= 0.75),
+                met(hr >= min)
+            ),
+            Some((_, min)) => format!("HBONE >= {min}: {}", met(hr >= min)),
             None => "-".to_string(),
         };
         out.push_str(&format!(

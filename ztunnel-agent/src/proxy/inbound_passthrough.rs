@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{relay, Error, PodProxy, ILLEGAL_PORTS};
+use super::{Error, PodProxy, ILLEGAL_PORTS};
 use crate::accesslog::{ConnectionRecord, Direction, Peer};
 
 /// Serves one captured inbound connection.
@@ -47,7 +47,7 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
         Err(e) => return record.complete(Some(&e)),
     };
     // Inbound: the reporting side sends what the application answers.
-    let (from_client, to_client, err) = relay(client, upstream).await;
+    let (from_client, to_client, err) = super::splice::bidirectional(&client, &upstream).await;
     record.bytes_sent = to_client;
     record.bytes_recv = from_client;
     record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));

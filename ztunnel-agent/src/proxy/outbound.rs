@@ -177,7 +177,7 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
                 Ok(s) => s,
                 Err(e) => return record.complete(Some(&e)),
             };
-            let (sent, received, err) = relay(client, upstream).await;
+            let (sent, received, err) = super::splice::bidirectional(&client, &upstream).await;
             record.bytes_sent = sent;
             record.bytes_recv = received;
             record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
