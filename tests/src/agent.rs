@@ -87,7 +87,8 @@ impl Agent {
             .arg(&self.pin_dir)
             .args(ca_arg)
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            // Per-connection capture lines are at debug; the tests assert on them.
+            .env("RUST_LOG", "info,ztunnel_agent::proxy=debug")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

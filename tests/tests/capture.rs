@@ -83,7 +83,11 @@ fn outbound_capture_ipv4_and_ipv6() {
     let client = topo.add_pod("client", 10);
     let server_pod = topo.add_pod("server", 11);
     // Kernel debug records (aya-log) are drained into the agent's log at debug level.
-    let (mut agent, _) = start_agent_with(&topo, &[&client], &["--log", "info,ztunnel=debug"]);
+    let (mut agent, _) = start_agent_with(
+        &topo,
+        &[&client],
+        &["--log", "info,ztunnel=debug,ztunnel_agent::proxy=debug"],
+    );
     let v4 = Server::start(
         server_pod.netns_path(),
         addr("0.0.0.0".parse().expect("ip"), 9080),

@@ -369,3 +369,90 @@ fn large_transfers_arrive_intact_both_ways_with_half_close() {
     assert!(line.contains(&format!("bytes_sent={LEN}")), "{line}");
     assert!(line.contains(&format!("bytes_recv={}", LEN + 16)), "{line}");
 }
+
+/// One enrolled client and one server on a node, with the agent run with `log_args`.
+fn one_hop(test: &str, log_args: &[&str]) -> (Topology, Agent, Pod, Pod, Server) {
+    let mut topo = Topology::new(test);
+    let client = topo.add_pod("client", 10);
+    let server_pod = topo.add_pod("server", 11);
+    let server = Server::start(
+        server_pod.netns_path(),
+        SocketAddr::new(server_pod.ip4, 9080),
+    );
+    let config = std::env::temp_dir().join(format!("zt-{test}-mesh.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "workloads:\n- name: client\n  namespace: default\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: node-1\n  netns: {}\n",
+            client.ip4,
+            client.netns_path().display()
+        ),
+    )
+    .expect("config");
+    let config_arg = config.display().to_string();
+    let mut args = vec!["--node-name", "node-1", "--local-xds-path", &config_arg];
+    args.extend_from_slice(log_args);
+    let mut agent = Agent::start(&topo, &args);
+    agent.wait_log(&["ready"]);
+    (topo, agent, client, server_pod, server)
+}
+
+#[test]
+fn json_log_format_has_the_contract_keys() {
+    if !require_root() {
+        return;
+    }
+    let (_topo, mut agent, client, server_pod, _server) =
+        one_hop("json", &["--log-format", "json"]);
+    let dst = SocketAddr::new(server_pod.ip4, 9080);
+    exchange(&client.netns_path(), dst, "j").expect("connection");
+    let line = agent.wait_log(&["connection complete", "\"direction\":\"outbound\""]);
+    let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(v["level"], "info");
+    assert_eq!(v["scope"], "access");
+    assert_eq!(v["message"], "connection complete");
+    assert!(
+        v["time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.len() == 27),
+        "{v}"
+    );
+    assert_eq!(v["dst.addr"], dst.to_string());
+    assert_eq!(v["bytes_sent"], 1);
+    assert!(
+        v.get("src.identity").is_none(),
+        "passthrough has no identity: {v}"
+    );
+}
+
+#[test]
+fn access_off_silences_the_access_log_only() {
+    if !require_root() {
+        return;
+    }
+    let (topo, agent, client, server_pod, server) = one_hop("acoff", &["--log", "info,access=off"]);
+    let dst = SocketAddr::new(server_pod.ip4, 9080);
+    let got = exchange(&client.netns_path(), dst, "quiet").expect("traffic still flows");
+    assert_eq!(got.response, "hello quiet");
+    assert_eq!(server.accepted().len(), 1);
+    // The metrics are updated from the same record at the same moment the access line would
+    // be written: once they count the connection, the line would be there.
+    ztunnel_e2e::wait_for(
+        "the connection counted",
+        std::time::Duration::from_secs(10),
+        || {
+            let metrics = scrape(&topo);
+            let closed = sample(
+                &metrics,
+                "istio_tcp_connections_closed_total",
+                &["reporter=\"source\""],
+            );
+            (closed == 1).then_some(())
+        },
+    );
+    assert!(
+        agent.lines_with(&["connection complete"]).is_empty(),
+        "{}",
+        agent.log()
+    );
+}

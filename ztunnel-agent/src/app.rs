@@ -52,8 +52,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mesh = Arc::new(MeshContext {
         state: state.clone(),
         certs: Arc::new(CertManager::new(ca, config.cert_ttl)),
-        pool: Pool::default(),
+        pool: Arc::new(Pool::default()),
     });
+    tokio::spawn(mesh.pool.clone().run_eviction(shutdown.clone()));
     let enrollment = Arc::new(Mutex::new(Enrollment::new(redirect, host, mesh)));
 
     let r = readiness.clone();

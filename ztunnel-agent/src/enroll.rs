@@ -233,6 +233,15 @@ impl Enrollment {
                 String::new(),
             ),
         };
+        // Issued now rather than at the first handshake: readiness then implies the pod's
+        // certificate exists, and the first connection does not pay for key generation.
+        self.mesh
+            .certs
+            .fetch(&identity)
+            .map_err(|source| Error::Tls {
+                pod: spec.name.clone(),
+                source: source.into(),
+            })?;
         let tls = crate::tls::server_config(self.mesh.certs.clone(), identity.clone()).map_err(
             |source| Error::Tls {
                 pod: spec.name.clone(),

@@ -64,7 +64,7 @@ pub struct MeshContext {
     /// Certificates by identity.
     pub certs: Arc<CertManager>,
     /// HBONE connections.
-    pub pool: hbone::Pool,
+    pub pool: Arc<hbone::Pool>,
 }
 
 /// The pod a listener serves.

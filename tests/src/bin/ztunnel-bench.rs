@@ -282,6 +282,9 @@ fn main() {
     let mut a1 = Agent::start(
         &n1,
         &[
+            // Production logging (the harness default adds the debug lines tests assert on).
+            "--log",
+            "info",
             "--node-name",
             "node-1",
             "--local-xds-path",
@@ -293,6 +296,9 @@ fn main() {
     let mut a2 = Agent::start(
         &n2,
         &[
+            // Production logging (the harness default adds the debug lines tests assert on).
+            "--log",
+            "info",
             "--node-name",
             "node-2",
             "--local-xds-path",
@@ -304,15 +310,17 @@ fn main() {
     a1.wait_ready();
     a2.wait_ready();
 
-    if std::env::var_os("ZTUNNEL_BENCH_PROFILE").is_some() {
-        // For `perf record -p <pids>`: the HBONE bulk path alone, for longer.
+    if let Some(what) = std::env::var_os("ZTUNNEL_BENCH_PROFILE") {
+        // For `perf record -p <pids>`: one HBONE figure alone, for longer.
         println!("agent pids: {:?} {:?}", a1.pid(), a2.pid());
         std::thread::sleep(Duration::from_secs(2));
         for _ in 0..4 {
-            println!(
-                "hbone bulk: {:.0} MB/s",
+            let figure = if what == "connections" {
+                connections(&hc, SocketAddr::new(hs.ip4, ECHO_PORT))
+            } else {
                 bulk(&hc, SocketAddr::new(hs.ip4, SINK_PORT))
-            );
+            };
+            println!("hbone {}: {figure:.0}", what.to_string_lossy());
         }
         return;
     }

@@ -41,6 +41,8 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// TLS and HTTP/2 handshake limit.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A pooled connection with no stream for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Tunnel failures, named for the access log.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,15 @@ pub struct PoolKey {
 struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
     active: Arc<AtomicUsize>,
+    last_used: std::time::Instant,
+}
+
+impl Pooled {
+    /// Closed, or idle past the timeout (dropping the last sender closes the connection).
+    fn expired(&self, now: std::time::Instant, idle: Duration) -> bool {
+        self.sender.is_closed()
+            || (self.active.load(Ordering::Relaxed) == 0 && now - self.last_used >= idle)
+    }
 }
 
 /// Counts a stream on a pooled connection until dropped.
@@ -142,13 +153,15 @@ impl Pool {
     fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.sender.is_closed());
-        list.iter().find_map(|c| {
+        let now = std::time::Instant::now();
+        list.retain(|c| !c.expired(now, IDLE_TIMEOUT));
+        list.iter_mut().find_map(|c| {
             // The peer advertises 100 (upstream and ours); a new connection past that.
             let limit = MAX_STREAMS as usize;
             let active = c.active.load(Ordering::Relaxed);
             (active < limit && c.sender.is_ready()).then(|| {
                 c.active.fetch_add(1, Ordering::Relaxed);
+                c.last_used = now;
                 (c.sender.clone(), StreamGuard(c.active.clone()))
             })
         })
@@ -160,8 +173,32 @@ impl Pool {
         conns.entry(key).or_default().push(Pooled {
             sender,
             active: active.clone(),
+            last_used: std::time::Instant::now(),
         });
         StreamGuard(active)
+    }
+
+    /// Closes connections idle for `idle` (or already closed); returns how many remain.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        conns.retain(|_, list| {
+            list.retain(|c| !c.expired(now, idle));
+            !list.is_empty()
+        });
+        conns.values().map(Vec::len).sum()
+    }
+
+    /// Evicts idle connections once a minute until cancelled.
+    pub async fn run_eviction(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+            let remaining = self.evict_idle(IDLE_TIMEOUT);
+            tracing::debug!(remaining, "HBONE pool: idle connections evicted");
+        }
     }
 
     /// Opens a tunnel from `pod` to `authority` through the HBONE server at `key.dst`.
@@ -377,4 +414,59 @@ async fn handle_connect(
         }
     });
     respond(StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP/2 client connection to a server on an in-memory pipe.
+    async fn sender() -> SendRequest<Empty<Bytes>> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, std::convert::Infallible>(respond(StatusCode::OK))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(client))
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn key() -> PoolKey {
+        PoolKey {
+            source: "spiffe://cluster.local/ns/default/sa/a"
+                .parse()
+                .expect("id"),
+            expected: vec!["spiffe://cluster.local/ns/default/sa/b"
+                .parse()
+                .expect("id")],
+            dst: "10.244.1.10:15008".parse().expect("addr"),
+            src_ip: "10.244.1.12".parse().expect("ip"),
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_and_idle_ones_evicted() {
+        let pool = Pool::default();
+        let guard = pool.checkin(key(), sender().await);
+        let (_reused, second) = pool
+            .checkout(&key())
+            .expect("the pooled connection is reused");
+        assert_eq!(pool.evict_idle(Duration::ZERO), 1, "busy: kept");
+        drop((guard, second));
+        assert_eq!(
+            pool.evict_idle(Duration::from_secs(300)),
+            1,
+            "recently used: kept"
+        );
+        assert_eq!(pool.evict_idle(Duration::ZERO), 0, "idle: closed");
+        assert!(pool.checkout(&key()).is_none());
+    }
 }

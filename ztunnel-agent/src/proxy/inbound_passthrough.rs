@@ -19,7 +19,7 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    tracing::info!(
+    tracing::debug!(
         pod = %pod.name,
         namespace = %pod.namespace,
         src.addr = %peer,

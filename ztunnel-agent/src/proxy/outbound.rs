@@ -149,7 +149,7 @@ fn peer_of(w: &Arc<Workload>, with_identity: bool) -> Peer {
 /// Serves one captured outbound connection.
 pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
     let dst = original_destination(&pod, &client, peer);
-    tracing::info!(
+    tracing::debug!(
         pod = %pod.name,
         namespace = %pod.namespace,
         src.addr = %peer,
