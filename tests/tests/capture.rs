@@ -3,25 +3,24 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ztunnel_e2e::agent::Agent;
+use ztunnel_e2e::mesh::{self, Workload};
 use ztunnel_e2e::topology::{Pod, Topology};
 use ztunnel_e2e::traffic::{exchange, in_netns, Server};
 use ztunnel_e2e::{require_root, wait_for};
 
 const NODE: &str = "node-1";
 
-/// A local config enrolling `pods` (with their netns) on this node.
+/// A local config enrolling `pods` (TCP protocol, both address families) on this node.
 fn mesh_yaml(pods: &[&Pod]) -> String {
-    let mut yaml = String::from("workloads:\n");
-    for p in pods {
-        yaml.push_str(&format!(
-            "- uid: cluster1//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {name}\n  workloadIps: [\"{ip4}\", \"{ip6}\"]\n  protocol: TCP\n  node: {NODE}\n  netns: {netns}\n",
-            name = p.name,
-            ip4 = p.ip4,
-            ip6 = p.ip6,
-            netns = p.netns_path().display(),
-        ));
-    }
-    yaml
+    let workloads: Vec<Workload<'_>> = pods
+        .iter()
+        .map(|p| Workload {
+            protocol: "TCP",
+            ipv6: true,
+            ..Workload::hbone(p, &p.name, NODE)
+        })
+        .collect();
+    mesh::yaml(&workloads, &[])
 }
 
 fn start_agent(topo: &Topology, enrolled: &[&Pod]) -> (Agent, std::path::PathBuf) {

@@ -6,52 +6,13 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 
 use ztunnel_e2e::agent::Agent;
+use ztunnel_e2e::mesh::{self, guide, Workload};
 use ztunnel_e2e::require_root;
 use ztunnel_e2e::topology::{Pod, Topology};
 use ztunnel_e2e::traffic::{exchange, in_netns, Server};
 
 const PRODUCTPAGE_VIP: &str = "10.96.0.10";
-const REVIEWS_VIP: &str = "10.96.0.20";
-
-/// The guide's pods (name, service account, host number, service).
-const PODS: &[(&str, &str, u8, Option<&str>)] = &[
-    (
-        "productpage-v1",
-        "bookinfo-productpage",
-        10,
-        Some("productpage"),
-    ),
-    ("details-v1", "bookinfo-details", 11, Some("details")),
-    ("curl", "curl", 12, None),
-    ("ratings-v1", "bookinfo-ratings", 13, Some("ratings")),
-    ("reviews-v1", "bookinfo-reviews", 14, Some("reviews")),
-    ("reviews-v2", "bookinfo-reviews", 15, Some("reviews")),
-    ("reviews-v3", "bookinfo-reviews", 16, Some("reviews")),
-];
-
-fn mesh_yaml(pods: &[Pod]) -> String {
-    let mut yaml = String::from("workloads:\n");
-    for (pod, (_, sa, _, svc)) in pods.iter().zip(PODS) {
-        yaml.push_str(&format!(
-            "- uid: cluster1//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: node-1\n  netns: {netns}\n",
-            name = pod.name,
-            ip = pod.ip4,
-            netns = pod.netns_path().display(),
-        ));
-        if let Some(svc) = svc {
-            yaml.push_str(&format!(
-                "  services:\n    \"default/{svc}.default.svc.cluster.local\":\n      9080: 9080\n"
-            ));
-        }
-    }
-    yaml.push_str("services:\n");
-    for (svc, vip) in [("productpage", PRODUCTPAGE_VIP), ("reviews", REVIEWS_VIP)] {
-        yaml.push_str(&format!(
-            "- name: {svc}\n  namespace: default\n  hostname: {svc}.default.svc.cluster.local\n  vips: [\"/{vip}\"]\n  ports:\n    9080: 9080\n"
-        ));
-    }
-    yaml
-}
+const REVIEWS_VIP: &str = "10.96.0.14";
 
 /// GET a path from the agent's metrics port inside the node namespace.
 fn scrape(topo: &Topology) -> String {
@@ -86,10 +47,7 @@ fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
         return;
     }
     let mut topo = Topology::new("guide");
-    let pods: Vec<Pod> = PODS
-        .iter()
-        .map(|(name, _, host, _)| topo.add_pod(name, *host))
-        .collect();
+    let pods: Vec<Pod> = guide::add_pods(&mut topo);
     let servers: Vec<Option<Server>> = pods
         .iter()
         .map(|p| {
@@ -97,7 +55,7 @@ fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
         })
         .collect();
     let config = std::env::temp_dir().join("zt-guide-mesh.yaml");
-    std::fs::write(&config, mesh_yaml(&pods)).expect("config");
+    std::fs::write(&config, guide::mesh_yaml(&pods, "node-1", false)).expect("config");
     let config_arg = config.display().to_string();
     let mut agent = Agent::start(
         &topo,
@@ -316,15 +274,13 @@ fn large_transfers_arrive_intact_both_ways_with_half_close() {
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
     let config = std::env::temp_dir().join("zt-bulk-mesh.yaml");
-    let mut yaml = String::from("workloads:\n");
-    for (p, sa) in [(&client, "client"), (&server, "server")] {
-        yaml.push_str(&format!(
-            "- name: {}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: node-1\n  netns: {}\n",
-            p.name,
-            p.ip4,
-            p.netns_path().display()
-        ));
-    }
+    let yaml = mesh::yaml(
+        &[
+            Workload::hbone(&client, "client", "node-1"),
+            Workload::hbone(&server, "server", "node-1"),
+        ],
+        &[],
+    );
     std::fs::write(&config, yaml).expect("config");
     let config_arg = config.display().to_string();
     let mut agent = Agent::start(
@@ -380,15 +336,8 @@ fn one_hop(test: &str, log_args: &[&str]) -> (Topology, Agent, Pod, Pod, Server)
         SocketAddr::new(server_pod.ip4, 9080),
     );
     let config = std::env::temp_dir().join(format!("zt-{test}-mesh.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            "workloads:\n- name: client\n  namespace: default\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: node-1\n  netns: {}\n",
-            client.ip4,
-            client.netns_path().display()
-        ),
-    )
-    .expect("config");
+    let yaml = mesh::yaml(&[Workload::hbone(&client, "client", "node-1")], &[]);
+    std::fs::write(&config, yaml).expect("config");
     let config_arg = config.display().to_string();
     let mut args = vec!["--node-name", "node-1", "--local-xds-path", &config_arg];
     args.extend_from_slice(log_args);

@@ -6,6 +6,7 @@ use std::process::Command;
 use ztunnel_agent::zds_proto::Version;
 use ztunnel_e2e::agent::{agent_binary, Agent};
 use ztunnel_e2e::cni::CniServer;
+use ztunnel_e2e::mesh::{self, Workload};
 use ztunnel_e2e::topology::Topology;
 use ztunnel_e2e::traffic::{exchange, in_netns, Server};
 use ztunnel_e2e::{require_root, sh};
@@ -114,15 +115,8 @@ fn restart_reuses_pinned_state() {
     let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("mesh.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "workloads:\n- name: client\n  namespace: default\n  workloadIps: [\"{}\"]\n  node: node-1\n  netns: {}\n",
-            client.ip4,
-            client.netns_path().display()
-        ),
-    )
-    .expect("config");
+    let yaml = mesh::yaml(&[Workload::hbone(&client, "client", "node-1")], &[]);
+    std::fs::write(&config, yaml).expect("config");
     let config_arg = config.display().to_string();
     let mut agent = Agent::start(
         &topo,

@@ -14,32 +14,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use ztunnel_agent::identity::ca::LocalCa;
 use ztunnel_agent::identity::manager::CertManager;
 use ztunnel_e2e::agent::Agent;
+use ztunnel_e2e::mesh::{self, Workload};
 use ztunnel_e2e::require_root;
-use ztunnel_e2e::topology::{Pod, Topology};
+use ztunnel_e2e::topology::Topology;
 use ztunnel_e2e::traffic::{exchange, in_netns, Server};
-
-struct Wl<'a> {
-    pod: &'a Pod,
-    sa: &'a str,
-    node: &'a str,
-    protocol: &'a str,
-}
-
-fn yaml(workloads: &[Wl<'_>]) -> String {
-    let mut y = String::from("workloads:\n");
-    for w in workloads {
-        y.push_str(&format!(
-            "- uid: cluster1//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{ip}\"]\n  protocol: {proto}\n  node: {node}\n  netns: {netns}\n",
-            name = w.pod.name,
-            sa = w.sa,
-            ip = w.pod.ip4,
-            proto = w.protocol,
-            node = w.node,
-            netns = w.pod.netns_path().display(),
-        ));
-    }
-    y
-}
 
 fn start(topo: &Topology, node: &str, config: &Path, ca: &Path) -> Agent {
     let (c, ca) = (config.display().to_string(), ca.display().to_string());
@@ -79,32 +57,18 @@ fn hbone_across_and_within_nodes_and_passthrough() {
     let config = dir.join("mesh.yaml");
     std::fs::write(
         &config,
-        yaml(&[
-            Wl {
-                pod: &client,
-                sa: "client",
-                node: "node-1",
-                protocol: "HBONE",
-            },
-            Wl {
-                pod: &local,
-                sa: "local",
-                node: "node-1",
-                protocol: "HBONE",
-            },
-            Wl {
-                pod: &remote,
-                sa: "remote",
-                node: "node-2",
-                protocol: "HBONE",
-            },
-            Wl {
-                pod: &plain,
-                sa: "plain",
-                node: "node-2",
-                protocol: "TCP",
-            },
-        ]),
+        mesh::yaml(
+            &[
+                Workload::hbone(&client, "client", "node-1"),
+                Workload::hbone(&local, "local", "node-1"),
+                Workload::hbone(&remote, "remote", "node-2"),
+                Workload {
+                    protocol: "TCP",
+                    ..Workload::hbone(&plain, "plain", "node-2")
+                },
+            ],
+            &[],
+        ),
     )
     .expect("config");
     let ca = dir.join("ca");
@@ -305,26 +269,14 @@ fn refusals_are_logged_with_reasons_and_do_not_disturb_others() {
     // Node 1 expects `liar` to be service account "expected"; node 2 runs it as "actual".
     let (c1, c2) = (dir.join("node1.yaml"), dir.join("node2.yaml"));
     let wl = |liar_sa| {
-        yaml(&[
-            Wl {
-                pod: &client,
-                sa: "client",
-                node: "node-1",
-                protocol: "HBONE",
-            },
-            Wl {
-                pod: &good,
-                sa: "good",
-                node: "node-2",
-                protocol: "HBONE",
-            },
-            Wl {
-                pod: &liar,
-                sa: liar_sa,
-                node: "node-2",
-                protocol: "HBONE",
-            },
-        ])
+        mesh::yaml(
+            &[
+                Workload::hbone(&client, "client", "node-1"),
+                Workload::hbone(&good, "good", "node-2"),
+                Workload::hbone(&liar, liar_sa, "node-2"),
+            ],
+            &[],
+        )
     };
     std::fs::write(&c1, wl("expected")).expect("config 1");
     std::fs::write(&c2, wl("actual")).expect("config 2");

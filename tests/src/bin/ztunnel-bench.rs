@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztunnel_e2e::agent::Agent;
+use ztunnel_e2e::mesh::{self, Workload};
 use ztunnel_e2e::topology::{Pod, Topology};
 use ztunnel_e2e::traffic::in_netns;
 
@@ -85,67 +86,66 @@ fn bulk(client: &Pod, dst: SocketAddr) -> f64 {
     })
 }
 
-/// New connections per second: 16 clients, each connect, 1-byte echo, close.
-fn connections(client: &Pod, dst: SocketAddr) -> f64 {
+/// Runs `CONCURRENCY` client tasks inside the pod for `RUN`; each returns how many operations
+/// it completed. Returns operations per second.
+fn per_second<F, Fut>(client: &Pod, task: F) -> f64
+where
+    F: Fn(Instant) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = u64> + 'static,
+{
     in_netns(&client.netns_path(), move || {
         runtime().block_on(async move {
             let start = Instant::now();
+            let local = tokio::task::LocalSet::new();
             let tasks: Vec<_> = (0..CONCURRENCY)
-                .map(|_| {
-                    tokio::spawn(async move {
-                        let mut done = 0u64;
-                        while start.elapsed() < RUN {
-                            let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
-                                continue;
-                            };
-                            let mut b = [1u8; 1];
-                            if s.write_all(&b).await.is_ok() && s.read_exact(&mut b).await.is_ok() {
-                                done += 1;
-                            }
-                        }
-                        done
-                    })
-                })
+                .map(|_| local.spawn_local(task(start)))
                 .collect();
-            let mut total = 0;
-            for t in tasks {
-                total += t.await.unwrap_or(0);
-            }
-            total as f64 / start.elapsed().as_secs_f64()
+            local
+                .run_until(async {
+                    let mut total = 0;
+                    for t in tasks {
+                        total += t.await.unwrap_or(0);
+                    }
+                    total as f64 / start.elapsed().as_secs_f64()
+                })
+                .await
         })
+    })
+}
+
+/// New connections per second: 16 clients, each connect, 1-byte echo, close.
+fn connections(client: &Pod, dst: SocketAddr) -> f64 {
+    per_second(client, move |start| async move {
+        let mut done = 0u64;
+        while start.elapsed() < RUN {
+            let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
+                continue;
+            };
+            let mut b = [1u8; 1];
+            if s.write_all(&b).await.is_ok() && s.read_exact(&mut b).await.is_ok() {
+                done += 1;
+            }
+        }
+        done
     })
 }
 
 /// 1 KiB request/response rate over 16 persistent connections.
 fn request_rate(client: &Pod, dst: SocketAddr) -> f64 {
-    in_netns(&client.netns_path(), move || {
-        runtime().block_on(async move {
-            let start = Instant::now();
-            let tasks: Vec<_> = (0..CONCURRENCY)
-                .map(|_| {
-                    tokio::spawn(async move {
-                        let mut s = tokio::net::TcpStream::connect(dst).await.expect("connect");
-                        let _ = s.set_nodelay(true);
-                        let mut buf = [3u8; 1024];
-                        let mut done = 0u64;
-                        while start.elapsed() < RUN {
-                            if s.write_all(&buf).await.is_err()
-                                || s.read_exact(&mut buf).await.is_err()
-                            {
-                                break;
-                            }
-                            done += 1;
-                        }
-                        done
-                    })
-                })
-                .collect();
-            let mut total = 0;
-            for t in tasks {
-                total += t.await.unwrap_or(0);
+    per_second(client, move |start| async move {
+        let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
+            return 0;
+        };
+        let _ = s.set_nodelay(true);
+        let mut buf = [3u8; 1024];
+        let mut done = 0u64;
+        while start.elapsed() < RUN {
+            if s.write_all(&buf).await.is_err() || s.read_exact(&mut buf).await.is_err() {
+                break;
             }
-            total as f64 / start.elapsed().as_secs_f64()
-        })
+            done += 1;
+        }
+        done
     })
 }
 
@@ -258,21 +258,20 @@ fn main() {
     let dir: PathBuf = std::env::temp_dir().join("zt-bench");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let mut yaml = String::from("workloads:\n");
-    for (pod, node, proto, enrolled) in [
-        (&pc, "node-1", "HBONE", true),
-        (&hc, "node-1", "HBONE", true),
-        (&ps, "node-2", "TCP", false),
-        (&hs, "node-2", "HBONE", true),
-    ] {
-        yaml.push_str(&format!(
-            "- name: {}\n  namespace: default\n  serviceAccount: {}\n  workloadIps: [\"{}\"]\n  protocol: {proto}\n  node: {node}\n",
-            pod.name, pod.name, pod.ip4
-        ));
-        if enrolled {
-            yaml.push_str(&format!("  netns: {}\n", pod.netns_path().display()));
-        }
-    }
+    let yaml = mesh::yaml(
+        &[
+            Workload::hbone(&pc, "pclient", "node-1"),
+            Workload::hbone(&hc, "hclient", "node-1"),
+            // The passthrough server is outside the mesh's capture: TCP, not enrolled.
+            Workload {
+                protocol: "TCP",
+                enrolled: false,
+                ..Workload::hbone(&ps, "pserver", "node-2")
+            },
+            Workload::hbone(&hs, "hserver", "node-2"),
+        ],
+        &[],
+    );
     let config = dir.join("mesh.yaml");
     std::fs::write(&config, yaml).expect("config");
     let (cfg, ca) = (

@@ -9,31 +9,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use ztunnel_e2e::agent::{agent_binary, Agent};
+use ztunnel_e2e::mesh::guide;
 use ztunnel_e2e::sh;
 use ztunnel_e2e::topology::{Pod, Topology};
 
-/// The guide's pods: name, service account, host number (10.244.1.<n>), service.
-const PODS: &[(&str, &str, u8, Option<&str>)] = &[
-    (
-        "productpage-v1",
-        "bookinfo-productpage",
-        10,
-        Some("productpage"),
-    ),
-    ("details-v1", "bookinfo-details", 11, Some("details")),
-    ("curl", "curl", 12, None),
-    ("ratings-v1", "bookinfo-ratings", 13, Some("ratings")),
-    ("reviews-v1", "bookinfo-reviews", 14, Some("reviews")),
-    ("reviews-v2", "bookinfo-reviews", 15, Some("reviews")),
-    ("reviews-v3", "bookinfo-reviews", 16, Some("reviews")),
-];
-/// Service VIPs.
-const SERVICES: &[(&str, &str)] = &[
-    ("productpage", "10.96.0.10"),
-    ("details", "10.96.0.11"),
-    ("ratings", "10.96.0.13"),
-    ("reviews", "10.96.0.14"),
-];
 const PIN_DIR: &str = "/sys/fs/bpf/ztunnel";
 
 fn heading(text: &str) {
@@ -73,35 +52,23 @@ fn main() {
     }
     heading("demo node: namespace zt-demo-node, bridge 10.244.1.1/24, fd00::1/64");
     let mut topo = Topology::new("demo");
-    let mut yaml = String::from("workloads:\n");
-    for (name, sa, host, svc) in PODS {
-        let pod = topo.add_pod(name, *host);
+    let pods = guide::add_pods(&mut topo);
+    for (pod, (_, _, _, svc)) in pods.iter().zip(guide::PODS) {
         println!(
-            "  pod {name:<16} {} {}  netns {}",
+            "  pod {:<16} {} {}  netns {}",
+            pod.name,
             pod.ip4,
             pod.ip6,
             pod.netns_path().display()
         );
-        yaml.push_str(&format!(
-            "- uid: cluster1//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"{}\", \"{}\"]\n  protocol: HBONE\n  node: demo-node\n  netns: {}\n",
-            pod.ip4,
-            pod.ip6,
-            pod.netns_path().display()
-        ));
-        if let Some(svc) = svc {
-            yaml.push_str(&format!(
-                "  services:\n    \"default/{svc}.default.svc.cluster.local\":\n      9080: 9080\n"
-            ));
-            serve_http(&pod);
+        if svc.is_some() {
+            serve_http(pod);
         }
     }
-    yaml.push_str("services:\n");
-    for (svc, vip) in SERVICES {
-        yaml.push_str(&format!(
-            "- name: {svc}\n  namespace: default\n  hostname: {svc}.default.svc.cluster.local\n  vips: [\"/{vip}\"]\n  ports:\n    9080: 9080\n"
-        ));
+    for (svc, vip) in guide::SERVICES {
         println!("  service {svc:<12} VIP {vip}:9080");
     }
+    let yaml = guide::mesh_yaml(&pods, "demo-node", true);
     let config: PathBuf = std::env::temp_dir().join("zt-demo-mesh.yaml");
     std::fs::write(&config, &yaml).expect("write demo config");
     let config_arg = config.display().to_string();
