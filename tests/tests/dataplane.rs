@@ -405,3 +405,96 @@ fn access_off_silences_the_access_log_only() {
         agent.log()
     );
 }
+
+#[test]
+fn authorization_on_hbone_and_plaintext() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("authz");
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let outsider = topo.add_pod("outsider", 12);
+    let app = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9080));
+    let _other = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9999));
+    let mut yaml = mesh::yaml(
+        &[
+            Workload::hbone(&client, "curl", "node-1"),
+            Workload::hbone(&server, "server", "node-1"),
+        ],
+        &[],
+    );
+    yaml.push_str(
+        "policies:\n\
+         - name: deny-9999\n  namespace: default\n  scope: Namespace\n  action: Deny\n  rules:\n  - - - destinationPorts: [9999]\n\
+         - name: allow-curl\n  namespace: default\n  scope: Namespace\n  action: Allow\n  rules:\n  - - - principals: [{Exact: cluster.local/ns/default/sa/curl}]\n",
+    );
+    let config = std::env::temp_dir().join("zt-authz-mesh.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    let config_arg = config.display().to_string();
+    let mut agent = Agent::start(
+        &topo,
+        &["--node-name", "node-1", "--local-xds-path", &config_arg],
+    );
+    agent.wait_ready();
+
+    // Allowed: the principal the ALLOW policy names, over HBONE.
+    let ok = exchange(&client.netns_path(), SocketAddr::new(server.ip4, 9080), "a")
+        .expect("allowed connection");
+    assert_eq!(ok.response, "hello a");
+
+    // Denied by port: the server refuses the CONNECT and says which policy.
+    let denied = exchange(&client.netns_path(), SocketAddr::new(server.ip4, 9999), "b");
+    assert!(
+        denied.map(|e| e.response).unwrap_or_default().is_empty(),
+        "no bytes through"
+    );
+    let line = agent.wait_log(&[
+        "connection complete",
+        "direction=\"inbound\"",
+        "dst.addr=10.244.1.11:9999",
+    ]);
+    assert!(
+        line.contains("\terror\t")
+            && line
+                .contains("error=\"connection closed due to policy rejection: default/deny-9999\""),
+        "{line}"
+    );
+
+    // Plaintext has no principal: the ALLOW policy cannot match, so it is denied.
+    let plain = exchange(
+        &outsider.netns_path(),
+        SocketAddr::new(server.ip4, 9080),
+        "c",
+    );
+    assert!(
+        plain.map(|e| e.response).unwrap_or_default().is_empty(),
+        "no bytes through"
+    );
+    let line = agent.wait_log(&[
+        "connection complete",
+        "direction=\"inbound\"",
+        "src.addr=10.244.1.12:",
+    ]);
+    assert!(
+        line.contains("allow policies exist, but none allowed"),
+        "{line}"
+    );
+    assert_eq!(
+        app.accepted().len(),
+        1,
+        "only the allowed connection reached the application"
+    );
+
+    // Denials are counted with response_flags DENY.
+    let metrics = scrape(&topo);
+    assert_eq!(
+        sample(
+            &metrics,
+            "istio_tcp_connections_failed_total",
+            &["response_flags=\"DENY\""]
+        ),
+        2,
+        "{metrics}"
+    );
+}

@@ -130,6 +130,9 @@ impl ConnectionRecord {
 /// Istio's response flag for a failure.
 fn response_flags(error: &(dyn std::error::Error + 'static)) -> &'static str {
     use crate::proxy::hbone::Error as Hbone;
+    if error.is::<crate::authz::Denied>() {
+        return "DENY";
+    }
     if let Some(e) = error.downcast_ref::<Hbone>() {
         return match e {
             Hbone::Tls { .. } | Hbone::HandshakeTimeout(_) | Hbone::Config(_) => "TLS_FAILURE",

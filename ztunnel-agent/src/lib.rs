@@ -4,6 +4,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod enroll;

@@ -128,6 +128,26 @@ impl PodProxy {
         }
     }
 
+    /// Checks L4 authorization for a connection to this pod.
+    pub fn authorize(
+        &self,
+        mesh: &MeshState,
+        conn: &crate::authz::Connection<'_>,
+    ) -> Result<(), crate::authz::Denied> {
+        match mesh.workload(&self.uid) {
+            Some(w) => crate::authz::check(mesh, &w, conn),
+            // A pod the mesh state does not know (yet): its namespace still selects policies.
+            None => {
+                let w = crate::state::workload::Workload {
+                    name: self.name.clone(),
+                    namespace: self.namespace.clone(),
+                    ..Default::default()
+                };
+                crate::authz::check(mesh, &w, conn)
+            }
+        }
+    }
+
     /// The hostname of a service this pod backs on `target_port`.
     pub fn service_of(&self, mesh: &MeshState, target_port: u16) -> Option<String> {
         let workload = mesh.workload(&self.uid)?;

@@ -393,6 +393,15 @@ async fn handle_connect(
         record.complete(Some(&super::Error::SelfCall(target)));
         return respond(StatusCode::BAD_REQUEST);
     }
+    let conn = crate::authz::Connection {
+        src: peer.ip(),
+        identity: record.src.identity.as_ref(),
+        dst: target,
+    };
+    if let Err(denied) = pod.authorize(&mesh, &conn) {
+        record.complete(Some(&denied));
+        return respond(StatusCode::UNAUTHORIZED);
+    }
     let app = match pod.connect(target).await {
         Ok(app) => app,
         Err(e) => {

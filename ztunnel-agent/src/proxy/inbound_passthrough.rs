@@ -42,6 +42,15 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
     if ILLEGAL_PORTS.contains(&dst.port()) {
         return record.complete(Some(&Error::SelfCall(dst)));
     }
+    // Plaintext carries no identity: a policy that requires one denies it.
+    let conn = crate::authz::Connection {
+        src: peer.ip(),
+        identity: None,
+        dst,
+    };
+    if let Err(denied) = pod.authorize(&mesh, &conn) {
+        return record.complete(Some(&denied));
+    }
     let upstream = match pod.connect(dst).await {
         Ok(s) => s,
         Err(e) => return record.complete(Some(&e)),

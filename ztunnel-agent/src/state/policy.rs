@@ -23,8 +23,8 @@ pub enum Action {
     Deny,
 }
 
-/// A string match.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+/// A string match. Read from upstream's `{Exact: s}` maps (and from `!Exact s` tags).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum StringMatch {
     /// Equal.
     Exact(String),
@@ -34,6 +34,40 @@ pub enum StringMatch {
     Suffix(String),
     /// Present at all.
     Presence(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for StringMatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        use serde_yaml_ng::Value;
+        let (kind, value) = match Value::deserialize(d)? {
+            Value::Mapping(m) if m.len() == 1 => {
+                let (k, v) = m
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| D::Error::custom("empty"))?;
+                (k.as_str().map(str::to_string), v)
+            }
+            Value::Tagged(t) => (
+                Some(t.tag.to_string().trim_start_matches('!').to_string()),
+                t.value,
+            ),
+            _ => (None, Value::Null),
+        };
+        let text = || value.as_str().map(str::to_string);
+        let bad = || {
+            D::Error::custom(
+                "a string match is one of {Exact: s}, {Prefix: s}, {Suffix: s}, {Presence: []}",
+            )
+        };
+        match kind.as_deref() {
+            Some("Exact") => text().map(StringMatch::Exact).ok_or_else(bad),
+            Some("Prefix") => text().map(StringMatch::Prefix).ok_or_else(bad),
+            Some("Suffix") => text().map(StringMatch::Suffix).ok_or_else(bad),
+            Some("Presence") => Ok(StringMatch::Presence(Vec::new())),
+            _ => Err(bad()),
+        }
+    }
 }
 
 /// A service account reference.

@@ -40,6 +40,18 @@ pub enum Error {
         #[source]
         source: Box<state::Error>,
     },
+    /// A policy with an unusable value.
+    #[error("{path}: policies[{index}] ({name}): {problem}")]
+    Policy {
+        /// The file.
+        path: PathBuf,
+        /// Index in `policies`.
+        index: usize,
+        /// Policy name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A semantic problem serde cannot see.
     #[error("{path}: workloads[{index}] ({name}): {problem}")]
     Invalid {
@@ -88,6 +100,25 @@ pub fn parse(path: &Path, text: &str) -> Result<LocalConfig, Error> {
             message: e.to_string(),
         })?
     };
+    for (index, p) in config.policies.iter().enumerate() {
+        let cidrs = p.rules.iter().flatten().flatten().flat_map(|m| {
+            m.source_ips
+                .iter()
+                .chain(&m.not_source_ips)
+                .chain(&m.destination_ips)
+                .chain(&m.not_destination_ips)
+        });
+        for cidr in cidrs {
+            if !crate::authz::valid_cidr(cidr) {
+                return Err(Error::Policy {
+                    path: path.to_path_buf(),
+                    index,
+                    name: p.name.clone(),
+                    problem: format!("{cidr:?} is not an address or CIDR such as 10.0.0.0/8"),
+                });
+            }
+        }
+    }
     for (index, w) in config.workloads.iter().enumerate() {
         let invalid = |problem: &str| Error::Invalid {
             path: path.to_path_buf(),
