@@ -181,6 +181,19 @@ impl Agent {
         self.spawn(generation);
     }
 
+    /// GET /metrics from the agent's 15020 (inside its node namespace).
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        crate::traffic::in_netns(&self.node, || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", 15020)).expect("metrics port");
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+                .expect("request");
+            let mut body = String::new();
+            s.read_to_string(&mut body).expect("response");
+            body
+        })
+    }
+
     /// `ztunnel-agent redirect dump` for this agent's pin directory.
     pub fn dump(&self) -> String {
         crate::sh(

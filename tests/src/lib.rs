@@ -37,6 +37,21 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
     }
 }
 
+/// The sum of the samples of `metric` whose labels contain every one of `labels`.
+pub fn metric_sum(metrics: &str, metric: &str, labels: &[&str]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(cmd: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(cmd)

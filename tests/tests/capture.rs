@@ -109,6 +109,17 @@ fn outbound_capture_ipv4_and_ipv6() {
     let dump = agent.dump();
     assert!(dump.contains("outbound_captured=2"), "{dump}");
     assert!(dump.contains("skipped_agent_socket=2"), "{dump}");
+    // The same kernel counters, as metrics.
+    let metrics = agent.scrape_metrics();
+    let pod = ["pod=\"client\"", "namespace=\"default\""];
+    for (event, n) in [("outbound_captured", 2), ("skipped_agent_socket", 2)] {
+        let labels = [pod[0], pod[1], &format!("event=\"{event}\"")];
+        assert_eq!(
+            ztunnel_e2e::metric_sum(&metrics, "ztunnel_redirect_events_total", &labels),
+            n,
+            "{metrics}"
+        );
+    }
 }
 
 #[test]

@@ -7,39 +7,12 @@ use std::net::SocketAddr;
 
 use ztunnel_e2e::agent::Agent;
 use ztunnel_e2e::mesh::{self, guide, Workload};
-use ztunnel_e2e::require_root;
 use ztunnel_e2e::topology::{Pod, Topology};
 use ztunnel_e2e::traffic::{exchange, in_netns, Server};
+use ztunnel_e2e::{metric_sum, require_root};
 
 const PRODUCTPAGE_VIP: &str = "10.96.0.10";
 const REVIEWS_VIP: &str = "10.96.0.14";
-
-/// GET a path from the agent's metrics port inside the node namespace.
-fn scrape(topo: &Topology) -> String {
-    in_netns(&topo.node_path(), || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", 15020)).expect("metrics port");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .expect("request");
-        let mut body = String::new();
-        s.read_to_string(&mut body).expect("response");
-        body
-    })
-}
-
-/// The value of the first sample of `metric` whose labels contain every one of `labels`.
-fn sample(metrics: &str, metric: &str, labels: &[&str]) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .map(|l| {
-            l.rsplit(' ')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        })
-        .sum()
-}
 
 #[test]
 fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
@@ -137,14 +110,14 @@ fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
     }
 
     // The counters agree with the log: 10 connections of 4 bytes out and 10 back.
-    let metrics = scrape(&topo);
+    let metrics = agent.scrape_metrics();
     let to_productpage = [
         "reporter=\"source\"",
         "destination_workload=\"productpage-v1\"",
         "connection_security_policy=\"mutual_tls\"",
     ];
     assert_eq!(
-        sample(
+        metric_sum(
             &metrics,
             "istio_tcp_connections_opened_total",
             &to_productpage
@@ -153,7 +126,7 @@ fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
         "{metrics}"
     );
     assert_eq!(
-        sample(
+        metric_sum(
             &metrics,
             "istio_tcp_connections_closed_total",
             &to_productpage
@@ -161,11 +134,11 @@ fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
         10
     );
     assert_eq!(
-        sample(&metrics, "istio_tcp_sent_bytes_total", &to_productpage),
+        metric_sum(&metrics, "istio_tcp_sent_bytes_total", &to_productpage),
         40
     );
     assert_eq!(
-        sample(&metrics, "istio_tcp_received_bytes_total", &to_productpage),
+        metric_sum(&metrics, "istio_tcp_received_bytes_total", &to_productpage),
         100
     );
     let line = metrics
@@ -379,7 +352,8 @@ fn access_off_silences_the_access_log_only() {
     if !require_root() {
         return;
     }
-    let (topo, agent, client, server_pod, server) = one_hop("acoff", &["--log", "info,access=off"]);
+    let (_topo, agent, client, server_pod, server) =
+        one_hop("acoff", &["--log", "info,access=off"]);
     let dst = SocketAddr::new(server_pod.ip4, 9080);
     let got = exchange(&client.netns_path(), dst, "quiet").expect("traffic still flows");
     assert_eq!(got.response, "hello quiet");
@@ -390,8 +364,8 @@ fn access_off_silences_the_access_log_only() {
         "the connection counted",
         std::time::Duration::from_secs(10),
         || {
-            let metrics = scrape(&topo);
-            let closed = sample(
+            let metrics = agent.scrape_metrics();
+            let closed = metric_sum(
                 &metrics,
                 "istio_tcp_connections_closed_total",
                 &["reporter=\"source\""],
@@ -487,9 +461,9 @@ fn authorization_on_hbone_and_plaintext() {
     );
 
     // Denials are counted with response_flags DENY.
-    let metrics = scrape(&topo);
+    let metrics = agent.scrape_metrics();
     assert_eq!(
-        sample(
+        metric_sum(
             &metrics,
             "istio_tcp_connections_failed_total",
             &["response_flags=\"DENY\""]

@@ -56,6 +56,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     tokio::spawn(mesh.pool.clone().run_eviction(shutdown.clone()));
     let enrollment = Arc::new(Mutex::new(Enrollment::new(redirect, host, mesh)));
+    let scrape = enrollment.clone();
+    crate::metrics::global().set_pod_counters_source(Arc::new(move || {
+        // A scrape during an enrollment change skips the pod counters once rather than wait.
+        scrape
+            .try_lock()
+            .map(|e| e.pod_counters())
+            .unwrap_or_default()
+    }));
 
     let r = readiness.clone();
     tokio::spawn(crate::http::serve(

@@ -162,6 +162,20 @@ impl Enrollment {
             .collect()
     }
 
+    /// Every enrolled pod's kernel capture counters: (pod, namespace, counters).
+    pub fn pod_counters(&self) -> Vec<(String, String, ztunnel_common::PodCounters)> {
+        self.pods
+            .values()
+            .map(|p| {
+                (
+                    p.spec.name.clone(),
+                    p.spec.namespace.clone(),
+                    self.redirect.counters(p.proxy.netns.cookie()),
+                )
+            })
+            .collect()
+    }
+
     /// Whether a pod is enrolled.
     pub fn contains(&self, uid: &str) -> bool {
         self.pods.contains_key(uid)

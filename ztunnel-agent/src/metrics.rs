@@ -1,13 +1,17 @@
 //! Prometheus metrics on 15020: Istio's `istio_tcp_*` connection metrics with Istio's labels
 //! in Istio's order. Updated only from the access-log record, so counters and log agree.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use ztunnel_common::PodCounters;
 
 use crate::accesslog::{ConnectionRecord, Direction, Peer};
 
@@ -46,8 +50,58 @@ struct BuildLabels {
     tag: &'static str,
 }
 
+/// Reads every enrolled pod's kernel counters: (pod, namespace, counters).
+pub type PodCountersSource = Arc<dyn Fn() -> Vec<(String, String, PodCounters)> + Send + Sync>;
+
+/// Labels of the per-pod capture counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RedirectLabels {
+    pod: String,
+    namespace: String,
+    event: &'static str,
+}
+
+/// Exposes the eBPF per-pod counters, read from the kernel at scrape time, as
+/// `ztunnel_redirect_events_total{pod,namespace,event}`: "traffic redirection may not be
+/// working" is visible without logs (captured vs skipped, and why).
+#[derive(Clone, Default)]
+struct RedirectCollector(Arc<OnceLock<PodCountersSource>>);
+
+impl std::fmt::Debug for RedirectCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedirectCollector")
+    }
+}
+
+impl Collector for RedirectCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(source) = self.0.get() else {
+            return Ok(());
+        };
+        let pods = source();
+        let mut family = encoder.encode_descriptor(
+            "ztunnel_redirect_events",
+            "Kernel capture decisions per enrolled pod (eBPF counters)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pod, namespace, counters) in pods {
+            for (event, value) in counters.fields() {
+                let labels = RedirectLabels {
+                    pod: pod.clone(),
+                    namespace: namespace.clone(),
+                    event,
+                };
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The agent's metrics.
 pub struct Metrics {
+    pod_counters: Arc<OnceLock<PodCountersSource>>,
     registry: Registry,
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
@@ -143,7 +197,11 @@ impl Metrics {
             })
             .set(1);
         registry.register("istio_build", "Istio component build info", build);
+        let redirect = RedirectCollector::default();
+        let pod_counters = redirect.0.clone();
+        registry.register_collector(Box::new(redirect));
         Self {
+            pod_counters,
             registry,
             opened,
             closed,
@@ -207,6 +265,11 @@ impl Metrics {
         self.received
             .get_or_create(&labels)
             .inc_by(record.bytes_recv);
+    }
+
+    /// Where the per-pod kernel counters come from (set once, at start-up).
+    pub fn set_pod_counters_source(&self, source: PodCountersSource) {
+        let _ = self.pod_counters.set(source);
     }
 
     /// Prometheus text exposition.
