@@ -472,3 +472,78 @@ fn authorization_on_hbone_and_plaintext() {
         "{metrics}"
     );
 }
+
+#[test]
+fn late_rejection_closes_live_connections_when_policy_changes() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("late");
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let outsider = topo.add_pod("outsider", 12);
+    let app = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9080));
+    let workloads = [
+        Workload::hbone(&client, "curl", "node-1"),
+        Workload::hbone(&server, "server", "node-1"),
+    ];
+    let config = std::env::temp_dir().join("zt-late-mesh.yaml");
+    std::fs::write(&config, mesh::yaml(&workloads, &[])).expect("config");
+    let config_arg = config.display().to_string();
+    let mut agent = Agent::start(
+        &topo,
+        &["--node-name", "node-1", "--local-xds-path", &config_arg],
+    );
+    agent.wait_ready();
+
+    // Two live connections (the test server answers only after EOF, so they stay open).
+    let dst = SocketAddr::new(server.ip4, 9080);
+    let open = |pod: &Pod| {
+        in_netns(&pod.netns_path(), move || {
+            let mut s = std::net::TcpStream::connect(dst).expect("connect");
+            s.write_all(b"hold").expect("write");
+            s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+                .expect("timeout");
+            s
+        })
+    };
+    let mut hbone = open(&client);
+    let mut plain = open(&outsider);
+    // Both reached the application: authorized, relayed, and registered as live.
+    ztunnel_e2e::wait_for(
+        "both connections live",
+        std::time::Duration::from_secs(10),
+        || (app.accepted().len() == 2).then_some(()),
+    );
+
+    // A policy now denies port 9080: both are closed, with the reason logged.
+    let mut yaml = mesh::yaml(&workloads, &[]);
+    yaml.push_str("policies:\n- name: deny-late\n  namespace: default\n  scope: Namespace\n  action: Deny\n  rules:\n  - - - destinationPorts: [9080]\n");
+    std::fs::write(&config, yaml).expect("config with policy");
+    for (what, s) in [("hbone", &mut hbone), ("plaintext", &mut plain)] {
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{what}: got {n} bytes instead of a close"),
+            Err(e) => assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{what}: still open: {e}"
+            ),
+        }
+    }
+    ztunnel_e2e::wait_for(
+        "both rejections logged",
+        std::time::Duration::from_secs(10),
+        || {
+            let rejected = agent.lines_with(&[
+                "connection complete",
+                "direction=\"inbound\"",
+                "error=\"connection closed due to policy rejection: default/deny-late\"",
+            ]);
+            (rejected.len() == 2).then_some(())
+        },
+    );
+}

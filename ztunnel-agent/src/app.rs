@@ -53,9 +53,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         state: state.clone(),
         certs: Arc::new(CertManager::new(ca, config.cert_ttl)),
         pool: Arc::new(Pool::default()),
+        tracker: Arc::default(),
     });
     tokio::spawn(mesh.pool.clone().run_eviction(shutdown.clone()));
-    let enrollment = Arc::new(Mutex::new(Enrollment::new(redirect, host, mesh)));
+    let enrollment = Arc::new(Mutex::new(Enrollment::new(redirect, host, mesh.clone())));
     let scrape = enrollment.clone();
     crate::metrics::global().set_pod_counters_source(Arc::new(move || {
         // A scrape during an enrollment change skips the pod counters once rather than wait.
@@ -102,13 +103,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Pod sources. Pods a previous run left in the maps are swept only once every source
     // has had its initial sync, so a restart never uncaptures a live pod.
     if let (Some(path), Some(node)) = (&config.local_xds_path, &config.node_name) {
-        let text = enroll::local::initial(path, node, &state, &enrollment)
+        let text = enroll::local::initial(path, node, &mesh, &enrollment)
             .await
             .context("the local config is invalid")?;
         tokio::spawn(enroll::local::watch(
             path.clone(),
             node.clone(),
-            state.clone(),
+            mesh.clone(),
             enrollment.clone(),
             text,
             shutdown.clone(),

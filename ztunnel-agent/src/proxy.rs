@@ -6,6 +6,7 @@ pub mod hbone;
 pub mod inbound_passthrough;
 pub mod outbound;
 pub mod splice;
+pub mod tracker;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -65,6 +66,8 @@ pub struct MeshContext {
     pub certs: Arc<CertManager>,
     /// HBONE connections.
     pub pool: Arc<hbone::Pool>,
+    /// Live inbound connections (late policy rejection).
+    pub tracker: Arc<tracker::Tracker>,
 }
 
 /// The pod a listener serves.

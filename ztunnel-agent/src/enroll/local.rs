@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Enrollment, PodSpec, Source};
 use crate::netns::PodNetns;
+use crate::proxy::MeshContext;
 use crate::state::workload::Workload;
-use crate::state::SharedState;
 use crate::xds::local;
 
 /// How often the file is checked for changes.
@@ -22,15 +22,15 @@ const POLL: Duration = Duration::from_millis(500);
 pub async fn initial(
     path: &Path,
     node: &str,
-    state: &SharedState,
+    mesh: &MeshContext,
     enrollment: &Mutex<Enrollment>,
 ) -> Result<String, local::Error> {
     let text = std::fs::read_to_string(path).map_err(|source| local::Error::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let (mesh, workloads) = local::load_state(path, &text)?;
-    state.replace(mesh);
+    let (state, workloads) = local::load_state(path, &text)?;
+    mesh.state.replace(state);
     apply(&workloads, node, enrollment).await;
     Ok(text)
 }
@@ -39,7 +39,7 @@ pub async fn initial(
 pub async fn watch(
     path: PathBuf,
     node: String,
-    state: SharedState,
+    mesh: Arc<MeshContext>,
     enrollment: Arc<Mutex<Enrollment>>,
     mut last: String,
     cancel: CancellationToken,
@@ -64,9 +64,14 @@ pub async fn watch(
         }
         last = text.clone();
         match local::load_state(&path, &text) {
-            Ok((mesh, workloads)) => {
+            Ok((state, workloads)) => {
                 tracing::info!(path = %path.display(), "local config changed; applying");
-                state.replace(mesh);
+                mesh.state.replace(state);
+                // Late rejection: live connections the new policies deny are closed.
+                let closed = mesh.tracker.reevaluate(&mesh.state.snapshot());
+                if closed > 0 {
+                    tracing::info!(closed, "connections closed by the changed policies");
+                }
                 apply(&workloads, &node, &enrollment).await;
             }
             Err(e) => {

@@ -410,14 +410,22 @@ async fn handle_connect(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let tracked =
+        pod.mesh
+            .tracker
+            .track(pod.clone(), peer.ip(), record.src.identity.clone(), target);
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 // Inbound: the reporting side sends what the application answers.
-                let (from_client, to_client, err) = super::relay(TokioIo::new(upgraded), app).await;
-                record.bytes_sent = to_client;
-                record.bytes_recv = from_client;
-                record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
+                tokio::select! {
+                    (from_client, to_client, err) = super::relay(TokioIo::new(upgraded), app) => {
+                        record.bytes_sent = to_client;
+                        record.bytes_recv = from_client;
+                        record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
+                    }
+                    denied = tracked.revoked() => record.complete(Some(&denied)),
+                }
             }
             Err(e) => record.complete(Some(&e)),
         }

@@ -55,9 +55,14 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
         Ok(s) => s,
         Err(e) => return record.complete(Some(&e)),
     };
+    let tracked = pod.mesh.tracker.track(pod.clone(), peer.ip(), None, dst);
     // Inbound: the reporting side sends what the application answers.
-    let (from_client, to_client, err) = super::splice::bidirectional(&client, &upstream).await;
-    record.bytes_sent = to_client;
-    record.bytes_recv = from_client;
-    record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
+    tokio::select! {
+        (from_client, to_client, err) = super::splice::bidirectional(&client, &upstream) => {
+            record.bytes_sent = to_client;
+            record.bytes_recv = from_client;
+            record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
+        }
+        denied = tracked.revoked() => record.complete(Some(&denied)),
+    }
 }
