@@ -516,6 +516,19 @@ fn late_rejection_closes_live_connections_when_policy_changes() {
         || (app.accepted().len() == 2).then_some(()),
     );
 
+    // Counted as opened while live, not only when they end.
+    let metrics = agent.scrape_metrics();
+    let inbound = ["reporter=\"destination\""];
+    assert_eq!(
+        metric_sum(&metrics, "istio_tcp_connections_opened_total", &inbound),
+        2,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "istio_tcp_connections_closed_total", &inbound),
+        0
+    );
+
     // A policy now denies port 9080: both are closed, with the reason logged.
     let mut yaml = mesh::yaml(&workloads, &[]);
     yaml.push_str("policies:\n- name: deny-late\n  namespace: default\n  scope: Namespace\n  action: Deny\n  rules:\n  - - - destinationPorts: [9080]\n");

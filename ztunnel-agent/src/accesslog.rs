@@ -65,6 +65,8 @@ pub struct ConnectionRecord {
     pub bytes_recv: u64,
     /// When the connection started.
     pub started: Instant,
+    /// Whether it was established (counted as opened).
+    pub established: bool,
 }
 
 impl ConnectionRecord {
@@ -81,13 +83,20 @@ impl ConnectionRecord {
             bytes_sent: 0,
             bytes_recv: 0,
             started: Instant::now(),
+            established: false,
         }
+    }
+
+    /// Marks the connection established (both ends connected) and counts it as opened.
+    pub fn established(&mut self) {
+        self.established = true;
+        crate::metrics::global().opened(self);
     }
 
     /// Emits the one `connection complete` event (level error when `error` is set) and
     /// updates the connection metrics from the same record.
     pub fn complete(&self, error: Option<&(dyn std::error::Error + 'static)>) {
-        crate::metrics::global().record(self, error.map(response_flags));
+        crate::metrics::global().closed(self, error.map(response_flags));
         let duration = format!("{}ms", self.started.elapsed().as_millis());
         let src_identity = self.src.identity.as_ref().map(Identity::to_string);
         let dst_identity = self.dst.identity.as_ref().map(Identity::to_string);

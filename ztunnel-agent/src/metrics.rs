@@ -252,14 +252,19 @@ impl Metrics {
         }
     }
 
-    /// Counts a connection that ended (successfully or not).
-    pub fn record(&self, record: &ConnectionRecord, flags: Option<&'static str>) {
+    /// Counts an established connection.
+    pub fn opened(&self, record: &ConnectionRecord) {
+        self.opened.get_or_create(&Self::labels(record, "-")).inc();
+    }
+
+    /// Counts a connection that ended: closed (with its bytes) if it was established,
+    /// failed otherwise.
+    pub fn closed(&self, record: &ConnectionRecord, flags: Option<&'static str>) {
         let labels = Self::labels(record, flags.unwrap_or("-"));
-        if flags.is_some() && record.bytes_sent == 0 && record.bytes_recv == 0 {
+        if !record.established {
             self.failed.get_or_create(&labels).inc();
             return;
         }
-        self.opened.get_or_create(&labels).inc();
         self.closed.get_or_create(&labels).inc();
         self.sent.get_or_create(&labels).inc_by(record.bytes_sent);
         self.received

@@ -409,6 +409,7 @@ async fn handle_connect(
             return respond(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    record.established();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tracked =
         pod.mesh

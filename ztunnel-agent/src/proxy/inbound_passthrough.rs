@@ -55,6 +55,7 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
         Ok(s) => s,
         Err(e) => return record.complete(Some(&e)),
     };
+    record.established();
     let tracked = pod.mesh.tracker.track(pod.clone(), peer.ip(), None, dst);
     // Inbound: the reporting side sends what the application answers.
     tokio::select! {

@@ -177,6 +177,7 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
                 Ok(s) => s,
                 Err(e) => return record.complete(Some(&e)),
             };
+            record.established();
             let (sent, received, err) = super::splice::bidirectional(&client, &upstream).await;
             record.bytes_sent = sent;
             record.bytes_recv = received;
@@ -204,6 +205,7 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
                 Ok(t) => t,
                 Err(e) => return record.complete(Some(&e)),
             };
+            record.established();
             let (sent, received, err) = relay(client, tunnel).await;
             record.bytes_sent = sent;
             record.bytes_recv = received;
