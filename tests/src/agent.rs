@@ -181,17 +181,25 @@ impl Agent {
         self.spawn(generation);
     }
 
-    /// GET /metrics from the agent's 15020 (inside its node namespace).
-    pub fn scrape_metrics(&self) -> String {
+    /// GET `path` from the agent's `port` on 127.0.0.1 inside its node namespace; the body.
+    pub fn http_get(&self, port: u16, path: &str) -> String {
         use std::io::{Read, Write};
-        crate::traffic::in_netns(&self.node, || {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", 15020)).expect("metrics port");
-            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-                .expect("request");
+        let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+        let response = crate::traffic::in_netns(&self.node, move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("agent port");
+            s.write_all(request.as_bytes()).expect("request");
             let mut body = String::new();
             s.read_to_string(&mut body).expect("response");
             body
-        })
+        });
+        response
+            .split_once("\r\n\r\n")
+            .map_or(response.clone(), |(_, body)| body.to_string())
+    }
+
+    /// GET /metrics from the agent's 15020.
+    pub fn scrape_metrics(&self) -> String {
+        self.http_get(15020, "/metrics")
     }
 
     /// `ztunnel-agent redirect dump` for this agent's pin directory.

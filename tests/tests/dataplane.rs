@@ -172,6 +172,111 @@ fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
     ];
     let owned: Vec<String> = order.iter().map(|s| s.to_string()).collect();
     assert_fields_in_order(line, &owned);
+
+    // /config_dump in upstream's shape (what istioctl ztunnel-config reads).
+    let dump: serde_json::Value =
+        serde_json::from_str(&agent.http_get(15000, "/config_dump")).expect("config_dump is JSON");
+    let keys: Vec<&str> = dump
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for key in [
+        "workloads",
+        "services",
+        "policies",
+        "certificates",
+        "workloadState",
+        "staticConfig",
+        "config",
+        "version",
+    ] {
+        assert!(keys.contains(&key), "{key} missing: {keys:?}");
+    }
+    let workloads = dump["workloads"].as_array().expect("workloads");
+    let uids: Vec<&str> = workloads.iter().filter_map(|w| w["uid"].as_str()).collect();
+    assert!(
+        uids.windows(2).all(|w| w[0] <= w[1]) && uids.len() == 7,
+        "sorted by uid: {uids:?}"
+    );
+    let productpage = workloads
+        .iter()
+        .find(|w| w["name"] == "productpage-v1")
+        .expect("productpage workload");
+    for field in [
+        "workloadIps",
+        "protocol",
+        "uid",
+        "name",
+        "namespace",
+        "trustDomain",
+        "serviceAccount",
+        "network",
+        "workloadName",
+        "canonicalName",
+        "node",
+        "status",
+        "services",
+        "authorizationPolicies",
+    ] {
+        assert!(
+            productpage.get(field).is_some(),
+            "workload field {field}: {productpage}"
+        );
+    }
+    assert_eq!(productpage["protocol"], "HBONE");
+    assert_eq!(productpage["trustDomain"], "cluster.local");
+    assert_eq!(
+        productpage["services"],
+        serde_json::json!(["default/productpage.default.svc.cluster.local"])
+    );
+    let services = dump["services"].as_array().expect("services");
+    let hosts: Vec<&str> = services
+        .iter()
+        .filter_map(|s| s["hostname"].as_str())
+        .collect();
+    assert!(
+        hosts.windows(2).all(|w| w[0] <= w[1]),
+        "sorted by hostname: {hosts:?}"
+    );
+    let reviews = services
+        .iter()
+        .find(|s| s["name"] == "reviews")
+        .expect("reviews service");
+    assert_eq!(reviews["vips"], serde_json::json!(["/10.96.0.14"]));
+    let endpoints = reviews["endpoints"].as_object().expect("endpoints");
+    assert_eq!(endpoints.len(), 3);
+    for (uid, ep) in endpoints {
+        assert_eq!(ep["workloadUid"], uid.as_str());
+        assert_eq!(ep["status"], "Healthy");
+    }
+    let certs = dump["certificates"].as_array().expect("certificates");
+    let curl_cert = certs
+        .iter()
+        .find(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/curl")
+        .expect("curl's certificate");
+    assert_eq!(curl_cert["state"], "Available");
+    let leaf = &curl_cert["certChain"][0];
+    let serial = leaf["serialNumber"].as_str().expect("serial");
+    assert!(
+        !serial.is_empty() && serial.bytes().all(|b| b.is_ascii_digit()),
+        "decimal: {serial}"
+    );
+    use base64::Engine as _;
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(leaf["pem"].as_str().expect("pem"))
+        .expect("base64");
+    assert!(pem.starts_with(b"-----BEGIN CERTIFICATE-----"));
+    for t in ["validFrom", "expirationTime"] {
+        let v = leaf[t].as_str().expect("time");
+        assert!(v.len() == 20 && v.ends_with('Z'), "{t}: {v}");
+    }
+    assert!(!curl_cert["rootCerts"].as_array().expect("roots").is_empty());
+    let state = dump["workloadState"].as_object().expect("workloadState");
+    let pp = &state["cluster1//v1/Pod/default/productpage-v1"];
+    assert_eq!(pp["info"]["serviceAccount"], "bookinfo-productpage");
+    assert!(pp["connections"]["inbound"].is_array());
 }
 
 /// Waits until the log has `n` `connection complete` lines containing `part`.

@@ -1,5 +1,7 @@
 //! Admin (127.0.0.1:15000), readiness (15021) and metrics (15020) endpoints.
 
+pub mod config_dump;
+
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -38,34 +40,16 @@ pub async fn admin(
             text(StatusCode::OK, list)
         }
         (&Method::GET, "/config_dump") => {
-            let pods = enrollment.lock().await.status();
-            let mut pod_state = serde_json::Map::new();
-            for p in pods {
-                pod_state.insert(
-                    p.uid.clone(),
-                    serde_json::json!({
-                        "state": "Up",
-                        "info": {"name": p.name, "namespace": p.namespace},
-                        "ips": p.ips,
-                        "netnsCookie": p.netns_cookie,
-                        "source": p.source,
-                        "connections": {"inbound": [], "outbound": []},
-                    }),
-                );
-            }
-            let mesh = state.snapshot();
-            let workloads: Vec<_> = mesh.workloads().map(|w| &**w).collect();
-            let services: Vec<_> = mesh.services().map(|s| &s.service).collect();
-            let policies: Vec<_> = mesh.policies().map(|p| &**p).collect();
-            let dump = serde_json::json!({
-                "workloads": workloads,
-                "services": services,
-                "policies": policies,
-                "certificates": [],
-                "workloadState": pod_state,
-                "config": *config_json,
-                "version": env!("CARGO_PKG_VERSION"),
-            });
+            let enrollment = enrollment.lock().await;
+            let pods = enrollment.status();
+            let mesh = enrollment.mesh();
+            let dump = config_dump::build(
+                &state.snapshot(),
+                &mesh.certs,
+                &mesh.tracker,
+                &pods,
+                &config_json,
+            );
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, body)
         }

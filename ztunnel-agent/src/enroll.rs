@@ -111,6 +111,8 @@ pub struct PodStatus {
     pub namespace: String,
     /// Addresses.
     pub ips: Vec<IpAddr>,
+    /// Service account.
+    pub service_account: String,
     /// Netns cookie.
     pub netns_cookie: u64,
     /// Where the enrollment came from.
@@ -142,6 +144,11 @@ impl Enrollment {
         &self.host
     }
 
+    /// The shared mesh context.
+    pub fn mesh(&self) -> &Arc<MeshContext> {
+        &self.mesh
+    }
+
     /// The redirect layer.
     pub fn redirect(&self) -> &Redirect {
         &self.redirect
@@ -156,6 +163,7 @@ impl Enrollment {
                 name: p.spec.name.clone(),
                 namespace: p.spec.namespace.clone(),
                 ips: p.proxy.ips.clone(),
+                service_account: p.proxy.identity.service_account.clone(),
                 netns_cookie: p.proxy.netns.cookie().0,
                 source: p.source,
             })

@@ -23,6 +23,17 @@ struct Live {
     denied: Mutex<Option<Denied>>,
 }
 
+/// A live connection as status views show it.
+#[derive(Clone, Debug)]
+pub struct LiveConnection {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination.
+    pub dst: SocketAddr,
+    /// Whether it arrived over HBONE.
+    pub mtls: bool,
+}
+
 /// The registry.
 #[derive(Default)]
 pub struct Tracker {
@@ -112,13 +123,17 @@ impl Tracker {
         closed
     }
 
-    /// Live connections per pod uid: (source, destination).
-    pub fn by_pod(&self) -> HashMap<String, Vec<(IpAddr, SocketAddr)>> {
-        let mut out: HashMap<String, Vec<(IpAddr, SocketAddr)>> = HashMap::new();
+    /// Live connections per pod uid.
+    pub fn by_pod(&self) -> HashMap<String, Vec<LiveConnection>> {
+        let mut out: HashMap<String, Vec<LiveConnection>> = HashMap::new();
         for c in self.lock().values() {
             out.entry(c.pod.uid.clone())
                 .or_default()
-                .push((c.src, c.dst));
+                .push(LiveConnection {
+                    src: c.src,
+                    dst: c.dst,
+                    mtls: c.identity.is_some(),
+                });
         }
         out
     }

@@ -1,0 +1,176 @@
+//! `/config_dump` in upstream ztunnel's shape (CONTRACTS.md), so `istioctl ztunnel-config`
+//! and people used to it read it: camelCase, workloads sorted by uid, services by hostname,
+//! certificates with base64 PEM and decimal serial numbers, live connections per workload.
+
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use crate::enroll::PodStatus;
+use crate::identity::manager::CertManager;
+use crate::proxy::tracker::Tracker;
+use crate::state::MeshState;
+
+/// RFC 3339 UTC, seconds precision, from a Unix timestamp.
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix).map_or_else(
+        |_| unix.to_string(),
+        |t| {
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        },
+    )
+}
+
+/// A certificate as upstream dumps it.
+fn cert_entry(der: &[u8]) -> Value {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = b64.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(chunk));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let parsed = x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c);
+    json!({
+        "pem": b64.encode(pem.as_bytes()),
+        "serialNumber": parsed.as_ref().map(|c| c.serial.to_string()).unwrap_or_default(),
+        "validFrom": parsed.as_ref().map(|c| rfc3339(c.validity().not_before.timestamp())),
+        "expirationTime": parsed.as_ref().map(|c| rfc3339(c.validity().not_after.timestamp())),
+    })
+}
+
+fn workloads(state: &MeshState) -> Vec<Value> {
+    state
+        .workloads()
+        .map(|w| {
+            let mut v = serde_json::to_value(&**w).unwrap_or_default();
+            if let Some(obj) = v.as_object_mut() {
+                // Upstream lists the services a workload backs by key; the port maps are the
+                // services' endpoints.
+                let services: Vec<&String> = w.services.keys().collect();
+                obj.insert("services".into(), json!(services));
+                let id = w.identity();
+                obj.insert("trustDomain".into(), json!(id.trust_domain));
+                obj.insert("serviceAccount".into(), json!(id.service_account));
+                obj.insert("uid".into(), json!(w.key()));
+                if w.netns.is_none() {
+                    obj.remove("netns");
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+fn services(state: &MeshState) -> Vec<Value> {
+    let mut list: Vec<Value> = state
+        .services()
+        .map(|entry| {
+            let s = &entry.service;
+            let endpoints: Map<String, Value> = entry
+                .endpoints
+                .iter()
+                .map(|(uid, ports)| {
+                    let status = state
+                        .workload(uid)
+                        .map(|w| format!("{:?}", w.status))
+                        .unwrap_or_else(|| "Unhealthy".into());
+                    (
+                        uid.clone(),
+                        json!({"workloadUid": uid, "port": ports, "status": status}),
+                    )
+                })
+                .collect();
+            json!({
+                "name": s.name,
+                "namespace": s.namespace,
+                "hostname": s.hostname,
+                "vips": s.vips,
+                "ports": s.ports,
+                "endpoints": endpoints,
+                "subjectAltNames": s.subject_alt_names,
+                "waypoint": s.waypoint,
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["hostname"].as_str().cmp(&b["hostname"].as_str()));
+    list
+}
+
+fn certificates(certs: &CertManager) -> Vec<Value> {
+    let roots: Vec<Value> = certs.roots().iter().map(|r| cert_entry(r)).collect();
+    certs
+        .all()
+        .iter()
+        .map(|c| {
+            let chain: Vec<Value> = c.certified.cert.iter().map(|d| cert_entry(d)).collect();
+            json!({
+                "identity": c.identity.to_string(),
+                "state": "Available",
+                "certChain": chain,
+                "rootCerts": roots,
+            })
+        })
+        .collect()
+}
+
+fn workload_state(pods: &[PodStatus], tracker: &Tracker) -> Map<String, Value> {
+    let live = tracker.by_pod();
+    pods.iter()
+        .map(|p| {
+            let inbound: Vec<Value> = live
+                .get(&p.uid)
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    json!({
+                        "src": c.src.to_string(),
+                        "originalDst": c.dst.to_string(),
+                        "actualDst": c.dst.to_string(),
+                        "protocol": if c.mtls { "HBONE" } else { "TCP" },
+                    })
+                })
+                .collect();
+            (
+                p.uid.clone(),
+                json!({
+                    "state": "Up",
+                    "info": {"name": p.name, "namespace": p.namespace, "serviceAccount": p.service_account},
+                    "connections": {"inbound": inbound, "outbound": []},
+                    "netnsCookie": p.netns_cookie,
+                    "enrolledBy": p.source,
+                }),
+            )
+        })
+        .collect()
+}
+
+/// Builds the whole dump.
+pub fn build(
+    state: &MeshState,
+    certs: &CertManager,
+    tracker: &Tracker,
+    pods: &[PodStatus],
+    config: &Value,
+) -> Value {
+    json!({
+        "workloads": workloads(state),
+        "services": services(state),
+        "policies": state.policies().map(|p| &**p).collect::<Vec<_>>(),
+        "certificates": certificates(certs),
+        "workloadState": workload_state(pods, tracker),
+        "staticConfig": {},
+        "config": config,
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
