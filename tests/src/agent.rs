@@ -197,6 +197,23 @@ impl Agent {
             .map_or(response.clone(), |(_, body)| body.to_string())
     }
 
+    /// Runs `ztunnel-agent <args>` (a CLI command, not `run`) in the agent's node namespace;
+    /// returns stdout, panicking with stderr on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.node.display()))
+            .arg(agent_binary())
+            .args(args)
+            .output()
+            .expect("run the agent CLI");
+        assert!(
+            out.status.success(),
+            "ztunnel-agent {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// GET /metrics from the agent's 15020.
     pub fn scrape_metrics(&self) -> String {
         self.http_get(15020, "/metrics")

@@ -273,6 +273,65 @@ fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
         assert!(v.len() == 20 && v.ends_with('Z'), "{t}: {v}");
     }
     assert!(!curl_cert["rootCerts"].as_array().expect("roots").is_empty());
+    // The guide's `istioctl ztunnel-config workloads` and `certificates`, from the agent.
+    let table = agent.cli(&["config", "workloads"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0], "NAMESPACE POD NAME       IP          NODE   WAYPOINT PROTOCOL",
+        "{table}"
+    );
+    assert_eq!(lines.len(), 8, "{table}");
+    assert_eq!(
+        lines[1],
+        "default   curl           10.244.1.12 node-1 None     HBONE"
+    );
+    assert!(
+        lines[2].starts_with("default   details-v1     10.244.1.11 node-1"),
+        "{table}"
+    );
+    let filtered = agent.cli(&["config", "workloads", "--workload-name", "ratings-v1"]);
+    assert_eq!(filtered.lines().count(), 2, "{filtered}");
+    let table = agent.cli(&["config", "certificates", "--namespace", "default"]);
+    let header = table.lines().next().unwrap_or_default();
+    for col in [
+        "CERTIFICATE NAME",
+        "TYPE",
+        "STATUS",
+        "VALID CERT",
+        "SERIAL NUMBER",
+        "NOT AFTER",
+        "NOT BEFORE",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    let curl_rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("spiffe://cluster.local/ns/default/sa/curl "))
+        .collect();
+    assert_eq!(curl_rows.len(), 2, "a Leaf and a Root row: {table}");
+    assert!(
+        curl_rows[0].contains(" Leaf ")
+            && curl_rows[0].contains(" Available ")
+            && curl_rows[0].contains(" true ")
+    );
+    assert!(curl_rows[1].contains(" Root "));
+    let serial_hex = curl_rows[0].split_whitespace().nth(4).unwrap_or_default();
+    assert!(
+        serial_hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{serial_hex}"
+    );
+    // A saved dump gives the same tables, and `all -o json` holds every section.
+    let saved = std::env::temp_dir().join("zt-guide-dump.json");
+    std::fs::write(&saved, serde_json::to_string(&dump).expect("json")).expect("save dump");
+    let saved_arg = saved.display().to_string();
+    let from_file = agent.cli(&["config", "workloads", "--file", &saved_arg]);
+    assert_eq!(from_file, agent.cli(&["config", "workloads"]));
+    let all: serde_json::Value =
+        serde_json::from_str(&agent.cli(&["config", "all", "-o", "json", "--file", &saved_arg]))
+            .expect("all -o json is JSON");
+    assert!(all.get("workloads").is_some() && all.get("certificates").is_some());
     let state = dump["workloadState"].as_object().expect("workloadState");
     let pp = &state["cluster1//v1/Pod/default/productpage-v1"];
     assert_eq!(pp["info"]["serviceAccount"], "bookinfo-productpage");

@@ -23,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent.
     Run(Box<RunArgs>),
+    /// Show a running agent's (or a saved) configuration, like `istioctl ztunnel-config`.
+    Config(ConfigArgs),
     /// Inspect or remove the kernel redirect.
     Redirect {
         /// What to do with it.
@@ -38,6 +40,32 @@ pub enum RedirectAction {
     Dump(PinDirArg),
     /// Detach every program and remove every pin (captured pods fall back to no capture).
     Uninstall(PinDirArg),
+}
+
+/// `config` arguments.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Which section.
+    #[arg(value_enum)]
+    pub section: crate::ztunnel_config::Section,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "short")]
+    pub output: crate::ztunnel_config::Output,
+    /// The agent's admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_address: std::net::SocketAddr,
+    /// Read a saved config_dump instead of asking an agent.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Only this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only workloads on this node.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Only this workload (pod name).
+    #[arg(long)]
+    pub workload_name: Option<String>,
 }
 
 /// The pin directory argument shared by `redirect` subcommands.

@@ -20,6 +20,7 @@ pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod xds;
+pub mod ztunnel_config;
 
 /// istio-cni's ZDS messages, generated from proto/zds.proto.
 #[allow(missing_docs, clippy::all)]

@@ -30,6 +30,25 @@ fn main() -> ExitCode {
                 Err(e) => fail(e.as_ref()),
             }
         }
+        Command::Config(args) => {
+            use ztunnel_agent::ztunnel_config::{fetch, load, render, Filter};
+            let dump = match &args.file {
+                Some(path) => load(path),
+                None => fetch(args.admin_address),
+            };
+            let filter = Filter {
+                namespace: args.namespace.clone(),
+                node: args.node.clone(),
+                workload_name: args.workload_name.clone(),
+            };
+            match dump.and_then(|d| render(&d, args.section, args.output, &filter)) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
         Command::Redirect { action } => match action {
             RedirectAction::Dump(arg) => {
                 match ztunnel_agent::redirect::dump::render(&arg.pin_dir) {

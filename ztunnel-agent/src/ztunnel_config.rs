@@ -1,0 +1,436 @@
+//! `ztunnel-agent config ...`: the guide's `istioctl ztunnel-config` without Kubernetes. Reads
+//! a config_dump (from a running agent's admin endpoint or a saved file) and prints the same
+//! tables istioctl prints, or the sections as JSON/YAML.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use serde_json::Value;
+
+/// Failures reading or rendering a dump.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The admin endpoint did not answer.
+    #[error("cannot reach the agent's admin endpoint at {addr}: is the agent running (inside this network namespace)? use --admin-address or --file")]
+    Admin {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    File {
+        /// Path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a config_dump.
+    #[error("{what} is not a config_dump (JSON with workloads, services, ...)")]
+    NotADump {
+        /// Where it came from.
+        what: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// YAML output failed.
+    #[error("cannot render YAML")]
+    Yaml(#[source] serde_yaml_ng::Error),
+}
+
+/// Which section to show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Workloads.
+    Workloads,
+    /// Services.
+    Services,
+    /// Authorization policies.
+    Policies,
+    /// Certificates.
+    Certificates,
+    /// Live connections.
+    Connections,
+    /// Everything.
+    All,
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Tables.
+    Short,
+    /// JSON.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+/// Row filters, as istioctl has them.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Only this namespace.
+    pub namespace: Option<String>,
+    /// Only workloads on this node.
+    pub node: Option<String>,
+    /// Only this workload (pod name).
+    pub workload_name: Option<String>,
+}
+
+/// Fetches a dump from a running agent.
+pub fn fetch(addr: SocketAddr) -> Result<Value, Error> {
+    let err = |source| Error::Admin { addr, source };
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .map_err(err)?;
+    stream
+        .write_all(b"GET /config_dump HTTP/1.0\r\n\r\n")
+        .map_err(err)?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(err)?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).map_err(|source| Error::NotADump {
+        what: format!("the answer of {addr}"),
+        source,
+    })
+}
+
+/// Reads a saved dump.
+pub fn load(path: &Path) -> Result<Value, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::File {
+        path: path.display().to_string(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| Error::NotADump {
+        what: path.display().to_string(),
+        source,
+    })
+}
+
+/// Lays out rows like Go's tabwriter (padding 1, spaces): each column as wide as its widest
+/// cell plus one space, the last column unpadded.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$} ", width = widths[c]));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn array(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+fn keep_namespace(filter: &Filter, ns: &str) -> bool {
+    filter.namespace.as_deref().is_none_or(|want| want == ns)
+}
+
+/// The waypoint column: the service name of a `ns/hostname` destination, the address of a
+/// `network/ip` one, else None.
+fn waypoint(v: &Value) -> String {
+    let dest = s(&v["waypoint"]["destination"]);
+    if dest.is_empty() {
+        return "None".into();
+    }
+    match dest.split_once('/') {
+        Some((_, rest)) if rest.parse::<std::net::IpAddr>().is_ok() => rest.to_string(),
+        Some((_, host)) => host.split('.').next().unwrap_or(host).to_string(),
+        None => dest,
+    }
+}
+
+fn workloads(dump: &Value, filter: &Filter) -> String {
+    let mut list: Vec<&Value> = array(&dump["workloads"])
+        .iter()
+        .filter(|w| keep_namespace(filter, &s(&w["namespace"])))
+        .filter(|w| filter.node.as_deref().is_none_or(|n| n == s(&w["node"])))
+        .filter(|w| {
+            filter
+                .workload_name
+                .as_deref()
+                .is_none_or(|n| n == s(&w["name"]))
+        })
+        .collect();
+    list.sort_by_key(|w| (s(&w["namespace"]), s(&w["name"])));
+    let mut rows = vec![[
+        "NAMESPACE",
+        "POD NAME",
+        "IP",
+        "NODE",
+        "WAYPOINT",
+        "PROTOCOL",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for w in list {
+        let ips: Vec<String> = array(&w["workloadIps"]).iter().map(s).collect();
+        let ip = if ips.is_empty() {
+            s(&w["hostname"])
+        } else {
+            ips.join(",")
+        };
+        rows.push(vec![
+            s(&w["namespace"]),
+            s(&w["name"]),
+            ip,
+            s(&w["node"]),
+            waypoint(w),
+            s(&w["protocol"]),
+        ]);
+    }
+    table(&rows)
+}
+
+fn services(dump: &Value, filter: &Filter) -> String {
+    let mut list: Vec<&Value> = array(&dump["services"])
+        .iter()
+        .filter(|v| keep_namespace(filter, &s(&v["namespace"])))
+        .collect();
+    list.sort_by_key(|v| (s(&v["namespace"]), s(&v["hostname"])));
+    let mut rows = vec![[
+        "NAMESPACE",
+        "SERVICE NAME",
+        "SERVICE VIP",
+        "WAYPOINT",
+        "ENDPOINTS",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for v in list {
+        let vips: Vec<String> = array(&v["vips"])
+            .iter()
+            .map(|vip| {
+                let vip = s(vip);
+                vip.split_once('/')
+                    .map_or(vip.clone(), |(_, ip)| ip.to_string())
+            })
+            .collect();
+        let endpoints = v["endpoints"].as_object();
+        let total = endpoints.map_or(0, |e| e.len());
+        let healthy = endpoints.map_or(0, |e| {
+            e.values().filter(|ep| ep["status"] == "Healthy").count()
+        });
+        rows.push(vec![
+            s(&v["namespace"]),
+            s(&v["name"]),
+            vips.join(","),
+            waypoint(v),
+            format!("{healthy}/{total}"),
+        ]);
+    }
+    table(&rows)
+}
+
+fn policies(dump: &Value, filter: &Filter) -> String {
+    let mut list: Vec<&Value> = array(&dump["policies"])
+        .iter()
+        .filter(|p| keep_namespace(filter, &s(&p["namespace"])))
+        .collect();
+    list.sort_by_key(|p| (s(&p["namespace"]), s(&p["name"])));
+    let mut rows = vec![["NAMESPACE", "POLICY NAME", "ACTION", "SCOPE"]
+        .map(String::from)
+        .to_vec()];
+    for p in list {
+        rows.push(vec![
+            s(&p["namespace"]),
+            s(&p["name"]),
+            s(&p["action"]),
+            s(&p["scope"]),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Serial (lowercase hex) and validity of a dumped certificate, from its PEM.
+fn cert_facts(entry: &Value) -> Option<(String, bool)> {
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(s(&entry["pem"]))
+        .ok()?;
+    let (_, block) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    let cert = block.parse_x509().ok()?;
+    let serial: String = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let serial = serial.trim_start_matches('0').to_string();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let validity = cert.validity();
+    let valid = validity.not_before.timestamp() <= now && now <= validity.not_after.timestamp();
+    Some((serial, valid))
+}
+
+fn certificates(dump: &Value, filter: &Filter) -> String {
+    let mut rows = vec![[
+        "CERTIFICATE NAME",
+        "TYPE",
+        "STATUS",
+        "VALID CERT",
+        "SERIAL NUMBER",
+        "NOT AFTER",
+        "NOT BEFORE",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for c in array(&dump["certificates"]) {
+        let identity = s(&c["identity"]);
+        if let Some(ns) = &filter.namespace {
+            if !identity.contains(&format!("/ns/{ns}/")) {
+                continue;
+            }
+        }
+        let chain = array(&c["certChain"]);
+        let kinds = chain.iter().enumerate().map(|(i, e)| {
+            let kind = if i == 0 { "Leaf" } else { "Intermediate" };
+            (kind, e)
+        });
+        let roots = array(&c["rootCerts"]).iter().map(|e| ("Root", e));
+        for (kind, entry) in kinds.chain(roots) {
+            let (serial, valid) = cert_facts(entry).unwrap_or_default();
+            rows.push(vec![
+                identity.clone(),
+                kind.to_string(),
+                s(&c["state"]),
+                valid.to_string(),
+                serial,
+                s(&entry["expirationTime"]),
+                s(&entry["validFrom"]),
+            ]);
+        }
+    }
+    table(&rows)
+}
+
+fn connections(dump: &Value, filter: &Filter) -> String {
+    let mut rows = vec![[
+        "WORKLOAD",
+        "DIRECTION",
+        "LOCAL",
+        "REMOTE",
+        "REMOTE TARGET",
+        "PROTOCOL",
+    ]
+    .map(String::from)
+    .to_vec()];
+    if let Some(state) = dump["workloadState"].as_object() {
+        for w in state.values() {
+            let (name, ns) = (s(&w["info"]["name"]), s(&w["info"]["namespace"]));
+            if !keep_namespace(filter, &ns) {
+                continue;
+            }
+            for (direction, list) in [("Inbound", "inbound"), ("Outbound", "outbound")] {
+                for c in array(&w["connections"][list]) {
+                    rows.push(vec![
+                        format!("{name}.{ns}"),
+                        direction.to_string(),
+                        s(&c["actualDst"]),
+                        s(&c["src"]),
+                        s(&c["originalDst"]),
+                        s(&c["protocol"]),
+                    ]);
+                }
+            }
+        }
+    }
+    table(&rows)
+}
+
+/// Renders `section` of `dump` in `output` format.
+pub fn render(
+    dump: &Value,
+    section: Section,
+    output: Output,
+    filter: &Filter,
+) -> Result<String, Error> {
+    let key = match section {
+        Section::Workloads => "workloads",
+        Section::Services => "services",
+        Section::Policies => "policies",
+        Section::Certificates => "certificates",
+        Section::Connections => "workloadState",
+        Section::All => "",
+    };
+    let selected = if key.is_empty() { dump } else { &dump[key] };
+    match output {
+        Output::Json => Ok(serde_json::to_string_pretty(selected).unwrap_or_default() + "\n"),
+        Output::Yaml => serde_yaml_ng::to_string(selected).map_err(Error::Yaml),
+        Output::Short => Ok(match section {
+            Section::Workloads => workloads(dump, filter),
+            Section::Services => services(dump, filter),
+            Section::Policies => policies(dump, filter),
+            Section::Certificates => certificates(dump, filter),
+            Section::Connections => connections(dump, filter),
+            Section::All => [
+                workloads(dump, filter),
+                services(dump, filter),
+                policies(dump, filter),
+                certificates(dump, filter),
+                connections(dump, filter),
+            ]
+            .join("\n"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_like_tabwriter() {
+        let dump = serde_json::json!({
+            "workloads": [
+                {"namespace": "default", "name": "productpage-v1", "workloadIps": ["10.244.1.10"], "node": "ambient-worker", "protocol": "HBONE"},
+                {"namespace": "default", "name": "curl", "workloadIps": ["10.244.1.12"], "node": "ambient-worker", "protocol": "HBONE",
+                 "waypoint": {"destination": "default/waypoint.default.svc.cluster.local", "hboneMtlsPort": 15008}},
+            ]
+        });
+        let out =
+            render(&dump, Section::Workloads, Output::Short, &Filter::default()).expect("table");
+        assert_eq!(
+            out,
+            "NAMESPACE POD NAME       IP          NODE           WAYPOINT PROTOCOL\n\
+             default   curl           10.244.1.12 ambient-worker waypoint HBONE\n\
+             default   productpage-v1 10.244.1.10 ambient-worker None     HBONE\n"
+        );
+        let only = Filter {
+            workload_name: Some("curl".into()),
+            ..Default::default()
+        };
+        let out = render(&dump, Section::Workloads, Output::Short, &only).expect("table");
+        assert_eq!(out.lines().count(), 2);
+    }
+}
