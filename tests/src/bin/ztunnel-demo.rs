@@ -124,6 +124,13 @@ fn main() {
         println!("  {line}");
     }
 
+    for section in ["workloads", "services", "certificates"] {
+        heading(&format!(
+            "ztunnel-agent config {section}   (istioctl ztunnel-config {section})"
+        ));
+        print!("{}", agent.cli(&["config", section]));
+    }
+
     heading("curl localhost:15020/metrics | grep istio_tcp_connections_opened  (first samples)");
     let node = topo.node_path();
     let metrics = Command::new("nsenter")
