@@ -181,10 +181,11 @@ impl Agent {
         self.spawn(generation);
     }
 
-    /// GET `path` from the agent's `port` on 127.0.0.1 inside its node namespace; the body.
-    pub fn http_get(&self, port: u16, path: &str) -> String {
+    /// `method path` to the agent's `port` on 127.0.0.1 inside its node namespace; returns
+    /// the status code and body.
+    pub fn http(&self, method: &str, port: u16, path: &str) -> (u16, String) {
         use std::io::{Read, Write};
-        let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+        let request = format!("{method} {path} HTTP/1.0\r\n\r\n");
         let response = crate::traffic::in_netns(&self.node, move || {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("agent port");
             s.write_all(request.as_bytes()).expect("request");
@@ -192,9 +193,28 @@ impl Agent {
             s.read_to_string(&mut body).expect("response");
             body
         });
-        response
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
             .split_once("\r\n\r\n")
-            .map_or(response.clone(), |(_, body)| body.to_string())
+            .map_or(String::new(), |(_, b)| b.to_string());
+        (status, body)
+    }
+
+    /// GET `path` from the agent's `port`; the body.
+    pub fn http_get(&self, port: u16, path: &str) -> String {
+        self.http("GET", port, path).1
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("agent running");
+        let status = wait_for("agent exit", timeout, || child.try_wait().ok().flatten());
+        self.child = None;
+        status
     }
 
     /// Runs `ztunnel-agent <args>` (a CLI command, not `run`) in the agent's node namespace;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
+use std::time::Duration;
 
 use ztunnel_agent::zds_proto::Version;
 use ztunnel_e2e::agent::{agent_binary, Agent};
@@ -238,4 +239,89 @@ fn refuses_to_start_without_what_it_needs() {
             "/sys/fs/bpf/zt-refuse",
         ])
         .output();
+}
+
+#[test]
+fn admin_logging_quit_and_loopback_only() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("admin");
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let outsider = topo.add_pod("outsider", 12);
+    let _app = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9080));
+    let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("mesh.yaml");
+    let yaml = mesh::yaml(
+        &[
+            Workload::hbone(&client, "curl", "node-1"),
+            Workload::hbone(&server, "server", "node-1"),
+        ],
+        &[],
+    );
+    std::fs::write(&config, yaml).expect("config");
+    let config_arg = config.display().to_string();
+    let mut agent = Agent::start(
+        &topo,
+        &["--node-name", "node-1", "--local-xds-path", &config_arg],
+    );
+    agent.wait_ready();
+    let dst = SocketAddr::new(server.ip4, 9080);
+    let closed = |agent: &Agent| {
+        ztunnel_e2e::metric_sum(
+            &agent.scrape_metrics(),
+            "istio_tcp_connections_closed_total",
+            &["reporter=\"source\""],
+        )
+    };
+
+    // /logging shows the filter and changes it at run time.
+    let (status, body) = agent.http("GET", 15000, "/logging");
+    assert_eq!(status, 200);
+    assert!(body.contains("info,ztunnel_agent::proxy=debug"), "{body}");
+    let (status, _) = agent.http("POST", 15000, "/logging?level=info,access=off");
+    assert_eq!(status, 200);
+    exchange(&client.netns_path(), dst, "quiet").expect("traffic");
+    ztunnel_e2e::wait_for("counted", Duration::from_secs(10), || {
+        (closed(&agent) == 1).then_some(())
+    });
+    assert!(
+        agent.lines_with(&["connection complete"]).is_empty(),
+        "access=off took effect"
+    );
+    let (status, _) = agent.http("POST", 15000, "/logging?level=info");
+    assert_eq!(status, 200);
+    exchange(&client.netns_path(), dst, "loud").expect("traffic");
+    agent.wait_log(&["connection complete", "direction=\"outbound\""]);
+    let (status, body) = agent.http("POST", 15000, "/logging?level=info,=[");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid log filter"), "{body}");
+
+    // The admin port answers on loopback only: from the pod network the node's readiness
+    // port is reachable, its admin port is not.
+    let node_ip = std::net::Ipv4Addr::new(10, 244, 1, 1);
+    let reach = |port: u16| {
+        in_netns(&outsider.netns_path(), move || {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::from((node_ip, port)),
+                Duration::from_secs(2),
+            )
+            .is_ok()
+        })
+    };
+    assert!(reach(15021), "readiness reachable from the pod network");
+    assert!(
+        !reach(15000),
+        "admin must not be reachable from the pod network"
+    );
+
+    // /quitquitquit stops the agent cleanly.
+    let (status, _) = agent.http("POST", 15000, "/quitquitquit");
+    assert_eq!(status, 200);
+    assert!(
+        agent.wait_exit(Duration::from_secs(10)).success(),
+        "exits 0"
+    );
 }

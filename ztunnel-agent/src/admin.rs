@@ -16,7 +16,14 @@ use crate::state::SharedState;
 
 /// The admin endpoints and what they are for (served at `/`).
 const ENDPOINTS: &[(&str, &str)] = &[
-    ("/config_dump", "enrolled pods and configuration (JSON)"),
+    (
+        "/config_dump",
+        "workloads, services, policies, certificates, pods (JSON)",
+    ),
+    (
+        "/logging",
+        "GET: the log filter; POST ?level=<RUST_LOG filter>: change it",
+    ),
     (
         "/quitquitquit",
         "POST: stop the agent (kernel redirect stays pinned)",
@@ -52,6 +59,37 @@ pub async fn admin(
             );
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, body)
+        }
+        (&Method::GET, "/logging") => text(
+            StatusCode::OK,
+            format!(
+                "current log filter: {}\n",
+                crate::telemetry::current_filter()
+            ),
+        ),
+        (&Method::POST, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="));
+            match level {
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    "missing ?level=<filter>, e.g. /logging?level=info,access=off\n",
+                ),
+                Some(level) => {
+                    let level = level
+                        .replace("%2C", ",")
+                        .replace("%3D", "=")
+                        .replace("%3A", ":");
+                    match crate::telemetry::set_filter(&level) {
+                        Ok(()) => text(StatusCode::OK, format!("current log filter: {level}\n")),
+                        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                    }
+                }
+            }
         }
         (&Method::POST, "/quitquitquit") => {
             shutdown.cancel();

@@ -27,23 +27,61 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
+/// Replaces the log filter of the running process.
+type Reload = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// The installed filter's reload hook and its current text.
+static FILTER: std::sync::OnceLock<(Reload, std::sync::Mutex<String>)> = std::sync::OnceLock::new();
+
+/// The log filter in force.
+pub fn current_filter() -> String {
+    FILTER
+        .get()
+        .map(|(_, text)| text.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .unwrap_or_default()
+}
+
+/// Changes the log filter at run time (RUST_LOG syntax), e.g. `info,access=off`.
+pub fn set_filter(filter: &str) -> Result<(), String> {
+    let parsed = EnvFilter::try_new(filter).map_err(|e| {
+        format!("invalid log filter {filter:?}: {e} (RUST_LOG syntax, e.g. info,access=off)")
+    })?;
+    let (reload, text) = FILTER.get().ok_or("logging is not initialised")?;
+    reload(parsed)?;
+    *text.lock().unwrap_or_else(|p| p.into_inner()) = filter.to_string();
+    tracing::info!(filter, "log filter changed");
+    Ok(())
+}
+
 /// Installs the global subscriber. A bad filter falls back to `info` and says so.
 pub fn init(filter: &str, format: LogFormat) {
     let (env_filter, bad) = match EnvFilter::try_new(filter) {
         Ok(f) => (f, None),
         Err(e) => (EnvFilter::new("info"), Some(e)),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(env_filter)
-        .with_writer(std::io::stdout)
-        .with_ansi(false);
-    let installed = match format {
-        LogFormat::Plain => builder.event_format(PlainFormat).try_init(),
-        LogFormat::Json => builder.event_format(JsonFormat).try_init(),
+    // The reload handle's type depends on the event format, so each format is built whole.
+    macro_rules! install {
+        ($format:expr) => {{
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(env_filter)
+                .with_writer(std::io::stdout)
+                .with_ansi(false)
+                .event_format($format)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            let reload: Reload = Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()));
+            (builder.try_init(), reload)
+        }};
+    }
+    let (installed, reload) = match format {
+        LogFormat::Plain => install!(PlainFormat),
+        LogFormat::Json => install!(JsonFormat),
     };
     if installed.is_err() {
         return;
     }
+    let text = if bad.is_some() { "info" } else { filter };
+    let _ = FILTER.set((reload, std::sync::Mutex::new(text.to_string())));
     if let Some(e) = bad {
         tracing::warn!(filter, error = %e, "invalid RUST_LOG filter; using info");
     }
