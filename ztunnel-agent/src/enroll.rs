@@ -149,11 +149,6 @@ impl Enrollment {
         &self.mesh
     }
 
-    /// The redirect layer.
-    pub fn redirect(&self) -> &Redirect {
-        &self.redirect
-    }
-
     /// Enrolled pods.
     pub fn status(&self) -> Vec<PodStatus> {
         self.pods
@@ -182,11 +177,6 @@ impl Enrollment {
                 )
             })
             .collect()
-    }
-
-    /// Whether a pod is enrolled.
-    pub fn contains(&self, uid: &str) -> bool {
-        self.pods.contains_key(uid)
     }
 
     /// Enrolls a pod (or re-enrolls it if its namespace or addresses changed).

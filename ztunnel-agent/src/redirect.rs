@@ -225,11 +225,6 @@ impl Redirect {
         &self.attachments
     }
 
-    /// The settings in use.
-    pub fn config(&self) -> &RedirectConfig {
-        &self.config
-    }
-
     fn set_excluded_ports(&mut self) -> Result<(), Error> {
         for (map, ports) in [
             (
