@@ -118,6 +118,7 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    validate_manifests()?;
     build_agent()?;
     // The end-to-end tests start the agent binary built above. No doctests: the crates have
     // none, and their empty summaries would be the run's last words.
@@ -157,6 +158,30 @@ fn test(args: &[String]) -> Result<()> {
         anyhow::bail!("no test ran");
     }
     Ok(())
+}
+
+/// Every complete manifest under deploy/base against the Kubernetes schemas.
+fn validate_manifests() -> Result<()> {
+    let base = workspace_root().join("deploy/base");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&base)
+        .with_context(|| format!("reading {}", base.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+        .collect();
+    files.sort();
+    setup::run_cmd(
+        Command::new("python3")
+            .args([
+                "-m",
+                "kubernetes_validate",
+                "--strict",
+                "--kubernetes-version",
+                "1.33.0",
+            ])
+            .args(&files),
+    )
+    .context("deploy/ manifests do not validate against the Kubernetes 1.33 schemas")
 }
 
 /// Counts from a libtest line `test result: ok. 5 passed; 0 failed; ...`.

@@ -26,6 +26,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LIBLLVM: &str = "/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1";
 /// Name of the rustup toolchain that points at Debian's compiler.
 pub const DEBIAN_TOOLCHAIN: &str = "debian";
+/// The manifest validator (PyPI), with the Kubernetes schemas bundled.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// Where bpffs is mounted.
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -43,7 +45,29 @@ pub fn run(root: &Path) -> Result<()> {
     link_debian_toolchain()?;
     install_bpf_linker(root)?;
     mount_bpffs()?;
+    install_kubernetes_validate()?;
     Ok(())
+}
+
+fn install_kubernetes_validate() -> Result<()> {
+    // Run as a module: a console script installed under pyenv has no shim until a rehash.
+    let present = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    eprintln!("setup: installing {KUBERNETES_VALIDATE} (manifest validation)");
+    run_cmd(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        KUBERNETES_VALIDATE,
+    ]))
 }
 
 fn dpkg_installed(package: &str) -> bool {
