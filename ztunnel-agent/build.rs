@@ -12,7 +12,22 @@ fn main() -> anyhow::Result<()> {
         println!("cargo::error=the eBPF toolchain is missing ({missing}): run `cargo xtask setup`");
         return Ok(());
     }
-    prost_build::compile_protos(&["../proto/zds.proto"], &["../proto"])?;
+    // One call for all files: they import each other across packages.
+    tonic_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(
+            &[
+                "../proto/zds.proto",
+                "../proto/workload.proto",
+                "../proto/authorization.proto",
+                "../proto/ca.proto",
+                "../proto/envoy_core.proto",
+                "../proto/google_rpc_status.proto",
+                "../proto/discovery.proto",
+            ],
+            &["../proto"],
+        )?;
     let ebpf = aya_build::Package {
         name: "ztunnel-ebpf",
         root_dir: "../ztunnel-ebpf",
@@ -45,6 +60,9 @@ fn missing_toolchain() -> Option<&'static str> {
     }
     if Command::new("protoc").arg("--version").output().is_err() {
         return Some("no protoc on PATH");
+    }
+    if !Path::new("/usr/include/google/protobuf/struct.proto").exists() {
+        return Some("no protobuf well-known types (libprotobuf-dev)");
     }
     None
 }

@@ -296,7 +296,7 @@ fn refusals_are_logged_with_reasons_and_do_not_disturb_others() {
     // the server refuses both.
     let hbone = SocketAddr::new(good.ip4, 15008);
     let good_id = "spiffe://cluster.local/ns/default/sa/good";
-    let mesh_certs = Arc::new(CertManager::new(
+    let mesh_certs = Arc::new(CertManager::local(
         LocalCa::load_or_create(&ca, "cluster.local").expect("shared CA"),
         Duration::from_secs(3600),
     ));
@@ -323,7 +323,7 @@ fn refusals_are_logged_with_reasons_and_do_not_disturb_others() {
             .len(),
         1
     );
-    let other_root = Arc::new(CertManager::new(
+    let other_root = Arc::new(CertManager::local(
         LocalCa::load_or_create(&dir.join("other-ca"), "cluster.local").expect("other CA"),
         Duration::from_secs(3600),
     ));

@@ -18,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "protobuf-compiler",
+    "libprotobuf-dev",
     "curl",
 ];
 /// The bpf-linker release known to work with LLVM 22.

@@ -9,16 +9,20 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::enroll::{self, Enrollment};
 use crate::identity::ca::LocalCa;
-use crate::identity::manager::CertManager;
+use crate::identity::caclient::CaClient;
+use crate::identity::manager::{CertManager, CertSource};
 use crate::netns::HostNetns;
 use crate::proxy::hbone::Pool;
 use crate::proxy::MeshContext;
 use crate::readiness::Readiness;
 use crate::redirect::{kernel, Redirect};
 use crate::state::SharedState;
+use crate::xds::client::XdsClient;
 
 const BLOCK_EBPF: &str = "ebpf attached";
 const BLOCK_PODS: &str = "pods enrolled";
+const BLOCK_XDS: &str = "xds synced";
+const BLOCK_CERTS: &str = "certificates ready";
 
 /// Runs the agent until SIGTERM/SIGINT or `POST /quitquitquit`. The kernel redirect stays
 /// pinned on exit, so enrolled pods stay captured (fail closed) until the next agent.
@@ -48,10 +52,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     readiness.unblock(BLOCK_EBPF);
     let state = SharedState::default();
-    let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)?;
+    let certs = match &config.ca {
+        Some(target) => {
+            let client = CaClient::new(target.clone())?;
+            tracing::info!(ca = %target.authority, "workload certificates come from the istiod CA");
+            CertManager::new(
+                CertSource::Istiod(client),
+                &config.trust_domain,
+                config.cert_ttl,
+                config.mesh_roots.clone(),
+            )
+        }
+        None => CertManager::local(
+            LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)?,
+            config.cert_ttl,
+        ),
+    };
     let mesh = Arc::new(MeshContext {
         state: state.clone(),
-        certs: Arc::new(CertManager::new(ca, config.cert_ttl)),
+        certs: Arc::new(certs),
         pool: Arc::new(Pool::default()),
         tracker: Arc::default(),
     });
@@ -88,6 +107,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "clusterId": config.cluster_id,
         "localXdsPath": config.local_xds_path,
         "inpodUds": config.inpod_uds,
+        "xdsAddress": config.xds.as_ref().map(|t| &t.authority),
+        "caAddress": config.ca.as_ref().map(|t| &t.authority),
+        "proxyId": config.node.id,
         "pinDir": config.redirect.pin_dir,
         "cgroupPath": config.redirect.cgroup,
         "excludeOutboundPorts": config.redirect.exclude_outbound_ports,
@@ -99,6 +121,44 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         move |req| crate::admin::admin(req, e.clone(), m.clone(), s.clone(), config_json.clone()),
         shutdown.clone(),
     ));
+
+    // Control plane: the state follows xDS; pods whose workload disappears are unenrolled.
+    let mut xds_synced = None;
+    if let Some(target) = &config.xds {
+        readiness.block(BLOCK_XDS);
+        let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
+        let changed = Arc::new(Notify::new());
+        let (m, c) = (mesh.clone(), changed.clone());
+        let client = XdsClient::new(
+            target.clone(),
+            config.node.clone(),
+            Box::new(move |next| {
+                m.state.replace(next);
+                // Late rejection: live connections the new policies deny are closed.
+                let closed = m.tracker.reevaluate(&m.state.snapshot());
+                if closed > 0 {
+                    tracing::info!(closed, "connections closed by the changed policies");
+                }
+                c.notify_one();
+            }),
+            synced_tx,
+        );
+        tokio::spawn(client.run(shutdown.clone()));
+        tokio::spawn(unenroll_removed(
+            mesh.clone(),
+            enrollment.clone(),
+            changed,
+            shutdown.clone(),
+        ));
+        xds_synced = Some(synced_rx);
+    }
+    if config.ca.is_some() {
+        tokio::spawn(track_certificates(
+            mesh.certs.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+    }
 
     // Pod sources. Pods a previous run left in the maps are swept only once every source
     // has had its initial sync, so a restart never uncaptures a live pod.
@@ -129,7 +189,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = signal() => shutdown.cancel(),
         }
     }
+    if let Some(synced) = xds_synced {
+        tokio::select! {
+            _ = synced => readiness.unblock(BLOCK_XDS),
+            _ = shutdown.cancelled() => {}
+            _ = signal() => shutdown.cancel(),
+        }
+    }
     if !shutdown.is_cancelled() {
+        if !mesh.certs.pending().is_empty() {
+            readiness.block(BLOCK_CERTS);
+        }
         let swept = enrollment.lock().await.sweep_stale()?;
         if swept > 0 {
             tracing::info!(swept, "stale pods removed from the kernel maps");
@@ -143,7 +213,70 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = signal() => tracing::info!("signal received, shutting down"),
     }
     shutdown.cancel();
+    mesh.certs.stop();
     Ok(())
+}
+
+/// Unenrolls pods whose workload was removed from xDS (matched by namespace and name, since
+/// istio-cni names pods by Kubernetes UID and xDS by `<cluster>//Pod/<ns>/<name>`).
+async fn unenroll_removed(
+    mesh: Arc<MeshContext>,
+    enrollment: Arc<Mutex<Enrollment>>,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let names = |state: &crate::state::MeshState| -> std::collections::BTreeSet<(String, String)> {
+        state
+            .workloads()
+            .map(|w| (w.namespace.clone(), w.name.clone()))
+            .collect()
+    };
+    let mut known = names(&mesh.state.snapshot());
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = names(&mesh.state.snapshot());
+        let removed: Vec<_> = known.difference(&now).cloned().collect();
+        known = now;
+        if removed.is_empty() {
+            continue;
+        }
+        let mut enrollment = enrollment.lock().await;
+        for pod in enrollment.status() {
+            if removed.contains(&(pod.namespace.clone(), pod.name.clone())) {
+                match enrollment.unenroll(&pod.uid).await {
+                    Ok(_) => {
+                        tracing::info!(pod = %pod.name, namespace = %pod.namespace, "pod unenrolled: its workload was removed from xDS")
+                    }
+                    Err(e) => {
+                        tracing::error!(pod = %pod.name, error = %crate::telemetry::ErrorChain(&e), "unenrolling a removed workload failed")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the "certificates ready" readiness blocker in step with the CA client.
+async fn track_certificates(
+    certs: Arc<CertManager>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let mut changes = certs.subscribe();
+    loop {
+        if certs.pending().is_empty() {
+            readiness.unblock(BLOCK_CERTS);
+        } else {
+            readiness.block(BLOCK_CERTS);
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 async fn signal() {

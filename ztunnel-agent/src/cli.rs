@@ -110,6 +110,30 @@ pub struct RunArgs {
     /// CA server (istiod), for the control-plane mode.
     #[arg(long, env = "CA_ADDRESS")]
     pub ca_address: Option<String>,
+    /// Root certificate bundle (PEM, may hold several roots) that signs the xDS server's
+    /// certificate.
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    pub xds_root_ca: PathBuf,
+    /// Root certificate bundle that signs the CA server's certificate; also trusted as mesh
+    /// roots for workload certificates.
+    #[arg(
+        long,
+        env = "CA_ROOT_CA",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    pub ca_root_ca: PathBuf,
+    /// Token file sent as `authorization: Bearer <token>` to xDS and the CA (re-read per
+    /// call; no file, no token).
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub auth_token: PathBuf,
     /// Cluster id.
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,

@@ -18,9 +18,17 @@ pub enum Error {
     /// A local config needs a node name to know which workloads are local.
     #[error("LOCAL_XDS_PATH is set but NODE_NAME (--node-name) is not: the agent enrolls the workloads whose `node` is this node")]
     NoNodeName,
-    /// Control-plane mode is not built yet.
-    #[error("XDS_ADDRESS/CA_ADDRESS are not supported by this build yet: use LOCAL_XDS_PATH")]
-    ControlPlaneUnsupported,
+    /// Two configuration sources at once.
+    #[error(
+        "both LOCAL_XDS_PATH and XDS_ADDRESS are set: choose the local file (standalone) or istiod"
+    )]
+    TwoSources,
+    /// xDS without a pod source.
+    #[error("XDS_ADDRESS is set but INPOD_UDS is not: in control-plane mode pods are enrolled by istio-cni over ZDS")]
+    XdsWithoutCni,
+    /// A control-plane address or root bundle is unusable.
+    #[error(transparent)]
+    ControlPlane(#[from] crate::grpc::Error),
     /// cgroup problems.
     #[error(transparent)]
     Kernel(#[from] kernel::Error),
@@ -54,6 +62,14 @@ pub struct Config {
     pub trust_domain: String,
     /// Certificate lifetime.
     pub cert_ttl: std::time::Duration,
+    /// istiod's xDS server, in control-plane mode.
+    pub xds: Option<crate::grpc::Target>,
+    /// istiod's CA; without it the local CA issues certificates.
+    pub ca: Option<crate::grpc::Target>,
+    /// Roots trusted for workload certificates besides those the CA returns.
+    pub mesh_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// How the agent introduces itself to xDS.
+    pub node: crate::xds::client::NodeInfo,
     /// Admin server address.
     pub admin_addr: SocketAddr,
     /// Metrics server address.
@@ -72,8 +88,11 @@ impl Config {
         if !args.admin_addr.ip().is_loopback() {
             return Err(Error::AdminNotLoopback(args.admin_addr));
         }
-        if args.xds_address.is_some() || args.ca_address.is_some() {
-            return Err(Error::ControlPlaneUnsupported);
+        if args.xds_address.is_some() && args.local_xds_path.is_some() {
+            return Err(Error::TwoSources);
+        }
+        if args.xds_address.is_some() && args.inpod_uds.is_none() {
+            return Err(Error::XdsWithoutCni);
         }
         if args.local_xds_path.is_none() && args.inpod_uds.is_none() {
             return Err(Error::NoPodSource);
@@ -96,7 +115,43 @@ impl Config {
             Some(path) => path.clone(),
             None => kernel::default_cgroup()?,
         };
+        let token = Some(args.auth_token.clone()).filter(|p| p.exists());
+        let xds = match &args.xds_address {
+            Some(address) => {
+                let roots = crate::grpc::read_roots("XDS_ROOT_CA", &args.xds_root_ca)?;
+                Some(crate::grpc::Target::new(
+                    "XDS_ADDRESS",
+                    address,
+                    None,
+                    roots,
+                    token.clone(),
+                )?)
+            }
+            None => None,
+        };
+        // istiod serves both on one address; CA_ADDRESS alone selects the CA only.
+        let ca_address = args.ca_address.as_ref().or(args.xds_address.as_ref());
+        let (ca, mesh_roots) = match ca_address {
+            Some(address) => {
+                let roots = crate::grpc::read_roots("CA_ROOT_CA", &args.ca_root_ca)?;
+                let target =
+                    crate::grpc::Target::new("CA_ADDRESS", address, None, roots.clone(), token)?;
+                (Some(target), roots)
+            }
+            None => (None, Vec::new()),
+        };
+        let node = crate::xds::client::NodeInfo::new(
+            args.pod_name.as_deref(),
+            args.pod_namespace.as_deref(),
+            args.instance_ip,
+            args.node_name.as_deref(),
+            &args.cluster_id,
+        );
         Ok(Self {
+            xds,
+            ca,
+            mesh_roots,
+            node,
             local_xds_path: args.local_xds_path.clone(),
             node_name: args.node_name.clone(),
             inpod_uds: args.inpod_uds.clone(),

@@ -229,7 +229,14 @@ impl Enrollment {
         })?;
         // The mesh state knows the workload (identity, network) when the pod is in it;
         // a ZDS pod not (yet) in the state gets the identity its CNI message describes.
-        let known = self.mesh.state.snapshot().workload(&spec.uid);
+        // istio-cni names pods by Kubernetes UID, xDS by `<cluster>//Pod/<ns>/<name>`.
+        let snapshot = self.mesh.state.snapshot();
+        let known = snapshot.workload(&spec.uid).or_else(|| {
+            snapshot
+                .workloads()
+                .find(|w| w.namespace == spec.namespace && w.name == spec.name)
+                .cloned()
+        });
         let (identity, network) = match &known {
             Some(w) => (w.identity(), w.network.clone()),
             None => (
@@ -249,7 +256,7 @@ impl Enrollment {
         // certificate exists, and the first connection does not pay for key generation.
         self.mesh
             .certs
-            .fetch(&identity)
+            .ensure(&identity)
             .map_err(|source| Error::Tls {
                 pod: spec.name.clone(),
                 source: source.into(),

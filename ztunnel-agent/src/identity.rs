@@ -2,6 +2,7 @@
 //! and the certificates that prove them.
 
 pub mod ca;
+pub mod caclient;
 pub mod manager;
 
 use std::fmt;

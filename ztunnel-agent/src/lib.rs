@@ -8,6 +8,7 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod enroll;
+pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -22,8 +23,54 @@ pub mod tls;
 pub mod xds;
 pub mod ztunnel_config;
 
-/// istio-cni's ZDS messages, generated from proto/zds.proto.
+/// Messages and services generated from proto/ (wire-compatible with Istio's and Envoy's),
+/// nested by package as prost's cross-package paths require, with short aliases.
 #[allow(missing_docs, clippy::all)]
-pub mod zds_proto {
-    include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
+pub mod proto {
+    pub mod istio {
+        pub mod workload {
+            include!(concat!(env!("OUT_DIR"), "/istio.workload.rs"));
+            pub mod zds {
+                include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
+            }
+        }
+        pub mod security {
+            include!(concat!(env!("OUT_DIR"), "/istio.security.rs"));
+        }
+        pub mod v1 {
+            pub mod auth {
+                include!(concat!(env!("OUT_DIR"), "/istio.v1.auth.rs"));
+            }
+        }
+    }
+    pub mod envoy {
+        pub mod config {
+            pub mod core {
+                pub mod v3 {
+                    include!(concat!(env!("OUT_DIR"), "/envoy.config.core.v3.rs"));
+                }
+            }
+        }
+        pub mod service {
+            pub mod discovery {
+                pub mod v3 {
+                    include!(concat!(env!("OUT_DIR"), "/envoy.service.discovery.v3.rs"));
+                }
+            }
+        }
+    }
+    pub mod google {
+        pub mod rpc {
+            include!(concat!(env!("OUT_DIR"), "/google.rpc.rs"));
+        }
+    }
+    pub use envoy::config::core::v3 as core;
+    pub use envoy::service::discovery::v3 as discovery;
+    pub use google::rpc;
+    pub use istio::security;
+    pub use istio::v1::auth as ca;
+    pub use istio::workload;
 }
+
+/// istio-cni's ZDS messages, generated from proto/zds.proto.
+pub use proto::istio::workload::zds as zds_proto;

@@ -50,6 +50,18 @@ struct BuildLabels {
     tag: &'static str,
 }
 
+/// Why an xDS stream ended (upstream's reasons).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TerminationLabels {
+    reason: &'static str,
+}
+
+/// An xDS type URL.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UrlLabels {
+    url: String,
+}
+
 /// Reads every enrolled pod's kernel counters: (pod, namespace, counters).
 pub type PodCountersSource = Arc<dyn Fn() -> Vec<(String, String, PodCounters)> + Send + Sync>;
 
@@ -108,6 +120,9 @@ pub struct Metrics {
     failed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    xds_terminations: Family<TerminationLabels, Counter>,
+    xds_messages: Family<UrlLabels, Counter>,
+    xds_bytes: Family<UrlLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -197,6 +212,25 @@ impl Metrics {
             })
             .set(1);
         registry.register("istio_build", "Istio component build info", build);
+        // xDS, under upstream ztunnel's names (the bytes counter also carries the type URL).
+        let xds_terminations = Family::<TerminationLabels, Counter>::default();
+        registry.register(
+            "istio_xds_connection_terminations",
+            "The total number of xDS stream terminations, by reason",
+            xds_terminations.clone(),
+        );
+        let xds_messages = Family::<UrlLabels, Counter>::default();
+        registry.register(
+            "istio_message_types",
+            "The total number of xDS messages received, by type URL",
+            xds_messages.clone(),
+        );
+        let xds_bytes = Family::<UrlLabels, Counter>::default();
+        registry.register(
+            "istio_total_messages_size",
+            "The total size in bytes of xDS messages received, by type URL",
+            xds_bytes.clone(),
+        );
         let redirect = RedirectCollector::default();
         let pod_counters = redirect.0.clone();
         registry.register_collector(Box::new(redirect));
@@ -208,7 +242,28 @@ impl Metrics {
             failed,
             sent,
             received,
+            xds_terminations,
+            xds_messages,
+            xds_bytes,
         }
+    }
+
+    /// Counts an xDS stream that ended (`ConnectionError`, `Error`, `Reconnect`, `Complete`).
+    pub fn xds_terminated(&self, reason: &'static str) {
+        self.xds_terminations
+            .get_or_create(&TerminationLabels { reason })
+            .inc();
+    }
+
+    /// Counts one received xDS resource of `url` and its size.
+    pub fn xds_received(&self, url: &str, bytes: usize) {
+        let labels = UrlLabels {
+            url: url.to_string(),
+        };
+        self.xds_messages.get_or_create(&labels).inc();
+        self.xds_bytes
+            .get_or_create(&labels)
+            .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 
     fn labels(record: &ConnectionRecord, flags: &'static str) -> TcpLabels {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
@@ -98,17 +99,92 @@ impl ResolvesServerCert for PodCertResolver {
     }
 }
 
+/// Verifies HBONE clients against the mesh roots as they are at handshake time: when the
+/// roots change (root rotation) the webpki verifier is rebuilt, so pods enrolled before the
+/// rotation accept peers whose certificates come from the new root.
+#[derive(Debug)]
+struct MeshClientVerifier {
+    certs: Arc<CertManager>,
+    cached: std::sync::Mutex<(u64, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl MeshClientVerifier {
+    fn new(certs: Arc<CertManager>) -> Result<Self, Error> {
+        let generation = certs.roots_generation();
+        let verifier = webpki_client_verifier(&certs)?;
+        Ok(Self {
+            certs,
+            cached: std::sync::Mutex::new((generation, verifier)),
+        })
+    }
+
+    fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let generation = self.certs.roots_generation();
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.0 != generation {
+            let verifier = webpki_client_verifier(&self.certs)
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            *cached = (generation, verifier);
+        }
+        Ok(cached.1.clone())
+    }
+}
+
+fn webpki_client_verifier(certs: &CertManager) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(certs)), provider())
+        .build()
+        .map_err(Error::Roots)
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // HBONE clients present their one certificate whatever the hints say.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// The 15008 server configuration of a pod with `identity`.
 pub fn server_config(certs: Arc<CertManager>, identity: Identity) -> Result<ServerConfig, Error> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(&certs)), provider.clone())
-            .build()
-            .map_err(Error::Roots)?;
+    let verifier = MeshClientVerifier::new(certs.clone())?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(Error::Config)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(PodCertResolver { certs, identity }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
@@ -245,7 +321,7 @@ mod tests {
 
     fn manager(dir: &std::path::Path) -> Arc<CertManager> {
         let ca = LocalCa::load_or_create(dir, "cluster.local").expect("ca");
-        Arc::new(CertManager::new(ca, Duration::from_secs(3600)))
+        Arc::new(CertManager::local(ca, Duration::from_secs(3600)))
     }
 
     /// Handshakes a client and a server over a pipe; returns (client result, server result).

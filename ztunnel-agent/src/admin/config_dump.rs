@@ -31,13 +31,7 @@ fn rfc3339(unix: i64) -> String {
 /// A certificate as upstream dumps it.
 fn cert_entry(der: &[u8]) -> Value {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let body = b64.encode(der);
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in body.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(chunk));
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
+    let pem = crate::identity::ca::pem_encode(&der.into());
     let parsed = x509_parser::parse_x509_certificate(der)
         .ok()
         .map(|(_, c)| c);
@@ -112,11 +106,15 @@ fn certificates(certs: &CertManager) -> Vec<Value> {
     certs
         .all()
         .iter()
-        .map(|c| {
-            let chain: Vec<Value> = c.certified.cert.iter().map(|d| cert_entry(d)).collect();
+        .map(|(identity, state, cert)| {
+            let chain: Vec<Value> = cert
+                .iter()
+                .flat_map(|c| c.certified.cert.iter())
+                .map(|d| cert_entry(d))
+                .collect();
             json!({
-                "identity": c.identity.to_string(),
-                "state": "Available",
+                "identity": identity.to_string(),
+                "state": state.to_string(),
                 "certChain": chain,
                 "rootCerts": roots,
             })

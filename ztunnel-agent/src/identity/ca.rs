@@ -185,6 +185,69 @@ impl LocalCa {
     }
 }
 
+impl LocalCa {
+    /// Signs a certificate signing request (the development control plane's CA uses this):
+    /// the leaf gets the CSR's key and SANs, or `override_san` instead when given (tests use
+    /// it to make a CA that answers with the wrong identity).
+    pub fn sign_request(
+        &self,
+        csr_pem: &str,
+        validity: Duration,
+        override_san: Option<&str>,
+    ) -> Result<(CertificateDer<'static>, SystemTime, SystemTime), Error> {
+        let crypto = |what, source| Error::Crypto {
+            what,
+            dir: self.dir.clone(),
+            source,
+        };
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| crypto("reading a certificate signing request", e))?;
+        if let Some(san) = override_san {
+            let uri = san
+                .to_string()
+                .try_into()
+                .map_err(|e| crypto("encoding the SPIFFE URI", e))?;
+            csr.params.subject_alt_names = vec![SanType::URI(uri)];
+        }
+        csr.params.is_ca = IsCa::ExplicitNoCa;
+        csr.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        csr.params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        csr.params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        let now = SystemTime::now();
+        let (not_before, not_after) = (now - BACKDATE, now + validity);
+        csr.params.not_before = not_before.into();
+        csr.params.not_after = not_after.into();
+        let cert = csr
+            .signed_by(&self.issuer, &self.key)
+            .map_err(|e| crypto("signing a certificate request", e))?;
+        Ok((cert.der().clone(), not_before, not_after))
+    }
+
+    /// The root as PEM.
+    pub fn root_pem(&self) -> String {
+        pem_encode(&self.root_der)
+    }
+}
+
+/// PEM text of one certificate.
+pub fn pem_encode(der: &CertificateDer<'_>) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
 /// 16 random bytes with the top bit clear (serials are positive integers).
 fn random_serial() -> [u8; 16] {
     let mut bytes = [0u8; 16];

@@ -1,0 +1,455 @@
+//! The delta ADS client: `envoy.service.discovery.v3.AggregatedDiscoveryService/
+//! DeltaAggregatedResources` to istiod (or the development control plane), subscribed by
+//! wildcard to `istio.workload.Address` and `istio.security.Authorization`.
+//!
+//! Each response is applied as a whole to a copy of the held resources: resources that do not
+//! decode or convert are NACKed by name (`<name>: <problem>`, joined by `; `) while the others
+//! apply; if the result contradicts itself (two workloads on one address) the whole response
+//! is NACKed and the previous state stays. Every response is answered with its nonce. On
+//! reconnect the held names and versions go out as `initial_resource_versions`, so the server
+//! sends only what changed and names what was removed meanwhile. Reconnects back off from
+//! 10 ms to 15 s. The stream never stops the agent: it keeps serving on its last state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::convert;
+use crate::grpc::Target;
+use crate::proto::core::Node;
+use crate::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use crate::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use crate::proto::rpc::Status;
+use crate::state::policy::Authorization;
+use crate::state::service::Service;
+use crate::state::workload::Workload;
+use crate::state::MeshState;
+
+/// Type URL of workloads and services.
+pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+/// Type URL of authorization policies.
+pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+/// The types subscribed to, in the order upstream sends the initial requests.
+pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+
+const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// gRPC status code INVALID_ARGUMENT, carried in NACKs.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// Stream failures (the client retries them all).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The channel could not be built.
+    #[error(transparent)]
+    Channel(#[from] crate::grpc::Error),
+    /// The server ended or refused the stream.
+    #[error("xDS stream to {address} failed: {status}")]
+    Stream {
+        /// Where.
+        address: String,
+        /// gRPC status.
+        status: Box<tonic::Status>,
+    },
+}
+
+/// The node identity sent to the control plane.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`.
+    pub id: String,
+    /// Metadata: NAME, NAMESPACE, INSTANCE_IPS, NODE_NAME, CLUSTER_ID.
+    pub metadata: BTreeMap<String, String>,
+    /// Sent as the `clusterid` header, as upstream does.
+    pub cluster_id: String,
+}
+
+impl NodeInfo {
+    /// Upstream's node id and metadata from the agent's own pod facts.
+    pub fn new(
+        pod: Option<&str>,
+        namespace: Option<&str>,
+        ip: Option<std::net::IpAddr>,
+        node: Option<&str>,
+        cluster_id: &str,
+    ) -> Self {
+        let pod = pod.unwrap_or("ztunnel");
+        let ns = namespace.unwrap_or("istio-system");
+        // Upstream uses 1.1.1.1 when INSTANCE_IP is not set.
+        let ip = ip.map_or_else(|| "1.1.1.1".to_string(), |i| i.to_string());
+        let mut metadata = BTreeMap::from([
+            ("NAME".to_string(), pod.to_string()),
+            ("NAMESPACE".to_string(), ns.to_string()),
+            ("INSTANCE_IPS".to_string(), ip.clone()),
+            ("CLUSTER_ID".to_string(), cluster_id.to_string()),
+        ]);
+        if let Some(node) = node {
+            metadata.insert("NODE_NAME".to_string(), node.to_string());
+        }
+        Self {
+            id: format!("ztunnel~{ip}~{pod}.{ns}~{ns}.svc.cluster.local"),
+            metadata,
+            cluster_id: cluster_id.to_string(),
+        }
+    }
+
+    fn to_proto(&self) -> Node {
+        let fields = self
+            .metadata
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue(v.clone())),
+                    },
+                )
+            })
+            .collect();
+        Node {
+            id: self.id.clone(),
+            metadata: Some(prost_types::Struct { fields }),
+            ..Default::default()
+        }
+    }
+}
+
+/// What the client reports about itself (for config_dump and `diagnose`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XdsStatus {
+    /// The control plane.
+    pub address: String,
+    /// Whether a stream is up.
+    pub connected: bool,
+    /// Types whose first response has been applied.
+    pub synced: BTreeSet<String>,
+    /// Resources held, by type.
+    pub resources: BTreeMap<String, usize>,
+    /// The last stream error.
+    pub last_error: Option<String>,
+    /// The last NACK sent.
+    pub last_nack: Option<String>,
+    /// Streams opened so far.
+    pub connections: u64,
+}
+
+/// Resources held, by type and name, with their versions.
+#[derive(Clone, Debug, Default)]
+struct Store {
+    workloads: BTreeMap<String, Workload>,
+    services: BTreeMap<String, Service>,
+    policies: BTreeMap<String, Authorization>,
+    versions: HashMap<String, BTreeMap<String, String>>,
+}
+
+enum Item {
+    Workload(Box<Workload>),
+    Service(Box<Service>),
+    Policy(Box<Authorization>),
+}
+
+impl Store {
+    fn insert(&mut self, type_url: &str, name: &str, version: &str, item: Item) {
+        self.remove(type_url, name);
+        match item {
+            Item::Workload(w) => {
+                self.workloads.insert(name.to_string(), *w);
+            }
+            Item::Service(s) => {
+                self.services.insert(name.to_string(), *s);
+            }
+            Item::Policy(p) => {
+                self.policies.insert(name.to_string(), *p);
+            }
+        }
+        self.versions
+            .entry(type_url.to_string())
+            .or_default()
+            .insert(name.to_string(), version.to_string());
+    }
+
+    fn remove(&mut self, type_url: &str, name: &str) {
+        if type_url == ADDRESS_TYPE {
+            self.workloads.remove(name);
+            self.services.remove(name);
+        } else {
+            self.policies.remove(name);
+        }
+        if let Some(v) = self.versions.get_mut(type_url) {
+            v.remove(name);
+        }
+    }
+
+    fn build(&self) -> Result<MeshState, crate::state::Error> {
+        MeshState::build(
+            self.workloads.values().cloned().collect(),
+            self.services.values().cloned().collect(),
+            self.policies.values().cloned().collect(),
+        )
+    }
+}
+
+fn decode(type_url: &str, resource: &Resource) -> Result<Item, String> {
+    let any = resource
+        .resource
+        .as_ref()
+        .ok_or("the resource has no body (only removals may be empty)")?;
+    if any.type_url != type_url {
+        return Err(format!(
+            "body is a {}, not the subscribed {type_url}",
+            any.type_url
+        ));
+    }
+    if type_url == ADDRESS_TYPE {
+        let address = crate::proto::workload::Address::decode(any.value.as_slice())
+            .map_err(|e| format!("does not decode as istio.workload.Address: {e}"))?;
+        match address.r#type {
+            Some(crate::proto::workload::address::Type::Workload(w)) => convert::workload(&w)
+                .map(|w| Item::Workload(Box::new(w)))
+                .map_err(|e| e.to_string()),
+            Some(crate::proto::workload::address::Type::Service(s)) => convert::service(&s)
+                .map(|s| Item::Service(Box::new(s)))
+                .map_err(|e| e.to_string()),
+            None => Err("Address holds neither a workload nor a service".into()),
+        }
+    } else {
+        let policy = crate::proto::security::Authorization::decode(any.value.as_slice())
+            .map_err(|e| format!("does not decode as istio.security.Authorization: {e}"))?;
+        convert::authorization(&policy)
+            .map(|p| Item::Policy(Box::new(p)))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The delta ADS client.
+pub struct XdsClient {
+    target: Target,
+    node: NodeInfo,
+    store: Store,
+    status: Arc<Mutex<XdsStatus>>,
+    /// Receives each new state.
+    on_state: Box<dyn Fn(MeshState) + Send + Sync>,
+    /// Signalled once every type has had its first response applied.
+    synced: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl XdsClient {
+    /// A client for `target`; `on_state` receives every new state.
+    pub fn new(
+        target: Target,
+        node: NodeInfo,
+        on_state: Box<dyn Fn(MeshState) + Send + Sync>,
+        synced: tokio::sync::oneshot::Sender<()>,
+    ) -> Self {
+        let status = XdsStatus {
+            address: target.authority.clone(),
+            ..Default::default()
+        };
+        Self {
+            target,
+            node,
+            store: Store::default(),
+            status: Arc::new(Mutex::new(status)),
+            on_state,
+            synced: Some(synced),
+        }
+    }
+
+    /// A handle on the client's status.
+    pub fn status(&self) -> Arc<Mutex<XdsStatus>> {
+        self.status.clone()
+    }
+
+    /// Runs until cancelled, reconnecting with backoff.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            let mut progressed = false;
+            let result = tokio::select! {
+                r = self.stream_once(&mut progressed) => r,
+                _ = cancel.cancelled() => return,
+            };
+            self.status_mut().connected = false;
+            let reason = match &result {
+                Ok(()) => "Complete",
+                Err(Error::Stream { status, .. })
+                    if status.code() == tonic::Code::Unavailable && !progressed =>
+                {
+                    "ConnectionError"
+                }
+                Err(_) => "Error",
+            };
+            crate::metrics::global().xds_terminated(reason);
+            match result {
+                Ok(()) => {
+                    tracing::warn!(address = %self.target.authority, "xDS stream closed by the server; reconnecting")
+                }
+                Err(e) => {
+                    let message = crate::telemetry::ErrorChain(&e).to_string();
+                    tracing::warn!(error = %message, retry_in = ?backoff, "xDS stream failed; serving the last state and reconnecting");
+                    self.status_mut().last_error = Some(message);
+                }
+            }
+            if progressed {
+                backoff = INITIAL_BACKOFF;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = cancel.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn status_mut(&self) -> std::sync::MutexGuard<'_, XdsStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn stream_once(&mut self, progressed: &mut bool) -> Result<(), Error> {
+        let address = self.target.authority.clone();
+        let stream_err = |status| Error::Stream {
+            address: address.clone(),
+            status: Box::new(status),
+        };
+        let mut client = AggregatedDiscoveryServiceClient::new(self.target.channel()?)
+            .max_decoding_message_size(200 * 1024 * 1024);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let node = self.node.to_proto();
+        for type_url in TYPES {
+            let versions = self
+                .store
+                .versions
+                .get(type_url)
+                .cloned()
+                .unwrap_or_default();
+            let request = DeltaDiscoveryRequest {
+                node: Some(node.clone()),
+                type_url: type_url.to_string(),
+                initial_resource_versions: versions.into_iter().collect(),
+                ..Default::default()
+            };
+            // The receiver lives until the end of this function.
+            let _ = tx.send(request);
+        }
+        let requests = request_stream(rx);
+        let mut request = tonic::Request::new(requests);
+        self.target.authorize(&mut request);
+        if let Ok(v) = self.node.cluster_id.parse() {
+            request.metadata_mut().insert("clusterid", v);
+        }
+        let mut responses = client
+            .delta_aggregated_resources(request)
+            .await
+            .map_err(stream_err)?
+            .into_inner();
+        {
+            let mut status = self.status_mut();
+            status.connected = true;
+            status.connections += 1;
+        }
+        tracing::info!(address = %self.target.authority, node = %self.node.id, "xDS stream established");
+        while let Some(response) = responses.message().await.map_err(stream_err)? {
+            *progressed = true;
+            let ack = self.handle(response);
+            if tx.send(ack).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one response; returns its ACK or NACK.
+    fn handle(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let type_url = response.type_url.clone();
+        crate::metrics::global().xds_received(&type_url, response.encoded_len());
+        let mut errors = Vec::new();
+        if !TYPES.contains(&type_url.as_str()) {
+            errors.push(format!("type {type_url} was not subscribed to"));
+        } else {
+            let mut next = self.store.clone();
+            for resource in &response.resources {
+                match decode(&type_url, resource) {
+                    Ok(item) => next.insert(&type_url, &resource.name, &resource.version, item),
+                    Err(problem) => errors.push(format!("{}: {problem}", resource.name)),
+                }
+            }
+            for name in &response.removed_resources {
+                next.remove(&type_url, name);
+            }
+            match next.build() {
+                Ok(state) => {
+                    self.store = next;
+                    tracing::info!(
+                        type_url = %type_url,
+                        updated = response.resources.len() - errors.len(),
+                        removed = response.removed_resources.len(),
+                        rejected = errors.len(),
+                        "xDS update applied"
+                    );
+                    (self.on_state)(state);
+                    self.mark_synced(&type_url);
+                }
+                Err(e) => {
+                    errors.clear();
+                    errors.push(format!(
+                        "response refused as a whole, previous state kept: {e}"
+                    ));
+                }
+            }
+        }
+        {
+            let mut status = self.status_mut();
+            status.resources = BTreeMap::from([
+                (
+                    ADDRESS_TYPE.to_string(),
+                    self.store.workloads.len() + self.store.services.len(),
+                ),
+                (AUTHORIZATION_TYPE.to_string(), self.store.policies.len()),
+            ]);
+            if !errors.is_empty() {
+                status.last_nack = Some(errors.join("; "));
+            }
+        }
+        let error_detail = (!errors.is_empty()).then(|| {
+            let message = errors.join("; ");
+            tracing::error!(type_url = %type_url, nonce = %response.nonce, error = %message, "xDS resources rejected (NACK)");
+            Status {
+                code: INVALID_ARGUMENT,
+                message,
+                details: Vec::new(),
+            }
+        });
+        DeltaDiscoveryRequest {
+            type_url,
+            response_nonce: response.nonce,
+            error_detail,
+            ..Default::default()
+        }
+    }
+
+    fn mark_synced(&mut self, type_url: &str) {
+        let all = {
+            let mut status = self.status_mut();
+            status.synced.insert(type_url.to_string());
+            TYPES.iter().all(|t| status.synced.contains(*t))
+        };
+        if all {
+            if let Some(tx) = self.synced.take() {
+                tracing::info!("xDS initial sync complete");
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// The request stream: whatever is sent on `rx`, in order.
+fn request_stream(
+    rx: mpsc::UnboundedReceiver<DeltaDiscoveryRequest>,
+) -> impl tokio_stream::Stream<Item = DeltaDiscoveryRequest> + Send + 'static {
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+}
