@@ -155,7 +155,7 @@ impl Agent {
 
     /// Waits for readiness.
     pub fn wait_ready(&mut self) {
-        self.wait_log(&["ztunnel_agent::app", "ready"]);
+        self.wait_log(&["ztunnel_agent::readiness", "all readiness blockers cleared"]);
     }
 
     /// Whether the process is still running.

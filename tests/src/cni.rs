@@ -109,8 +109,13 @@ impl CniServer {
         self.send_raw(&req.encode_to_vec(), fd)
     }
 
-    /// `add` with the pod's netns.
+    /// `add` with the pod's netns (service account `default`).
     pub fn add(&self, uid: &str, name: &str, netns: &Path) -> String {
+        self.add_as(uid, name, "default", netns)
+    }
+
+    /// `add` with the pod's netns and service account.
+    pub fn add_as(&self, uid: &str, name: &str, sa: &str, netns: &Path) -> String {
         let file = File::open(netns).expect("open pod netns");
         self.send(
             workload_request::Payload::Add(AddWorkload {
@@ -118,7 +123,7 @@ impl CniServer {
                 workload_info: Some(WorkloadInfo {
                     name: name.into(),
                     namespace: "default".into(),
-                    service_account: "default".into(),
+                    service_account: sa.into(),
                     windows_namespace: None,
                 }),
             }),

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod cni;
+pub mod control_plane;
 pub mod mesh;
 pub mod topology;
 pub mod traffic;

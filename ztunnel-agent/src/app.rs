@@ -57,7 +57,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let client = CaClient::new(target.clone())?;
             tracing::info!(ca = %target.authority, "workload certificates come from the istiod CA");
             CertManager::new(
-                CertSource::Istiod(client),
+                CertSource::Istiod(Box::new(client)),
                 &config.trust_domain,
                 config.cert_ttl,
                 config.mesh_roots.clone(),
@@ -152,6 +152,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
         xds_synced = Some(synced_rx);
     }
+    if let Some(path) = &config.mesh_roots_path {
+        tokio::spawn(watch_roots(
+            path.clone(),
+            mesh.certs.clone(),
+            shutdown.clone(),
+        ));
+    }
     if config.ca.is_some() {
         tokio::spawn(track_certificates(
             mesh.certs.clone(),
@@ -205,7 +212,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tracing::info!(swept, "stale pods removed from the kernel maps");
         }
         readiness.unblock(BLOCK_PODS);
-        tracing::info!("ready");
     }
 
     tokio::select! {
@@ -255,6 +261,29 @@ async fn unenroll_removed(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Root rotation: roots added to the bundle file (Kubernetes updates the mounted ConfigMap)
+/// are trusted from then on, before the CA starts signing with them.
+async fn watch_roots(
+    path: std::path::PathBuf,
+    certs: Arc<CertManager>,
+    shutdown: CancellationToken,
+) {
+    let mut last = std::fs::read(&path).unwrap_or_default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let Ok(now) = std::fs::read(&path) else {
+            continue;
+        };
+        if now != last {
+            certs.add_roots(crate::grpc::parse_pem_certs(&now));
+            last = now;
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct Config {
     pub xds: Option<crate::grpc::Target>,
     /// istiod's CA; without it the local CA issues certificates.
     pub ca: Option<crate::grpc::Target>,
+    /// The mesh root bundle file, re-read for root rotation (control-plane mode).
+    pub mesh_roots_path: Option<PathBuf>,
     /// Roots trusted for workload certificates besides those the CA returns.
     pub mesh_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// How the agent introduces itself to xDS.
@@ -148,6 +150,7 @@ impl Config {
             &args.cluster_id,
         );
         Ok(Self {
+            mesh_roots_path: ca.as_ref().map(|_| args.ca_root_ca.clone()),
             xds,
             ca,
             mesh_roots,

@@ -12,13 +12,19 @@ pub struct Readiness {
 impl Readiness {
     /// Adds a blocker.
     pub fn block(&self, name: &'static str) {
-        self.lock().insert(name);
+        if self.lock().insert(name) {
+            tracing::info!(blocker = name, "not ready");
+        }
     }
 
     /// Removes a blocker.
     pub fn unblock(&self, name: &'static str) {
-        if self.lock().remove(name) {
+        let mut blockers = self.lock();
+        if blockers.remove(name) {
             tracing::info!(blocker = name, "readiness blocker cleared");
+            if blockers.is_empty() {
+                tracing::info!("ready: all readiness blockers cleared");
+            }
         }
     }
 

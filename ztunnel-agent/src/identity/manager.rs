@@ -22,6 +22,8 @@ use super::Identity;
 
 /// First retry after a failed request to istiod; doubles up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
+/// Shortest wait before renewing a certificate just received.
+const MIN_RENEWAL_WAIT: Duration = Duration::from_millis(500);
 /// Longest wait between retries for one identity.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -108,9 +110,9 @@ pub enum Error {
 #[derive(Debug)]
 pub enum CertSource {
     /// The built-in CA (standalone mode).
-    Local(LocalCa),
+    Local(Box<LocalCa>),
     /// istiod's `IstioCertificateService`.
-    Istiod(CaClient),
+    Istiod(Box<CaClient>),
 }
 
 #[derive(Debug)]
@@ -163,7 +165,7 @@ impl CertManager {
     /// A manager over the local CA.
     pub fn local(ca: LocalCa, validity: Duration) -> Self {
         let td = ca.trust_domain().to_string();
-        Self::new(CertSource::Local(ca), &td, validity, Vec::new())
+        Self::new(CertSource::Local(Box::new(ca)), &td, validity, Vec::new())
     }
 
     /// The trust domain peers must be in.
@@ -332,9 +334,12 @@ impl CertManager {
                     Ok(cert) => {
                         backoff = INITIAL_BACKOFF;
                         tracing::info!(identity = %identity, expires = ?cert.not_after, "workload certificate issued by the CA");
+                        // A floor, so a CA handing out nearly expired certificates is not
+                        // asked again in a tight loop.
                         cert.renewal_time()
                             .duration_since(SystemTime::now())
                             .unwrap_or_default()
+                            .max(MIN_RENEWAL_WAIT)
                     }
                     Err(e) => self.failed(&identity, &e, &mut backoff),
                 },
