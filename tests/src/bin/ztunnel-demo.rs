@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: a demo node with the troubleshooting guide's pods, a real agent,
-//! captured traffic, and the guide's troubleshooting views printed. Pass `--keep` to leave it
+//! `cargo xtask demo`: a demo node with the troubleshooting guide's pods enrolled by a
+//! simulated istio-cni, a real agent fed by the development control plane (delta xDS and CA
+//! over TLS), captured traffic, and the guide's troubleshooting views printed. Pass `--keep` to leave it
 //! running until Ctrl-C.
 
 use std::io::{Read, Write};
@@ -9,6 +10,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use ztunnel_e2e::agent::{agent_binary, Agent};
+use ztunnel_e2e::cni::CniServer;
+use ztunnel_e2e::control_plane::{ControlPlane, Settings};
 use ztunnel_e2e::mesh::guide;
 use ztunnel_e2e::sh;
 use ztunnel_e2e::topology::{Pod, Topology};
@@ -69,18 +72,57 @@ fn main() {
         println!("  service {svc:<12} VIP {vip}:9080");
     }
     let yaml = guide::mesh_yaml(&pods, "demo-node", true);
-    let config: PathBuf = std::env::temp_dir().join("zt-demo-mesh.yaml");
+    let dir: PathBuf = std::env::temp_dir().join("zt-demo-cp");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("demo dir");
+    let config = dir.join("mesh.yaml");
     std::fs::write(&config, &yaml).expect("write demo config");
-    let config_arg = config.display().to_string();
 
-    heading(&format!(
-        "agent: ztunnel-agent run --node-name demo-node --local-xds-path {config_arg}"
-    ));
-    let mut agent = Agent::start_pinned(
-        &topo,
-        PathBuf::from(PIN_DIR),
-        &["--node-name", "demo-node", "--local-xds-path", &config_arg],
+    heading("control plane: the development istiod (delta xDS + CA over TLS on 127.0.0.1:15012, debug on :15014), fed from the guide's mesh");
+    let token = dir.join("istio-token");
+    std::fs::write(&token, "demo-token").expect("token");
+    let cp = ControlPlane::start(
+        Settings {
+            mesh: config.clone(),
+            ca_dir: dir.join("ca"),
+            max_cert_ttl: std::time::Duration::from_secs(24 * 3600),
+            token: Some("demo-token".into()),
+        },
+        vec![ControlPlane::bind_in(&topo.node_path(), 15012)],
+        vec![ControlPlane::bind_in(&topo.node_path(), 15014)],
     );
+    let roots = cp.roots_path.display().to_string();
+    let sock = dir.join("ztunnel.sock");
+    let mut cni = CniServer::listen(&sock);
+    let sock_arg = sock.display().to_string();
+    let token_arg = token.display().to_string();
+    let args = [
+        "--node-name",
+        "demo-node",
+        "--pod-name",
+        "ztunnel-demo",
+        "--pod-namespace",
+        "istio-system",
+        "--xds-address",
+        "127.0.0.1:15012",
+        "--xds-root-ca",
+        &roots,
+        "--ca-root-ca",
+        &roots,
+        "--auth-token",
+        &token_arg,
+        "--inpod-uds",
+        &sock_arg,
+    ];
+    heading(&format!("agent: ztunnel-agent run {}", args.join(" ")));
+    let mut agent = Agent::start_pinned(&topo, PathBuf::from(PIN_DIR), &args);
+    cni.accept_hello();
+    heading("istio-cni (ZDS): the guide's pods added with their network namespaces");
+    for (pod, (name, sa, _, _)) in pods.iter().zip(guide::PODS) {
+        let ack = cni.add_as(&format!("uid-{name}"), name, sa, &pod.netns_path());
+        println!("  add {name:<16} sa {sa:<22} ack {:?}", ack);
+    }
+    cni.snapshot_sent();
     agent.wait_ready();
     for line in agent.lines_with(&["pod enrolled"]) {
         println!("  {line}");
@@ -122,6 +164,22 @@ fn main() {
     heading("kubectl logs -l app=ztunnel | grep -E \"inbound|outbound\"  (the agent's log)");
     for line in agent.lines_with(&["connection complete"]) {
         println!("  {line}");
+    }
+
+    heading("curl 'localhost:15014/debug/config_dump?proxyID=ztunnel-demo'  (istiod's view; first lines)");
+    let debug = Command::new("nsenter")
+        .arg(format!("--net={}", topo.node_path().display()))
+        .args([
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15014/debug/config_dump?proxyID=ztunnel-demo",
+        ])
+        .output()
+        .expect("istiod debug view");
+    for l in String::from_utf8_lossy(&debug.stdout).lines().take(16) {
+        println!("  {l}");
     }
 
     for section in ["workloads", "services", "certificates"] {
@@ -195,6 +253,8 @@ fn main() {
     }
     heading("tearing down: agent stopped, `ztunnel-agent redirect uninstall`, namespaces deleted");
     drop(agent);
+    drop(cni);
+    drop(cp);
     drop(topo);
     let _ = agent_binary();
 }
