@@ -30,7 +30,11 @@ fn every_daemonset_env_var_is_an_agent_setting() {
         .expect("agent --help");
     let help = String::from_utf8_lossy(&help.stdout);
     let mut checked = 0;
-    for manifest in ["base/daemonset.yaml", "overlays/example/debug-logging.yaml"] {
+    for manifest in [
+        "base/daemonset.yaml",
+        "overlays/example/debug-logging.yaml",
+        "overlays/standalone/local-config.yaml",
+    ] {
         let names = env_names(&deploy.join(manifest));
         assert!(!names.is_empty(), "{manifest} sets no environment");
         for name in names {
