@@ -479,7 +479,7 @@ fn one_hop(test: &str, log_args: &[&str]) -> (Topology, Agent, Pod, Pod, Server)
     let mut args = vec!["--node-name", "node-1", "--local-xds-path", &config_arg];
     args.extend_from_slice(log_args);
     let mut agent = Agent::start(&topo, &args);
-    agent.wait_log(&["ready"]);
+    agent.wait_ready();
     (topo, agent, client, server_pod, server)
 }
 
