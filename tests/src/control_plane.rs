@@ -119,13 +119,8 @@ impl ControlPlane {
     /// serve agents there): `grpc` for xDS and the CA, `debug` for the debug view. The server
     /// certificate names every gRPC listener's IP and `istiod.istio-system.svc`.
     pub fn start(settings: Settings, grpc: Vec<TcpListener>, debug: Vec<TcpListener>) -> Self {
-        let ca = Arc::new(
-            LocalCa::load_or_create(&settings.ca_dir, "cluster.local").expect("control-plane CA"),
-        );
-        let roots_path = settings.ca_dir.join("roots.pem");
-        if !roots_path.exists() {
-            std::fs::write(&roots_path, ca.root_pem()).expect("write roots");
-        }
+        let (ca, roots_path) = Self::prepare_root(&settings.ca_dir);
+        let ca = Arc::new(ca);
         let addresses: Vec<SocketAddr> =
             grpc.iter().map(|l| l.local_addr().expect("addr")).collect();
         let debug_addresses = debug
@@ -209,6 +204,18 @@ impl ControlPlane {
         });
         me.runtime = Some(runtime);
         me
+    }
+
+    /// The CA root in `ca_dir` (created if absent) and the bundle file agents trust
+    /// (`<ca_dir>/roots.pem`). Tests call it before starting an agent that must read the
+    /// bundle while the control plane is not up yet.
+    pub fn prepare_root(ca_dir: &Path) -> (LocalCa, PathBuf) {
+        let ca = LocalCa::load_or_create(ca_dir, "cluster.local").expect("control-plane CA");
+        let roots_path = ca_dir.join("roots.pem");
+        if !roots_path.exists() {
+            std::fs::write(&roots_path, ca.root_pem()).expect("write roots");
+        }
+        (ca, roots_path)
     }
 
     /// Binds `127.0.0.1:port` inside `netns` (a node's network namespace) for it.

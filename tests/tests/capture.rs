@@ -32,16 +32,7 @@ fn start_agent_with(
     enrolled: &[&Pod],
     extra: &[&str],
 ) -> (Agent, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
-    std::fs::create_dir_all(&dir).expect("config dir");
-    let config = dir.join("mesh.yaml");
-    std::fs::write(&config, mesh_yaml(enrolled)).expect("write config");
-    let config_arg = config.display().to_string();
-    let mut args = vec!["--node-name", NODE, "--local-xds-path", &config_arg];
-    args.extend_from_slice(extra);
-    let mut agent = Agent::start(topo, &args);
-    agent.wait_ready();
-    (agent, config)
+    Agent::start_local(topo, NODE, &mesh_yaml(enrolled), extra)
 }
 
 fn addr(ip: IpAddr, port: u16) -> SocketAddr {

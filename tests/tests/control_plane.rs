@@ -69,7 +69,7 @@ fn start_cp(topo: &Topology, settings: Settings) -> ControlPlane {
 
 /// Starts topology, pods, CNI and agent; the control plane is the caller's (it may start
 /// later or serve the CA elsewhere). `ca` is the CA address.
-fn start_mesh(test: &str, ca: &str, dir_setup: impl FnOnce(&Path, &Path)) -> Mesh {
+fn start_mesh(test: &str, ca: &str) -> Mesh {
     let mut topo = Topology::new(test);
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
@@ -81,8 +81,9 @@ fn start_mesh(test: &str, ca: &str, dir_setup: impl FnOnce(&Path, &Path)) -> Mes
     std::fs::write(&mesh_path, mesh_yaml(&client, &server, true, false)).expect("mesh");
     let token = dir.join("token");
     std::fs::write(&token, TOKEN).expect("token");
-    dir_setup(&dir, &mesh_path);
-    let roots = dir.join("cp-ca/roots.pem");
+    // The root exists before the agent starts: it reads the bundle even while no control
+    // plane is up.
+    let (_, roots) = ControlPlane::prepare_root(&dir.join("cp-ca"));
     let sock = dir.join("cni.sock");
     let mut cni = CniServer::listen(&sock);
     let xds = format!("127.0.0.1:{XDS_PORT}");
@@ -131,15 +132,6 @@ fn start_mesh(test: &str, ca: &str, dir_setup: impl FnOnce(&Path, &Path)) -> Mes
     }
 }
 
-/// A control plane whose root lives in `<dir>/cp-ca` (created before the agent starts, so
-/// the agent can read the root bundle).
-fn prepare_ca(dir: &Path) {
-    let ca =
-        ztunnel_agent::identity::ca::LocalCa::load_or_create(&dir.join("cp-ca"), "cluster.local")
-            .expect("CA root");
-    std::fs::write(dir.join("cp-ca/roots.pem"), ca.root_pem()).expect("roots");
-}
-
 fn hbone_exchange(m: &Mesh, payload: &str) -> String {
     let dst = SocketAddr::new(m.server.ip4, 9080);
     exchange(&m.client.netns_path(), dst, payload)
@@ -157,7 +149,7 @@ fn xds_drives_state_traffic_and_enrollment() {
         return;
     }
     let addr = format!("127.0.0.1:{XDS_PORT}");
-    let mut m = start_mesh("cp-xds", &addr, |dir, _| prepare_ca(dir));
+    let mut m = start_mesh("cp-xds", &addr);
     let cp = start_cp(
         &m.topo,
         settings(&m.dir, &m.mesh_path, Duration::from_secs(3600)),
@@ -181,7 +173,12 @@ fn xds_drives_state_traffic_and_enrollment() {
         "{}",
         subs[0].node
     );
-    assert!(cp.replies().iter().all(|r| r.error.is_none()), "all ACKs");
+    // One answer per initial response, every one an ACK.
+    let replies = wait_for("the ACKs", Duration::from_secs(5), || {
+        let r = cp.replies();
+        (r.len() >= 2).then_some(r)
+    });
+    assert!(replies.iter().all(|r| r.error.is_none()), "{replies:?}");
 
     // Traffic follows the xDS state: HBONE with identities, certificates from the CA.
     assert_eq!(hbone_exchange(&m, "xds"), "hello xds");
@@ -249,7 +246,7 @@ fn control_plane_restart_keeps_traffic_and_resyncs() {
         return;
     }
     let addr = format!("127.0.0.1:{XDS_PORT}");
-    let mut m = start_mesh("cp-restart", &addr, |dir, _| prepare_ca(dir));
+    let mut m = start_mesh("cp-restart", &addr);
     let s = settings(&m.dir, &m.mesh_path, Duration::from_secs(3600));
     let cp = start_cp(&m.topo, s.clone());
     m.agent.wait_ready();
@@ -313,7 +310,7 @@ fn invalid_resource_is_nacked_and_the_rest_applies() {
         return;
     }
     let addr = format!("127.0.0.1:{XDS_PORT}");
-    let mut m = start_mesh("cp-nack", &addr, |dir, _| prepare_ca(dir));
+    let mut m = start_mesh("cp-nack", &addr);
     let cp = start_cp(
         &m.topo,
         settings(&m.dir, &m.mesh_path, Duration::from_secs(3600)),
@@ -387,7 +384,7 @@ fn certificates_renew_under_a_live_transfer_and_roots_rotate() {
         return;
     }
     let addr = format!("127.0.0.1:{XDS_PORT}");
-    let mut m = start_mesh("cp-renew", &addr, |dir, _| prepare_ca(dir));
+    let mut m = start_mesh("cp-renew", &addr);
     // Four-second certificates: renewed about every two seconds.
     let cp = start_cp(
         &m.topo,
@@ -447,7 +444,7 @@ fn ca_down_or_wrong_keeps_the_node_unready_until_it_recovers() {
     }
     // xDS on 15012; the CA on 15013, where nothing listens yet.
     let ca_addr = "127.0.0.1:15013";
-    let mut m = start_mesh("cp-ca", ca_addr, |dir, _| prepare_ca(dir));
+    let mut m = start_mesh("cp-ca", ca_addr);
     let s = settings(&m.dir, &m.mesh_path, Duration::from_secs(3600));
     let _xds = start_cp(&m.topo, s.clone());
     m.agent.wait_log(&["xDS initial sync complete"]);

@@ -27,14 +27,8 @@ fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
             (p.name != "curl").then(|| Server::start(p.netns_path(), SocketAddr::new(p.ip4, 9080)))
         })
         .collect();
-    let config = std::env::temp_dir().join("zt-guide-mesh.yaml");
-    std::fs::write(&config, guide::mesh_yaml(&pods, "node-1", false)).expect("config");
-    let config_arg = config.display().to_string();
-    let mut agent = Agent::start(
-        &topo,
-        &["--node-name", "node-1", "--local-xds-path", &config_arg],
-    );
-    agent.wait_ready();
+    let yaml = guide::mesh_yaml(&pods, "node-1", false);
+    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
     let curl = &pods[2];
 
     // 10 requests from curl to productpage:9080.
@@ -410,7 +404,6 @@ fn large_transfers_arrive_intact_both_ways_with_half_close() {
     let mut topo = Topology::new("bulk");
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
-    let config = std::env::temp_dir().join("zt-bulk-mesh.yaml");
     let yaml = mesh::yaml(
         &[
             Workload::hbone(&client, "client", "node-1"),
@@ -418,13 +411,7 @@ fn large_transfers_arrive_intact_both_ways_with_half_close() {
         ],
         &[],
     );
-    std::fs::write(&config, yaml).expect("config");
-    let config_arg = config.display().to_string();
-    let mut agent = Agent::start(
-        &topo,
-        &["--node-name", "node-1", "--local-xds-path", &config_arg],
-    );
-    agent.wait_ready();
+    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
 
     // The server reads until the client's half-close arrives (proving it propagated), then
     // answers with the hash of what it got and LEN bytes of its own.
@@ -472,14 +459,8 @@ fn one_hop(test: &str, log_args: &[&str]) -> (Topology, Agent, Pod, Pod, Server)
         server_pod.netns_path(),
         SocketAddr::new(server_pod.ip4, 9080),
     );
-    let config = std::env::temp_dir().join(format!("zt-{test}-mesh.yaml"));
     let yaml = mesh::yaml(&[Workload::hbone(&client, "client", "node-1")], &[]);
-    std::fs::write(&config, yaml).expect("config");
-    let config_arg = config.display().to_string();
-    let mut args = vec!["--node-name", "node-1", "--local-xds-path", &config_arg];
-    args.extend_from_slice(log_args);
-    let mut agent = Agent::start(&topo, &args);
-    agent.wait_ready();
+    let (agent, _) = Agent::start_local(&topo, "node-1", &yaml, log_args);
     (topo, agent, client, server_pod, server)
 }
 
@@ -567,14 +548,7 @@ fn authorization_on_hbone_and_plaintext() {
          - name: deny-9999\n  namespace: default\n  scope: Namespace\n  action: Deny\n  rules:\n  - - - destinationPorts: [9999]\n\
          - name: allow-curl\n  namespace: default\n  scope: Namespace\n  action: Allow\n  rules:\n  - - - principals: [{Exact: cluster.local/ns/default/sa/curl}]\n",
     );
-    let config = std::env::temp_dir().join("zt-authz-mesh.yaml");
-    std::fs::write(&config, yaml).expect("config");
-    let config_arg = config.display().to_string();
-    let mut agent = Agent::start(
-        &topo,
-        &["--node-name", "node-1", "--local-xds-path", &config_arg],
-    );
-    agent.wait_ready();
+    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
 
     // Allowed: the principal the ALLOW policy names, over HBONE.
     let ok = exchange(&client.netns_path(), SocketAddr::new(server.ip4, 9080), "a")
@@ -651,14 +625,8 @@ fn late_rejection_closes_live_connections_when_policy_changes() {
         Workload::hbone(&client, "curl", "node-1"),
         Workload::hbone(&server, "server", "node-1"),
     ];
-    let config = std::env::temp_dir().join("zt-late-mesh.yaml");
-    std::fs::write(&config, mesh::yaml(&workloads, &[])).expect("config");
-    let config_arg = config.display().to_string();
-    let mut agent = Agent::start(
-        &topo,
-        &["--node-name", "node-1", "--local-xds-path", &config_arg],
-    );
-    agent.wait_ready();
+    let yaml = mesh::yaml(&workloads, &[]);
+    let (agent, config) = Agent::start_local(&topo, "node-1", &yaml, &[]);
 
     // Two live connections (the test server answers only after EOF, so they stay open).
     let dst = SocketAddr::new(server.ip4, 9080);

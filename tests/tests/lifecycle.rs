@@ -251,9 +251,6 @@ fn admin_logging_quit_and_loopback_only() {
     let server = topo.add_pod("server", 11);
     let outsider = topo.add_pod("outsider", 12);
     let _app = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9080));
-    let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("mesh.yaml");
     let yaml = mesh::yaml(
         &[
             Workload::hbone(&client, "curl", "node-1"),
@@ -261,13 +258,7 @@ fn admin_logging_quit_and_loopback_only() {
         ],
         &[],
     );
-    std::fs::write(&config, yaml).expect("config");
-    let config_arg = config.display().to_string();
-    let mut agent = Agent::start(
-        &topo,
-        &["--node-name", "node-1", "--local-xds-path", &config_arg],
-    );
-    agent.wait_ready();
+    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
     let dst = SocketAddr::new(server.ip4, 9080);
     let closed = |agent: &Agent| {
         ztunnel_e2e::metric_sum(

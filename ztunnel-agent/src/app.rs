@@ -133,12 +133,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             target.clone(),
             config.node.clone(),
             Box::new(move |next| {
-                m.state.replace(next);
-                // Late rejection: live connections the new policies deny are closed.
-                let closed = m.tracker.reevaluate(&m.state.snapshot());
-                if closed > 0 {
-                    tracing::info!(closed, "connections closed by the changed policies");
-                }
+                m.apply_state(next);
                 c.notify_one();
             }),
             synced_tx,
@@ -282,7 +277,7 @@ async fn watch_roots(
             continue;
         };
         if now != last {
-            certs.add_roots(crate::grpc::parse_pem_certs(&now));
+            certs.add_roots(crate::identity::ca::parse_pem_certs(&now));
             last = now;
         }
     }

@@ -172,7 +172,7 @@ pub fn read_roots(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<
         flag,
         source,
     })?;
-    let roots = parse_pem_certs(&text);
+    let roots = crate::identity::ca::parse_pem_certs(&text);
     if roots.is_empty() {
         return Err(Error::NoRoots {
             path: path.to_path_buf(),
@@ -180,22 +180,6 @@ pub fn read_roots(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<
         });
     }
     Ok(roots)
-}
-
-/// Every CERTIFICATE block of PEM text (other blocks and garbage between them are skipped).
-pub fn parse_pem_certs(text: &[u8]) -> Vec<CertificateDer<'static>> {
-    let mut certs = Vec::new();
-    let mut rest = text;
-    while let Ok((remaining, pem)) = x509_parser::pem::parse_x509_pem(rest) {
-        if pem.label == "CERTIFICATE" {
-            certs.push(CertificateDer::from(pem.contents));
-        }
-        if remaining.len() >= rest.len() {
-            break;
-        }
-        rest = remaining;
-    }
-    certs
 }
 
 #[cfg(test)]

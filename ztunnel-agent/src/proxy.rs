@@ -70,6 +70,18 @@ pub struct MeshContext {
     pub tracker: Arc<tracker::Tracker>,
 }
 
+impl MeshContext {
+    /// Installs a new mesh state from any source (local file, xDS) and closes the live
+    /// connections its policies now deny (late rejection).
+    pub fn apply_state(&self, next: crate::state::MeshState) {
+        self.state.replace(next);
+        let closed = self.tracker.reevaluate(&self.state.snapshot());
+        if closed > 0 {
+            tracing::info!(closed, "connections closed by the changed policies");
+        }
+    }
+}
+
 /// The pod a listener serves.
 pub struct PodProxy {
     /// Pod uid (the workload key in the mesh state).

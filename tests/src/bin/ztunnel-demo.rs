@@ -22,6 +22,16 @@ fn heading(text: &str) {
     println!("\n\x1b[1m== {text}\x1b[0m");
 }
 
+/// `curl` run inside the network namespace at `netns` (as an operator would from that pod
+/// or node).
+fn curl_in(netns: &std::path::Path, url: &str) -> std::process::Output {
+    Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["curl", "-sS", "--max-time", "5", url])
+        .output()
+        .expect("run curl")
+}
+
 /// A tiny HTTP server on :9080 inside the pod, answering with the pod's name.
 fn serve_http(pod: &Pod) {
     let netns = std::fs::File::open(pod.netns_path()).expect("open pod netns");
@@ -143,17 +153,7 @@ fn main() {
         "10.96.0.14:9080".to_string(),
         "10.96.0.14:9080".to_string(),
     ] {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", curl.netns_path().display()))
-            .args([
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                &format!("http://{target}/"),
-            ])
-            .output()
-            .expect("run curl");
+        let out = curl_in(&curl.netns_path(), &format!("http://{target}/"));
         print!("  {target} -> {}", String::from_utf8_lossy(&out.stdout));
         if !out.status.success() {
             println!("  curl failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -167,17 +167,10 @@ fn main() {
     }
 
     heading("curl 'localhost:15014/debug/config_dump?proxyID=ztunnel-demo'  (istiod's view; first lines)");
-    let debug = Command::new("nsenter")
-        .arg(format!("--net={}", topo.node_path().display()))
-        .args([
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15014/debug/config_dump?proxyID=ztunnel-demo",
-        ])
-        .output()
-        .expect("istiod debug view");
+    let debug = curl_in(
+        &topo.node_path(),
+        "http://127.0.0.1:15014/debug/config_dump?proxyID=ztunnel-demo",
+    );
     for l in String::from_utf8_lossy(&debug.stdout).lines().take(16) {
         println!("  {l}");
     }
@@ -191,17 +184,7 @@ fn main() {
 
     heading("curl localhost:15020/metrics | grep istio_tcp_connections_opened  (first samples)");
     let node = topo.node_path();
-    let metrics = Command::new("nsenter")
-        .arg(format!("--net={}", node.display()))
-        .args([
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15020/metrics",
-        ])
-        .output()
-        .expect("scrape metrics");
+    let metrics = curl_in(&node, "http://127.0.0.1:15020/metrics");
     for l in String::from_utf8_lossy(&metrics.stdout)
         .lines()
         .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))

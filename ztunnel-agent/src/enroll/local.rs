@@ -66,12 +66,7 @@ pub async fn watch(
         match local::load_state(&path, &text) {
             Ok((state, workloads)) => {
                 tracing::info!(path = %path.display(), "local config changed; applying");
-                mesh.state.replace(state);
-                // Late rejection: live connections the new policies deny are closed.
-                let closed = mesh.tracker.reevaluate(&mesh.state.snapshot());
-                if closed > 0 {
-                    tracing::info!(closed, "connections closed by the changed policies");
-                }
+                mesh.apply_state(state);
                 apply(&workloads, &node, &enrollment).await;
             }
             Err(e) => {

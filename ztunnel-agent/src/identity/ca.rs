@@ -118,12 +118,15 @@ impl LocalCa {
         let issuer = params
             .self_signed(&key)
             .map_err(|e| crypto("loading the root", e))?;
-        let root_der = pem_to_der(&cert_pem).ok_or_else(|| {
-            crypto(
-                "reading root-cert.pem",
-                rcgen::Error::CouldNotParseCertificate,
-            )
-        })?;
+        let root_der = parse_pem_certs(cert_pem.as_bytes())
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                crypto(
+                    "reading root-cert.pem",
+                    rcgen::Error::CouldNotParseCertificate,
+                )
+            })?;
         Ok(Self {
             dir: dir.to_path_buf(),
             issuer,
@@ -278,8 +281,18 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
-/// The DER of the first certificate in a PEM string.
-fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {
-    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
-    Some(CertificateDer::from(block.contents))
+/// Every CERTIFICATE block of PEM text (other blocks and garbage between them are skipped).
+pub fn parse_pem_certs(text: &[u8]) -> Vec<CertificateDer<'static>> {
+    let mut certs = Vec::new();
+    let mut rest = text;
+    while let Ok((remaining, pem)) = x509_parser::pem::parse_x509_pem(rest) {
+        if pem.label == "CERTIFICATE" {
+            certs.push(CertificateDer::from(pem.contents));
+        }
+        if remaining.len() >= rest.len() {
+            break;
+        }
+        rest = remaining;
+    }
+    certs
 }

@@ -124,7 +124,7 @@ impl CaClient {
         let mut chain: Vec<CertificateDer<'static>> = response
             .cert_chain
             .iter()
-            .flat_map(|pem| crate::grpc::parse_pem_certs(pem.as_bytes()))
+            .flat_map(|pem| crate::identity::ca::parse_pem_certs(pem.as_bytes()))
             .collect();
         let leaf = chain
             .first()

@@ -11,7 +11,6 @@
 //! 10 ms to 15 s. The stream never stops the agent: it keeps serving on its last state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::Message;
@@ -118,26 +117,6 @@ impl NodeInfo {
     }
 }
 
-/// What the client reports about itself (for config_dump and `diagnose`).
-#[derive(Clone, Debug, Default, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct XdsStatus {
-    /// The control plane.
-    pub address: String,
-    /// Whether a stream is up.
-    pub connected: bool,
-    /// Types whose first response has been applied.
-    pub synced: BTreeSet<String>,
-    /// Resources held, by type.
-    pub resources: BTreeMap<String, usize>,
-    /// The last stream error.
-    pub last_error: Option<String>,
-    /// The last NACK sent.
-    pub last_nack: Option<String>,
-    /// Streams opened so far.
-    pub connections: u64,
-}
-
 /// Resources held, by type and name, with their versions.
 #[derive(Clone, Debug, Default)]
 struct Store {
@@ -231,7 +210,8 @@ pub struct XdsClient {
     target: Target,
     node: NodeInfo,
     store: Store,
-    status: Arc<Mutex<XdsStatus>>,
+    /// Types whose first response has been applied.
+    synced_types: BTreeSet<String>,
     /// Receives each new state.
     on_state: Box<dyn Fn(MeshState) + Send + Sync>,
     /// Signalled once every type has had its first response applied.
@@ -246,23 +226,14 @@ impl XdsClient {
         on_state: Box<dyn Fn(MeshState) + Send + Sync>,
         synced: tokio::sync::oneshot::Sender<()>,
     ) -> Self {
-        let status = XdsStatus {
-            address: target.authority.clone(),
-            ..Default::default()
-        };
         Self {
             target,
             node,
             store: Store::default(),
-            status: Arc::new(Mutex::new(status)),
+            synced_types: BTreeSet::new(),
             on_state,
             synced: Some(synced),
         }
-    }
-
-    /// A handle on the client's status.
-    pub fn status(&self) -> Arc<Mutex<XdsStatus>> {
-        self.status.clone()
     }
 
     /// Runs until cancelled, reconnecting with backoff.
@@ -274,7 +245,6 @@ impl XdsClient {
                 r = self.stream_once(&mut progressed) => r,
                 _ = cancel.cancelled() => return,
             };
-            self.status_mut().connected = false;
             let reason = match &result {
                 Ok(()) => "Complete",
                 Err(Error::Stream { status, .. })
@@ -290,9 +260,7 @@ impl XdsClient {
                     tracing::warn!(address = %self.target.authority, "xDS stream closed by the server; reconnecting")
                 }
                 Err(e) => {
-                    let message = crate::telemetry::ErrorChain(&e).to_string();
-                    tracing::warn!(error = %message, retry_in = ?backoff, "xDS stream failed; serving the last state and reconnecting");
-                    self.status_mut().last_error = Some(message);
+                    tracing::warn!(error = %crate::telemetry::ErrorChain(&e), retry_in = ?backoff, "xDS stream failed; serving the last state and reconnecting");
                 }
             }
             if progressed {
@@ -304,10 +272,6 @@ impl XdsClient {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-    }
-
-    fn status_mut(&self) -> std::sync::MutexGuard<'_, XdsStatus> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn stream_once(&mut self, progressed: &mut bool) -> Result<(), Error> {
@@ -336,7 +300,7 @@ impl XdsClient {
             // The receiver lives until the end of this function.
             let _ = tx.send(request);
         }
-        let requests = request_stream(rx);
+        let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
         let mut request = tonic::Request::new(requests);
         self.target.authorize(&mut request);
         if let Ok(v) = self.node.cluster_id.parse() {
@@ -347,11 +311,6 @@ impl XdsClient {
             .await
             .map_err(stream_err)?
             .into_inner();
-        {
-            let mut status = self.status_mut();
-            status.connected = true;
-            status.connections += 1;
-        }
         tracing::info!(address = %self.target.authority, node = %self.node.id, "xDS stream established");
         while let Some(response) = responses.message().await.map_err(stream_err)? {
             *progressed = true;
@@ -402,19 +361,6 @@ impl XdsClient {
                 }
             }
         }
-        {
-            let mut status = self.status_mut();
-            status.resources = BTreeMap::from([
-                (
-                    ADDRESS_TYPE.to_string(),
-                    self.store.workloads.len() + self.store.services.len(),
-                ),
-                (AUTHORIZATION_TYPE.to_string(), self.store.policies.len()),
-            ]);
-            if !errors.is_empty() {
-                status.last_nack = Some(errors.join("; "));
-            }
-        }
         let error_detail = (!errors.is_empty()).then(|| {
             let message = errors.join("; ");
             tracing::error!(type_url = %type_url, nonce = %response.nonce, error = %message, "xDS resources rejected (NACK)");
@@ -433,23 +379,12 @@ impl XdsClient {
     }
 
     fn mark_synced(&mut self, type_url: &str) {
-        let all = {
-            let mut status = self.status_mut();
-            status.synced.insert(type_url.to_string());
-            TYPES.iter().all(|t| status.synced.contains(*t))
-        };
-        if all {
+        self.synced_types.insert(type_url.to_string());
+        if TYPES.iter().all(|t| self.synced_types.contains(*t)) {
             if let Some(tx) = self.synced.take() {
                 tracing::info!("xDS initial sync complete");
                 let _ = tx.send(());
             }
         }
     }
-}
-
-/// The request stream: whatever is sent on `rx`, in order.
-fn request_stream(
-    rx: mpsc::UnboundedReceiver<DeltaDiscoveryRequest>,
-) -> impl tokio_stream::Stream<Item = DeltaDiscoveryRequest> + Send + 'static {
-    tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
 }
