@@ -236,18 +236,25 @@ impl Agent {
     /// Runs `ztunnel-agent <args>` (a CLI command, not `run`) in the agent's node namespace;
     /// returns stdout, panicking with stderr on failure.
     pub fn cli(&self, args: &[&str]) -> String {
+        let (code, stdout, stderr) = self.cli_status(args);
+        assert_eq!(code, 0, "ztunnel-agent {args:?} failed: {stderr}");
+        stdout
+    }
+
+    /// Runs `ztunnel-agent <args>` in the agent's node namespace; returns the exit code,
+    /// stdout and stderr.
+    pub fn cli_status(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.node.display()))
             .arg(agent_binary())
             .args(args)
             .output()
             .expect("run the agent CLI");
-        assert!(
-            out.status.success(),
-            "ztunnel-agent {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// GET /metrics from the agent's 15020.

@@ -456,6 +456,20 @@ fn ca_down_or_wrong_keeps_the_node_unready_until_it_recovers() {
         config_dump(&m.agent).contains("\"state\": \"Unavailable: "),
         "state shown"
     );
+    // diagnose names the certificate as the broken link, with the CA's failure.
+    let (code, out, err) = m.agent.cli_status(&["diagnose", "default/server"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let verdict = out.lines().last().unwrap_or_default();
+    assert!(
+        verdict.starts_with(
+            "verdict: NOT HEALTHY, first broken link: certificate: spiffe://cluster.local/ns/default/sa/server Unavailable: "
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("NOT ready: waiting for certificates ready"),
+        "{out}"
+    );
 
     // A CA that answers with somebody else's identity is refused.
     let ca = ControlPlane::start(

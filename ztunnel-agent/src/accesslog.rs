@@ -2,10 +2,10 @@
 //! target `access`, with the troubleshooting guide's fields in the guide's order. A field with
 //! no value is left out (tracing omits `None`); strings are quoted, addresses and integers not.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Instant;
-
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use crate::identity::Identity;
 use crate::state::workload::Workload;
@@ -133,7 +133,95 @@ impl ConnectionRecord {
         } else {
             emit!(tracing::Level::INFO);
         }
+        remember(self, error);
     }
+}
+
+/// Completed connections kept for `diagnose`, newest last.
+const RECENT_ALL: usize = 512;
+/// Failed connections kept apart, so a busy pod's successes do not push refusals out.
+const RECENT_FAILED: usize = 128;
+
+/// A finished connection as `diagnose` shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// When it completed.
+    pub at: SystemTime,
+    /// The reporting pod's namespace (outbound: the source; inbound: the destination).
+    pub namespace: String,
+    /// The reporting pod's name.
+    pub pod: String,
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    /// Source address.
+    pub src: SocketAddr,
+    /// Destination address (outbound HBONE: the peer's 15008).
+    pub dst: SocketAddr,
+    /// The peer's identity, when mTLS established one.
+    pub peer_identity: Option<String>,
+    /// Bytes sent and received.
+    pub bytes: (u64, u64),
+    /// Why it failed (the access log's `error`).
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+struct Recent {
+    all: VecDeque<Outcome>,
+    failed: VecDeque<Outcome>,
+}
+
+static RECENT: Mutex<Recent> = Mutex::new(Recent {
+    all: VecDeque::new(),
+    failed: VecDeque::new(),
+});
+
+fn push(ring: &mut VecDeque<Outcome>, cap: usize, outcome: Outcome) {
+    if ring.len() == cap {
+        ring.pop_front();
+    }
+    ring.push_back(outcome);
+}
+
+fn remember(record: &ConnectionRecord, error: Option<String>) {
+    let (reporter, peer) = match record.direction {
+        Direction::Outbound => (&record.src, &record.dst),
+        Direction::Inbound => (&record.dst, &record.src),
+    };
+    let outcome = Outcome {
+        at: SystemTime::now(),
+        namespace: reporter.namespace.clone().unwrap_or_default(),
+        pod: reporter.workload.clone().unwrap_or_default(),
+        direction: record.direction.as_str().to_string(),
+        src: record.src_addr,
+        dst: record.dst_addr,
+        peer_identity: peer.identity.as_ref().map(Identity::to_string),
+        bytes: (record.bytes_sent, record.bytes_recv),
+        error,
+    };
+    let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+    if outcome.error.is_some() {
+        push(&mut recent.failed, RECENT_FAILED, outcome.clone());
+    }
+    push(&mut recent.all, RECENT_ALL, outcome);
+}
+
+/// The pod's recent connections (newest last, at most `limit`) and its recent failures.
+pub fn recent(namespace: &str, pod: &str, limit: usize) -> (Vec<Outcome>, Vec<Outcome>) {
+    let recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+    let pick = |ring: &VecDeque<Outcome>| -> Vec<Outcome> {
+        let mut picked: Vec<Outcome> = ring
+            .iter()
+            .rev()
+            .filter(|o| o.namespace == namespace && o.pod == pod)
+            .take(limit)
+            .cloned()
+            .collect();
+        picked.reverse();
+        picked
+    };
+    (pick(&recent.all), pick(&recent.failed))
 }
 
 /// Istio's response flag for a failure.

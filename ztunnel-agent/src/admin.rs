@@ -25,19 +25,46 @@ const ENDPOINTS: &[(&str, &str)] = &[
         "GET: the log filter; POST ?level=<RUST_LOG filter>: change it",
     ),
     (
+        "/debug/diagnose",
+        "?pod=<ns>/<name>&window_ms=<ms>: evidence for `ztunnel-agent diagnose` (JSON)",
+    ),
+    (
         "/quitquitquit",
         "POST: stop the agent (kernel redirect stays pinned)",
     ),
 ];
 
+/// What the admin endpoints read.
+pub struct AdminContext {
+    /// Enrolled pods and the kernel redirect.
+    pub enrollment: Arc<Mutex<Enrollment>>,
+    /// Mesh state.
+    pub state: SharedState,
+    /// Cancelled by `/quitquitquit`.
+    pub shutdown: CancellationToken,
+    /// The `config` section of config_dump.
+    pub config_json: serde_json::Value,
+    /// Readiness blockers.
+    pub readiness: Readiness,
+    /// The xDS stream, in control-plane mode.
+    pub xds: Option<crate::xds::client::XdsStatusHandle>,
+    /// Node name.
+    pub node: Option<String>,
+    /// Where the mesh configuration comes from, for people.
+    pub config_source: String,
+}
+
+/// The query parameter `name`, if present.
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+}
+
 /// Handles an admin request.
-pub async fn admin(
-    req: Request<Incoming>,
-    enrollment: Arc<Mutex<Enrollment>>,
-    state: SharedState,
-    shutdown: CancellationToken,
-    config_json: Arc<serde_json::Value>,
-) -> Response<Body> {
+pub async fn admin(req: Request<Incoming>, ctx: Arc<AdminContext>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => {
             let list: String = ENDPOINTS
@@ -47,15 +74,15 @@ pub async fn admin(
             text(StatusCode::OK, list)
         }
         (&Method::GET, "/config_dump") => {
-            let enrollment = enrollment.lock().await;
+            let enrollment = ctx.enrollment.lock().await;
             let pods = enrollment.status();
             let mesh = enrollment.mesh();
             let dump = config_dump::build(
-                &state.snapshot(),
+                &ctx.state.snapshot(),
                 &mesh.certs,
                 &mesh.tracker,
                 &pods,
-                &config_json,
+                &ctx.config_json,
             );
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, body)
@@ -67,13 +94,39 @@ pub async fn admin(
                 crate::telemetry::current_filter()
             ),
         ),
+        (&Method::GET, "/debug/diagnose") => {
+            let query = match query_param(&req, "pod") {
+                None => None,
+                Some(pod) => match pod.split_once('/') {
+                    Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+                        Some((ns.to_string(), name.to_string()))
+                    }
+                    _ => {
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            format!("pod={pod}: expected <namespace>/<pod>\n"),
+                        )
+                    }
+                },
+            };
+            let window = match query_param(&req, "window_ms").map(str::parse::<u64>) {
+                None => crate::diagnose::DEFAULT_WINDOW,
+                Some(Ok(ms)) => {
+                    std::time::Duration::from_millis(ms).min(crate::diagnose::MAX_WINDOW)
+                }
+                Some(Err(_)) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "window_ms: expected milliseconds, e.g. window_ms=1000\n",
+                    )
+                }
+            };
+            let evidence = crate::diagnose::collect(&ctx, query, window).await;
+            let body = serde_json::to_string_pretty(&evidence).unwrap_or_default();
+            text(StatusCode::OK, body)
+        }
         (&Method::POST, "/logging") => {
-            let level = req
-                .uri()
-                .query()
-                .unwrap_or_default()
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("level="));
+            let level = query_param(&req, "level");
             match level {
                 None => text(
                     StatusCode::BAD_REQUEST,
@@ -92,7 +145,7 @@ pub async fn admin(
             }
         }
         (&Method::POST, "/quitquitquit") => {
-            shutdown.cancel();
+            ctx.shutdown.cancel();
             text(StatusCode::OK, "shutting down\n")
         }
         _ => text(

@@ -102,7 +102,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
         shutdown.clone(),
     ));
-    let config_json = Arc::new(serde_json::json!({
+    let config_json = serde_json::json!({
         "nodeName": config.node_name,
         "clusterId": config.cluster_id,
         "localXdsPath": config.local_xds_path,
@@ -114,16 +114,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "cgroupPath": config.redirect.cgroup,
         "excludeOutboundPorts": config.redirect.exclude_outbound_ports,
         "excludeInboundPorts": config.redirect.exclude_inbound_ports,
-    }));
-    let (e, s, m) = (enrollment.clone(), shutdown.clone(), state.clone());
-    tokio::spawn(crate::http::serve(
-        admin_listener,
-        move |req| crate::admin::admin(req, e.clone(), m.clone(), s.clone(), config_json.clone()),
-        shutdown.clone(),
-    ));
+    });
+    let config_source = match (&config.xds, &config.local_xds_path) {
+        (Some(t), _) => format!("xDS from {}", t.authority),
+        (None, Some(path)) => format!("local config {}", path.display()),
+        (None, None) => "no mesh configuration source (every destination is passthrough)".into(),
+    };
 
     // Control plane: the state follows xDS; pods whose workload disappears are unenrolled.
     let mut xds_synced = None;
+    let mut xds_status = None;
     if let Some(target) = &config.xds {
         readiness.block(BLOCK_XDS);
         let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
@@ -138,6 +138,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }),
             synced_tx,
         );
+        xds_status = Some(client.status());
         tokio::spawn(client.run(shutdown.clone()));
         tokio::spawn(unenroll_removed(
             mesh.clone(),
@@ -147,6 +148,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
         xds_synced = Some(synced_rx);
     }
+    let admin = Arc::new(crate::admin::AdminContext {
+        enrollment: enrollment.clone(),
+        state: state.clone(),
+        shutdown: shutdown.clone(),
+        config_json,
+        readiness: readiness.clone(),
+        xds: xds_status,
+        node: config.node_name.clone(),
+        config_source,
+    });
+    tokio::spawn(crate::http::serve(
+        admin_listener,
+        move |req| crate::admin::admin(req, admin.clone()),
+        shutdown.clone(),
+    ));
     if let Some(path) = &config.mesh_roots_path {
         tokio::spawn(watch_roots(
             path.clone(),

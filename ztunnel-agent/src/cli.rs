@@ -25,6 +25,9 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show a running agent's (or a saved) configuration, like `istioctl ztunnel-config`.
     Config(ConfigArgs),
+    /// Is a pod's traffic going through the mesh, and if not, why (exit 0: healthy; 1: a
+    /// link is broken, named on the last line; 2: the agent could not be asked).
+    Diagnose(DiagnoseArgs),
     /// Inspect or remove the kernel redirect.
     Redirect {
         /// What to do with it.
@@ -66,6 +69,22 @@ pub struct ConfigArgs {
     /// Only this workload (pod name).
     #[arg(long)]
     pub workload_name: Option<String>,
+}
+
+/// `diagnose` arguments.
+#[derive(Debug, Args)]
+pub struct DiagnoseArgs {
+    /// The pod, as `<namespace>/<pod>`; without it, a summary of the node.
+    pub pod: Option<String>,
+    /// The agent's admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_address: std::net::SocketAddr,
+    /// How long to watch the capture counters, in milliseconds (at most 3000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=3000))]
+    pub window_ms: u64,
+    /// Print the agent's evidence as JSON instead of the verdict.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The pin directory argument shared by `redirect` subcommands.

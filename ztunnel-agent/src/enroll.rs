@@ -94,6 +94,8 @@ pub struct PodSpec {
 struct EnrolledPod {
     spec: PodSpec,
     source: Source,
+    /// Listener addresses and their socket inodes (to find them in the pod's socket table).
+    listeners: Vec<(SocketAddr, u64)>,
     proxy: Arc<PodProxy>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
@@ -179,6 +181,91 @@ impl Enrollment {
             .collect()
     }
 
+    /// Evidence for `diagnose` about the enrolled pods (only `only` if given): the kernel
+    /// maps' view, the listeners in each pod's socket table, the counters now.
+    pub fn evidence(&self, only: Option<(&str, &str)>) -> Vec<crate::diagnose::PodEvidence> {
+        use crate::diagnose::{counter_map, LinkEvidence, ListenerEvidence, PodEvidence};
+        use std::os::unix::fs::MetadataExt;
+        let snapshot = self.mesh.state.snapshot();
+        self.pods
+            .values()
+            .filter(|p| only.is_none_or(|(ns, name)| p.spec.namespace == ns && p.spec.name == name))
+            .map(|p| {
+                let cookie = p.proxy.netns.cookie();
+                let view = self.redirect.pod_view(cookie, &p.proxy.ips);
+                let listening = p
+                    .proxy
+                    .netns
+                    .run(crate::diagnose::listening_inodes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                let (listeners, listener_check_error) = match listening {
+                    Ok(inodes) => (
+                        p.listeners
+                            .iter()
+                            .map(|(addr, inode)| ListenerEvidence {
+                                addr: *addr,
+                                listening: inodes.contains(inode),
+                            })
+                            .collect(),
+                        None,
+                    ),
+                    Err(e) => (Vec::new(), Some(e)),
+                };
+                let counters = counter_map(&view.counters);
+                let (recent, recent_failed) = crate::accesslog::recent(
+                    &p.spec.namespace,
+                    &p.spec.name,
+                    crate::diagnose::RECENT_SHOWN,
+                );
+                PodEvidence {
+                    namespace: p.spec.namespace.clone(),
+                    name: p.spec.name.clone(),
+                    uid: p.spec.uid.clone(),
+                    ips: p.proxy.ips.clone(),
+                    netns_cookie: cookie.0,
+                    netns_inode: p.proxy.netns.file().metadata().map_or(0, |m| m.ino()),
+                    source: match p.source {
+                        Source::LocalConfig => "local config".to_string(),
+                        Source::Zds => "istio-cni (ZDS)".to_string(),
+                    },
+                    identity: p.proxy.identity.to_string(),
+                    workload_known: snapshot.workload(&p.spec.uid).is_some()
+                        || snapshot
+                            .workloads()
+                            .any(|w| w.namespace == p.spec.namespace && w.name == p.spec.name),
+                    map_enrolled: view.enrolled,
+                    map_addresses: view.addresses.clone(),
+                    map_listener_families: view
+                        .listener_families
+                        .iter()
+                        .map(|f| if *f == AF_INET6 { "ipv6" } else { "ipv4" }.to_string())
+                        .collect(),
+                    inbound_link: LinkEvidence::from_read(
+                        &format!("inbound-{cookie}"),
+                        &view.inbound_link,
+                    ),
+                    listeners,
+                    listener_check_error,
+                    counters_before: counters.clone(),
+                    counters_after: counters,
+                    recent,
+                    recent_failed,
+                }
+            })
+            .collect()
+    }
+
+    /// An enrolled pod's capture counters now, by netns cookie.
+    pub fn counters(&self, cookie: u64) -> ztunnel_common::PodCounters {
+        self.redirect.counters(NetnsCookie(cookie))
+    }
+
+    /// The kernel redirect.
+    pub fn redirect(&self) -> &Redirect {
+        &self.redirect
+    }
+
     /// Enrolls a pod (or re-enrolls it if its namespace or addresses changed).
     pub async fn enroll(
         &mut self,
@@ -213,6 +300,13 @@ impl Enrollment {
             })?;
             listeners.push((addr, listener));
         }
+        let listener_inodes: Vec<(SocketAddr, u64)> = listeners
+            .iter()
+            .map(|(addr, l)| {
+                let inode = nix::sys::stat::fstat(l.as_raw_fd()).map_or(0, |st| st.st_ino);
+                (*addr, inode)
+            })
+            .collect();
         let inbound_fds: Vec<(u32, i32)> = listeners
             .iter()
             .filter(|(addr, _)| addr.port() == INBOUND_PLAINTEXT_PORT)
@@ -317,6 +411,7 @@ impl Enrollment {
             EnrolledPod {
                 spec,
                 source,
+                listeners: listener_inodes,
                 proxy,
                 cancel,
                 tasks,

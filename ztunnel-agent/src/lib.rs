@@ -7,6 +7,7 @@ pub mod app;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod diagnose;
 pub mod enroll;
 pub mod grpc;
 pub mod http;

@@ -49,6 +49,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Diagnose(args) => diagnose(&args),
         Command::Redirect { action } => match action {
             RedirectAction::Dump(arg) => {
                 match ztunnel_agent::redirect::dump::render(&arg.pin_dir) {
@@ -97,5 +98,63 @@ fn raise_fd_limit() {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
+    }
+}
+
+/// `diagnose`: 0 healthy, 1 a broken link, 2 the agent could not be asked.
+fn diagnose(args: &ztunnel_agent::cli::DiagnoseArgs) -> ExitCode {
+    use ztunnel_agent::diagnose::{node_report, pod_report, Evidence};
+    let target = match &args.pod {
+        None => None,
+        Some(pod) => {
+            match pod.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    Some((ns.to_string(), name.to_string()))
+                }
+                _ => {
+                    eprintln!("error: {pod}: name the pod as <namespace>/<pod>, e.g. default/productpage-v1");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let mut path = format!("/debug/diagnose?window_ms={}", args.window_ms);
+    if let Some((ns, name)) = &target {
+        path.push_str(&format!("&pod={ns}/{name}"));
+    }
+    let evidence = match ztunnel_agent::ztunnel_config::fetch_json(args.admin_address, &path) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!(
+                "error: {}\nfirst broken link: agent: not answering; pods it enrolled stay captured but their connections fail until it is back (`ztunnel-agent redirect dump` shows what the kernel still captures)",
+                ErrorChain(&e)
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&evidence).unwrap_or_default()
+        );
+    }
+    let evidence: Evidence = match serde_json::from_value(evidence) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: the agent at {} answered with evidence this command does not understand (a different version?): {e}", args.admin_address);
+            return ExitCode::from(2);
+        }
+    };
+    let report = match &target {
+        Some((ns, name)) => pod_report(&evidence, ns, name),
+        None => node_report(&evidence),
+    };
+    if !args.json {
+        print!("{}", report.render());
+    }
+    if report.first_failure().is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }

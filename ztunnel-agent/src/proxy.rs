@@ -203,6 +203,21 @@ pub async fn accept_loop<F, Fut>(
                 Ok((stream, peer)) => {
                     tokio::spawn(handle(pod.clone(), stream, peer));
                 }
+                // The socket stopped listening (shut down behind the agent's back, or its
+                // namespace torn down): accepting again would fail forever.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    tracing::error!(
+                        pod = %pod.name,
+                        namespace = %pod.namespace,
+                        listener = %addr,
+                        error = %e,
+                        "listener closed: this pod's connections on the port fail until it is re-enrolled; `ztunnel-agent diagnose {}/{}` shows it",
+                        pod.namespace,
+                        pod.name
+                    );
+                    return;
+                }
                 Err(e) => {
                     // EMFILE and friends: back off briefly rather than spin.
                     tracing::warn!(pod = %pod.name, error = %e, "accept failed");

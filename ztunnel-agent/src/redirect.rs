@@ -12,6 +12,7 @@
 
 pub mod dump;
 pub mod kernel;
+pub mod linkinfo;
 mod log_drain;
 
 use std::collections::BTreeSet;
@@ -147,6 +148,21 @@ pub struct PodRedirect<'a> {
     pub ips: &'a [IpAddr],
     /// Its 15006 listeners (IPv4 and, if it has IPv6, IPv6).
     pub inbound_listeners: &'a [(u32, std::os::fd::RawFd)],
+}
+
+/// A pod as the kernel maps hold it (for `diagnose`).
+#[derive(Debug)]
+pub struct PodKernelView {
+    /// Its cookie is in `ENROLLED_PODS` (outbound capture on).
+    pub enrolled: bool,
+    /// Each of its addresses and the cookie `POD_ADDRS` maps it to.
+    pub addresses: Vec<(IpAddr, Option<u64>)>,
+    /// Families with a 15006 listener in `INBOUND_LISTENERS`.
+    pub listener_families: Vec<u32>,
+    /// Its pinned `sk_lookup` link.
+    pub inbound_link: io::Result<linkinfo::PinnedLinkInfo>,
+    /// Its capture counters.
+    pub counters: PodCounters,
 }
 
 /// The loaded and attached programs and their maps.
@@ -409,6 +425,51 @@ impl Redirect {
         cookies.sort();
         cookies.dedup();
         cookies
+    }
+
+    /// Settings in use.
+    pub fn config(&self) -> &RedirectConfig {
+        &self.config
+    }
+
+    /// The cgroup programs' pinned links as the kernel reports them, in program order.
+    pub fn cgroup_links(&self) -> Vec<(&'static str, std::io::Result<linkinfo::PinnedLinkInfo>)> {
+        let dir = self.config.pin_dir.join("links");
+        programs::CGROUP
+            .iter()
+            .map(|name| (*name, linkinfo::read(&dir.join(name))))
+            .collect()
+    }
+
+    /// A pod as the kernel maps hold it.
+    pub fn pod_view(&self, cookie: NetnsCookie, ips: &[IpAddr]) -> PodKernelView {
+        let c = cookie.0;
+        let listener_families = [AF_INET, AF_INET6]
+            .into_iter()
+            .filter(|family| {
+                self.listeners
+                    .keys()
+                    .filter_map(Result::ok)
+                    .any(|k| k.netns_cookie == c && k.family == *family)
+            })
+            .collect();
+        PodKernelView {
+            enrolled: self.enrolled.get(&c, 0).is_ok(),
+            addresses: ips
+                .iter()
+                .map(|ip| {
+                    let owner = self
+                        .pod_addrs
+                        .get(&ip_key(*ip), 0)
+                        .ok()
+                        .map(|a| a.netns_cookie);
+                    (*ip, owner)
+                })
+                .collect(),
+            listener_families,
+            inbound_link: linkinfo::read(&self.inbound_link_path(cookie)),
+            counters: self.counters(cookie),
+        }
     }
 
     /// The table connections accepted on 15001 read their original destination from.

@@ -40,6 +40,12 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// JSON, but without any config_dump section.
+    #[error("{what} is JSON but not a ztunnel config_dump: it has none of workloads, services, policies, certificates (save it with `curl localhost:15000/config_dump`)")]
+    NoSections {
+        /// Where it came from.
+        what: String,
+    },
     /// YAML output failed.
     #[error("cannot render YAML")]
     Yaml(#[source] serde_yaml_ng::Error),
@@ -86,11 +92,19 @@ pub struct Filter {
 
 /// Fetches a dump from a running agent.
 pub fn fetch(addr: SocketAddr) -> Result<Value, Error> {
+    fetch_json(addr, "/config_dump")
+}
+
+/// GETs `path` (JSON) from a running agent's admin endpoint.
+pub fn fetch_json(addr: SocketAddr, path: &str) -> Result<Value, Error> {
     let err = |source| Error::Admin { addr, source };
     let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .map_err(err)?;
     stream
-        .write_all(b"GET /config_dump HTTP/1.0\r\n\r\n")
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(err)?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
         .map_err(err)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(err)?;
@@ -107,15 +121,22 @@ pub fn load(path: &Path) -> Result<Value, Error> {
         path: path.display().to_string(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|source| Error::NotADump {
+    let dump: Value = serde_json::from_str(&text).map_err(|source| Error::NotADump {
         what: path.display().to_string(),
         source,
-    })
+    })?;
+    let sections = ["workloads", "services", "policies", "certificates"];
+    if !sections.iter().any(|k| dump.get(k).is_some()) {
+        return Err(Error::NoSections {
+            what: path.display().to_string(),
+        });
+    }
+    Ok(dump)
 }
 
 /// Lays out rows like Go's tabwriter (padding 1, spaces): each column as wide as its widest
 /// cell plus one space, the last column unpadded.
-fn table(rows: &[Vec<String>]) -> String {
+pub fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -152,6 +173,15 @@ fn array(v: &Value) -> &[Value] {
     v.as_array().map(Vec::as_slice).unwrap_or_default()
 }
 
+/// The entries of a section: upstream dumps them as an array, older upstream releases as an
+/// object keyed by address.
+fn items(v: &Value) -> Vec<&Value> {
+    match v {
+        Value::Object(map) => map.values().collect(),
+        other => array(other).iter().collect(),
+    }
+}
+
 fn keep_namespace(filter: &Filter, ns: &str) -> bool {
     filter.namespace.as_deref().is_none_or(|want| want == ns)
 }
@@ -171,8 +201,8 @@ fn waypoint(v: &Value) -> String {
 }
 
 fn workloads(dump: &Value, filter: &Filter) -> String {
-    let mut list: Vec<&Value> = array(&dump["workloads"])
-        .iter()
+    let mut list: Vec<&Value> = items(&dump["workloads"])
+        .into_iter()
         .filter(|w| keep_namespace(filter, &s(&w["namespace"])))
         .filter(|w| filter.node.as_deref().is_none_or(|n| n == s(&w["node"])))
         .filter(|w| {
@@ -213,8 +243,8 @@ fn workloads(dump: &Value, filter: &Filter) -> String {
 }
 
 fn services(dump: &Value, filter: &Filter) -> String {
-    let mut list: Vec<&Value> = array(&dump["services"])
-        .iter()
+    let mut list: Vec<&Value> = items(&dump["services"])
+        .into_iter()
         .filter(|v| keep_namespace(filter, &s(&v["namespace"])))
         .collect();
     list.sort_by_key(|v| (s(&v["namespace"]), s(&v["hostname"])));
@@ -238,8 +268,11 @@ fn services(dump: &Value, filter: &Filter) -> String {
             .collect();
         let endpoints = v["endpoints"].as_object();
         let total = endpoints.map_or(0, |e| e.len());
+        // Releases before endpoint health had no status: every endpoint was in use.
         let healthy = endpoints.map_or(0, |e| {
-            e.values().filter(|ep| ep["status"] == "Healthy").count()
+            e.values()
+                .filter(|ep| ep["status"] == "Healthy" || ep["status"].is_null())
+                .count()
         });
         rows.push(vec![
             s(&v["namespace"]),
@@ -253,8 +286,8 @@ fn services(dump: &Value, filter: &Filter) -> String {
 }
 
 fn policies(dump: &Value, filter: &Filter) -> String {
-    let mut list: Vec<&Value> = array(&dump["policies"])
-        .iter()
+    let mut list: Vec<&Value> = items(&dump["policies"])
+        .into_iter()
         .filter(|p| keep_namespace(filter, &s(&p["namespace"])))
         .collect();
     list.sort_by_key(|p| (s(&p["namespace"]), s(&p["name"])));
@@ -272,11 +305,17 @@ fn policies(dump: &Value, filter: &Filter) -> String {
     table(&rows)
 }
 
-/// Serial (lowercase hex) and validity of a dumped certificate, from its PEM.
+/// Serial (lowercase hex) and validity of a dumped certificate, from its PEM (base64 of the
+/// PEM text, as upstream dumps it; older releases dumped the PEM text itself).
 fn cert_facts(entry: &Value) -> Option<(String, bool)> {
-    let pem = base64::engine::general_purpose::STANDARD
-        .decode(s(&entry["pem"]))
-        .ok()?;
+    let text = s(&entry["pem"]);
+    let pem = if text.trim_start().starts_with("-----BEGIN") {
+        text.into_bytes()
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?
+    };
     let (_, block) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
     let cert = block.parse_x509().ok()?;
     let serial: String = cert
@@ -313,17 +352,39 @@ fn certificates(dump: &Value, filter: &Filter) -> String {
             }
         }
         let chain = array(&c["certChain"]);
+        let roots = array(&c["rootCerts"]);
+        // Releases without `rootCerts` ended the chain with the root.
+        let root_in_chain = roots.is_empty() && chain.len() > 1;
         let kinds = chain.iter().enumerate().map(|(i, e)| {
-            let kind = if i == 0 { "Leaf" } else { "Intermediate" };
+            let kind = match i {
+                0 => "Leaf",
+                i if root_in_chain && i + 1 == chain.len() => "Root",
+                _ => "Intermediate",
+            };
             (kind, e)
         });
-        let roots = array(&c["rootCerts"]).iter().map(|e| ("Root", e));
+        let roots = roots.iter().map(|e| ("Root", e));
+        // The column holds the state's word; the reason (after ':') is in `-o json`.
+        let state = s(&c["state"]);
+        let state = state.split(':').next().unwrap_or_default().to_string();
+        if chain.is_empty() {
+            // Nothing issued (yet): one row saying so, as istioctl prints it.
+            rows.push(vec![
+                identity.clone(),
+                "Leaf".into(),
+                state.clone(),
+                "false".into(),
+                "NA".into(),
+                "NA".into(),
+                "NA".into(),
+            ]);
+        }
         for (kind, entry) in kinds.chain(roots) {
             let (serial, valid) = cert_facts(entry).unwrap_or_default();
             rows.push(vec![
                 identity.clone(),
                 kind.to_string(),
-                s(&c["state"]),
+                state.clone(),
                 valid.to_string(),
                 serial,
                 s(&entry["expirationTime"]),

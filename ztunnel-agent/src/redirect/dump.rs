@@ -6,12 +6,12 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
-use aya::programs::links::{FdLink, PinnedLink};
 use ztunnel_common::{
     maps, ConnKey, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig, PodCounters, PortKey, AF_INET,
     AF_INET6,
 };
 
+use super::linkinfo::Target;
 use super::{ip_from_key, orig_dst_addr, sum_counters};
 
 /// Errors reading the pinned state.
@@ -59,25 +59,20 @@ pub fn render(pin_dir: &Path) -> Result<String, Error> {
         let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         names.sort();
         for path in names {
-            let info = PinnedLink::from_pin(&path)
-                .ok()
-                .map(FdLink::from)
-                .and_then(|l| l.info().ok());
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            match info {
-                Some(i) => {
-                    let _ = writeln!(
-                        out,
-                        "  {:<28} link {} program {}",
-                        name.unwrap_or_default(),
-                        i.id(),
-                        i.program_id()
-                    );
+            let line = match super::linkinfo::read(&path) {
+                Ok(i) => {
+                    let target = match i.target {
+                        Target::Cgroup(0) | Target::Netns(0) => "DETACHED".to_string(),
+                        Target::Cgroup(id) => format!("cgroup id {id}"),
+                        Target::Netns(ino) => format!("netns inode {ino}"),
+                        Target::Other(kind) => format!("link type {kind}"),
+                    };
+                    format!("link {} program {} on {target}", i.id, i.program_id)
                 }
-                None => {
-                    let _ = writeln!(out, "  {:<28} unreadable", name.unwrap_or_default());
-                }
-            }
+                Err(e) => format!("unreadable: {e}"),
+            };
+            let _ = writeln!(out, "  {:<28} {line}", name.unwrap_or_default());
         }
     }
     let _ = writeln!(out, "\n{} (netns cookie -> pod):", maps::ENROLLED_PODS);

@@ -11,7 +11,8 @@
 //! 10 ms to 15 s. The stream never stops the agent: it keeps serving on its last state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use prost::Message;
 use tokio::sync::mpsc;
@@ -133,6 +134,17 @@ enum Item {
 }
 
 impl Store {
+    /// Resources held, by type URL.
+    fn counts(&self) -> BTreeMap<String, usize> {
+        TYPES
+            .iter()
+            .map(|t| {
+                let n = self.versions.get(*t).map_or(0, BTreeMap::len);
+                ((*t).to_string(), n)
+            })
+            .collect()
+    }
+
     fn insert(&mut self, type_url: &str, name: &str, version: &str, item: Item) {
         self.remove(type_url, name);
         match item {
@@ -205,6 +217,45 @@ fn decode(type_url: &str, resource: &Resource) -> Result<Item, String> {
     }
 }
 
+/// What an operator needs to know about the stream (served to `diagnose`).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XdsStatus {
+    /// The control plane's address.
+    pub address: String,
+    /// Whether a stream is established now.
+    pub connected: bool,
+    /// When the current stream was established, or the last one ended.
+    pub since: Option<SystemTime>,
+    /// Types whose first response has been applied.
+    pub synced_types: Vec<String>,
+    /// Responses received since start.
+    pub responses: u64,
+    /// Why the last stream ended (kept after a reconnect).
+    pub last_error: Option<String>,
+    /// The last NACK sent: `<type URL>: <message>`.
+    pub last_nack: Option<String>,
+    /// When it was sent.
+    pub last_nack_at: Option<SystemTime>,
+    /// Resources held, by type URL.
+    pub resources: BTreeMap<String, usize>,
+}
+
+/// A shared, readable view of an [`XdsClient`]'s status.
+#[derive(Clone, Debug, Default)]
+pub struct XdsStatusHandle(Arc<Mutex<XdsStatus>>);
+
+impl XdsStatusHandle {
+    /// A copy of the current status.
+    pub fn get(&self) -> XdsStatus {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, XdsStatus> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The delta ADS client.
 pub struct XdsClient {
     target: Target,
@@ -212,6 +263,8 @@ pub struct XdsClient {
     store: Store,
     /// Types whose first response has been applied.
     synced_types: BTreeSet<String>,
+    /// What `diagnose` reads.
+    status: XdsStatusHandle,
     /// Receives each new state.
     on_state: Box<dyn Fn(MeshState) + Send + Sync>,
     /// Signalled once every type has had its first response applied.
@@ -226,14 +279,22 @@ impl XdsClient {
         on_state: Box<dyn Fn(MeshState) + Send + Sync>,
         synced: tokio::sync::oneshot::Sender<()>,
     ) -> Self {
+        let status = XdsStatusHandle::default();
+        status.lock().address = target.authority.clone();
         Self {
             target,
             node,
             store: Store::default(),
             synced_types: BTreeSet::new(),
+            status,
             on_state,
             synced: Some(synced),
         }
+    }
+
+    /// The status handle (it stays readable after the client moves into its task).
+    pub fn status(&self) -> XdsStatusHandle {
+        self.status.clone()
     }
 
     /// Runs until cancelled, reconnecting with backoff.
@@ -255,6 +316,15 @@ impl XdsClient {
                 Err(_) => "Error",
             };
             crate::metrics::global().xds_terminated(reason);
+            {
+                let mut status = self.status.lock();
+                status.connected = false;
+                status.since = Some(SystemTime::now());
+                status.last_error = Some(match &result {
+                    Ok(()) => "stream closed by the server".to_string(),
+                    Err(e) => crate::telemetry::ErrorChain(e).to_string(),
+                });
+            }
             match result {
                 Ok(()) => {
                     tracing::warn!(address = %self.target.authority, "xDS stream closed by the server; reconnecting")
@@ -312,6 +382,11 @@ impl XdsClient {
             .map_err(stream_err)?
             .into_inner();
         tracing::info!(address = %self.target.authority, node = %self.node.id, "xDS stream established");
+        {
+            let mut status = self.status.lock();
+            status.connected = true;
+            status.since = Some(SystemTime::now());
+        }
         while let Some(response) = responses.message().await.map_err(stream_err)? {
             *progressed = true;
             let ack = self.handle(response);
@@ -359,6 +434,16 @@ impl XdsClient {
                         "response refused as a whole, previous state kept: {e}"
                     ));
                 }
+            }
+        }
+        {
+            let mut status = self.status.lock();
+            status.responses += 1;
+            status.synced_types = self.synced_types.iter().cloned().collect();
+            status.resources = self.store.counts();
+            if !errors.is_empty() {
+                status.last_nack = Some(format!("{type_url}: {}", errors.join("; ")));
+                status.last_nack_at = Some(SystemTime::now());
             }
         }
         let error_detail = (!errors.is_empty()).then(|| {
