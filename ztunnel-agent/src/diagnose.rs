@@ -829,7 +829,7 @@ pub fn node_report(e: &Evidence) -> Report {
         "POD".into(),
         "IP".into(),
         "NETNS COOKIE".into(),
-        "CAPTURED OUT/IN".into(),
+        "CAPTURED OUT/IN/HBONE".into(),
         "FAILED".into(),
         "STATUS".into(),
     ]];
@@ -859,9 +859,10 @@ pub fn node_report(e: &Evidence) -> Report {
                 .join(","),
             pod.netns_cookie.to_string(),
             format!(
-                "{}/{}",
+                "{}/{}/{}",
                 count("outbound_captured"),
-                count("inbound_captured")
+                count("inbound_captured"),
+                count("skipped_hbone_port")
             ),
             pod.recent_failed.len().to_string(),
             status,

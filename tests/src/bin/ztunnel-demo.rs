@@ -193,6 +193,13 @@ fn main() {
         println!("  {l}");
     }
 
+    heading("ztunnel-agent diagnose default/productpage-v1   (is its traffic in the mesh, and if not, why)");
+    let (_, out, err) = agent.cli_status(&["diagnose", "default/productpage-v1"]);
+    print!("{out}{err}");
+    heading("ztunnel-agent diagnose   (the node)");
+    let (_, out, err) = agent.cli_status(&["diagnose"]);
+    print!("{out}{err}");
+
     heading(&format!("ztunnel-agent redirect dump --pin-dir {PIN_DIR}"));
     print!("{}", agent.dump());
 
