@@ -201,6 +201,11 @@ pub async fn accept_loop<F, Fut>(
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Small writes (a CONNECT's 200, a request's reply) go out at once rather
+                    // than wait for the peer's delayed ACK (Nagle: up to 40 ms per exchange).
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(pod = %pod.name, error = %e, "TCP_NODELAY not set");
+                    }
                     tokio::spawn(handle(pod.clone(), stream, peer));
                 }
                 // The socket stopped listening (shut down behind the agent's back, or its
