@@ -450,4 +450,36 @@ mod tests {
             .expect("issue");
         assert_eq!(identity_of(&issued.chain[0]), Some(id("curl")));
     }
+
+    #[test]
+    fn agents_starting_together_share_one_root() {
+        let dir = temp_dir("race");
+        let _ = std::fs::remove_dir_all(&dir);
+        let starts: Vec<_> = (0..6)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || LocalCa::load_or_create(&dir, "cluster.local"))
+            })
+            .collect();
+        let roots: Vec<_> = starts
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .expect("thread")
+                    .expect("every start succeeds")
+                    .root()
+            })
+            .collect();
+        assert!(roots.windows(2).all(|w| w[0] == w[1]), "one root");
+        // A key left without its certificate is named, not overwritten.
+        let orphan = temp_dir("orphan");
+        let _ = std::fs::remove_dir_all(&orphan);
+        std::fs::create_dir_all(&orphan).expect("dir");
+        std::fs::write(orphan.join("root-key.pem"), "key").expect("key");
+        let err = LocalCa::load_or_create(&orphan, "cluster.local")
+            .err()
+            .map(|e| crate::telemetry::ErrorChain(&e).to_string())
+            .unwrap_or_default();
+        assert!(err.contains("exists without"), "{err}");
+    }
 }

@@ -81,35 +81,51 @@ impl LocalCa {
             dir: dir.to_path_buf(),
             source,
         };
+        let (cert_path, key_path) = (dir.join(ROOT_CERT), dir.join(ROOT_KEY));
+        if !cert_path.exists() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            // Two agents sharing the directory (a restart overlapping the old process, two
+            // agents on one test machine) must not both create a root: one creates, the
+            // other waits here and then reads it.
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(".create.lock"))
+                .map_err(io)?;
+            let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| io(std::io::Error::from(errno)))?;
+            if !cert_path.exists() {
+                if key_path.exists() {
+                    return Err(io(std::io::Error::other(format!(
+                        "{} exists without {}: add the certificate, or remove the key to have a new root created",
+                        key_path.display(),
+                        cert_path.display()
+                    ))));
+                }
+                create_root(dir, trust_domain, &cert_path, &key_path)?;
+            }
+        }
+        Self::load(dir, trust_domain, &cert_path, &key_path)
+    }
+
+    fn load(
+        dir: &Path,
+        trust_domain: &str,
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<Self, Error> {
+        let io = |source| Error::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
         let crypto = |what, source| Error::Crypto {
             what,
             dir: dir.to_path_buf(),
             source,
         };
-        let (cert_path, key_path) = (dir.join(ROOT_CERT), dir.join(ROOT_KEY));
-        if !cert_path.exists() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-                .map_err(|e| crypto("root key generation", e))?;
-            let mut params = CertificateParams::default();
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::OrganizationName, trust_domain);
-            dn.push(DnType::CommonName, "ztunnel-agent local CA");
-            params.distinguished_name = dn;
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let now = SystemTime::now();
-            params.not_before = (now - BACKDATE).into();
-            params.not_after = (now + ROOT_VALIDITY).into();
-            let cert = params
-                .self_signed(&key)
-                .map_err(|e| crypto("root self-signing", e))?;
-            write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io)?;
-            std::fs::write(&cert_path, cert.pem()).map_err(io)?;
-            tracing::info!(dir = %dir.display(), "created the local CA root");
-        }
-        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io)?;
-        let key_pem = std::fs::read_to_string(&key_path).map_err(io)?;
+        let cert_pem = std::fs::read_to_string(cert_path).map_err(io)?;
+        let key_pem = std::fs::read_to_string(key_path).map_err(io)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| crypto("reading root-key.pem", e))?;
         let params = CertificateParams::from_ca_cert_pem(&cert_pem)
             .map_err(|e| crypto("reading root-cert.pem", e))?;
@@ -295,4 +311,43 @@ pub fn parse_pem_certs(text: &[u8]) -> Vec<CertificateDer<'static>> {
         rest = remaining;
     }
     certs
+}
+/// Creates the root key and certificate (the certificate last, renamed into place, so a
+/// reader that sees it sees both complete).
+fn create_root(
+    dir: &Path,
+    trust_domain: &str,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let crypto = |what, source| Error::Crypto {
+        what,
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| crypto("root key generation", e))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    dn.push(DnType::CommonName, "ztunnel-agent local CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + ROOT_VALIDITY).into();
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| crypto("root self-signing", e))?;
+    write_private(key_path, key.serialize_pem().as_bytes()).map_err(io)?;
+    let partial = dir.join(".root-cert.pem.partial");
+    std::fs::write(&partial, cert.pem()).map_err(io)?;
+    std::fs::rename(&partial, cert_path).map_err(io)?;
+    tracing::info!(dir = %dir.display(), "created the local CA root");
+    Ok(())
 }
