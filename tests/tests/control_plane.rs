@@ -238,6 +238,31 @@ fn xds_drives_state_traffic_and_enrollment() {
         !line.contains("dst.identity") && !line.contains("dst.workload"),
         "{line}"
     );
+    // diagnose says why the pod is out of the mesh.
+    let (code, out, _) = m.agent.cli_status(&["diagnose", "default/server"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("first broken link: enrolled: not enrolled: its workload was removed from the mesh state"),
+        "{out}"
+    );
+
+    // The workload comes back: the pod is enrolled again (istio-cni does not re-add it) and
+    // traffic to it is HBONE with identities again.
+    std::fs::write(&m.mesh_path, mesh_yaml(&m.client, &m.server, true, false)).expect("mesh");
+    m.agent.wait_log(&[
+        "pod enrolled again: its workload is back in xDS",
+        "pod=server",
+    ]);
+    assert_eq!(hbone_exchange(&m, "back"), "hello back");
+    let line = m.agent.wait_log(&[
+        "direction=\"inbound\"",
+        "dst.identity=\"spiffe://cluster.local/ns/default/sa/server\"",
+        "bytes_recv=4",
+    ]);
+    assert!(
+        line.contains("src.identity=\"spiffe://cluster.local/ns/default/sa/client\""),
+        "{line}"
+    );
 }
 
 #[test]

@@ -140,7 +140,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
         xds_status = Some(client.status());
         tokio::spawn(client.run(shutdown.clone()));
-        tokio::spawn(unenroll_removed(
+        tokio::spawn(follow_workloads(
             mesh.clone(),
             enrollment.clone(),
             changed,
@@ -234,9 +234,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Unenrolls pods whose workload was removed from xDS (matched by namespace and name, since
-/// istio-cni names pods by Kubernetes UID and xDS by `<cluster>//Pod/<ns>/<name>`).
-async fn unenroll_removed(
+/// Follows the mesh state: a pod whose workload was removed from xDS is taken out of capture
+/// (parked, its namespace kept), and enrolled again when the workload comes back. Pods are
+/// matched by namespace and name, since istio-cni names them by Kubernetes UID and xDS by
+/// `<cluster>//Pod/<ns>/<name>`.
+async fn follow_workloads(
     mesh: Arc<MeshContext>,
     enrollment: Arc<Mutex<Enrollment>>,
     changed: Arc<Notify>,
@@ -256,20 +258,32 @@ async fn unenroll_removed(
         }
         let now = names(&mesh.state.snapshot());
         let removed: Vec<_> = known.difference(&now).cloned().collect();
+        let added: Vec<_> = now.difference(&known).cloned().collect();
         known = now;
-        if removed.is_empty() {
+        if removed.is_empty() && added.is_empty() {
             continue;
         }
         let mut enrollment = enrollment.lock().await;
         for pod in enrollment.status() {
             if removed.contains(&(pod.namespace.clone(), pod.name.clone())) {
-                match enrollment.unenroll(&pod.uid).await {
+                match enrollment.park(&pod.uid).await {
                     Ok(_) => {
-                        tracing::info!(pod = %pod.name, namespace = %pod.namespace, "pod unenrolled: its workload was removed from xDS")
+                        tracing::info!(pod = %pod.name, namespace = %pod.namespace, "pod unenrolled: its workload was removed from xDS (enrolled again if it returns)")
                     }
                     Err(e) => {
                         tracing::error!(pod = %pod.name, error = %crate::telemetry::ErrorChain(&e), "unenrolling a removed workload failed")
                     }
+                }
+            }
+        }
+        for (namespace, name) in added {
+            match enrollment.unpark(&namespace, &name).await {
+                Ok(0) => {}
+                Ok(_) => {
+                    tracing::info!(pod = %name, namespace = %namespace, "pod enrolled again: its workload is back in xDS")
+                }
+                Err(e) => {
+                    tracing::error!(pod = %name, namespace = %namespace, error = %crate::telemetry::ErrorChain(&e), "enrolling a returning workload failed")
                 }
             }
         }

@@ -56,6 +56,9 @@ pub struct Evidence {
     pub pods: Vec<PodEvidence>,
     /// The pod asked about, as the mesh state knows it.
     pub query: Option<QueryEvidence>,
+    /// Pods out of capture because their workload left xDS (`namespace/name`).
+    #[serde(default)]
+    pub parked: Vec<String>,
 }
 
 /// A pinned link as the kernel reports it.
@@ -480,7 +483,13 @@ pub fn pod_report(e: &Evidence, namespace: &str, name: &str) -> Report {
         .find(|p| p.namespace == namespace && p.name == name);
     let workload = e.query.as_ref().and_then(|q| q.workload.as_ref());
     let Some(pod) = pod else {
+        let parked = e.parked.contains(&subject);
         let check = match workload {
+            None if parked => Check::new(
+                "enrolled",
+                Verdict::Fail,
+                "not enrolled: its workload was removed from the mesh state (xDS), so capture stopped; the agent keeps its network namespace and enrolls it again when the workload returns (check istiod: is the pod still Running?)",
+            ),
             Some(w) => Check::new(
                 "enrolled",
                 Verdict::Fail,
@@ -894,7 +903,7 @@ pub async fn collect(
     let only = query
         .as_ref()
         .map(|(ns, name)| (ns.as_str(), name.as_str()));
-    let (mut pods, links, config, certs, state) = {
+    let (mut pods, links, config, certs, state, parked) = {
         let enrollment = ctx.enrollment.lock().await;
         let redirect = enrollment.redirect();
         let links: Vec<LinkEvidence> = redirect
@@ -908,6 +917,7 @@ pub async fn collect(
             redirect.config().clone(),
             enrollment.mesh().certs.all(),
             enrollment.mesh().state.snapshot(),
+            enrollment.parked(),
         )
     };
     tokio::time::sleep(window).await;
@@ -962,6 +972,7 @@ pub async fn collect(
         window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
         pods,
         query,
+        parked,
     }
 }
 

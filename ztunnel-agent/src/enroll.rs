@@ -121,12 +121,21 @@ pub struct PodStatus {
     pub source: Source,
 }
 
+/// A pod out of capture because its workload left the mesh state: its namespace is kept so
+/// that it is enrolled again when the workload comes back (istio-cni does not re-add it).
+struct ParkedPod {
+    spec: PodSpec,
+    source: Source,
+    netns: PodNetns,
+}
+
 /// The enrolled pods and the kernel redirect they are registered with.
 pub struct Enrollment {
     redirect: Redirect,
     host: HostNetns,
     mesh: Arc<MeshContext>,
     pods: BTreeMap<String, EnrolledPod>,
+    parked: BTreeMap<String, ParkedPod>,
 }
 
 impl Enrollment {
@@ -138,7 +147,48 @@ impl Enrollment {
             host,
             mesh,
             pods: BTreeMap::new(),
+            parked: BTreeMap::new(),
         }
+    }
+
+    /// Takes a pod out of capture, keeping its namespace to enroll it again with
+    /// [`Enrollment::unpark`]. Returns whether it was enrolled.
+    pub async fn park(&mut self, uid: &str) -> Result<bool, Error> {
+        let Some(pod) = self.pods.get(uid) else {
+            return Ok(false);
+        };
+        let parked = ParkedPod {
+            spec: pod.spec.clone(),
+            source: pod.source,
+            netns: pod.proxy.netns.clone(),
+        };
+        self.unenroll(uid).await?;
+        self.parked.insert(uid.to_string(), parked);
+        Ok(true)
+    }
+
+    /// Enrolls again the parked pods named `namespace/name`; returns how many.
+    pub async fn unpark(&mut self, namespace: &str, name: &str) -> Result<usize, Error> {
+        let uids: Vec<String> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.spec.namespace == namespace && p.spec.name == name)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in &uids {
+            if let Some(p) = self.parked.remove(uid) {
+                self.enroll(p.source, p.spec, p.netns).await?;
+            }
+        }
+        Ok(uids.len())
+    }
+
+    /// Parked pods as `namespace/name`.
+    pub fn parked(&self) -> Vec<String> {
+        self.parked
+            .values()
+            .map(|p| format!("{}/{}", p.spec.namespace, p.spec.name))
+            .collect()
     }
 
     /// The agent's own network namespace.
@@ -273,6 +323,8 @@ impl Enrollment {
         spec: PodSpec,
         netns: PodNetns,
     ) -> Result<(), Error> {
+        // Its source handing it over again supersedes a parked copy.
+        self.parked.remove(&spec.uid);
         if let Some(existing) = self.pods.get(&spec.uid) {
             if existing.spec == spec && existing.proxy.netns.cookie() == netns.cookie() {
                 return Ok(());
@@ -423,8 +475,10 @@ impl Enrollment {
     /// Removes a pod: capture stops, then its listeners close. Returns whether it was
     /// enrolled.
     pub async fn unenroll(&mut self, uid: &str) -> Result<bool, Error> {
+        // Removed by its source: a parked copy is forgotten too.
+        let was_parked = self.parked.remove(uid).is_some();
         let Some(mut pod) = self.pods.remove(uid) else {
-            return Ok(false);
+            return Ok(was_parked);
         };
         let result = self.redirect.remove_pod(pod.proxy.netns.cookie());
         pod.cancel.cancel();
@@ -438,6 +492,8 @@ impl Enrollment {
 
     /// Unenrolls the pods `source` enrolled that are not in `keep`.
     pub async fn retain(&mut self, source: Source, keep: &[String]) -> Result<(), Error> {
+        self.parked
+            .retain(|uid, p| p.source != source || keep.contains(uid));
         let gone: Vec<String> = self
             .pods
             .iter()
