@@ -83,6 +83,11 @@ impl Agent {
         &self.dir
     }
 
+    /// Where this agent pins its maps and links.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
     fn spawn(&mut self, generation: u32) {
         self.log_path = self.dir.join(format!("agent-{generation}.log"));
         let log = std::fs::File::create(&self.log_path).expect("create agent log");

@@ -210,3 +210,83 @@ fn diagnose_healthy_then_not_enrolled_then_listener_gone() {
     .expect("mesh traffic after the 15006 listener died");
     assert_eq!(got.response, "hello after");
 }
+
+#[test]
+fn detached_links_are_named_and_a_restart_attaches_them_again() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("diagl");
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let _app = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9080));
+    let workloads = [
+        Workload::hbone(&client, "client", "node"),
+        Workload::hbone(&server, "server", "node"),
+    ];
+    let (mut agent, _) = Agent::start_local(&topo, "node", &mesh::yaml(&workloads, &[]), &[]);
+    let dst = SocketAddr::new(server.ip4, 9080);
+    assert_eq!(
+        exchange(&client.netns_path(), dst, "one")
+            .expect("mesh traffic")
+            .response,
+        "hello one"
+    );
+    let (code, report) = diagnose(&agent, &[]);
+    assert_eq!(code, 0, "{report}");
+
+    // Someone detaches the outbound capture program's link (`bpftool link detach`): the
+    // client's traffic would bypass the mesh without a word; diagnose names it.
+    let links = agent.pin_dir().join("links");
+    let detach = |name: &str| {
+        let out = std::process::Command::new("bpftool")
+            .args(["link", "detach", "pinned"])
+            .arg(links.join(name))
+            .output()
+            .expect("bpftool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    detach("ztunnel_connect4");
+    let (code, report) = diagnose(&agent, &["default/client"]);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains("first broken link: programs: ztunnel_connect4 link ")
+            && report.contains("is detached from its cgroup"),
+        "{report}"
+    );
+    // The server's inbound steering link too.
+    // (--json prints the evidence; the exit status still says the node is broken.)
+    let (code, json, _) =
+        agent.cli_status(&["diagnose", "default/server", "--json", "--window-ms", "0"]);
+    assert_eq!(code, 1);
+    let evidence: serde_json::Value = serde_json::from_str(&json).expect("evidence JSON");
+    let cookie = evidence["pods"][0]["netnsCookie"].as_u64().expect("cookie");
+    detach(&format!("inbound-{cookie}"));
+    let (_, report) = diagnose(&agent, &["default/server"]);
+    assert!(
+        line(&report, "kernel").contains("is detached from the pod's netns"),
+        "{report}"
+    );
+
+    // A restart replaces the detached links instead of keeping their pins.
+    agent.restart(1);
+    agent.wait_ready();
+    let (code, report) = diagnose(&agent, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert!(agent.log().contains("state=Replaced"), "{}", agent.log());
+    assert_eq!(
+        exchange(&client.netns_path(), dst, "two")
+            .expect("mesh traffic after the restart")
+            .response,
+        "hello two"
+    );
+    agent.wait_log(&[
+        "connection complete",
+        "direction=\"outbound\"",
+        "bytes_sent=3",
+    ]);
+}

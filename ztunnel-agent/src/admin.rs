@@ -97,11 +97,9 @@ pub async fn admin(req: Request<Incoming>, ctx: Arc<AdminContext>) -> Response<B
         (&Method::GET, "/debug/diagnose") => {
             let query = match query_param(&req, "pod") {
                 None => None,
-                Some(pod) => match pod.split_once('/') {
-                    Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
-                        Some((ns.to_string(), name.to_string()))
-                    }
-                    _ => {
+                Some(pod) => match crate::diagnose::parse_pod_ref(pod) {
+                    Some(pod_ref) => Some(pod_ref),
+                    None => {
                         return text(
                             StatusCode::BAD_REQUEST,
                             format!("pod={pod}: expected <namespace>/<pod>\n"),

@@ -271,7 +271,7 @@ async fn follow_workloads(
                         tracing::info!(pod = %pod.name, namespace = %pod.namespace, "pod unenrolled: its workload was removed from xDS (enrolled again if it returns)")
                     }
                     Err(e) => {
-                        tracing::error!(pod = %pod.name, error = %crate::telemetry::ErrorChain(&e), "unenrolling a removed workload failed")
+                        tracing::error!(pod = %pod.name, namespace = %pod.namespace, error = %crate::telemetry::ErrorChain(&e), "unenrolling a removed workload failed")
                     }
                 }
             }

@@ -196,6 +196,16 @@ pub struct WorkloadEvidence {
     pub ips: Vec<IpAddr>,
 }
 
+/// Parses `<namespace>/<pod>`.
+pub fn parse_pod_ref(text: &str) -> Option<(String, String)> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Some((ns.to_string(), name.to_string()))
+        }
+        _ => None,
+    }
+}
+
 /// Counters as a name -> value map.
 pub fn counter_map(c: &ztunnel_common::PodCounters) -> BTreeMap<String, u64> {
     c.fields()
@@ -369,7 +379,16 @@ fn agent_check(e: &Evidence) -> Check {
 }
 
 fn programs_check(e: &Evidence) -> Check {
-    let cgroup_id = e.cgroup_id.unwrap_or_default();
+    let Some(cgroup_id) = e.cgroup_id else {
+        return Check::new(
+            "programs",
+            Verdict::Fail,
+            format!(
+                "the cgroup {} the programs attach to cannot be read (gone?): pods in it are not captured; check --cgroup-path",
+                e.cgroup
+            ),
+        );
+    };
     let broken: Vec<String> = e
         .links
         .iter()
@@ -578,11 +597,17 @@ fn kernel_check(pod: &PodEvidence) -> Check {
             "inbound sk_lookup link {} is not pinned ({err}): inbound is not captured",
             link.name
         )),
-        (None, Some(ino)) if ino != pod.netns_inode => problems.push(format!(
-            "inbound sk_lookup link {} is attached to netns inode {ino}, not the pod's {}",
-            link.id.unwrap_or_default(),
-            pod.netns_inode
+        (None, Some(0)) => problems.push(format!(
+            "inbound sk_lookup link {} is detached from the pod's netns: inbound is not captured",
+            link.id.unwrap_or_default()
         )),
+        (None, Some(ino)) if pod.netns_inode != 0 && ino != pod.netns_inode => {
+            problems.push(format!(
+                "inbound sk_lookup link {} is attached to netns inode {ino}, not the pod's {}",
+                link.id.unwrap_or_default(),
+                pod.netns_inode
+            ))
+        }
         _ => {}
     }
     if problems.is_empty() {
@@ -680,8 +705,15 @@ fn capture_check(pod: &PodEvidence, window_ms: u64) -> Check {
         "skipped_hbone_port",
     ];
     let captured_now: u64 = captured.iter().map(|k| delta(k)).sum();
-    let dropped_now =
-        delta("dropped_no_listener") + delta("refused_map_full") + delta("orig_dst_lost");
+    let dropped_now = [
+        "dropped_no_listener",
+        "refused_map_full",
+        "refused_no_pod_address",
+        "orig_dst_lost",
+    ]
+    .iter()
+    .map(|k| delta(k))
+    .sum::<u64>();
     let window = format!("{}s", window_ms as f64 / 1000.0);
     let mut check = if dropped_now > 0 {
         Check::new(
@@ -740,7 +772,7 @@ fn cert_check(e: &Evidence, identity: &str) -> Check {
         None => Check::new(
             "certificate",
             Verdict::Fail,
-            format!("no certificate was requested for {identity}"),
+            format!("no certificate was requested for {identity}: the agent requests it when the pod is enrolled; check the agent log for `certificate request failed`"),
         ),
     }
 }
@@ -876,6 +908,16 @@ pub fn node_report(e: &Evidence) -> Report {
             pod.recent_failed.len().to_string(),
             status,
         ]);
+    }
+    if !e.parked.is_empty() {
+        checks.push(Check::new(
+            "parked",
+            Verdict::Warn,
+            format!(
+                "{}: workload removed from xDS, out of capture until it returns",
+                e.parked.join(", ")
+            ),
+        ));
     }
     checks.push(match first_bad {
         None => Check::new(

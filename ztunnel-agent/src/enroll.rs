@@ -162,12 +162,14 @@ impl Enrollment {
             source: pod.source,
             netns: pod.proxy.netns.clone(),
         };
-        self.unenroll(uid).await?;
+        let result = self.unenroll(uid).await;
+        // Parked even if the kernel maps refused the removal: the pod must not be lost.
         self.parked.insert(uid.to_string(), parked);
-        Ok(true)
+        result.map(|_| true)
     }
 
-    /// Enrolls again the parked pods named `namespace/name`; returns how many.
+    /// Enrolls again the parked pods named `namespace/name`; returns how many. A pod that
+    /// fails to enroll stays parked (and the last error is returned).
     pub async fn unpark(&mut self, namespace: &str, name: &str) -> Result<usize, Error> {
         let uids: Vec<String> = self
             .parked
@@ -175,12 +177,25 @@ impl Enrollment {
             .filter(|(_, p)| p.spec.namespace == namespace && p.spec.name == name)
             .map(|(uid, _)| uid.clone())
             .collect();
-        for uid in &uids {
-            if let Some(p) = self.parked.remove(uid) {
-                self.enroll(p.source, p.spec, p.netns).await?;
+        let mut enrolled = 0;
+        let mut failure = None;
+        for uid in uids {
+            let Some(p) = self.parked.remove(&uid) else {
+                continue;
+            };
+            let (source, spec, netns) = (p.source, p.spec.clone(), p.netns.clone());
+            match self.enroll(source, spec, netns).await {
+                Ok(()) => enrolled += 1,
+                Err(e) => {
+                    self.parked.insert(uid, p);
+                    failure = Some(e);
+                }
             }
         }
-        Ok(uids.len())
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(enrolled),
+        }
     }
 
     /// Parked pods as `namespace/name`.

@@ -332,12 +332,25 @@ impl Redirect {
     }
 
     fn attach_inbound(&mut self, cookie: NetnsCookie, netns: &File) -> Result<(), Error> {
+        use std::os::unix::fs::MetadataExt;
         let path = self.inbound_link_path(cookie);
-        if path.exists() {
-            // Same netns, same maps: the pinned link from before a restart still steers.
-            return Ok(());
-        }
         let dir = self.config.pin_dir.display().to_string();
+        if path.exists() {
+            // Same netns, same maps: the pinned link from before a restart still steers, as
+            // long as it is still attached there (not detached behind the agent's back).
+            let netns_ino = netns.metadata().map(|m| m.ino()).ok();
+            let attached = linkinfo::read(&path)
+                .ok()
+                .is_some_and(|i| Some(i.target) == netns_ino.map(linkinfo::Target::Netns));
+            if attached {
+                return Ok(());
+            }
+            std::fs::remove_file(&path).map_err(|source| Error::Pin {
+                path: path.clone(),
+                dir: dir.clone(),
+                source,
+            })?;
+        }
         let inbound: &mut SkLookup = program(&mut self.ebpf, programs::INBOUND)?;
         let attach_err = |source| Error::Program {
             what: "attaching",
@@ -601,7 +614,16 @@ fn attach_cgroup_program(
     let path = links_dir.join(name);
     let previous = PinnedLink::from_pin(&path).ok().map(FdLink::from);
     if let Some(old) = &previous {
-        if old_link_tag(old) == Some(tag) {
+        // Kept only if it runs this program and is still attached to this cgroup (a link
+        // detached behind the agent's back, or from another cgroup, is replaced).
+        let cgroup_id = {
+            use std::os::unix::fs::MetadataExt;
+            cgroup.metadata().map(|m| m.ino()).ok()
+        };
+        let attached_here = linkinfo::read(&path)
+            .ok()
+            .is_some_and(|i| Some(i.target) == cgroup_id.map(linkinfo::Target::Cgroup));
+        if old_link_tag(old) == Some(tag) && attached_here {
             return Ok(Attachment::Reused);
         }
     }

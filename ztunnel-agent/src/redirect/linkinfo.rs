@@ -69,12 +69,21 @@ pub struct PinnedLinkInfo {
     pub target: Target,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, exclusively borrowed `#[repr(C)]` value laid out as the
-    // kernel's `union bpf_attr` prefix for `cmd`, and its size is passed with it; the kernel
-    // reads and writes only within that size. The pointers it carries (a NUL-terminated path,
-    // an info buffer with its length) point to values the caller keeps alive and unaliased
-    // for the duration of the call.
+// The layouts the kernel expects (include/uapi/linux/bpf.h).
+const _: () = assert!(std::mem::size_of::<ObjGetAttr>() == 24);
+const _: () = assert!(std::mem::size_of::<InfoAttr>() == 16);
+const _: () = assert!(std::mem::offset_of!(RawLinkInfo, union) == 16);
+
+/// Calls `bpf(cmd, attr, sizeof attr)`.
+///
+/// # Safety
+/// `T` must be one of this module's `#[repr(C)]` attribute structs laid out as the kernel's
+/// `union bpf_attr` for `cmd`, and every pointer it carries must point to memory that stays
+/// valid (and, for output buffers, writable for the length given) during the call.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is live and exclusively borrowed, its size is passed with it and the
+    // kernel reads and writes only within that size; the caller vouches for its layout and
+    // for the pointers inside it.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -92,13 +101,19 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 
 /// Reads the link pinned at `path`.
 pub fn read(path: &Path) -> io::Result<PinnedLinkInfo> {
-    let name = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    let name = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} holds a NUL byte", path.display()),
+        )
+    })?;
     let mut get = ObjGetAttr {
         pathname: name.as_ptr() as u64,
         ..Default::default()
     };
-    let fd = bpf(BPF_OBJ_GET, &mut get)?;
+    // SAFETY: ObjGetAttr is BPF_OBJ_GET's layout; `pathname` points to `name`, alive and
+    // NUL-terminated until after the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut get) }?;
     let fd = RawFd::try_from(fd).map_err(io::Error::other)?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -114,7 +129,9 @@ pub fn read(path: &Path) -> io::Result<PinnedLinkInfo> {
         info_len: u32::try_from(std::mem::size_of::<RawLinkInfo>()).map_err(io::Error::other)?,
         info: std::ptr::from_mut(&mut info) as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: InfoAttr is BPF_OBJ_GET_INFO_BY_FD's layout; `info` points to `info`, alive,
+    // writable and `info_len` bytes long until after the call.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     let first = info.union[0];
     let low = u32::from_ne_bytes(first.to_ne_bytes()[..4].try_into().unwrap_or([0; 4]));
     let target = match info.kind {
