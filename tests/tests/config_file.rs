@@ -117,8 +117,8 @@ fn check_dump(file: &str) {
             "Available",
             "true",
             "1f2e3d4c5b6a",
-            "2036-11-18T22:15:25Z",
-            "2026-11-21T22:15:25Z"
+            "2099-12-31T00:00:00Z",
+            "2024-01-01T00:00:00Z"
         ]
     );
     let root = cols(row(

@@ -121,7 +121,10 @@ fn diagnose_healthy_then_not_enrolled_then_listener_gone() {
         line(&report, "programs").contains("cgroup programs attached to"),
         "{report}"
     );
-    assert!(report.contains("link "), "link ids shown: {report}");
+    assert!(
+        report.contains("ztunnel_connect4: link ") && report.contains(" program "),
+        "link and program ids shown: {report}"
+    );
     assert!(
         line(&report, "enrolled").contains("netns cookie"),
         "{report}"
