@@ -263,3 +263,117 @@ fn invalid_config_change_keeps_last_good_state() {
         agent.is_running().then_some(())
     });
 }
+
+/// Connects from the node namespace, bound to `src`, and exchanges `payload`; returns the
+/// answer.
+fn exchange_from(topo: &Topology, src: IpAddr, dst: SocketAddr, payload: &str) -> String {
+    use std::io::{Read, Write};
+    let payload = payload.to_string();
+    in_netns(&topo.node_path(), move || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(dst),
+            socket2::Type::STREAM,
+            None,
+        )
+        .expect("socket");
+        socket
+            .bind(&SocketAddr::new(src, 0).into())
+            .expect("bind the source");
+        socket
+            .connect_timeout(&dst.into(), std::time::Duration::from_secs(5))
+            .expect("connect");
+        let mut s: std::net::TcpStream = socket.into();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(payload.as_bytes()).expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read");
+        answer
+    })
+}
+
+#[test]
+fn kubelet_probes_reach_the_application_directly() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("probe");
+    let server_pod = topo.add_pod("server", 11);
+    let (mut agent, _) = start_agent(&topo, &[&server_pod]);
+    let server = Server::start(
+        server_pod.netns_path(),
+        addr("0.0.0.0".parse().expect("ip"), 9080),
+    );
+    let server6 = Server::start(server_pod.netns_path(), addr(server_pod.ip6, 9080));
+    // istio-cni SNATs kubelet's probes on the node to these sources.
+    let probe4: IpAddr = "169.254.7.127".parse().expect("ip");
+    let probe6: IpAddr = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+        .parse()
+        .expect("ip");
+    ztunnel_e2e::sh(
+        "ip",
+        &[
+            "-n",
+            &topo.node,
+            "addr",
+            "add",
+            "169.254.7.127/32",
+            "dev",
+            "br0",
+        ],
+    );
+    ztunnel_e2e::sh(
+        "ip",
+        &[
+            "-n",
+            &topo.node,
+            "addr",
+            "add",
+            "fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128",
+            "dev",
+            "br0",
+            "nodad",
+        ],
+    );
+    // The pods route everything via the bridge, so answers to the probe source come back.
+    for (src, dst, app) in [
+        (probe4, addr(server_pod.ip4, 9080), &server),
+        (probe6, addr(server_pod.ip6, 9080), &server6),
+    ] {
+        assert_eq!(exchange_from(&topo, src, dst, "probe"), "hello probe");
+        let seen = app.accepted();
+        assert_eq!(
+            seen.last().map(|a| a.peer.ip()),
+            Some(src),
+            "the application saw the probe source itself, not the agent: {seen:?}"
+        );
+    }
+    // The same node, from its ordinary address: captured, so the application sees the
+    // agent's connection from the pod itself.
+    let node_ip: IpAddr = "10.244.1.1".parse().expect("ip");
+    assert_eq!(
+        exchange_from(&topo, node_ip, addr(server_pod.ip4, 9080), "kubelet"),
+        "hello kubelet"
+    );
+    assert_eq!(
+        server.accepted().last().map(|a| a.peer.ip()),
+        Some(server_pod.ip4)
+    );
+    agent.wait_log(&[
+        "captured connection",
+        "direction=\"inbound\"",
+        "src.addr=10.244.1.1:",
+    ]);
+    assert!(
+        !agent.log().contains("src.addr=169.254.7.127"),
+        "the probe never reached the agent"
+    );
+    let metrics = agent.scrape_metrics();
+    let labels = ["pod=\"server\"", "event=\"skipped_probe\""];
+    assert_eq!(
+        ztunnel_e2e::metric_sum(&metrics, "ztunnel_redirect_events_total", &labels),
+        2,
+        "{metrics}"
+    );
+}

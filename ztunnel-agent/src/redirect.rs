@@ -781,6 +781,19 @@ mod tests {
         assert_eq!(ip_from_key(key.family, &key.addr), Some(v6));
         let mapped: IpAddr = "::ffff:10.244.1.10".parse().expect("ip");
         assert_eq!(ip_key(mapped), ip_key(v4));
+        // The kubelet probe sources as the inbound program compares them.
+        let probe4: IpAddr = "169.254.7.127".parse().expect("ip");
+        assert_eq!(
+            ip_key(probe4).addr,
+            ztunnel_common::addr_words(&ztunnel_common::PROBE_SOURCE_V4)
+        );
+        let probe6: IpAddr = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+            .parse()
+            .expect("ip");
+        assert_eq!(
+            ip_key(probe6).addr,
+            ztunnel_common::addr_words(&ztunnel_common::PROBE_SOURCE_V6)
+        );
     }
 
     #[test]

@@ -14,6 +14,31 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Inbound HBONE listener; peers dial it directly, it is never redirected.
 pub const HBONE_PORT: u16 = 15008;
+
+/// The source istio-cni gives kubelet's health probes (it SNATs them on the node), IPv4.
+/// Inbound connections from it reach the application directly, as upstream's in-pod rules
+/// let them: a probe must not depend on the proxy or be judged by mesh policy.
+pub const PROBE_SOURCE_V4: [u8; 4] = [169, 254, 7, 127];
+/// The same for IPv6: `fd16:9254:7127:1337:ffff:ffff:ffff:ffff`.
+pub const PROBE_SOURCE_V6: [u8; 16] = [
+    0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+];
+
+/// An address as the programs read it from the kernel: network-order words (IPv4 in word 0).
+pub const fn addr_words(bytes: &[u8]) -> [u32; 4] {
+    let mut words = [0u32; 4];
+    let mut i = 0;
+    while i < 4 && i * 4 + 3 < bytes.len() {
+        words[i] = u32::from_ne_bytes([
+            bytes[i * 4],
+            bytes[i * 4 + 1],
+            bytes[i * 4 + 2],
+            bytes[i * 4 + 3],
+        ]);
+        i += 1;
+    }
+    words
+}
 /// `SO_MARK` the agent sets on every socket it connects itself, so capture skips it
 /// (1337, the mark upstream ztunnel uses for the same purpose).
 pub const AGENT_SOCKET_MARK: u32 = 0x539;
@@ -199,11 +224,13 @@ pub struct PodCounters {
     pub dropped_no_listener: u64,
     /// sockops: a captured socket's original destination could not be moved to `ORIG_DST`.
     pub orig_dst_lost: u64,
+    /// Inbound: from the kubelet probe source ([`PROBE_SOURCE_V4`], [`PROBE_SOURCE_V6`]).
+    pub skipped_probe: u64,
 }
 
 impl PodCounters {
     /// Field names and values, in declaration order (for metrics and `redirect dump`).
-    pub fn fields(&self) -> [(&'static str, u64); 12] {
+    pub fn fields(&self) -> [(&'static str, u64); 13] {
         [
             ("outbound_captured", self.outbound_captured),
             ("inbound_captured", self.inbound_captured),
@@ -217,6 +244,7 @@ impl PodCounters {
             ("refused_map_full", self.refused_map_full),
             ("dropped_no_listener", self.dropped_no_listener),
             ("orig_dst_lost", self.orig_dst_lost),
+            ("skipped_probe", self.skipped_probe),
         ]
     }
 
@@ -234,6 +262,7 @@ impl PodCounters {
         self.refused_map_full += other.refused_map_full;
         self.dropped_no_listener += other.dropped_no_listener;
         self.orig_dst_lost += other.orig_dst_lost;
+        self.skipped_probe += other.skipped_probe;
     }
 }
 

@@ -3,13 +3,17 @@
 //! the accepted socket's local address is the original destination.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use ztunnel_common::{IpKey, ListenerKey, PortKey, AF_INET, HBONE_PORT};
+use ztunnel_common::{
+    addr_words, IpKey, ListenerKey, PortKey, AF_INET, HBONE_PORT, PROBE_SOURCE_V4, PROBE_SOURCE_V6,
+};
 
 use crate::maps::{count, EXCLUDED_INBOUND_PORTS, INBOUND_LISTENERS, POD_ADDRS};
 
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
+const PROBE_V4: [u32; 4] = addr_words(&PROBE_SOURCE_V4);
+const PROBE_V6: [u32; 4] = addr_words(&PROBE_SOURCE_V6);
 
 #[sk_lookup]
 pub fn ztunnel_inbound(ctx: SkLookupContext) -> u32 {
@@ -68,6 +72,16 @@ fn try_inbound(ctx: &SkLookupContext) -> u32 {
     // The agent's own connections to the application (from the pod's address to itself),
     // and the pod calling itself, are never steered.
     if local == remote {
+        return SK_PASS;
+    }
+    // kubelet's probes (SNATed by istio-cni) reach the application directly.
+    let probe = if family == AF_INET {
+        PROBE_V4
+    } else {
+        PROBE_V6
+    };
+    if remote == probe {
+        count(owner.netns_cookie, |c| c.skipped_probe += 1);
         return SK_PASS;
     }
     let port = ctx_u32!(ctx, local_port) as u16;
