@@ -35,6 +35,13 @@ fn start_agent_with(
     Agent::start_local(topo, NODE, &mesh_yaml(enrolled), extra)
 }
 
+/// Test servers on 9080 in `pod`: every IPv4 address, and its IPv6 address.
+fn servers_on_9080(pod: &Pod) -> (Server, Server) {
+    let v4 = Server::start(pod.netns_path(), addr("0.0.0.0".parse().expect("ip"), 9080));
+    let v6 = Server::start(pod.netns_path(), addr(pod.ip6, 9080));
+    (v4, v6)
+}
+
 fn addr(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
@@ -122,11 +129,7 @@ fn inbound_plaintext_lands_on_15006_with_original_destination() {
     let client = topo.add_pod("client", 10);
     let server_pod = topo.add_pod("server", 11);
     let (mut agent, _) = start_agent(&topo, &[&server_pod]);
-    let server = Server::start(
-        server_pod.netns_path(),
-        addr("0.0.0.0".parse().expect("ip"), 9080),
-    );
-    let server6 = Server::start(server_pod.netns_path(), addr(server_pod.ip6, 9080));
+    let (server, server6) = servers_on_9080(&server_pod);
 
     for ip in [server_pod.ip4, server_pod.ip6] {
         let dst = addr(ip, 9080);
@@ -301,11 +304,7 @@ fn kubelet_probes_reach_the_application_directly() {
     let mut topo = Topology::new("probe");
     let server_pod = topo.add_pod("server", 11);
     let (mut agent, _) = start_agent(&topo, &[&server_pod]);
-    let server = Server::start(
-        server_pod.netns_path(),
-        addr("0.0.0.0".parse().expect("ip"), 9080),
-    );
-    let server6 = Server::start(server_pod.netns_path(), addr(server_pod.ip6, 9080));
+    let (server, server6) = servers_on_9080(&server_pod);
     // istio-cni SNATs kubelet's probes on the node to these sources.
     let probe4: IpAddr = "169.254.7.127".parse().expect("ip");
     let probe6: IpAddr = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"

@@ -970,9 +970,9 @@ pub async fn collect(
         }
     }
     let query = query.map(|(namespace, name)| {
+        // No uid here: the operator names the pod.
         let workload = state
-            .workloads()
-            .find(|w| w.namespace == namespace && w.name == name)
+            .pod_workload("", &namespace, &name)
             .map(|w| WorkloadEvidence {
                 uid: w.key(),
                 node: w.node.clone(),

@@ -295,10 +295,9 @@ impl Enrollment {
                         Source::Zds => "istio-cni (ZDS)".to_string(),
                     },
                     identity: p.proxy.identity.to_string(),
-                    workload_known: snapshot.workload(&p.spec.uid).is_some()
-                        || snapshot
-                            .workloads()
-                            .any(|w| w.namespace == p.spec.namespace && w.name == p.spec.name),
+                    workload_known: snapshot
+                        .pod_workload(&p.spec.uid, &p.spec.namespace, &p.spec.name)
+                        .is_some(),
                     map_enrolled: view.enrolled,
                     map_addresses: view.addresses.clone(),
                     map_listener_families: view
@@ -392,12 +391,7 @@ impl Enrollment {
         // a ZDS pod not (yet) in the state gets the identity its CNI message describes.
         // istio-cni names pods by Kubernetes UID, xDS by `<cluster>//Pod/<ns>/<name>`.
         let snapshot = self.mesh.state.snapshot();
-        let known = snapshot.workload(&spec.uid).or_else(|| {
-            snapshot
-                .workloads()
-                .find(|w| w.namespace == spec.namespace && w.name == spec.name)
-                .cloned()
-        });
+        let known = snapshot.pod_workload(&spec.uid, &spec.namespace, &spec.name);
         let (identity, network) = match &known {
             Some(w) => (w.identity(), w.network.clone()),
             None => (

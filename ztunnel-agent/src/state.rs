@@ -191,6 +191,16 @@ impl MeshState {
         self.workloads.get(uid).cloned()
     }
 
+    /// A pod's workload: by uid, else by namespace and name (istio-cni names pods by
+    /// Kubernetes UID, xDS by `<cluster>//Pod/<ns>/<name>`).
+    pub fn pod_workload(&self, uid: &str, namespace: &str, name: &str) -> Option<Arc<Workload>> {
+        self.workload(uid).or_else(|| {
+            self.workloads()
+                .find(|w| w.namespace == namespace && w.name == name)
+                .cloned()
+        })
+    }
+
     /// The workload with this address.
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
         let key = NetworkAddress {

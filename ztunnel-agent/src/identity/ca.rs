@@ -74,13 +74,29 @@ impl std::fmt::Debug for LocalCa {
     }
 }
 
+impl Error {
+    /// Wraps an I/O failure in `dir`.
+    fn io(dir: &Path) -> impl Fn(std::io::Error) -> Error + Copy + '_ {
+        move |source| Error::Io {
+            dir: dir.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Wraps a certificate or key failure while doing `what` in `dir`.
+    fn crypto(dir: &Path) -> impl Fn(&'static str, rcgen::Error) -> Error + Copy + '_ {
+        move |what, source| Error::Crypto {
+            what,
+            dir: dir.to_path_buf(),
+            source,
+        }
+    }
+}
+
 impl LocalCa {
     /// Loads the root from `dir`, creating it (and the directory) on first start.
     pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
-        let io = |source| Error::Io {
-            dir: dir.to_path_buf(),
-            source,
-        };
+        let io = Error::io(dir);
         let (cert_path, key_path) = (dir.join(ROOT_CERT), dir.join(ROOT_KEY));
         if !cert_path.exists() {
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -115,15 +131,8 @@ impl LocalCa {
         cert_path: &Path,
         key_path: &Path,
     ) -> Result<Self, Error> {
-        let io = |source| Error::Io {
-            dir: dir.to_path_buf(),
-            source,
-        };
-        let crypto = |what, source| Error::Crypto {
-            what,
-            dir: dir.to_path_buf(),
-            source,
-        };
+        let io = Error::io(dir);
+        let crypto = Error::crypto(dir);
         let cert_pem = std::fs::read_to_string(cert_path).map_err(io)?;
         let key_pem = std::fs::read_to_string(key_path).map_err(io)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| crypto("reading root-key.pem", e))?;
@@ -164,11 +173,7 @@ impl LocalCa {
 
     /// Issues a certificate for `identity`, valid for `validity`.
     pub fn issue(&self, identity: &Identity, validity: Duration) -> Result<Issued, Error> {
-        let crypto = |what, source| Error::Crypto {
-            what,
-            dir: self.dir.clone(),
-            source,
-        };
+        let crypto = Error::crypto(&self.dir);
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| crypto("leaf key generation", e))?;
         let uri = identity
@@ -214,11 +219,7 @@ impl LocalCa {
         validity: Duration,
         override_san: Option<&str>,
     ) -> Result<(CertificateDer<'static>, SystemTime, SystemTime), Error> {
-        let crypto = |what, source| Error::Crypto {
-            what,
-            dir: self.dir.clone(),
-            source,
-        };
+        let crypto = Error::crypto(&self.dir);
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| crypto("reading a certificate signing request", e))?;
         if let Some(san) = override_san {
@@ -320,15 +321,8 @@ fn create_root(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<(), Error> {
-    let io = |source| Error::Io {
-        dir: dir.to_path_buf(),
-        source,
-    };
-    let crypto = |what, source| Error::Crypto {
-        what,
-        dir: dir.to_path_buf(),
-        source,
-    };
+    let io = Error::io(dir);
+    let crypto = Error::crypto(dir);
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
         .map_err(|e| crypto("root key generation", e))?;
     let mut params = CertificateParams::default();
