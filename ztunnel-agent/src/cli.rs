@@ -165,6 +165,14 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    /// Threads of the proxy runtime (upstream's setting; 2 by default, as upstream).
+    #[arg(
+        long,
+        env = "ZTUNNEL_WORKER_THREADS",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    pub worker_threads: u16,
     /// Where maps and links are pinned (one directory per agent).
     #[arg(long, env = "ZTUNNEL_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,

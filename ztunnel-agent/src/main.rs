@@ -18,6 +18,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(usize::from(args.worker_threads))
                 .enable_all()
                 .thread_name("ztunnel")
                 .build()

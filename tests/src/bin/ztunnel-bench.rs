@@ -16,6 +16,8 @@ use ztunnel_e2e::traffic::in_netns;
 const ECHO_PORT: u16 = 9000;
 const SINK_PORT: u16 = 9001;
 const RUN: Duration = Duration::from_secs(3);
+/// Rounds per figure (the median is reported).
+const ROUNDS: usize = 3;
 const CONCURRENCY: usize = 16;
 const IDLE_CONNECTIONS: usize = 1000;
 
@@ -255,6 +257,23 @@ fn main() {
     for s in [&ds, &ps, &hs] {
         start_servers(s);
     }
+    // Rounds of the connection-rate figure open tens of thousands of connections between
+    // the same addresses: without these, ports left in TIME_WAIT throttle later rounds.
+    for pod in [&dc, &pc, &hc, &ds, &ps, &hs] {
+        ztunnel_e2e::sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &pod.netns,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_local_port_range=1024 65535",
+                "net.ipv4.tcp_tw_reuse=1",
+            ],
+        );
+    }
     let dir: PathBuf = std::env::temp_dir().join("zt-bench");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
@@ -324,11 +343,21 @@ fn main() {
         return;
     }
     let paths = [(&dc, &ds), (&pc, &ps), (&hc, &hs)];
+    // Each figure: ROUNDS rounds, the three paths interleaved within a round, the median per
+    // path (one run of direct TCP alone varies by a third on this machine).
     let measure = |f: &dyn Fn(&Pod, SocketAddr) -> f64, port: u16| -> [f64; 3] {
-        paths.map(|(c, s)| {
-            // Warm up (certificates, pooled connection), then measure.
-            let _ = std::net::TcpStream::connect(SocketAddr::new(s.ip4, port));
-            f(c, SocketAddr::new(s.ip4, port))
+        let mut samples: [Vec<f64>; 3] = Default::default();
+        for _ in 0..ROUNDS {
+            for (i, (c, s)) in paths.iter().enumerate() {
+                // Warm up (certificates, pooled connection), then measure.
+                let _ = std::net::TcpStream::connect(SocketAddr::new(s.ip4, port));
+                samples[i].push(f(c, SocketAddr::new(s.ip4, port)));
+            }
+        }
+        eprintln!("  samples (direct, passthrough, HBONE): {samples:.0?}");
+        samples.map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
         })
     };
     eprintln!("bulk throughput...");
@@ -410,6 +439,10 @@ fn main() {
     out.push_str(&format!(
         "\nAgents' RSS (both nodes): {before} KiB before, {after} KiB with {IDLE_CONNECTIONS} idle HBONE connections: {:.1} KiB per connection.\n",
         growth as f64 / IDLE_CONNECTIONS as f64
+    ));
+    let workers = std::env::var("ZTUNNEL_WORKER_THREADS").unwrap_or_else(|_| "2 (default)".into());
+    out.push_str(&format!(
+        "Throughput and rates: median of {ROUNDS} rounds, paths interleaved. Agents' worker threads: {workers}.\n"
     ));
     print!("{out}");
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-results.md");
