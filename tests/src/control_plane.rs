@@ -278,6 +278,11 @@ impl ControlPlane {
         new
     }
 
+    /// Root rotation, last step: the bundle holds only `ca`'s root (the old one retired).
+    pub fn retire_roots_but(&self, ca: &LocalCa) {
+        std::fs::write(&self.roots_path, ca.root_pem()).expect("write roots");
+    }
+
     /// Root rotation, second half: leaves are signed by `ca` from now on.
     pub fn sign_with(&self, ca: Arc<LocalCa>) {
         *lock(&self.signer) = ca;

@@ -433,7 +433,7 @@ fn certificates_renew_under_a_live_transfer_and_roots_rotate() {
     let new_root = cp.add_root(&m.dir.join("cp-ca-2"));
     m.agent
         .wait_log(&["mesh root certificates updated", "roots=2"]);
-    cp.sign_with(new_root);
+    cp.sign_with(new_root.clone());
     let until = Instant::now() + Duration::from_secs(6);
     let mut n = 0;
     while Instant::now() < until {
@@ -455,6 +455,19 @@ fn certificates_renew_under_a_live_transfer_and_roots_rotate() {
         Some(2),
         "{cert}"
     );
+    // Every leaf is from the new root by now: the old root leaves the bundle and stops
+    // being trusted; traffic carries on.
+    cp.retire_roots_but(&new_root);
+    m.agent
+        .wait_log(&["mesh root certificates updated", "roots=1"]);
+    assert_eq!(hbone_exchange(&m, "retired"), "hello retired");
+    let v: serde_json::Value = serde_json::from_str(&config_dump(&m.agent)).expect("json");
+    let roots = v["certificates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["identity"] == server_id))
+        .and_then(|c| c["rootCerts"].as_array())
+        .map(Vec::len);
+    assert_eq!(roots, Some(1), "{v}");
     assert_eq!(
         m.agent.lines_with(&["\terror\taccess"]).len(),
         0,

@@ -290,8 +290,9 @@ async fn follow_workloads(
     }
 }
 
-/// Root rotation: roots added to the bundle file (Kubernetes updates the mounted ConfigMap)
-/// are trusted from then on, before the CA starts signing with them.
+/// Root rotation: the bundle file (Kubernetes updates the mounted ConfigMap) is the set of
+/// configured roots: a root added is trusted from then on, before the CA signs with it; a
+/// root removed stops being trusted (unless it anchors a certificate the agent holds).
 async fn watch_roots(
     path: std::path::PathBuf,
     certs: Arc<CertManager>,
@@ -307,7 +308,13 @@ async fn watch_roots(
             continue;
         };
         if now != last {
-            certs.add_roots(crate::identity::ca::parse_pem_certs(&now));
+            let roots = crate::identity::ca::parse_pem_certs(&now);
+            if roots.is_empty() {
+                // A half-written or emptied bundle must not drop every configured root.
+                tracing::warn!(path = %path.display(), "the root bundle holds no certificate; keeping the roots in use");
+            } else {
+                certs.set_configured_roots(roots);
+            }
             last = now;
         }
     }

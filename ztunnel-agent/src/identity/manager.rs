@@ -119,6 +119,8 @@ pub enum CertSource {
 struct Slot {
     cert: Option<Arc<WorkloadCert>>,
     state: CertState,
+    /// The roots the CA returned with the held certificate.
+    roots: Vec<CertificateDer<'static>>,
 }
 
 /// Hands out certificates by identity.
@@ -128,7 +130,10 @@ pub struct CertManager {
     trust_domain: String,
     validity: Duration,
     slots: Mutex<HashMap<Identity, Slot>>,
-    /// The mesh roots: configured ones plus those the CA returned, deduplicated.
+    /// Roots from configuration (the root bundle file, the local CA's root).
+    configured: Mutex<Vec<CertificateDer<'static>>>,
+    /// The mesh roots: configured ones plus those returned with the held certificates,
+    /// deduplicated (kept computed; read on every verifier rebuild).
     roots: Mutex<Vec<CertificateDer<'static>>>,
     /// Bumped whenever the roots change, so TLS verifiers rebuild their stores.
     roots_generation: AtomicU64,
@@ -149,12 +154,13 @@ impl CertManager {
         if let CertSource::Local(ca) = &source {
             roots.push(ca.root());
         }
-        roots.dedup();
+        let roots = dedup(roots);
         Self {
             source,
             trust_domain: trust_domain.to_string(),
             validity,
             slots: Mutex::new(HashMap::new()),
+            configured: Mutex::new(roots.clone()),
             roots: Mutex::new(roots),
             roots_generation: AtomicU64::new(0),
             changed: tokio::sync::watch::channel(0).0,
@@ -183,17 +189,28 @@ impl CertManager {
         self.roots_generation.load(Ordering::Acquire)
     }
 
-    /// Adds roots (root rotation: the old ones stay trusted).
-    pub fn add_roots(&self, new: impl IntoIterator<Item = CertificateDer<'static>>) {
-        let mut roots = lock(&self.roots);
-        let mut added = false;
-        for root in new {
-            if !roots.contains(&root) {
-                roots.push(root);
-                added = true;
-            }
+    /// Replaces the configured roots (the root bundle changed). Root rotation adds the new
+    /// root to the bundle before the CA signs with it; a root removed from the bundle stops
+    /// being trusted unless it anchors a certificate this agent holds.
+    pub fn set_configured_roots(&self, bundle: Vec<CertificateDer<'static>>) {
+        let mut bundle = bundle;
+        if let CertSource::Local(ca) = &self.source {
+            bundle.push(ca.root());
         }
-        if added {
+        *lock(&self.configured) = dedup(bundle);
+        self.recompute_roots();
+    }
+
+    /// Recomputes the mesh roots from configuration and the held certificates' roots.
+    fn recompute_roots(&self) {
+        let mut all = lock(&self.configured).clone();
+        for slot in lock(&self.slots).values() {
+            all.extend(slot.roots.iter().cloned());
+        }
+        let all = dedup(all);
+        let mut roots = lock(&self.roots);
+        if *roots != all {
+            *roots = all;
             self.roots_generation.fetch_add(1, Ordering::AcqRel);
             tracing::info!(roots = roots.len(), "mesh root certificates updated");
         }
@@ -224,6 +241,7 @@ impl CertManager {
                     Slot {
                         cert: None,
                         state: CertState::Initializing,
+                        roots: Vec::new(),
                     },
                 );
                 drop(slots);
@@ -308,6 +326,7 @@ impl CertManager {
         let slot = slots.entry(identity.clone()).or_insert(Slot {
             cert: None,
             state: CertState::Initializing,
+            roots: Vec::new(),
         });
         if cert.is_some() {
             slot.cert = cert;
@@ -377,10 +396,24 @@ impl CertManager {
                 problem: crate::telemetry::ErrorChain(&e).to_string(),
             }
         })?);
-        self.add_roots(response.roots);
         self.store(identity, Some(cert.clone()), CertState::Available);
+        if let Some(slot) = lock(&self.slots).get_mut(identity) {
+            slot.roots = response.roots;
+        }
+        self.recompute_roots();
         Ok(cert)
     }
+}
+
+/// Drops repeated certificates, keeping the first of each.
+fn dedup(certs: Vec<CertificateDer<'static>>) -> Vec<CertificateDer<'static>> {
+    let mut out: Vec<CertificateDer<'static>> = Vec::with_capacity(certs.len());
+    for c in certs {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn certified(identity: &Identity, issued: Issued) -> Result<WorkloadCert, Error> {
