@@ -253,19 +253,9 @@ impl Pool {
     }
 }
 
-/// Kernel reads under TLS, in bytes. rustls asks its transport for at most 4 KiB at a time,
-/// so a 16 KiB record would cost four or five `read` calls; this buffer turns a bulk
-/// transfer's reads into one call per 64 KiB (writes pass straight through).
-const TLS_READ_BUFFER: usize = 64 * 1024;
-
-/// The TCP stream as TLS reads it.
-fn buffered(tcp: TcpStream) -> tokio::io::BufReader<TcpStream> {
-    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
-}
-
 /// TCP (from inside the pod, marked), TLS with the source's certificate, then HTTP/2.
 async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, Error> {
-    let tcp = buffered(pod.connect(key.dst).await?);
+    let tcp = pod.connect(key.dst).await?;
     let config = crate::tls::client_config(&pod.mesh.certs, &key.source, key.expected.clone())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = ServerName::IpAddress(key.dst.ip().into());
@@ -325,8 +315,7 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
         record.dst = pod.as_peer(&pod.mesh.state.snapshot(), None);
         record.complete(Some(e));
     };
-    let accepted =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, pod.hbone_tls.accept(buffered(stream))).await;
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, pod.hbone_tls.accept(stream)).await;
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(source)) => return fail(&Error::Tls { peer, source }),
