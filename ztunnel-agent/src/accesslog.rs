@@ -11,7 +11,8 @@ use crate::identity::Identity;
 use crate::state::workload::Workload;
 
 /// Which side reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// From the pod.
     Outbound,
@@ -133,7 +134,12 @@ impl ConnectionRecord {
         } else {
             emit!(tracing::Level::INFO);
         }
-        remember(self, error);
+        // The identity strings were formatted once for the log line; the peer's moves on.
+        let peer_identity = match self.direction {
+            Direction::Outbound => dst_identity,
+            Direction::Inbound => src_identity,
+        };
+        remember(self, peer_identity, error);
     }
 }
 
@@ -152,8 +158,8 @@ pub struct Outcome {
     pub namespace: String,
     /// The reporting pod's name.
     pub pod: String,
-    /// `inbound` or `outbound`.
-    pub direction: String,
+    /// Which side reported it.
+    pub direction: Direction,
     /// Source address.
     pub src: SocketAddr,
     /// Destination address (outbound HBONE: the peer's 15008).
@@ -184,19 +190,19 @@ fn push(ring: &mut VecDeque<Outcome>, cap: usize, outcome: Outcome) {
     ring.push_back(outcome);
 }
 
-fn remember(record: &ConnectionRecord, error: Option<String>) {
-    let (reporter, peer) = match record.direction {
-        Direction::Outbound => (&record.src, &record.dst),
-        Direction::Inbound => (&record.dst, &record.src),
+fn remember(record: &ConnectionRecord, peer_identity: Option<String>, error: Option<String>) {
+    let reporter = match record.direction {
+        Direction::Outbound => &record.src,
+        Direction::Inbound => &record.dst,
     };
     let outcome = Outcome {
         at: SystemTime::now(),
         namespace: reporter.namespace.clone().unwrap_or_default(),
         pod: reporter.workload.clone().unwrap_or_default(),
-        direction: record.direction.as_str().to_string(),
+        direction: record.direction,
         src: record.src_addr,
         dst: record.dst_addr,
-        peer_identity: peer.identity.as_ref().map(Identity::to_string),
+        peer_identity,
         bytes: (record.bytes_sent, record.bytes_recv),
         error,
     };

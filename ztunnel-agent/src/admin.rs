@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use crate::enroll::Enrollment;
 use crate::http::{text, Body};
 use crate::readiness::Readiness;
-use crate::state::SharedState;
 
 /// The admin endpoints and what they are for (served at `/`).
 const ENDPOINTS: &[(&str, &str)] = &[
@@ -38,8 +37,6 @@ const ENDPOINTS: &[(&str, &str)] = &[
 pub struct AdminContext {
     /// Enrolled pods and the kernel redirect.
     pub enrollment: Arc<Mutex<Enrollment>>,
-    /// Mesh state.
-    pub state: SharedState,
     /// Cancelled by `/quitquitquit`.
     pub shutdown: CancellationToken,
     /// The `config` section of config_dump.
@@ -74,11 +71,13 @@ pub async fn admin(req: Request<Incoming>, ctx: Arc<AdminContext>) -> Response<B
             text(StatusCode::OK, list)
         }
         (&Method::GET, "/config_dump") => {
-            let enrollment = ctx.enrollment.lock().await;
-            let pods = enrollment.status();
-            let mesh = enrollment.mesh();
+            // The lock only for the pod list: building the dump does not hold up enrollment.
+            let (pods, mesh) = {
+                let enrollment = ctx.enrollment.lock().await;
+                (enrollment.status(), enrollment.mesh().clone())
+            };
             let dump = config_dump::build(
-                &ctx.state.snapshot(),
+                &mesh.state.snapshot(),
                 &mesh.certs,
                 &mesh.tracker,
                 &pods,

@@ -150,7 +150,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let admin = Arc::new(crate::admin::AdminContext {
         enrollment: enrollment.clone(),
-        state: state.clone(),
         shutdown: shutdown.clone(),
         config_json,
         readiness: readiness.clone(),
@@ -215,9 +214,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     if !shutdown.is_cancelled() {
-        if !mesh.certs.pending().is_empty() {
-            readiness.block(BLOCK_CERTS);
-        }
+        // The pods' certificates were requested during enrollment: readiness waits for them
+        // from now (track_certificates keeps it in step afterwards).
+        sync_cert_blocker(&mesh.certs, &readiness);
         let swept = enrollment.lock().await.sweep_stale()?;
         if swept > 0 {
             tracing::info!(swept, "stale pods removed from the kernel maps");
@@ -298,7 +297,9 @@ async fn watch_roots(
     certs: Arc<CertManager>,
     shutdown: CancellationToken,
 ) {
-    let mut last = std::fs::read(&path).unwrap_or_default();
+    // Nothing seen yet: the first read is applied (the same roots as at start-up change
+    // nothing), so a change between start-up and this task is not lost.
+    let mut last = Vec::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
@@ -320,6 +321,18 @@ async fn watch_roots(
     }
 }
 
+/// Sets the "certificates ready" blocker from the certificates' state. Serialized, so that
+/// two callers cannot interleave a stale read with a fresh write and leave it wrong.
+fn sync_cert_blocker(certs: &CertManager, readiness: &Readiness) {
+    static SYNC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = SYNC.lock().unwrap_or_else(|p| p.into_inner());
+    if certs.pending().is_empty() {
+        readiness.unblock(BLOCK_CERTS);
+    } else {
+        readiness.block(BLOCK_CERTS);
+    }
+}
+
 /// Keeps the "certificates ready" readiness blocker in step with the CA client.
 async fn track_certificates(
     certs: Arc<CertManager>,
@@ -328,11 +341,7 @@ async fn track_certificates(
 ) {
     let mut changes = certs.subscribe();
     loop {
-        if certs.pending().is_empty() {
-            readiness.unblock(BLOCK_CERTS);
-        } else {
-            readiness.block(BLOCK_CERTS);
-        }
+        sync_cert_blocker(&certs, &readiness);
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,

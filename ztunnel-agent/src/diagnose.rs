@@ -779,7 +779,13 @@ fn cert_check(e: &Evidence, identity: &str) -> Check {
 
 fn recent_check(pod: &PodEvidence) -> Check {
     let line = |o: &Outcome| -> String {
-        let mut s = format!("{} {} {} -> {}", rfc3339(o.at), o.direction, o.src, o.dst);
+        let mut s = format!(
+            "{} {} {} -> {}",
+            rfc3339(o.at),
+            o.direction.as_str(),
+            o.src,
+            o.dst
+        );
         if let Some(id) = &o.peer_identity {
             let _ = write!(s, " peer {id}");
         }

@@ -107,17 +107,15 @@ fn diagnose(args: &ztunnel_agent::cli::DiagnoseArgs) -> ExitCode {
     use ztunnel_agent::diagnose::{node_report, pod_report, Evidence};
     let target = match &args.pod {
         None => None,
-        Some(pod) => {
-            match pod.split_once('/') {
-                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                    Some((ns.to_string(), name.to_string()))
-                }
-                _ => {
-                    eprintln!("error: {pod}: name the pod as <namespace>/<pod>, e.g. default/productpage-v1");
-                    return ExitCode::from(2);
-                }
+        Some(pod) => match ztunnel_agent::diagnose::parse_pod_ref(pod) {
+            Some(pod_ref) => Some(pod_ref),
+            None => {
+                eprintln!(
+                    "error: {pod}: name the pod as <namespace>/<pod>, e.g. default/productpage-v1"
+                );
+                return ExitCode::from(2);
             }
-        }
+        },
     };
     let mut path = format!("/debug/diagnose?window_ms={}", args.window_ms);
     if let Some((ns, name)) = &target {

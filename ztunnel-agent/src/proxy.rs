@@ -133,13 +133,19 @@ impl PodProxy {
         }
     }
 
+    /// This pod's workload in `mesh` (by uid, else by namespace and name: istio-cni names
+    /// pods by Kubernetes UID, xDS by `<cluster>//Pod/<ns>/<name>`).
+    pub fn workload(&self, mesh: &MeshState) -> Option<Arc<crate::state::workload::Workload>> {
+        mesh.pod_workload(&self.uid, &self.namespace, &self.name)
+    }
+
     /// This pod as the access log names it.
     pub fn as_peer(&self, mesh: &MeshState, identity: Option<Identity>) -> Peer {
         Peer {
             workload: Some(self.name.clone()),
             namespace: Some(self.namespace.clone()),
             identity,
-            detail: mesh.workload(&self.uid),
+            detail: self.workload(mesh),
         }
     }
 
@@ -149,7 +155,7 @@ impl PodProxy {
         mesh: &MeshState,
         conn: &crate::authz::Connection<'_>,
     ) -> Result<(), crate::authz::Denied> {
-        match mesh.workload(&self.uid) {
+        match self.workload(mesh) {
             Some(w) => crate::authz::check(mesh, &w, conn),
             // A pod the mesh state does not know (yet): its namespace still selects policies.
             None => {
@@ -165,7 +171,7 @@ impl PodProxy {
 
     /// The hostname of a service this pod backs on `target_port`.
     pub fn service_of(&self, mesh: &MeshState, target_port: u16) -> Option<String> {
-        let workload = mesh.workload(&self.uid)?;
+        let workload = self.workload(mesh)?;
         workload.services.iter().find_map(|(key, ports)| {
             ports.values().any(|p| *p == target_port).then(|| {
                 key.split_once('/')

@@ -86,6 +86,8 @@ impl SharedState {
 pub struct MeshState {
     workloads: BTreeMap<String, Arc<Workload>>,
     by_address: HashMap<NetworkAddress, String>,
+    /// `(namespace, name)` -> uid, for pods whose enrollment names them by Kubernetes UID.
+    by_pod_name: HashMap<(String, String), String>,
     services: BTreeMap<String, Arc<ServiceEntry>>,
     by_vip: HashMap<NetworkAddress, String>,
     policies: BTreeMap<String, Arc<Authorization>>,
@@ -113,6 +115,11 @@ impl MeshState {
                         second: uid,
                     });
                 }
+            }
+            if !w.name.is_empty() {
+                state
+                    .by_pod_name
+                    .insert((w.namespace.clone(), w.name.clone()), uid.clone());
             }
             if state.workloads.insert(uid.clone(), Arc::new(w)).is_some() {
                 return Err(Error::DuplicateUid(uid));
@@ -195,9 +202,9 @@ impl MeshState {
     /// Kubernetes UID, xDS by `<cluster>//Pod/<ns>/<name>`).
     pub fn pod_workload(&self, uid: &str, namespace: &str, name: &str) -> Option<Arc<Workload>> {
         self.workload(uid).or_else(|| {
-            self.workloads()
-                .find(|w| w.namespace == namespace && w.name == name)
-                .cloned()
+            self.by_pod_name
+                .get(&(namespace.to_string(), name.to_string()))
+                .and_then(|uid| self.workload(uid))
         })
     }
 

@@ -48,17 +48,21 @@ pub enum Error {
 /// upstream ztunnel offers, and AES-128 takes 10 rounds per block instead of 14, which is
 /// most of the CPU a bulk HBONE transfer spends (the peer's order decides when it is the
 /// server; every suite here is still accepted).
-fn provider() -> Arc<CryptoProvider> {
+/// Built once: it is needed on every handshake.
+pub fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
     };
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites = vec![
-        TLS13_AES_128_GCM_SHA256,
-        TLS13_AES_256_GCM_SHA384,
-        TLS13_CHACHA20_POLY1305_SHA256,
-    ];
-    Arc::new(provider)
+    static PROVIDER: std::sync::LazyLock<Arc<CryptoProvider>> = std::sync::LazyLock::new(|| {
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ];
+        Arc::new(provider)
+    });
+    PROVIDER.clone()
 }
 
 fn root_store(certs: &CertManager) -> RootCertStore {

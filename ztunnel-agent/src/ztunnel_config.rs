@@ -22,6 +22,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The agent answered, but not with 200.
+    #[error("the agent at {addr} refused GET {path}: {answer}")]
+    Refused {
+        /// Address.
+        addr: SocketAddr,
+        /// What was asked.
+        path: String,
+        /// Its status and body.
+        answer: String,
+    },
     /// The file could not be read.
     #[error("cannot read {path}")]
     File {
@@ -108,7 +118,15 @@ pub fn fetch_json(addr: SocketAddr, path: &str) -> Result<Value, Error> {
         .map_err(err)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(err)?;
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or_default();
+    if status != "200" {
+        return Err(Error::Refused {
+            addr,
+            path: path.to_string(),
+            answer: format!("{status} {}", body.trim()),
+        });
+    }
     serde_json::from_str(body).map_err(|source| Error::NotADump {
         what: format!("the answer of {addr}"),
         source,

@@ -297,12 +297,19 @@ fn baggage(pod: &PodProxy) -> String {
 
 /// A fresh W3C traceparent (random trace and span ids, not sampled).
 fn traceparent() -> String {
+    use std::fmt::Write as _;
     let mut bytes = [0u8; 24];
-    let _ = rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+    let _ = crate::tls::provider().secure_random.fill(&mut bytes);
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    for (i, b) in bytes.iter().enumerate() {
+        if i == 16 {
+            out.push('-');
+        }
+        let _ = write!(out, "{b:02x}");
+    }
+    out.push_str("-00");
+    out
 }
 
 /// Serves one connection accepted on a pod's 15008.
