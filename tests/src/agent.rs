@@ -130,6 +130,23 @@ impl Agent {
 
     /// Waits until the log has a line containing every one of `parts`; returns the line.
     pub fn wait_log(&mut self, parts: &[&str]) -> String {
+        self.wait_log_after(0, parts)
+    }
+
+    /// The number of log lines so far: lines after it are what [`Agent::wait_log_after`]
+    /// looks at, so an older line with the same words cannot satisfy a wait.
+    pub fn log_mark(&self) -> usize {
+        self.log().lines().count()
+    }
+
+    /// Like [`Agent::wait_log`], among the lines after `mark` only.
+    pub fn wait_log_after(&mut self, mark: usize, parts: &[&str]) -> String {
+        let find = |log: &str| {
+            log.lines()
+                .skip(mark)
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .map(str::to_string)
+        };
         let what = format!("agent log line with {parts:?}");
         let mut exited = None;
         let line = wait_for(&what, Duration::from_secs(20), || {
@@ -139,28 +156,15 @@ impl Agent {
                     return Some(String::new());
                 }
             }
-            self.log()
-                .lines()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-                .map(str::to_string)
+            find(&self.log())
         });
         if let Some(status) = exited {
-            if !self
-                .log()
-                .lines()
-                .any(|l| parts.iter().all(|p| l.contains(p)))
-            {
+            return find(&self.log()).unwrap_or_else(|| {
                 panic!(
                     "agent exited ({status}) before logging {parts:?}:\n{}",
                     self.log()
-                );
-            }
-            return self
-                .log()
-                .lines()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-                .map(str::to_string)
-                .unwrap_or_default();
+                )
+            });
         }
         line
     }

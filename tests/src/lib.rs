@@ -11,14 +11,20 @@ pub mod traffic;
 
 use std::time::{Duration, Instant};
 
-/// Fails (under CI) or skips (elsewhere) when not root. Returns false to skip.
+/// Set by `cargo xtask test`: the privileged tests must run, never skip.
+pub const REQUIRED_ENV: &str = "ZTUNNEL_E2E_REQUIRED";
+
+/// Fails (under CI or `cargo xtask test`) or skips (a bare `cargo test` as a user) when not
+/// root. Returns false to skip.
 pub fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("privileged test cannot run: not root, and CI=true forbids skipping");
+    // Any CI value but an explicit "no" (CI systems set "true", "1", "yes"...).
+    let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+    if ci || std::env::var_os(REQUIRED_ENV).is_some() {
+        panic!("privileged test cannot run: not root, and CI / {REQUIRED_ENV} forbid skipping");
     }
     eprintln!("skipping privileged test: run as root (cargo xtask test does)");
     false

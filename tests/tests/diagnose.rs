@@ -113,7 +113,10 @@ fn diagnose_healthy_then_not_enrolled_then_listener_gone() {
         .expect("mesh traffic");
         assert_eq!(got.response, format!("hello diag{i}"));
     }
-    agent.wait_log(&["connection complete", "direction=\"inbound\""]);
+    ztunnel_e2e::wait_for("three inbound lines", Duration::from_secs(10), || {
+        let lines = agent.lines_with(&["connection complete", "direction=\"inbound\""]);
+        (lines.len() >= 3).then_some(())
+    });
     let (code, report) = diagnose(&agent, &["default/server"]);
     assert_eq!(code, 0, "{report}");
     assert!(report.contains("verdict: healthy"), "{report}");
@@ -144,7 +147,7 @@ fn diagnose_healthy_then_not_enrolled_then_listener_gone() {
     );
     // The server's recent connections: three inbound, each from the client's identity.
     let conns = line(&report, "connections");
-    assert!(conns.contains("completed without error"), "{report}");
+    assert!(conns.contains("last 3 completed without error"), "{report}");
     assert!(
         report.contains("peer spiffe://cluster.local/ns/default/sa/client"),
         "{report}"

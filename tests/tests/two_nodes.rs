@@ -284,7 +284,11 @@ fn refusals_are_logged_with_reasons_and_do_not_disturb_others() {
     let mut a2 = start(&n2, "node-2", &c2, &ca);
 
     // Wrong server identity: the client's agent refuses the handshake and says why.
-    let _ = exchange(&client.netns_path(), SocketAddr::new(liar.ip4, 9080), "no");
+    // Nothing reaches the application behind the wrong identity.
+    let answer = exchange(&client.netns_path(), SocketAddr::new(liar.ip4, 9080), "no")
+        .map(|e| e.response)
+        .unwrap_or_default();
+    assert_eq!(answer, "", "no bytes through a refused tunnel");
     let line = a1.wait_log(&["connection complete", "dst.workload=\"liar\""]);
     assert!(line.contains("\terror\t"), "{line}");
     assert!(
