@@ -193,6 +193,18 @@ fn xds_drives_state_traffic_and_enrollment() {
         line.contains("src.identity=\"spiffe://cluster.local/ns/default/sa/client\""),
         "{line}"
     );
+    // The server pod was enrolled by istio-cni as "uid-server", xDS names it
+    // cluster1//v1/Pod/default/server: the inbound side still finds its workload, so the
+    // service it backs is named.
+    let inbound = m.agent.wait_log(&[
+        "direction=\"inbound\"",
+        "dst.workload=\"server\"",
+        "bytes_recv=3",
+    ]);
+    assert!(
+        inbound.contains("dst.service=\"server.default.svc.cluster.local\""),
+        "{inbound}"
+    );
     assert_eq!(cp.issued("spiffe://cluster.local/ns/default/sa/server"), 1);
     let dump = config_dump(&m.agent);
     assert!(dump.contains("\"state\": \"Available\""), "{dump}");
