@@ -13,7 +13,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use ztunnel_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
@@ -180,16 +179,6 @@ impl PodProxy {
             })
         })
     }
-}
-
-/// Copies both ways until both sides are done, propagating half-closes.
-/// Returns (bytes a->b, bytes b->a, the error that ended it early).
-pub async fn relay<A, B>(a: A, b: B) -> (u64, u64, Option<io::Error>)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    copy::bidirectional(a, b).await
 }
 
 /// Accepts on `listener` until cancelled, handing each connection to `handle`.

@@ -1,94 +1,140 @@
-//! Copying both ways. Each direction starts with a small buffer that doubles whenever a read
-//! fills it, up to 256 KiB: idle connections stay cheap, bulk transfers make few large
-//! syscalls (and, through HBONE, large HTTP/2 DATA frames). A buffer is reused for every read;
-//! nothing is allocated per read. A half-close is propagated as soon as one side ends.
+//! Copying between a socket and an HBONE stream, both ways, without copying in userspace: a
+//! read from the socket becomes the HTTP/2 DATA payload as it is (no copy into a frame
+//! buffer), and a received DATA payload is written to the socket as it is (no copy into a
+//! relay buffer). (Plain TCP passthrough moves bytes in the kernel: see `splice`.)
+//!
+//! Reads start small and double whenever a read fills the buffer, up to 256 KiB: idle
+//! connections stay cheap, bulk transfers make few large syscalls and large DATA frames. The
+//! read buffer is taken back for the next read once HTTP/2 has written the previous chunk; a
+//! new one is allocated only while that chunk is still queued. A half-close is propagated as
+//! soon as one side ends (END_STREAM one way, shutdown(SHUT_WR) the other).
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// First buffer size.
 const INITIAL: usize = 1024;
 /// Largest buffer size.
 const MAX: usize = 256 * 1024;
 
-/// One direction's state: a reusable buffer holding `buf[pos..cap]` not yet written.
-struct Direction {
-    buf: Vec<u8>,
-    pos: usize,
-    cap: usize,
+/// Socket to HBONE stream: reads become DATA frames, within HTTP/2 flow control.
+struct ToStream {
+    buf: BytesMut,
+    /// Read size: doubles whenever a read fills it, up to [`MAX`].
+    size: usize,
+    /// Read from the socket, not yet handed to HTTP/2.
+    pending: Bytes,
     total: u64,
-    eof: bool,
     done: bool,
-    unflushed: bool,
 }
 
-impl Direction {
+impl ToStream {
     fn new() -> Self {
         Self {
-            buf: vec![0u8; INITIAL],
-            pos: 0,
-            cap: 0,
+            buf: BytesMut::with_capacity(INITIAL),
+            size: INITIAL,
+            pending: Bytes::new(),
             total: 0,
-            eof: false,
             done: false,
-            unflushed: false,
         }
     }
 
-    /// Moves bytes from `from` to `to` until `from` ends (then shuts `to` down) or either
-    /// side would block.
-    fn poll_copy<R, W>(
+    fn poll_copy<R>(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut R,
-        to: &mut W,
+        to: &mut SendStream<Bytes>,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while !self.pending.is_empty() {
+                // Ask for what is pending; send what the peer's window allows now.
+                to.reserve_capacity(self.pending.len());
+                let mut capacity = to.capacity();
+                if capacity == 0 {
+                    capacity = match ready!(to.poll_capacity(cx)) {
+                        Some(Ok(n)) => n,
+                        Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                        None => return Poll::Ready(Err(stream_closed())),
+                    };
+                }
+                let chunk = self.pending.split_to(capacity.min(self.pending.len()));
+                let n = chunk.len();
+                to.send_data(chunk, false).map_err(h2_io)?;
+                self.total += n as u64;
+            }
+            // Takes the previous chunk's memory back once HTTP/2 has released it.
+            self.buf.reserve(self.size);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *from),
+                cx,
+                &mut self.buf
+            ))?;
+            if n == 0 {
+                // Half-close: END_STREAM on an empty DATA frame.
+                to.send_data(Bytes::new(), true).map_err(h2_io)?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            if n >= self.size && self.size < MAX {
+                self.size *= 2;
+            }
+            self.pending = self.buf.split().freeze();
+        }
+    }
+}
+
+/// HBONE stream to socket: each DATA payload is written as it came; the window is given back
+/// as bytes reach the socket, so a slow reader slows the sender.
+struct FromStream {
+    pending: Bytes,
+    total: u64,
+    eof: bool,
+    done: bool,
+}
+
+impl FromStream {
+    fn new() -> Self {
+        Self {
+            pending: Bytes::new(),
+            total: 0,
+            eof: false,
+            done: false,
+        }
+    }
+
+    fn poll_copy<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut RecvStream,
+        to: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
         W: AsyncWrite + Unpin,
     {
         if self.done {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if self.pos == self.cap && !self.eof {
-                // A read that filled the whole buffer means more is coming: grow (the buffer
-                // is empty here, so nothing is moved).
-                if self.cap == self.buf.len() && self.buf.len() < MAX {
-                    self.buf.resize(self.buf.len() * 2, 0);
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *from).poll_read(cx, &mut rb) {
-                    Poll::Pending => {
-                        // Nothing to read now: push out what was written before waiting.
-                        if self.unflushed {
-                            ready!(Pin::new(&mut *to).poll_flush(cx))?;
-                            self.unflushed = false;
-                        }
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(result) => result?,
-                }
-                let n = rb.filled().len();
-                if n == 0 {
-                    self.eof = true;
-                } else {
-                    self.pos = 0;
-                    self.cap = n;
-                }
-            }
-            while self.pos < self.cap {
-                let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.buf[self.pos..self.cap]))?;
+            while !self.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.pending))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.pos += n;
+                self.pending.advance(n);
                 self.total += n as u64;
-                self.unflushed = true;
+                from.flow_control().release_capacity(n).map_err(h2_io)?;
             }
             if self.eof {
                 ready!(Pin::new(&mut *to).poll_flush(cx))?;
@@ -96,22 +142,45 @@ impl Direction {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+            match from.poll_data(cx) {
+                Poll::Pending => {
+                    ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(data))) => self.pending = data,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_io(e))),
+                Poll::Ready(None) => self.eof = true,
+            }
         }
     }
 }
 
-/// Copies both ways until both sides have ended; returns (bytes a->b, bytes b->a) and the
-/// error that ended the copy early, if any. One future drives both directions: no locks,
-/// no extra tasks.
-pub async fn bidirectional<A, B>(mut a: A, mut b: B) -> (u64, u64, Option<io::Error>)
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io().unwrap_or_else(|| io::ErrorKind::Other.into())
+    } else {
+        io::Error::other(e)
+    }
+}
+
+fn stream_closed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer")
+}
+
+/// Copies between `socket` and an HBONE stream until both directions have ended; returns
+/// (bytes socket->stream, bytes stream->socket) and the error that ended it early, if any.
+pub async fn tunnel<S>(
+    mut socket: S,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> (u64, u64, Option<io::Error>)
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut ab, mut ba) = (Direction::new(), Direction::new());
+    let (mut up, mut down) = (ToStream::new(), FromStream::new());
     let result = poll_fn(|cx| {
-        let forward = ab.poll_copy(cx, &mut a, &mut b)?;
-        let backward = ba.poll_copy(cx, &mut b, &mut a)?;
+        let forward = up.poll_copy(cx, &mut socket, &mut send)?;
+        let backward = down.poll_copy(cx, &mut recv, &mut socket)?;
         if forward.is_ready() && backward.is_ready() {
             Poll::Ready(Ok::<(), io::Error>(()))
         } else {
@@ -119,7 +188,7 @@ where
         }
     })
     .await;
-    (ab.total, ba.total, result.err())
+    (up.total, down.total, result.err())
 }
 
 #[cfg(test)]
@@ -128,14 +197,47 @@ mod tests {
 
     use super::*;
 
+    /// An HTTP/2 CONNECT stream pair over an in-memory pipe: (client side, server side).
+    async fn h2_pair() -> (
+        (SendStream<Bytes>, RecvStream),
+        (SendStream<Bytes>, RecvStream),
+    ) {
+        let (c, s) = tokio::io::duplex(256 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s).await.expect("server handshake");
+            let (req, mut respond) = conn.accept().await.expect("a stream").expect("ok");
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .expect("200");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            (send, req.into_body())
+        });
+        let (client, conn) = h2::client::handshake(c).await.expect("client handshake");
+        tokio::spawn(conn);
+        let mut client = client.ready().await.expect("ready");
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .expect("request");
+        let (response, send) = client.send_request(req, false).expect("send");
+        let server_side = server.await.expect("server");
+        let recv = response.await.expect("response").into_body();
+        ((send, recv), server_side)
+    }
+
     #[tokio::test]
-    async fn copies_both_ways_with_half_close_and_counts() {
-        let (client, proxy_a) = tokio::io::duplex(64 * 1024);
-        let (proxy_b, server) = tokio::io::duplex(64 * 1024);
-        let relay = tokio::spawn(bidirectional(proxy_a, proxy_b));
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let (mut sr, mut sw) = tokio::io::split(server);
-        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    async fn tunnel_copies_both_ways_with_half_close_and_counts() {
+        let ((csend, crecv), (ssend, srecv)) = h2_pair().await;
+        // client app <-> [tunnel] <-h2-> [tunnel] <-> server app
+        let (client_app, client_proxy) = tokio::io::duplex(64 * 1024);
+        let (server_proxy, server_app) = tokio::io::duplex(64 * 1024);
+        let a = tokio::spawn(tunnel(client_proxy, csend, crecv));
+        let b = tokio::spawn(tunnel(server_proxy, ssend, srecv));
+        let (mut cr, mut cw) = tokio::io::split(client_app);
+        let (mut sr, mut sw) = tokio::io::split(server_app);
+        // More than the 64 KiB default windows: flow control must give capacity back.
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
         let sent = up.clone();
         let writer = tokio::spawn(async move {
             cw.write_all(&sent).await.expect("write");
@@ -143,7 +245,7 @@ mod tests {
         });
         let mut got = Vec::new();
         sr.read_to_end(&mut got).await.expect("server reads to EOF");
-        assert_eq!(got, up, "upstream intact, EOF propagated");
+        assert!(got == up, "upstream intact, EOF propagated");
         sw.write_all(b"reply after half-close")
             .await
             .expect("reply");
@@ -152,8 +254,24 @@ mod tests {
         cr.read_to_end(&mut reply).await.expect("client reads");
         assert_eq!(reply, b"reply after half-close");
         writer.await.expect("writer");
-        let (ab, ba, err) = relay.await.expect("relay");
-        assert!(err.is_none());
-        assert_eq!((ab, ba), (3_000_000, 22));
+        let (a_up, a_down, a_err) = a.await.expect("client tunnel");
+        let (b_up, b_down, b_err) = b.await.expect("server tunnel");
+        assert!(a_err.is_none() && b_err.is_none(), "{a_err:?} {b_err:?}");
+        assert_eq!((a_up, a_down), (3_000_000, 22));
+        assert_eq!((b_up, b_down), (22, 3_000_000));
+    }
+
+    #[tokio::test]
+    async fn tunnel_ends_with_an_error_when_the_peer_resets() {
+        let ((csend, crecv), (mut ssend, srecv)) = h2_pair().await;
+        let (_client_app, client_proxy) = tokio::io::duplex(1024);
+        let a = tokio::spawn(tunnel(client_proxy, csend, crecv));
+        ssend.send_reset(h2::Reason::CONNECT_ERROR);
+        drop(srecv);
+        let (_, _, err) = tokio::time::timeout(std::time::Duration::from_secs(5), a)
+            .await
+            .expect("the tunnel ends")
+            .expect("task");
+        assert!(err.is_some(), "a reset stream is an error");
     }
 }

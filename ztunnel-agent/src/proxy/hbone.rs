@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::client::SendRequest;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
+use std::sync::atomic::AtomicBool;
 use tokio::net::TcpStream;
 
 use super::{PodProxy, ILLEGAL_PORTS};
@@ -72,7 +72,7 @@ pub enum Error {
         peer: SocketAddr,
         /// Why.
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// The server refused the CONNECT.
     #[error("HBONE CONNECT to {authority} via {peer} answered {status}")]
@@ -113,8 +113,15 @@ pub struct PoolKey {
     pub src_ip: IpAddr,
 }
 
+/// A client connection: the handle that opens streams, and whether its task has ended.
+#[derive(Clone)]
+pub struct Connection {
+    sender: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
 struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
+    conn: Connection,
     active: Arc<AtomicUsize>,
     last_used: std::time::Instant,
 }
@@ -122,9 +129,17 @@ struct Pooled {
 impl Pooled {
     /// Closed, or idle past the timeout (dropping the last sender closes the connection).
     fn expired(&self, now: std::time::Instant, idle: Duration) -> bool {
-        self.sender.is_closed()
+        self.conn.closed.load(Ordering::Relaxed)
             || (self.active.load(Ordering::Relaxed) == 0 && now - self.last_used >= idle)
     }
+}
+
+/// One HBONE stream: what is sent to the peer and what comes back.
+pub struct Tunnel {
+    /// Towards the peer.
+    pub send: SendStream<Bytes>,
+    /// From the peer.
+    pub recv: RecvStream,
 }
 
 /// Counts a stream on a pooled connection until dropped.
@@ -150,28 +165,32 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// A connection with a free stream for `key`, if one exists.
-    fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+    fn checkout(&self, key: &PoolKey) -> Option<(Connection, StreamGuard)> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
         let now = std::time::Instant::now();
         list.retain(|c| !c.expired(now, IDLE_TIMEOUT));
         list.iter_mut().find_map(|c| {
             // The peer advertises 100 (upstream and ours); a new connection past that.
-            let limit = MAX_STREAMS as usize;
+            let limit = c
+                .conn
+                .sender
+                .current_max_send_streams()
+                .min(MAX_STREAMS as usize);
             let active = c.active.load(Ordering::Relaxed);
-            (active < limit && c.sender.is_ready()).then(|| {
+            (active < limit).then(|| {
                 c.active.fetch_add(1, Ordering::Relaxed);
                 c.last_used = now;
-                (c.sender.clone(), StreamGuard(c.active.clone()))
+                (c.conn.clone(), StreamGuard(c.active.clone()))
             })
         })
     }
 
-    fn checkin(&self, key: PoolKey, sender: SendRequest<Empty<Bytes>>) -> StreamGuard {
+    fn checkin(&self, key: PoolKey, conn: Connection) -> StreamGuard {
         let active = Arc::new(AtomicUsize::new(1));
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.entry(key).or_default().push(Pooled {
-            sender,
+            conn,
             active: active.clone(),
             last_used: std::time::Instant::now(),
         });
@@ -208,13 +227,15 @@ impl Pool {
         key: PoolKey,
         authority: SocketAddr,
         src: SocketAddr,
-    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamGuard), Error> {
-        let (mut sender, guard) = match self.checkout(&key) {
+    ) -> Result<(Tunnel, StreamGuard), Error> {
+        let peer = key.dst;
+        let h2_error = |source| Error::H2 { peer, source };
+        let (conn, guard) = match self.checkout(&key) {
             Some(found) => found,
             None => {
-                let sender = connect(pod, &key).await?;
-                let guard = self.checkin(key.clone(), sender.clone());
-                (sender, guard)
+                let conn = connect(pod, &key).await?;
+                let guard = self.checkin(key, conn.clone());
+                (conn, guard)
             }
         };
         let request = Request::builder()
@@ -223,69 +244,81 @@ impl Pool {
             .header("forwarded", format!("for=\"{src}\""))
             .header("baggage", baggage(pod))
             .header("traceparent", traceparent())
-            .body(Empty::<Bytes>::new())
+            .body(())
             .map_err(|_| Error::Status {
                 authority,
-                peer: key.dst,
+                peer,
                 status: StatusCode::BAD_REQUEST,
             })?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|source| Error::H2 {
-                peer: key.dst,
-                source,
-            })?;
+        let mut sender = conn.sender.ready().await.map_err(h2_error)?;
+        let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
+        let response = response.await.map_err(h2_error)?;
         if response.status() != StatusCode::OK {
             return Err(Error::Status {
                 authority,
-                peer: key.dst,
+                peer,
                 status: response.status(),
             });
         }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .map_err(|source| Error::H2 {
-                peer: key.dst,
-                source,
-            })?;
-        Ok((TokioIo::new(upgraded), guard))
+        let recv = response.into_body();
+        Ok((Tunnel { send, recv }, guard))
     }
 }
 
-/// TCP (from inside the pod, marked), TLS with the source's certificate, then HTTP/2.
-async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, Error> {
-    let tcp = pod.connect(key.dst).await?;
+/// TCP (from inside the pod, marked), TLS with the source's certificate, then HTTP/2 driven
+/// by its own task (with keepalive PINGs) until it closes.
+async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<Connection, Error> {
+    let peer = key.dst;
+    let tcp = pod.connect(peer).await?;
     let config = crate::tls::client_config(&pod.mesh.certs, &key.source, key.expected.clone())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = ServerName::IpAddress(key.dst.ip().into());
+    let name = ServerName::IpAddress(peer.ip().into());
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
         .await
-        .map_err(|_| Error::HandshakeTimeout(key.dst))?
-        .map_err(|source| Error::Tls {
-            peer: key.dst,
-            source,
-        })?;
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+        .map_err(|_| Error::HandshakeTimeout(peer))?
+        .map_err(|source| Error::Tls { peer, source })?;
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .keep_alive_interval(PING_INTERVAL)
-        .keep_alive_timeout(PING_TIMEOUT)
-        .handshake(TokioIo::new(tls))
+        .max_concurrent_streams(MAX_STREAMS)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tls);
+    let (sender, mut connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|source| Error::H2 {
-            peer: key.dst,
-            source,
-        })?;
-    let peer = key.dst;
+        .map_err(|_| Error::HandshakeTimeout(peer))?
+        .map_err(|source| Error::H2 { peer, source })?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ping = connection.ping_pong();
+    let ended = closed.clone();
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(peer = %peer, error = %ErrorChain(&e), "HBONE connection closed");
+        tokio::select! {
+            result = connection => if let Err(e) = result {
+                tracing::debug!(peer = %peer, error = %ErrorChain(&e), "HBONE connection closed");
+            },
+            why = keepalive(ping) => {
+                tracing::warn!(peer = %peer, "HBONE connection closed: {why}");
+            }
         }
+        ended.store(true, Ordering::Relaxed);
     });
-    Ok(sender)
+    Ok(Connection { sender, closed })
+}
+
+/// PINGs the peer every [`PING_INTERVAL`]; returns (why) when one is not answered within
+/// [`PING_TIMEOUT`]. The connection must be polled alongside.
+async fn keepalive(ping: Option<h2::PingPong>) -> String {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
+            Err(_) => return format!("keepalive PING unanswered for {} s", PING_TIMEOUT.as_secs()),
+        }
+    }
 }
 
 fn baggage(pod: &PodProxy) -> String {
@@ -335,40 +368,68 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
         Ok(id) => id,
         Err(e) => return fail(&Error::PeerIdentity(e)),
     };
-    let service = {
-        let pod = pod.clone();
-        hyper::service::service_fn(move |req| {
-            let (pod, id) = (pod.clone(), client_identity.clone());
-            async move { Ok::<_, std::convert::Infallible>(handle_connect(pod, peer, id, req).await) }
-        })
-    };
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .keep_alive_interval(PING_INTERVAL)
-        .keep_alive_timeout(PING_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
-    if let Err(e) = served {
-        tracing::debug!(src.addr = %peer, error = %ErrorChain(&e), "HBONE connection ended");
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(source)) => return fail(&Error::H2 { peer, source }),
+        Err(_) => return fail(&Error::HandshakeTimeout(peer)),
+    };
+    let mut keepalive = std::pin::pin!(keepalive(conn.ping_pong()));
+    loop {
+        tokio::select! {
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    tokio::spawn(handle_connect(
+                        pod.clone(),
+                        peer,
+                        client_identity.clone(),
+                        req,
+                        respond,
+                    ));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(src.addr = %peer, error = %ErrorChain(&e), "HBONE connection ended");
+                    return;
+                }
+                None => return,
+            },
+            why = &mut keepalive => {
+                tracing::warn!(src.addr = %peer, "HBONE connection closed: {why}");
+                return;
+            }
+        }
     }
 }
 
-fn respond(status: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+/// Answers `status` with no body; `open` keeps the stream open for the tunnel's bytes.
+fn respond(
+    respond: &mut SendResponse<Bytes>,
+    status: StatusCode,
+    open: bool,
+) -> Result<Option<SendStream<Bytes>>, h2::Error> {
+    let mut r = Response::new(());
     *r.status_mut() = status;
-    r
+    let send = respond.send_response(r, !open)?;
+    Ok(open.then_some(send))
+}
+
+/// Answers a refused CONNECT; the stream may already be gone, which changes nothing.
+fn refuse(answer: &mut SendResponse<Bytes>, status: StatusCode) {
+    let _ = respond(answer, status, false);
 }
 
 async fn handle_connect(
     pod: Arc<PodProxy>,
     peer: SocketAddr,
     client: Identity,
-    mut req: Request<Incoming>,
-) -> Response<Empty<Bytes>> {
+    req: Request<RecvStream>,
+    mut answer: SendResponse<Bytes>,
+) {
     let authority = req.uri().authority().map(|a| a.as_str().to_string());
     let target: Option<SocketAddr> = authority.as_deref().and_then(|a| a.parse().ok());
     // src.addr is the tunnel's peer, as upstream (and the guide) report it.
@@ -386,7 +447,7 @@ async fn handle_connect(
     record.dst_service = target.and_then(|t| pod.service_of(&mesh, t.port()));
     if req.method() != Method::CONNECT {
         record.complete(Some(&Error::NotConnect(req.method().clone())));
-        return respond(StatusCode::BAD_REQUEST);
+        return refuse(&mut answer, StatusCode::BAD_REQUEST);
     }
     let Some(target) = target.filter(|t| pod.ips.contains(&t.ip())) else {
         let e = Error::WrongAuthority {
@@ -394,11 +455,11 @@ async fn handle_connect(
             pod: pod.name.clone(),
         };
         record.complete(Some(&e));
-        return respond(StatusCode::BAD_REQUEST);
+        return refuse(&mut answer, StatusCode::BAD_REQUEST);
     };
     if ILLEGAL_PORTS.contains(&target.port()) {
         record.complete(Some(&super::Error::SelfCall(target)));
-        return respond(StatusCode::BAD_REQUEST);
+        return refuse(&mut answer, StatusCode::BAD_REQUEST);
     }
     let conn = crate::authz::Connection {
         src: peer.ip(),
@@ -407,38 +468,35 @@ async fn handle_connect(
     };
     if let Err(denied) = pod.authorize(&mesh, &conn) {
         record.complete(Some(&denied));
-        return respond(StatusCode::UNAUTHORIZED);
+        return refuse(&mut answer, StatusCode::UNAUTHORIZED);
     }
     let app = match pod.connect(target).await {
         Ok(app) => app,
         Err(e) => {
             record.complete(Some(&e));
-            return respond(StatusCode::SERVICE_UNAVAILABLE);
+            return refuse(&mut answer, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    let send = match respond(&mut answer, StatusCode::OK, true) {
+        Ok(Some(send)) => send,
+        Ok(None) => return,
+        Err(source) => return record.complete(Some(&Error::H2 { peer, source })),
+    };
     record.established();
-    let on_upgrade = hyper::upgrade::on(&mut req);
+    let recv = req.into_body();
     let tracked =
         pod.mesh
             .tracker
             .track(pod.clone(), peer.ip(), record.src.identity.clone(), target);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                // Inbound: the reporting side sends what the application answers.
-                tokio::select! {
-                    (from_client, to_client, err) = super::relay(TokioIo::new(upgraded), app) => {
-                        record.bytes_sent = to_client;
-                        record.bytes_recv = from_client;
-                        record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
-                    }
-                    denied = tracked.revoked() => record.complete(Some(&denied)),
-                }
-            }
-            Err(e) => record.complete(Some(&e)),
+    // Inbound: the reporting side sends what the application answers.
+    tokio::select! {
+        (to_client, from_client, err) = super::copy::tunnel(app, send, recv) => {
+            record.bytes_sent = to_client;
+            record.bytes_recv = from_client;
+            record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
         }
-    });
-    respond(StatusCode::OK)
+        denied = tracked.revoked() => record.complete(Some(&denied)),
+    }
 }
 
 #[cfg(test)]
@@ -446,22 +504,18 @@ mod tests {
     use super::*;
 
     /// An HTTP/2 client connection to a server on an in-memory pipe.
-    async fn sender() -> SendRequest<Empty<Bytes>> {
+    async fn connection() -> Connection {
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                Ok::<_, std::convert::Infallible>(respond(StatusCode::OK))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(server), service)
-                .await;
+            let mut conn = h2::server::handshake(server).await.expect("server");
+            while conn.accept().await.is_some() {}
         });
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(client))
-            .await
-            .expect("h2 handshake");
+        let (sender, conn) = h2::client::handshake(client).await.expect("h2 handshake");
         tokio::spawn(conn);
-        sender
+        Connection {
+            sender,
+            closed: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     fn key() -> PoolKey {
@@ -480,7 +534,7 @@ mod tests {
     #[tokio::test]
     async fn connections_are_reused_and_idle_ones_evicted() {
         let pool = Pool::default();
-        let guard = pool.checkin(key(), sender().await);
+        let guard = pool.checkin(key(), connection().await);
         let (_reused, second) = pool
             .checkout(&key())
             .expect("the pooled connection is reused");

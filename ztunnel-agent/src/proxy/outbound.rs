@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::hbone::PoolKey;
-use super::{relay, Error, PodProxy, ILLEGAL_PORTS};
+use super::{Error, PodProxy, ILLEGAL_PORTS};
 use crate::accesslog::{ConnectionRecord, Direction, Peer};
 use crate::identity::Identity;
 use crate::socket::so_original_dst;
@@ -206,7 +206,7 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
                 Err(e) => return record.complete(Some(&e)),
             };
             record.established();
-            let (sent, received, err) = relay(client, tunnel).await;
+            let (sent, received, err) = super::copy::tunnel(client, tunnel.send, tunnel.recv).await;
             record.bytes_sent = sent;
             record.bytes_recv = received;
             record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
