@@ -172,6 +172,107 @@ fn latency(client: &Pod, dst: SocketAddr) -> (f64, f64) {
     })
 }
 
+/// CPU time in seconds since boot: the machine's (all CPUs) and the agents'.
+#[derive(Clone, Copy, Default, Debug)]
+struct Cpu {
+    /// user + nice + system + irq + softirq, all CPUs.
+    busy: f64,
+    /// The agents' user time.
+    agents_user: f64,
+    /// The agents' kernel time.
+    agents_kernel: f64,
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, o: Cpu) -> Cpu {
+        Cpu {
+            busy: self.busy - o.busy,
+            agents_user: self.agents_user - o.agents_user,
+            agents_kernel: self.agents_kernel - o.agents_kernel,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Cpu {
+    fn add_assign(&mut self, o: Cpu) {
+        self.busy += o.busy;
+        self.agents_user += o.agents_user;
+        self.agents_kernel += o.agents_kernel;
+    }
+}
+
+fn cpu_now(pids: &[u32]) -> Cpu {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    let field = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    // user nice system idle iowait irq softirq steal
+    let busy = (field(0) + field(1) + field(2) + field(5) + field(6)) / hz;
+    let (mut agents_user, mut agents_kernel) = (0.0, 0.0);
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // After the command name: state is field 3, utime 14, stime 15.
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            rest.get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        agents_user += ticks(11) / hz;
+        agents_kernel += ticks(12) / hz;
+    }
+    Cpu {
+        busy,
+        agents_user,
+        agents_kernel,
+    }
+}
+
+/// CPU seconds AES-128-GCM (ring, as the agents use it) spends per GB moved through HBONE:
+/// each byte is sealed once (client node) and opened once (server node), in 16 KiB records.
+fn aes_gcm_seconds_per_gb() -> f64 {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+    const RECORD: usize = 16 * 1024;
+    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7u8; 16]).expect("AES key"));
+    let mut record = Vec::with_capacity(RECORD + AES_128_GCM.tag_len());
+    let (start, mut records) = (Instant::now(), 0u64);
+    while start.elapsed() < Duration::from_secs(1) {
+        record.clear();
+        record.resize(RECORD, 5);
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&records.to_be_bytes());
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::empty(),
+            &mut record,
+        )
+        .expect("seal");
+        let plain = key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::empty(),
+                &mut record,
+            )
+            .expect("open");
+        assert_eq!(plain.len(), RECORD);
+        records += 1;
+    }
+    start.elapsed().as_secs_f64() / (records as f64 * RECORD as f64 / 1e9)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -223,6 +324,35 @@ fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
+}
+
+/// CPU per GB of the bulk figure, per path, and what it implies for HBONE: the most any proxy
+/// that encrypts in userspace could reach here if its own userspace work were AES alone (the
+/// kernel's and the load generator's work per GB as measured on the HBONE path).
+fn cpu_report(used: &[(Cpu, f64, f64); 3], direct: f64, aes: f64) -> String {
+    let mut out = String::from(
+        "\nCPU seconds per GB moved (bulk, all rounds; the machine has all its CPUs counted):\n\n| path | machine busy | agents' user | agents' kernel | busy CPUs |\n|---|---|---|---|---|\n",
+    );
+    for (name, (cpu, mb, secs)) in ["direct TCP", "passthrough", "HBONE"].iter().zip(used) {
+        let gb = (mb / 1000.0).max(1e-9);
+        out.push_str(&format!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            cpu.busy / gb,
+            cpu.agents_user / gb,
+            cpu.agents_kernel / gb,
+            cpu.busy / secs.max(1e-9),
+        ));
+    }
+    let (cpu, mb, secs) = used[2];
+    let gb = (mb / 1000.0).max(1e-9);
+    let rest = (cpu.busy - cpu.agents_user) / gb;
+    let busy_cpus = cpu.busy / secs.max(1e-9);
+    let ceiling = busy_cpus / (rest + aes) * 1000.0;
+    out.push_str(&format!(
+        "\nAES-128-GCM (ring) seal + open: {aes:.2} CPU s per GB. HBONE ceiling if the agents' userspace did nothing but AES: {busy_cpus:.2} busy CPUs / ({rest:.2} s/GB kernel and load generator + {aes:.2} s/GB AES) = {ceiling:.0} MB/s, {:.2} of direct TCP.\n",
+        ceiling / direct.max(1e-9)
+    ));
+    out
 }
 
 struct Row {
@@ -345,27 +475,40 @@ fn main() {
     let paths = [(&dc, &ds), (&pc, &ps), (&hc, &hs)];
     // Each figure: ROUNDS rounds, the three paths interleaved within a round, the median per
     // path (one run of direct TCP alone varies by a third on this machine).
-    let measure = |f: &dyn Fn(&Pod, SocketAddr) -> f64, port: u16| -> [f64; 3] {
-        let mut samples: [Vec<f64>; 3] = Default::default();
-        for _ in 0..ROUNDS {
-            for (i, (c, s)) in paths.iter().enumerate() {
-                // Warm up (certificates, pooled connection), then measure.
-                let _ = std::net::TcpStream::connect(SocketAddr::new(s.ip4, port));
-                samples[i].push(f(c, SocketAddr::new(s.ip4, port)));
+    let pids: Vec<u32> = [a1.pid(), a2.pid()].into_iter().flatten().collect();
+    // Also the CPU each path used over all its rounds, and the work done (figure x seconds).
+    let measure =
+        |f: &dyn Fn(&Pod, SocketAddr) -> f64, port: u16| -> ([f64; 3], [(Cpu, f64, f64); 3]) {
+            let mut samples: [Vec<f64>; 3] = Default::default();
+            let mut used: [(Cpu, f64, f64); 3] = Default::default();
+            for _ in 0..ROUNDS {
+                for (i, (c, s)) in paths.iter().enumerate() {
+                    // Warm up (certificates, pooled connection), then measure.
+                    let _ = std::net::TcpStream::connect(SocketAddr::new(s.ip4, port));
+                    let (before, start) = (cpu_now(&pids), Instant::now());
+                    let figure = f(c, SocketAddr::new(s.ip4, port));
+                    let elapsed = start.elapsed().as_secs_f64();
+                    used[i].0 += cpu_now(&pids) - before;
+                    used[i].1 += figure * elapsed;
+                    used[i].2 += elapsed;
+                    samples[i].push(figure);
+                }
             }
-        }
-        eprintln!("  samples (direct, passthrough, HBONE): {samples:.0?}");
-        samples.map(|mut v| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        })
-    };
+            eprintln!("  samples (direct, passthrough, HBONE): {samples:.0?}");
+            let medians = samples.map(|mut v| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            });
+            (medians, used)
+        };
     eprintln!("bulk throughput...");
-    let bulk_r = measure(&bulk, SINK_PORT);
+    let (bulk_r, bulk_cpu) = measure(&bulk, SINK_PORT);
     eprintln!("new connections per second...");
-    let cps_r = measure(&connections, ECHO_PORT);
+    let (cps_r, _) = measure(&connections, ECHO_PORT);
     eprintln!("1 KiB request/response rate...");
-    let rr_r = measure(&request_rate, ECHO_PORT);
+    let (rr_r, _) = measure(&request_rate, ECHO_PORT);
+    eprintln!("AES-128-GCM cost...");
+    let aes = aes_gcm_seconds_per_gb();
     eprintln!("latency...");
     let lat: Vec<(f64, f64)> = paths
         .iter()
@@ -440,6 +583,7 @@ fn main() {
         "\nAgents' RSS (both nodes): {before} KiB before, {after} KiB with {IDLE_CONNECTIONS} idle HBONE connections: {:.1} KiB per connection.\n",
         growth as f64 / IDLE_CONNECTIONS as f64
     ));
+    out.push_str(&cpu_report(&bulk_cpu, bulk_r[0], aes));
     let workers = std::env::var("ZTUNNEL_WORKER_THREADS").unwrap_or_else(|_| "2 (default)".into());
     out.push_str(&format!(
         "Throughput and rates: median of {ROUNDS} rounds, paths interleaved. Agents' worker threads: {workers}.\n"
