@@ -307,23 +307,38 @@ impl Metrics {
         }
     }
 
-    /// Counts an established connection.
-    pub fn opened(&self, record: &ConnectionRecord) {
-        self.opened.get_or_create(&Self::labels(record, "-")).inc();
+    /// Counts an established connection; returns its labels, for [`Metrics::closed`] to reuse.
+    pub fn opened(&self, record: &ConnectionRecord) -> TcpLabels {
+        let labels = Self::labels(record, "-");
+        self.opened.get_or_create(&labels).inc();
+        labels
     }
 
     /// Counts a connection that ended: closed (with its bytes) if it was established,
-    /// failed otherwise.
-    pub fn closed(&self, record: &ConnectionRecord, flags: Option<&'static str>) {
-        let labels = Self::labels(record, flags.unwrap_or("-"));
+    /// failed otherwise. `opened` is what [`Metrics::opened`] returned: reused when the
+    /// connection ended without error (the labels are the same), built again otherwise.
+    pub fn closed(
+        &self,
+        record: &ConnectionRecord,
+        flags: Option<&'static str>,
+        opened: Option<&TcpLabels>,
+    ) {
+        let built;
+        let labels = match (flags, opened) {
+            (None, Some(labels)) => labels,
+            _ => {
+                built = Self::labels(record, flags.unwrap_or("-"));
+                &built
+            }
+        };
         if !record.established {
-            self.failed.get_or_create(&labels).inc();
+            self.failed.get_or_create(labels).inc();
             return;
         }
-        self.closed.get_or_create(&labels).inc();
-        self.sent.get_or_create(&labels).inc_by(record.bytes_sent);
+        self.closed.get_or_create(labels).inc();
+        self.sent.get_or_create(labels).inc_by(record.bytes_sent);
         self.received
-            .get_or_create(&labels)
+            .get_or_create(labels)
             .inc_by(record.bytes_recv);
     }
 
