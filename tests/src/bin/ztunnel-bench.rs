@@ -243,34 +243,40 @@ fn cpu_now(pids: &[u32]) -> Cpu {
 
 /// CPU seconds AES-128-GCM (ring, as the agents use it) spends per GB moved through HBONE:
 /// each byte is sealed once (client node) and opened once (server node), in 16 KiB records.
+/// The fastest of five short runs (noise only ever adds time).
 fn aes_gcm_seconds_per_gb() -> f64 {
     use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
     const RECORD: usize = 16 * 1024;
     let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7u8; 16]).expect("AES key"));
     let mut record = Vec::with_capacity(RECORD + AES_128_GCM.tag_len());
-    let (start, mut records) = (Instant::now(), 0u64);
-    while start.elapsed() < Duration::from_secs(1) {
-        record.clear();
-        record.resize(RECORD, 5);
-        let mut nonce = [0u8; 12];
-        nonce[4..].copy_from_slice(&records.to_be_bytes());
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::empty(),
-            &mut record,
-        )
-        .expect("seal");
-        let plain = key
-            .open_in_place(
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let (start, mut records) = (Instant::now(), 0u64);
+        while start.elapsed() < Duration::from_millis(300) {
+            record.clear();
+            record.resize(RECORD, 5);
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&records.to_be_bytes());
+            key.seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::empty(),
                 &mut record,
             )
-            .expect("open");
-        assert_eq!(plain.len(), RECORD);
-        records += 1;
+            .expect("seal");
+            let plain = key
+                .open_in_place(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::empty(),
+                    &mut record,
+                )
+                .expect("open");
+            assert_eq!(plain.len(), RECORD);
+            records += 1;
+        }
+        let per_gb = start.elapsed().as_secs_f64() / (records as f64 * RECORD as f64 / 1e9);
+        best = best.min(per_gb);
     }
-    start.elapsed().as_secs_f64() / (records as f64 * RECORD as f64 / 1e9)
+    best
 }
 
 fn rss_kib(pid: u32) -> u64 {
