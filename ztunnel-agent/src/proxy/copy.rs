@@ -66,7 +66,7 @@ impl ToStream {
                     capacity = match ready!(to.poll_capacity(cx)) {
                         Some(Ok(n)) => n,
                         Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                        None => return Poll::Ready(Err(stream_closed())),
+                        None => return Poll::Ready(Err(why_closed(cx, to))),
                     };
                 }
                 let chunk = self.pending.split_to(capacity.min(self.pending.len()));
@@ -76,11 +76,21 @@ impl ToStream {
             }
             // Takes the previous chunk's memory back once HTTP/2 has released it.
             self.buf.reserve(self.size);
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut *from),
-                cx,
-                &mut self.buf
-            ))?;
+            let n = match tokio_util::io::poll_read_buf(Pin::new(&mut *from), cx, &mut self.buf) {
+                Poll::Ready(read) => read?,
+                // The socket is quiet: notice the peer resetting the stream (or the connection
+                // dying) now, not at the application's next write.
+                Poll::Pending => match to.poll_reset(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    // "No more, thanks": stop sending, without error.
+                    Poll::Ready(Ok(reason)) if reason == h2::Reason::NO_ERROR => {
+                        self.done = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(Ok(reason)) => return Poll::Ready(Err(reset(reason))),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                },
+            };
             if n == 0 {
                 // Half-close: END_STREAM on an empty DATA frame.
                 to.send_data(Bytes::new(), true).map_err(h2_io)?;
@@ -148,6 +158,18 @@ impl FromStream {
                     return Poll::Pending;
                 }
                 Poll::Ready(Some(Ok(data))) => self.pending = data,
+                // The peer ended the stream with a reset that is not an error (as hyper and
+                // upstream ztunnel read it): the end of its data.
+                Poll::Ready(Some(Err(e)))
+                    if e.is_reset()
+                        && e.is_remote()
+                        && matches!(
+                            e.reason(),
+                            Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL)
+                        ) =>
+                {
+                    self.eof = true
+                }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_io(e))),
                 Poll::Ready(None) => self.eof = true,
             }
@@ -163,8 +185,20 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-fn stream_closed() -> io::Error {
-    io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer")
+fn reset(reason: h2::Reason) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("HBONE stream reset by the peer: {reason}"),
+    )
+}
+
+/// Why a stream can take no more data: the peer's reset reason, or the connection's error.
+fn why_closed(cx: &mut Context<'_>, to: &mut SendStream<Bytes>) -> io::Error {
+    match to.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => reset(reason),
+        Poll::Ready(Err(e)) => h2_io(e),
+        Poll::Pending => io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed"),
+    }
 }
 
 /// Copies between `socket` and an HBONE stream until both directions have ended; returns
@@ -273,5 +307,56 @@ mod tests {
             .expect("the tunnel ends")
             .expect("task");
         assert!(err.is_some(), "a reset stream is an error");
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_end_stream_is_noticed_while_the_socket_is_quiet() {
+        let ((csend, crecv), (mut ssend, srecv)) = h2_pair().await;
+        let (mut client_app, client_proxy) = tokio::io::duplex(1024);
+        let a = tokio::spawn(tunnel(client_proxy, csend, crecv));
+        ssend
+            .send_data(Bytes::from_static(b"done"), true)
+            .expect("data");
+        let mut got = Vec::new();
+        client_app
+            .read_to_end(&mut got)
+            .await
+            .expect("EOF after the data");
+        assert_eq!(got, b"done");
+        // The client application stays quiet; the peer gives up on the stream.
+        ssend.send_reset(h2::Reason::CONNECT_ERROR);
+        drop(srecv);
+        let (up, down, err) = tokio::time::timeout(std::time::Duration::from_secs(5), a)
+            .await
+            .expect("the tunnel ends without the application writing")
+            .expect("task");
+        assert_eq!((up, down), (0, 4));
+        let err = err.expect("a CONNECT_ERROR reset is an error");
+        assert!(err.to_string().contains("reset"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_no_error_reset_ends_the_tunnel_cleanly() {
+        let ((csend, crecv), (mut ssend, srecv)) = h2_pair().await;
+        let (mut client_app, client_proxy) = tokio::io::duplex(1024);
+        let a = tokio::spawn(tunnel(client_proxy, csend, crecv));
+        ssend
+            .send_data(Bytes::from_static(b"all"), false)
+            .expect("data");
+        let mut got = [0u8; 3];
+        client_app.read_exact(&mut got).await.expect("data first");
+        assert_eq!(&got, b"all");
+        // A reset discards what its sender still had queued: sent only once the data arrived.
+        ssend.send_reset(h2::Reason::NO_ERROR);
+        drop(srecv);
+        let mut rest = Vec::new();
+        client_app.read_to_end(&mut rest).await.expect("EOF");
+        assert!(rest.is_empty());
+        let (_, down, err) = tokio::time::timeout(std::time::Duration::from_secs(5), a)
+            .await
+            .expect("the tunnel ends")
+            .expect("task");
+        assert_eq!(down, 3);
+        assert!(err.is_none(), "NO_ERROR is not an error: {err:?}");
     }
 }

@@ -220,6 +220,22 @@ impl Pool {
         }
     }
 
+    /// A new pooled connection for `key`, with `request`'s stream opened on it.
+    async fn open_on_new(
+        &self,
+        pod: &PodProxy,
+        key: PoolKey,
+        request: Request<()>,
+    ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>, StreamGuard), Error> {
+        let peer = key.dst;
+        let conn = connect(pod, &key).await?;
+        let guard = self.checkin(key, conn.clone());
+        let (response, send) = open_stream(&conn, request)
+            .await
+            .map_err(|source| Error::H2 { peer, source })?;
+        Ok((response, send, guard))
+    }
+
     /// Opens a tunnel from `pod` to `authority` through the HBONE server at `key.dst`.
     pub async fn tunnel(
         &self,
@@ -230,28 +246,34 @@ impl Pool {
     ) -> Result<(Tunnel, StreamGuard), Error> {
         let peer = key.dst;
         let h2_error = |source| Error::H2 { peer, source };
-        let (conn, guard) = match self.checkout(&key) {
-            Some(found) => found,
-            None => {
-                let conn = connect(pod, &key).await?;
-                let guard = self.checkin(key, conn.clone());
-                (conn, guard)
-            }
+        let request = || {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority.to_string())
+                .header("forwarded", format!("for=\"{src}\""))
+                .header("baggage", baggage(pod))
+                .header("traceparent", traceparent())
+                .body(())
+                .map_err(|_| Error::Status {
+                    authority,
+                    peer,
+                    status: StatusCode::BAD_REQUEST,
+                })
         };
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority.to_string())
-            .header("forwarded", format!("for=\"{src}\""))
-            .header("baggage", baggage(pod))
-            .header("traceparent", traceparent())
-            .body(())
-            .map_err(|_| Error::Status {
-                authority,
-                peer,
-                status: StatusCode::BAD_REQUEST,
-            })?;
-        let mut sender = conn.sender.ready().await.map_err(h2_error)?;
-        let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
+        let (response, send, guard) = match self.checkout(&key) {
+            Some((conn, guard)) => match open_stream(&conn, request()?).await {
+                Ok((response, send)) => (response, send, guard),
+                Err(_) => {
+                    // The pooled connection can take no new stream (GOAWAY received, stream
+                    // ids used up) though its task still serves older streams: never hand it
+                    // out again; this tunnel goes over a new connection.
+                    conn.closed.store(true, Ordering::Relaxed);
+                    drop(guard);
+                    self.open_on_new(pod, key, request()?).await?
+                }
+            },
+            None => self.open_on_new(pod, key, request()?).await?,
+        };
         let response = response.await.map_err(h2_error)?;
         if response.status() != StatusCode::OK {
             return Err(Error::Status {
@@ -263,6 +285,15 @@ impl Pool {
         let recv = response.into_body();
         Ok((Tunnel { send, recv }, guard))
     }
+}
+
+/// Sends the CONNECT request's headers on `conn` (waiting for a free stream slot).
+async fn open_stream(
+    conn: &Connection,
+    request: Request<()>,
+) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), h2::Error> {
+    let mut sender = conn.sender.clone().ready().await?;
+    sender.send_request(request, false)
 }
 
 /// TCP (from inside the pod, marked), TLS with the source's certificate, then HTTP/2 driven
