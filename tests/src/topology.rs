@@ -181,6 +181,18 @@ impl Topology {
         }
     }
 
+    /// Gives the node's bridge one more address (/32 or /128, no duplicate detection), e.g. a
+    /// source the node's own processes use.
+    pub fn add_node_addr(&self, ip: IpAddr) {
+        let (net, flags): (String, &[&str]) = match ip {
+            IpAddr::V4(_) => (format!("{ip}/32"), &[]),
+            IpAddr::V6(_) => (format!("{ip}/128"), &["nodad"]),
+        };
+        let mut args = vec!["-n", &self.node, "addr", "add", &net, "dev", "br0"];
+        args.extend_from_slice(flags);
+        sh("ip", &args);
+    }
+
     /// Path of the node namespace file.
     pub fn node_path(&self) -> PathBuf {
         PathBuf::from(format!("/var/run/netns/{}", self.node))

@@ -310,31 +310,8 @@ fn kubelet_probes_reach_the_application_directly() {
     let probe6: IpAddr = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
         .parse()
         .expect("ip");
-    ztunnel_e2e::sh(
-        "ip",
-        &[
-            "-n",
-            &topo.node,
-            "addr",
-            "add",
-            "169.254.7.127/32",
-            "dev",
-            "br0",
-        ],
-    );
-    ztunnel_e2e::sh(
-        "ip",
-        &[
-            "-n",
-            &topo.node,
-            "addr",
-            "add",
-            "fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128",
-            "dev",
-            "br0",
-            "nodad",
-        ],
-    );
+    topo.add_node_addr(probe4);
+    topo.add_node_addr(probe6);
     // The pods route everything via the bridge, so answers to the probe source come back.
     for (src, dst, app) in [
         (probe4, addr(server_pod.ip4, 9080), &server),

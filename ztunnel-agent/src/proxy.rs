@@ -51,9 +51,6 @@ pub enum Error {
     /// The pod's namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] crate::netns::Error),
-    /// Copying failed midway.
-    #[error("relay interrupted")]
-    Relay(#[source] io::Error),
 }
 
 /// What every pod's proxy shares: the mesh state, certificates and the HBONE pool.
