@@ -345,16 +345,8 @@ impl Report {
 fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    i64::try_from(secs)
-        .ok()
-        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "?".to_string())
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    crate::admin::config_dump::rfc3339(secs)
 }
 
 fn agent_check(e: &Evidence) -> Check {
@@ -535,38 +527,7 @@ pub fn pod_report(e: &Evidence, namespace: &str, name: &str) -> Report {
             table: None,
         };
     };
-    checks.push(
-        Check::new(
-            "enrolled",
-            Verdict::Ok,
-            format!(
-                "netns cookie {} (inode {}), {}, from {}",
-                pod.netns_cookie,
-                pod.netns_inode,
-                pod.ips
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                pod.source
-            ),
-        )
-        .with(if pod.workload_known {
-            format!(
-                "workload {} known to the mesh state, identity {}",
-                pod.uid, pod.identity
-            )
-        } else {
-            format!(
-                "workload not (yet) in the mesh state; identity {} from istio-cni",
-                pod.identity
-            )
-        }),
-    );
-    checks.push(kernel_check(pod));
-    checks.push(listener_check(pod));
-    checks.push(capture_check(pod, e.window_ms));
-    checks.push(cert_check(e, &pod.identity));
+    checks.extend(pod_checks(e, pod));
     checks.push(config_check(e));
     checks.push(recent_check(pod));
     Report {
@@ -574,6 +535,43 @@ pub fn pod_report(e: &Evidence, namespace: &str, name: &str) -> Report {
         checks,
         table: None,
     }
+}
+
+/// The checks of one enrolled pod alone (the agent-wide ones are not repeated per pod).
+fn pod_checks(e: &Evidence, pod: &PodEvidence) -> [Check; 5] {
+    let enrolled = Check::new(
+        "enrolled",
+        Verdict::Ok,
+        format!(
+            "netns cookie {} (inode {}), {}, from {}",
+            pod.netns_cookie,
+            pod.netns_inode,
+            pod.ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            pod.source
+        ),
+    )
+    .with(if pod.workload_known {
+        format!(
+            "workload {} known to the mesh state, identity {}",
+            pod.uid, pod.identity
+        )
+    } else {
+        format!(
+            "workload not (yet) in the mesh state; identity {} from istio-cni",
+            pod.identity
+        )
+    });
+    [
+        enrolled,
+        kernel_check(pod),
+        listener_check(pod),
+        capture_check(pod, e.window_ms),
+        cert_check(e, &pod.identity),
+    ]
 }
 
 fn kernel_check(pod: &PodEvidence) -> Check {
@@ -882,8 +880,9 @@ pub fn node_report(e: &Evidence) -> Report {
     ]];
     let mut first_bad: Option<String> = None;
     for pod in &e.pods {
-        let report = pod_report(e, &pod.namespace, &pod.name);
-        let status = match report.first_failure() {
+        let mut checks = pod_checks(e, pod).to_vec();
+        checks.push(recent_check(pod));
+        let status = match checks.iter().find(|c| c.verdict == Verdict::Fail) {
             Some(c) => {
                 if first_bad.is_none() {
                     first_bad = Some(format!(
@@ -1087,6 +1086,27 @@ mod tests {
     fn a_healthy_pod_has_no_broken_link() {
         assert_eq!(first(&healthy()), None);
         assert!(node_report(&healthy()).first_failure().is_none());
+    }
+
+    #[test]
+    fn the_node_view_names_an_agent_wide_failure_once_not_per_pod() {
+        let mut e = healthy();
+        e.links[1].attached_to = Some(0);
+        let report = node_report(&e);
+        let failed: Vec<&str> = report
+            .checks
+            .iter()
+            .filter(|c| c.verdict == Verdict::Fail)
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(failed, ["programs"], "the pods themselves are healthy");
+        let table = report.table.expect("pod table");
+        let rows: Vec<&str> = table.lines().skip(1).collect();
+        assert!(!rows.is_empty(), "{table}");
+        assert!(
+            rows.iter().all(|r| r.trim_end().ends_with("ok")),
+            "each healthy pod's row reads ok: {table}"
+        );
     }
 
     #[test]

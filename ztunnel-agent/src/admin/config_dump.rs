@@ -11,7 +11,8 @@ use crate::proxy::tracker::Tracker;
 use crate::state::MeshState;
 
 /// RFC 3339 UTC, seconds precision, from a Unix timestamp.
-fn rfc3339(unix: i64) -> String {
+/// `unix` seconds as RFC 3339 UTC (`2026-11-22T10:00:00Z`).
+pub(crate) fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix).map_or_else(
         |_| unix.to_string(),
         |t| {
