@@ -272,7 +272,8 @@ fn detached_links_are_named_and_a_restart_attaches_them_again() {
     let evidence: serde_json::Value = serde_json::from_str(&json).expect("evidence JSON");
     let cookie = evidence["pods"][0]["netnsCookie"].as_u64().expect("cookie");
     detach(&format!("inbound-{cookie}"));
-    let (_, report) = diagnose(&agent, &["default/server"]);
+    let (code, report) = diagnose(&agent, &["default/server"]);
+    assert_eq!(code, 1, "{report}");
     assert!(
         line(&report, "kernel").contains("is detached from the pod's netns"),
         "{report}"

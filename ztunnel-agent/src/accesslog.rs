@@ -66,10 +66,9 @@ pub struct ConnectionRecord {
     pub bytes_recv: u64,
     /// When the connection started.
     pub started: Instant,
-    /// Whether it was established (counted as opened).
-    pub established: bool,
-    /// The metric labels it was counted as opened with.
-    opened_labels: Option<crate::metrics::TcpLabels>,
+    /// Set once established (both ends connected): the metric labels it was counted as
+    /// opened with.
+    pub(crate) opened_labels: Option<crate::metrics::TcpLabels>,
 }
 
 impl ConnectionRecord {
@@ -86,25 +85,19 @@ impl ConnectionRecord {
             bytes_sent: 0,
             bytes_recv: 0,
             started: Instant::now(),
-            established: false,
             opened_labels: None,
         }
     }
 
     /// Marks the connection established (both ends connected) and counts it as opened.
     pub fn established(&mut self) {
-        self.established = true;
         self.opened_labels = Some(crate::metrics::global().opened(self));
     }
 
     /// Emits the one `connection complete` event (level error when `error` is set) and
     /// updates the connection metrics from the same record.
     pub fn complete(&self, error: Option<&(dyn std::error::Error + 'static)>) {
-        crate::metrics::global().closed(
-            self,
-            error.map(response_flags),
-            self.opened_labels.as_ref(),
-        );
+        crate::metrics::global().closed(self, error.map(response_flags));
         let duration = format!("{}ms", self.started.elapsed().as_millis());
         let src_identity = self.src.identity.as_ref().map(Identity::to_string);
         let dst_identity = self.dst.identity.as_ref().map(Identity::to_string);

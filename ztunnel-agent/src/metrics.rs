@@ -315,23 +315,18 @@ impl Metrics {
     }
 
     /// Counts a connection that ended: closed (with its bytes) if it was established,
-    /// failed otherwise. `opened` is what [`Metrics::opened`] returned: reused when the
-    /// connection ended without error (the labels are the same), built again otherwise.
-    pub fn closed(
-        &self,
-        record: &ConnectionRecord,
-        flags: Option<&'static str>,
-        opened: Option<&TcpLabels>,
-    ) {
+    /// failed otherwise. An established connection that ended without error is counted with
+    /// the labels it was opened with (the same set), not a rebuilt one.
+    pub fn closed(&self, record: &ConnectionRecord, flags: Option<&'static str>) {
         let built;
-        let labels = match (flags, opened) {
+        let labels = match (flags, &record.opened_labels) {
             (None, Some(labels)) => labels,
             _ => {
                 built = Self::labels(record, flags.unwrap_or("-"));
                 &built
             }
         };
-        if !record.established {
+        if record.opened_labels.is_none() {
             self.failed.get_or_create(labels).inc();
             return;
         }

@@ -281,7 +281,7 @@ fn random_serial() -> [u8; 16] {
 }
 
 fn ring_fill(bytes: &mut [u8]) -> Result<(), rustls::Error> {
-    rustls::crypto::ring::default_provider()
+    crate::tls::provider()
         .secure_random
         .fill(bytes)
         .map_err(|_| rustls::Error::FailedToGetRandomBytes)

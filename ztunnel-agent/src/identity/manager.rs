@@ -417,13 +417,10 @@ fn dedup(certs: Vec<CertificateDer<'static>>) -> Vec<CertificateDer<'static>> {
 }
 
 fn certified(identity: &Identity, issued: Issued) -> Result<WorkloadCert, Error> {
-    let provider = rustls::crypto::ring::default_provider();
-    let certified =
-        CertifiedKey::from_der(issued.chain, issued.key, &provider).map_err(|source| {
-            Error::Key {
-                identity: identity.to_string(),
-                source: Box::new(source),
-            }
+    let certified = CertifiedKey::from_der(issued.chain, issued.key, &crate::tls::provider())
+        .map_err(|source| Error::Key {
+            identity: identity.to_string(),
+            source: Box::new(source),
         })?;
     Ok(WorkloadCert {
         identity: identity.clone(),

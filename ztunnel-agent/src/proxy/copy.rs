@@ -177,9 +177,13 @@ impl FromStream {
     }
 }
 
+/// An HTTP/2 error as the relay reports it: a peer's reset names its reason, whichever
+/// direction noticed it.
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io().unwrap_or_else(|| io::ErrorKind::Other.into())
+    } else if let Some(reason) = e.reason().filter(|_| e.is_reset() && e.is_remote()) {
+        reset(reason)
     } else {
         io::Error::other(e)
     }
@@ -298,15 +302,28 @@ mod tests {
     #[tokio::test]
     async fn tunnel_ends_with_an_error_when_the_peer_resets() {
         let ((csend, crecv), (mut ssend, srecv)) = h2_pair().await;
-        let (_client_app, client_proxy) = tokio::io::duplex(1024);
+        let (client_app, client_proxy) = tokio::io::duplex(1024);
         let a = tokio::spawn(tunnel(client_proxy, csend, crecv));
+        // More than the 64 KiB window the peer never gives back: the sender waits for
+        // capacity when the reset comes.
+        let (_app_read, mut app_write) = tokio::io::split(client_app);
+        tokio::spawn(async move {
+            let _ = app_write.write_all(&[1u8; 200 * 1024]).await;
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         ssend.send_reset(h2::Reason::CONNECT_ERROR);
-        drop(srecv);
-        let (_, _, err) = tokio::time::timeout(std::time::Duration::from_secs(5), a)
+        let (up, _, err) = tokio::time::timeout(std::time::Duration::from_secs(5), a)
             .await
             .expect("the tunnel ends")
             .expect("task");
-        assert!(err.is_some(), "a reset stream is an error");
+        assert!(up < 200 * 1024, "flow control held the rest back: {up}");
+        let err = err.expect("a reset stream is an error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(
+            err.to_string().contains("reset by the peer: "),
+            "the reason is named: {err}"
+        );
+        drop(srecv);
     }
 
     #[tokio::test]
@@ -332,7 +349,8 @@ mod tests {
             .expect("task");
         assert_eq!((up, down), (0, 4));
         let err = err.expect("a CONNECT_ERROR reset is an error");
-        assert!(err.to_string().contains("reset"), "{err}");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(err.to_string().contains("reset by the peer: "), "{err}");
     }
 
     #[tokio::test]

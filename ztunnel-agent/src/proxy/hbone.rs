@@ -312,7 +312,6 @@ async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<Connection, Error> {
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS)
         .enable_push(false)
         .handshake::<_, Bytes>(tls);
     let (sender, mut connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
@@ -437,21 +436,21 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// Answers `status` with no body; `open` keeps the stream open for the tunnel's bytes.
+/// Answers `status`; `end_of_stream` closes our side (a refusal), otherwise the returned
+/// stream carries the tunnel's bytes.
 fn respond(
-    respond: &mut SendResponse<Bytes>,
+    answer: &mut SendResponse<Bytes>,
     status: StatusCode,
-    open: bool,
-) -> Result<Option<SendStream<Bytes>>, h2::Error> {
+    end_of_stream: bool,
+) -> Result<SendStream<Bytes>, h2::Error> {
     let mut r = Response::new(());
     *r.status_mut() = status;
-    let send = respond.send_response(r, !open)?;
-    Ok(open.then_some(send))
+    answer.send_response(r, end_of_stream)
 }
 
 /// Answers a refused CONNECT; the stream may already be gone, which changes nothing.
 fn refuse(answer: &mut SendResponse<Bytes>, status: StatusCode) {
-    let _ = respond(answer, status, false);
+    let _ = respond(answer, status, true);
 }
 
 async fn handle_connect(
@@ -508,9 +507,8 @@ async fn handle_connect(
             return refuse(&mut answer, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let send = match respond(&mut answer, StatusCode::OK, true) {
-        Ok(Some(send)) => send,
-        Ok(None) => return,
+    let send = match respond(&mut answer, StatusCode::OK, false) {
+        Ok(send) => send,
         Err(source) => return record.complete(Some(&Error::H2 { peer, source })),
     };
     record.established();
