@@ -145,14 +145,16 @@ impl PodProxy {
         }
     }
 
-    /// Checks L4 authorization for a connection to this pod.
+    /// Checks L4 authorization for a connection to this pod, whose workload (looked up once
+    /// per connection, see [`PodProxy::workload`]) is `workload`.
     pub fn authorize(
         &self,
         mesh: &MeshState,
+        workload: Option<&crate::state::workload::Workload>,
         conn: &crate::authz::Connection<'_>,
     ) -> Result<(), crate::authz::Denied> {
-        match self.workload(mesh) {
-            Some(w) => crate::authz::check(mesh, &w, conn),
+        match workload {
+            Some(w) => crate::authz::check(mesh, w, conn),
             // A pod the mesh state does not know (yet): its namespace still selects policies.
             None => {
                 let w = crate::state::workload::Workload {
@@ -165,9 +167,12 @@ impl PodProxy {
         }
     }
 
-    /// The hostname of a service this pod backs on `target_port`.
-    pub fn service_of(&self, mesh: &MeshState, target_port: u16) -> Option<String> {
-        let workload = self.workload(mesh)?;
+    /// The hostname of a service `workload` (this pod's) backs on `target_port`.
+    pub fn service_of(
+        workload: Option<&crate::state::workload::Workload>,
+        target_port: u16,
+    ) -> Option<String> {
+        let workload = workload?;
         workload.services.iter().find_map(|(key, ports)| {
             ports.values().any(|p| *p == target_port).then(|| {
                 key.split_once('/')

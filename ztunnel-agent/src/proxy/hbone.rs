@@ -474,7 +474,8 @@ async fn handle_connect(
         detail: src_workload.clone(),
     };
     record.dst = pod.as_peer(&mesh, Some(pod.identity.clone()));
-    record.dst_service = target.and_then(|t| pod.service_of(&mesh, t.port()));
+    record.dst_service =
+        target.and_then(|t| PodProxy::service_of(record.dst.detail.as_deref(), t.port()));
     if req.method() != Method::CONNECT {
         record.complete(Some(&Error::NotConnect(req.method().clone())));
         return refuse(&mut answer, StatusCode::BAD_REQUEST);
@@ -496,7 +497,7 @@ async fn handle_connect(
         identity: record.src.identity.as_ref(),
         dst: target,
     };
-    if let Err(denied) = pod.authorize(&mesh, &conn) {
+    if let Err(denied) = pod.authorize(&mesh, record.dst.detail.as_deref(), &conn) {
         record.complete(Some(&denied));
         return refuse(&mut answer, StatusCode::UNAUTHORIZED);
     }

@@ -38,7 +38,7 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
         };
     }
     record.dst = pod.as_peer(&mesh, None);
-    record.dst_service = pod.service_of(&mesh, dst.port());
+    record.dst_service = PodProxy::service_of(record.dst.detail.as_deref(), dst.port());
     if ILLEGAL_PORTS.contains(&dst.port()) {
         return record.complete(Some(&Error::SelfCall(dst)));
     }
@@ -48,7 +48,7 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
         identity: None,
         dst,
     };
-    if let Err(denied) = pod.authorize(&mesh, &conn) {
+    if let Err(denied) = pod.authorize(&mesh, record.dst.detail.as_deref(), &conn) {
         return record.complete(Some(&denied));
     }
     let upstream = match pod.connect(dst).await {

@@ -114,7 +114,10 @@ impl Tracker {
                 identity: c.identity.as_ref(),
                 dst: c.dst,
             };
-            if let Err(denied) = c.pod.authorize(state, &conn) {
+            if let Err(denied) = c
+                .pod
+                .authorize(state, c.pod.workload(state).as_deref(), &conn)
+            {
                 *c.denied.lock().unwrap_or_else(|p| p.into_inner()) = Some(denied);
                 c.cancel.cancel();
                 closed += 1;
