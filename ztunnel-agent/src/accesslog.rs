@@ -66,9 +66,6 @@ pub struct ConnectionRecord {
     pub bytes_recv: u64,
     /// When the connection started.
     pub started: Instant,
-    /// Set once established (both ends connected): the metric labels it was counted as
-    /// opened with.
-    pub(crate) opened_labels: Option<crate::metrics::TcpLabels>,
 }
 
 impl ConnectionRecord {
@@ -85,62 +82,56 @@ impl ConnectionRecord {
             bytes_sent: 0,
             bytes_recv: 0,
             started: Instant::now(),
-            opened_labels: None,
         }
     }
+}
 
-    /// Marks the connection established (both ends connected) and counts it as opened.
-    pub fn established(&mut self) {
-        self.opened_labels = Some(crate::metrics::global().opened(self));
-    }
-
-    /// Emits the one `connection complete` event (level error when `error` is set) and
-    /// updates the connection metrics from the same record.
-    pub fn complete(&self, error: Option<&(dyn std::error::Error + 'static)>) {
-        crate::metrics::global().closed(self, error.map(response_flags));
-        let duration = format!("{}ms", self.started.elapsed().as_millis());
-        let src_identity = self.src.identity.as_ref().map(Identity::to_string);
-        let dst_identity = self.dst.identity.as_ref().map(Identity::to_string);
-        let hbone = self.dst_hbone_addr.map(|a| a.to_string());
-        let error = error.map(|e| crate::telemetry::ErrorChain(e).to_string());
-        macro_rules! emit {
-            ($level:expr) => {
-                tracing::event!(
-                    target: "access",
-                    $level,
-                    {
-                        src.addr = %self.src_addr,
-                        src.workload = self.src.workload.as_deref(),
-                        src.namespace = self.src.namespace.as_deref(),
-                        src.identity = src_identity.as_deref(),
-                        dst.addr = %self.dst_addr,
-                        dst.hbone_addr = hbone.as_deref(),
-                        dst.service = self.dst_service.as_deref(),
-                        dst.workload = self.dst.workload.as_deref(),
-                        dst.namespace = self.dst.namespace.as_deref(),
-                        dst.identity = dst_identity.as_deref(),
-                        direction = self.direction.as_str(),
-                        bytes_sent = self.bytes_sent,
-                        bytes_recv = self.bytes_recv,
-                        duration = duration.as_str(),
-                        error = error.as_deref(),
-                    },
-                    "connection complete"
-                )
-            };
-        }
-        if error.is_some() {
-            emit!(tracing::Level::ERROR);
-        } else {
-            emit!(tracing::Level::INFO);
-        }
-        // The identity strings were formatted once for the log line; the peer's moves on.
-        let peer_identity = match self.direction {
-            Direction::Outbound => dst_identity,
-            Direction::Inbound => src_identity,
+/// Emits the one `connection complete` event for `record` (level error when `error` is set)
+/// and keeps its outcome for `diagnose`. Called once per connection, by the connection's
+/// owner (`proxy::connection`), which also updates the metrics from the same record.
+pub fn write(record: &ConnectionRecord, error: Option<&(dyn std::error::Error + 'static)>) {
+    let duration = format!("{}ms", record.started.elapsed().as_millis());
+    let src_identity = record.src.identity.as_ref().map(Identity::to_string);
+    let dst_identity = record.dst.identity.as_ref().map(Identity::to_string);
+    let hbone = record.dst_hbone_addr.map(|a| a.to_string());
+    let error = error.map(|e| crate::telemetry::ErrorChain(e).to_string());
+    macro_rules! emit {
+        ($level:expr) => {
+            tracing::event!(
+                target: "access",
+                $level,
+                {
+                    src.addr = %record.src_addr,
+                    src.workload = record.src.workload.as_deref(),
+                    src.namespace = record.src.namespace.as_deref(),
+                    src.identity = src_identity.as_deref(),
+                    dst.addr = %record.dst_addr,
+                    dst.hbone_addr = hbone.as_deref(),
+                    dst.service = record.dst_service.as_deref(),
+                    dst.workload = record.dst.workload.as_deref(),
+                    dst.namespace = record.dst.namespace.as_deref(),
+                    dst.identity = dst_identity.as_deref(),
+                    direction = record.direction.as_str(),
+                    bytes_sent = record.bytes_sent,
+                    bytes_recv = record.bytes_recv,
+                    duration = duration.as_str(),
+                    error = error.as_deref(),
+                },
+                "connection complete"
+            )
         };
-        remember(self, peer_identity, error);
     }
+    if error.is_some() {
+        emit!(tracing::Level::ERROR);
+    } else {
+        emit!(tracing::Level::INFO);
+    }
+    // The identity strings were formatted once for the log line; the peer's moves on.
+    let peer_identity = match record.direction {
+        Direction::Outbound => dst_identity,
+        Direction::Inbound => src_identity,
+    };
+    remember(record, peer_identity, error);
 }
 
 /// Completed connections kept for `diagnose`, newest last.
@@ -228,21 +219,4 @@ pub fn recent(namespace: &str, pod: &str, limit: usize) -> (Vec<Outcome>, Vec<Ou
         picked
     };
     (pick(&recent.all), pick(&recent.failed))
-}
-
-/// Istio's response flag for a failure.
-fn response_flags(error: &(dyn std::error::Error + 'static)) -> &'static str {
-    use crate::proxy::hbone::Error as Hbone;
-    if error.is::<crate::authz::Denied>() {
-        return "DENY";
-    }
-    if let Some(e) = error.downcast_ref::<Hbone>() {
-        return match e {
-            Hbone::Tls { .. } | Hbone::HandshakeTimeout(_) | Hbone::Config(_) => "TLS_FAILURE",
-            Hbone::PeerIdentity(_) => "IDENTITY_ERROR",
-            Hbone::H2 { .. } => "H2_HANDSHAKE_FAILURE",
-            _ => "CONNECT",
-        };
-    }
-    "CONNECT"
 }

@@ -96,6 +96,7 @@ struct EnrolledPod {
     source: Source,
     /// Listener addresses and their socket inodes (to find them in the pod's socket table).
     listeners: Vec<(SocketAddr, u64)>,
+    netns: PodNetns,
     proxy: Arc<PodProxy>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
@@ -160,7 +161,7 @@ impl Enrollment {
         let parked = ParkedPod {
             spec: pod.spec.clone(),
             source: pod.source,
-            netns: pod.proxy.netns.clone(),
+            netns: pod.netns.clone(),
         };
         let result = self.unenroll(uid).await;
         // Parked even if the kernel maps refused the removal: the pod must not be lost.
@@ -226,7 +227,7 @@ impl Enrollment {
                 namespace: p.spec.namespace.clone(),
                 ips: p.proxy.ips.clone(),
                 service_account: p.proxy.identity.service_account.clone(),
-                netns_cookie: p.proxy.netns.cookie().0,
+                netns_cookie: p.netns.cookie().0,
                 source: p.source,
             })
             .collect()
@@ -240,7 +241,7 @@ impl Enrollment {
                 (
                     p.spec.name.clone(),
                     p.spec.namespace.clone(),
-                    self.redirect.counters(p.proxy.netns.cookie()),
+                    self.redirect.counters(p.netns.cookie()),
                 )
             })
             .collect()
@@ -256,10 +257,9 @@ impl Enrollment {
             .values()
             .filter(|p| only.is_none_or(|(ns, name)| p.spec.namespace == ns && p.spec.name == name))
             .map(|p| {
-                let cookie = p.proxy.netns.cookie();
+                let cookie = p.netns.cookie();
                 let view = self.redirect.pod_view(cookie, &p.proxy.ips);
                 let listening = p
-                    .proxy
                     .netns
                     .run(crate::diagnose::listening_inodes)
                     .map_err(|e| e.to_string())
@@ -289,7 +289,7 @@ impl Enrollment {
                     uid: p.spec.uid.clone(),
                     ips: p.proxy.ips.clone(),
                     netns_cookie: cookie.0,
-                    netns_inode: p.proxy.netns.file().metadata().map_or(0, |m| m.ino()),
+                    netns_inode: p.netns.file().metadata().map_or(0, |m| m.ino()),
                     source: match p.source {
                         Source::LocalConfig => "local config".to_string(),
                         Source::Zds => "istio-cni (ZDS)".to_string(),
@@ -340,7 +340,7 @@ impl Enrollment {
         // Its source handing it over again supersedes a parked copy.
         self.parked.remove(&spec.uid);
         if let Some(existing) = self.pods.get(&spec.uid) {
-            if existing.spec == spec && existing.proxy.netns.cookie() == netns.cookie() {
+            if existing.spec == spec && existing.netns.cookie() == netns.cookie() {
                 return Ok(());
             }
             self.unenroll(&spec.uid.clone()).await?;
@@ -429,8 +429,10 @@ impl Enrollment {
             identity,
             network,
             ips: ips.clone(),
-            netns: netns.clone(),
-            orig_dst: self.redirect.orig_dst_table(),
+            sockets: Arc::new(proxy::in_pod::InPodSockets::new(
+                netns.clone(),
+                self.redirect.orig_dst_table(),
+            )),
             mesh: self.mesh.clone(),
             hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
         });
@@ -473,6 +475,7 @@ impl Enrollment {
                 spec,
                 source,
                 listeners: listener_inodes,
+                netns,
                 proxy,
                 cancel,
                 tasks,
@@ -489,7 +492,7 @@ impl Enrollment {
         let Some(mut pod) = self.pods.remove(uid) else {
             return Ok(was_parked);
         };
-        let result = self.redirect.remove_pod(pod.proxy.netns.cookie());
+        let result = self.redirect.remove_pod(pod.netns.cookie());
         pod.cancel.cancel();
         // Wait until every accept loop has returned, so the listeners are closed when this
         // returns (connections already accepted finish on their own).
@@ -518,7 +521,7 @@ impl Enrollment {
     /// Removes from the kernel maps the pods a previous run enrolled that no source has
     /// enrolled again. Call once every pod source has had its initial sync.
     pub fn sweep_stale(&mut self) -> Result<usize, Error> {
-        let live: Vec<NetnsCookie> = self.pods.values().map(|p| p.proxy.netns.cookie()).collect();
+        let live: Vec<NetnsCookie> = self.pods.values().map(|p| p.netns.cookie()).collect();
         let mut swept = 0;
         for cookie in self.redirect.enrolled_cookies() {
             if !live.contains(&cookie) {

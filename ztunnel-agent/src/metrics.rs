@@ -1,5 +1,7 @@
 //! Prometheus metrics on 15020: Istio's `istio_tcp_*` connection metrics with Istio's labels
-//! in Istio's order. Updated only from the access-log record, so counters and log agree.
+//! in Istio's order. A connection's labels come from its access-log record; its byte counters
+//! move as bytes move (see `proxy::connection`), so counters and log agree at every moment
+//! and exactly at the end.
 
 use std::sync::{Arc, OnceLock};
 
@@ -41,6 +43,48 @@ pub struct TcpLabels {
     request_protocol: &'static str,
     response_flags: &'static str,
     connection_security_policy: &'static str,
+}
+
+/// Istio's response flag for a connection: `-` when it succeeded, else why it failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResponseFlag {
+    /// No failure.
+    None,
+    /// Denied by authorization policy.
+    Deny,
+    /// The upstream connection failed (or anything not named below).
+    Connect,
+    /// The TLS handshake failed.
+    TlsFailure,
+    /// HTTP/2 failed.
+    H2HandshakeFailure,
+    /// The peer's identity was unusable.
+    IdentityError,
+}
+
+impl ResponseFlag {
+    /// As Istio's `response_flags` label writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::None => "-",
+            ResponseFlag::Deny => "DENY",
+            ResponseFlag::Connect => "CONNECT",
+            ResponseFlag::TlsFailure => "TLS_FAILURE",
+            ResponseFlag::H2HandshakeFailure => "H2_HANDSHAKE_FAILURE",
+            ResponseFlag::IdentityError => "IDENTITY_ERROR",
+        }
+    }
+}
+
+/// An established connection's metric handles: its labels (as counted opened) and the two
+/// byte counters it increments as bytes move.
+#[derive(Clone, Debug)]
+pub struct OpenedConnection {
+    labels: TcpLabels,
+    /// `istio_tcp_sent_bytes_total` for this connection's labels.
+    pub sent: Counter,
+    /// `istio_tcp_received_bytes_total` for this connection's labels.
+    pub received: Counter,
 }
 
 /// Build information labels.
@@ -266,7 +310,7 @@ impl Metrics {
             .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 
-    fn labels(record: &ConnectionRecord, flags: &'static str) -> TcpLabels {
+    fn labels(record: &ConnectionRecord, flag: ResponseFlag) -> TcpLabels {
         let (src, dst) = (side(&record.src), side(&record.dst));
         let service = record.dst_service.as_deref();
         // A service hostname is name.namespace.svc.<domain>.
@@ -298,7 +342,7 @@ impl Metrics {
             destination_principal: dst.principal,
             destination_cluster: dst.cluster,
             request_protocol: "tcp",
-            response_flags: flags,
+            response_flags: flag.as_str(),
             connection_security_policy: if record.src.identity.is_some() {
                 "mutual_tls"
             } else {
@@ -307,34 +351,34 @@ impl Metrics {
         }
     }
 
-    /// Counts an established connection; returns its labels, for [`Metrics::closed`] to reuse.
-    pub fn opened(&self, record: &ConnectionRecord) -> TcpLabels {
-        let labels = Self::labels(record, "-");
+    /// Counts an established connection; returns its labels and byte counters, which the
+    /// connection increments as bytes move (upstream counts the same way: a long transfer is
+    /// visible while it runs).
+    pub fn opened(&self, record: &ConnectionRecord) -> OpenedConnection {
+        let labels = Self::labels(record, ResponseFlag::None);
         self.opened.get_or_create(&labels).inc();
-        labels
+        OpenedConnection {
+            sent: self.sent.get_or_create(&labels).clone(),
+            received: self.received.get_or_create(&labels).clone(),
+            labels,
+        }
     }
 
-    /// Counts a connection that ended: closed (with its bytes) if it was established,
-    /// failed otherwise. An established connection that ended without error is counted with
-    /// the labels it was opened with (the same set), not a rebuilt one.
-    pub fn closed(&self, record: &ConnectionRecord, flags: Option<&'static str>) {
-        let built;
-        let labels = match (flags, &record.opened_labels) {
-            (None, Some(labels)) => labels,
-            _ => {
-                built = Self::labels(record, flags.unwrap_or("-"));
-                &built
-            }
-        };
-        if record.opened_labels.is_none() {
-            self.failed.get_or_create(labels).inc();
-            return;
+    /// Counts an established connection that ended, with `flag` saying how. A clean close is
+    /// counted under the labels it was opened with (the same set, not rebuilt).
+    pub fn closed(&self, opened: &OpenedConnection, flag: ResponseFlag) {
+        if flag == ResponseFlag::None {
+            self.closed.get_or_create(&opened.labels).inc();
+        } else {
+            let mut labels = opened.labels.clone();
+            labels.response_flags = flag.as_str();
+            self.closed.get_or_create(&labels).inc();
         }
-        self.closed.get_or_create(labels).inc();
-        self.sent.get_or_create(labels).inc_by(record.bytes_sent);
-        self.received
-            .get_or_create(labels)
-            .inc_by(record.bytes_recv);
+    }
+
+    /// Counts a connection that failed before it was established.
+    pub fn failed(&self, record: &ConnectionRecord, flag: ResponseFlag) {
+        self.failed.get_or_create(&Self::labels(record, flag)).inc();
     }
 
     /// Where the per-pod kernel counters come from (set once, at start-up).

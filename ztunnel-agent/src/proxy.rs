@@ -1,15 +1,19 @@
 //! The per-pod listeners: 15001 (outbound, to HBONE or plain TCP), 15006 (inbound plaintext)
 //! and 15008 (inbound HBONE), all inside the pod's network namespace.
 
+pub mod connection;
 pub mod copy;
 pub mod hbone;
+pub mod in_pod;
 pub mod inbound_passthrough;
 pub mod outbound;
 pub mod splice;
 pub mod tracker;
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,10 +24,8 @@ use ztunnel_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::accesslog::Peer;
 use crate::identity::manager::CertManager;
 use crate::identity::Identity;
-use crate::netns::PodNetns;
-use crate::redirect::OrigDstTable;
-use crate::socket::set_agent_mark;
 use crate::state::{MeshState, SharedState};
+use connection::Classify;
 
 /// Ports a captured connection may never target (a self-call would loop).
 pub const ILLEGAL_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
@@ -51,6 +53,28 @@ pub enum Error {
     /// The pod's namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] crate::netns::Error),
+}
+
+impl Classify for Error {}
+
+/// A connection being opened (boxed: [`PodSockets`] is used as a trait object).
+pub type Connecting<'a> = Pin<Box<dyn Future<Output = Result<TcpStream, Error>> + Send + 'a>>;
+
+/// How a pod's proxy opens sockets. In the agent: sockets opened inside the pod's
+/// network namespace and original destinations from the eBPF map ([`in_pod::InPodSockets`]);
+/// in tests: plain loopback sockets, so the handlers run in-process without root.
+pub trait PodSockets: Send + Sync {
+    /// Opens a TCP connection to `dst` as the pod, never captured again by the agent.
+    fn connect(&self, dst: SocketAddr) -> Connecting<'_>;
+
+    /// Where an outbound connection accepted on 15001 from `peer` was meant to go.
+    fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> SocketAddr;
+
+    /// Where an inbound plaintext connection accepted on 15006 was meant to go: the accepted
+    /// socket's local address (`sk_lookup` steers without rewriting it).
+    fn inbound_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        stream.local_addr()
+    }
 }
 
 /// What every pod's proxy shares: the mesh state, certificates and the HBONE pool.
@@ -92,10 +116,8 @@ pub struct PodProxy {
     pub network: String,
     /// Pod addresses.
     pub ips: Vec<IpAddr>,
-    /// Pod network namespace.
-    pub netns: PodNetns,
-    /// Where outbound original destinations are looked up.
-    pub orig_dst: Arc<OrigDstTable>,
+    /// How the pod's connections are opened and its original destinations found.
+    pub sockets: Arc<dyn PodSockets>,
     /// Shared mesh context.
     pub mesh: Arc<MeshContext>,
     /// TLS server for 15008 with the pod's certificate.
@@ -109,24 +131,9 @@ impl std::fmt::Debug for PodProxy {
 }
 
 impl PodProxy {
-    /// Opens a TCP connection to `dst` from inside the pod, marked as the agent's own so
-    /// capture does not loop it back.
+    /// Opens a TCP connection to `dst` as the pod (see [`PodSockets::connect`]).
     pub async fn connect(&self, dst: SocketAddr) -> Result<TcpStream, Error> {
-        let socket = self.netns.run(|| -> io::Result<socket2::Socket> {
-            let domain = socket2::Domain::for_address(dst);
-            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-            set_agent_mark(&socket)?;
-            socket.set_nonblocking(true)?;
-            socket.set_nodelay(true)?;
-            Ok(socket)
-        })?;
-        let socket = socket.map_err(|source| Error::Connect { dst, source })?;
-        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
-            Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(source)) => Err(Error::Connect { dst, source }),
-            Err(_) => Err(Error::ConnectTimeout(dst)),
-        }
+        self.sockets.connect(dst).await
     }
 
     /// This pod's workload in `mesh` (by uid, else by namespace and name: istio-cni names
@@ -183,7 +190,8 @@ impl PodProxy {
     }
 }
 
-/// Accepts on `listener` until cancelled, handing each connection to `handle`.
+/// Accepts on `listener` until cancelled, handing each connection to `handle`, which runs
+/// as its own task (within the connection's span, see [`connection::Connection`]).
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     pod: Arc<PodProxy>,

@@ -87,6 +87,20 @@ pub fn init(filter: &str, format: LogFormat) {
     }
 }
 
+/// A subscriber writing the agent's plain lines to `writer` (tests install it for one thread
+/// with `tracing::subscriber::set_default` to read what a component logged).
+pub fn plain_subscriber<W>(filter: &str, writer: W) -> impl Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(writer)
+        .with_ansi(false)
+        .event_format(PlainFormat)
+        .finish()
+}
+
 /// `2024-05-04T09:59:05.028709Z`: RFC 3339, UTC, microseconds (upstream's timestamps).
 fn timestamp() -> String {
     let now = time::OffsetDateTime::now_utc();
@@ -136,8 +150,38 @@ where
             meta.target()
         )?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
+        if let Some(spans) = span_context(ctx, event) {
+            write!(writer, " span={spans:?}")?;
+        }
         writeln!(writer)
     }
+}
+
+/// The spans an event happened in (a connection's `outbound{id=7 src.addr=...}`), root first,
+/// for any event but the access log's own line (whose fields are a fixed contract).
+fn span_context<S, N>(ctx: &FmtContext<'_, S, N>, event: &Event<'_>) -> Option<String>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    if event.metadata().target() == "access" {
+        return None;
+    }
+    let scope = ctx.event_scope()?;
+    let mut out = String::new();
+    for span in scope.from_root() {
+        if !out.is_empty() {
+            out.push(':');
+        }
+        out.push_str(span.name());
+        let extensions = span.extensions();
+        if let Some(fields) = extensions.get::<tracing_subscriber::fmt::FormattedFields<N>>() {
+            if !fields.is_empty() {
+                let _ = write!(out, "{{{fields}}}");
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// One JSON object per line: the event's fields plus `level`, `time`, `scope`, `message`.
@@ -177,13 +221,16 @@ where
 {
     fn format_event(
         &self,
-        _ctx: &FmtContext<'_, S, N>,
+        ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
         let meta = event.metadata();
         let mut fields = JsonFields::default();
         event.record(&mut fields);
+        if let Some(spans) = span_context(ctx, event) {
+            fields.0.insert("span".into(), spans.into());
+        }
         let mut object = serde_json::Map::new();
         object.insert("level".into(), level_name(meta.level()).into());
         object.insert("time".into(), timestamp().into());

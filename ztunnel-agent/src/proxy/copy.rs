@@ -18,6 +18,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::connection::Meter;
+
 /// First buffer size.
 const INITIAL: usize = 1024;
 /// Largest buffer size.
@@ -30,7 +32,6 @@ struct ToStream {
     size: usize,
     /// Read from the socket, not yet handed to HTTP/2.
     pending: Bytes,
-    total: u64,
     done: bool,
 }
 
@@ -40,7 +41,6 @@ impl ToStream {
             buf: BytesMut::with_capacity(INITIAL),
             size: INITIAL,
             pending: Bytes::new(),
-            total: 0,
             done: false,
         }
     }
@@ -50,6 +50,7 @@ impl ToStream {
         cx: &mut Context<'_>,
         from: &mut R,
         to: &mut SendStream<Bytes>,
+        meter: &Meter,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
@@ -72,7 +73,7 @@ impl ToStream {
                 let chunk = self.pending.split_to(capacity.min(self.pending.len()));
                 let n = chunk.len();
                 to.send_data(chunk, false).map_err(h2_io)?;
-                self.total += n as u64;
+                meter.add(n);
             }
             // Takes the previous chunk's memory back once HTTP/2 has released it.
             self.buf.reserve(self.size);
@@ -109,7 +110,6 @@ impl ToStream {
 /// as bytes reach the socket, so a slow reader slows the sender.
 struct FromStream {
     pending: Bytes,
-    total: u64,
     eof: bool,
     done: bool,
 }
@@ -118,7 +118,6 @@ impl FromStream {
     fn new() -> Self {
         Self {
             pending: Bytes::new(),
-            total: 0,
             eof: false,
             done: false,
         }
@@ -129,6 +128,7 @@ impl FromStream {
         cx: &mut Context<'_>,
         from: &mut RecvStream,
         to: &mut W,
+        meter: &Meter,
     ) -> Poll<io::Result<()>>
     where
         W: AsyncWrite + Unpin,
@@ -143,7 +143,7 @@ impl FromStream {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.pending.advance(n);
-                self.total += n as u64;
+                meter.add(n);
                 from.flow_control().release_capacity(n).map_err(h2_io)?;
             }
             if self.eof {
@@ -205,28 +205,30 @@ fn why_closed(cx: &mut Context<'_>, to: &mut SendStream<Bytes>) -> io::Error {
     }
 }
 
-/// Copies between `socket` and an HBONE stream until both directions have ended; returns
-/// (bytes socket->stream, bytes stream->socket) and the error that ended it early, if any.
+/// Copies between `socket` and an HBONE stream until both directions have ended, counting
+/// bytes socket->stream in `up` and stream->socket in `down` as they move; returns the error
+/// that ended it early, if any.
 pub async fn tunnel<S>(
     mut socket: S,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-) -> (u64, u64, Option<io::Error>)
+    up: &Meter,
+    down: &Meter,
+) -> Result<(), io::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut up, mut down) = (ToStream::new(), FromStream::new());
-    let result = poll_fn(|cx| {
-        let forward = up.poll_copy(cx, &mut socket, &mut send)?;
-        let backward = down.poll_copy(cx, &mut recv, &mut socket)?;
+    let (mut to_stream, mut from_stream) = (ToStream::new(), FromStream::new());
+    poll_fn(|cx| {
+        let forward = to_stream.poll_copy(cx, &mut socket, &mut send, up)?;
+        let backward = from_stream.poll_copy(cx, &mut recv, &mut socket, down)?;
         if forward.is_ready() && backward.is_ready() {
-            Poll::Ready(Ok::<(), io::Error>(()))
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
     })
-    .await;
-    (up.total, down.total, result.err())
+    .await
 }
 
 #[cfg(test)]
@@ -234,6 +236,20 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    /// [`tunnel`] with its own meters: (bytes up, bytes down, the error).
+    async fn counted<S>(
+        socket: S,
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+    ) -> (u64, u64, Option<io::Error>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (up, down) = (Meter::default(), Meter::default());
+        let err = tunnel(socket, send, recv, &up, &down).await.err();
+        (up.get(), down.get(), err)
+    }
 
     /// An HTTP/2 CONNECT stream pair over an in-memory pipe: (client side, server side).
     async fn h2_pair() -> (
@@ -270,8 +286,8 @@ mod tests {
         // client app <-> [tunnel] <-h2-> [tunnel] <-> server app
         let (client_app, client_proxy) = tokio::io::duplex(64 * 1024);
         let (server_proxy, server_app) = tokio::io::duplex(64 * 1024);
-        let a = tokio::spawn(tunnel(client_proxy, csend, crecv));
-        let b = tokio::spawn(tunnel(server_proxy, ssend, srecv));
+        let a = tokio::spawn(counted(client_proxy, csend, crecv));
+        let b = tokio::spawn(counted(server_proxy, ssend, srecv));
         let (mut cr, mut cw) = tokio::io::split(client_app);
         let (mut sr, mut sw) = tokio::io::split(server_app);
         // More than the 64 KiB default windows: flow control must give capacity back.
@@ -303,7 +319,7 @@ mod tests {
     async fn tunnel_ends_with_an_error_when_the_peer_resets() {
         let ((csend, crecv), (mut ssend, srecv)) = h2_pair().await;
         let (client_app, client_proxy) = tokio::io::duplex(1024);
-        let a = tokio::spawn(tunnel(client_proxy, csend, crecv));
+        let a = tokio::spawn(counted(client_proxy, csend, crecv));
         // More than the 64 KiB window the peer never gives back: the sender waits for
         // capacity when the reset comes.
         let (_app_read, mut app_write) = tokio::io::split(client_app);
@@ -330,7 +346,7 @@ mod tests {
     async fn a_reset_after_end_stream_is_noticed_while_the_socket_is_quiet() {
         let ((csend, crecv), (mut ssend, srecv)) = h2_pair().await;
         let (mut client_app, client_proxy) = tokio::io::duplex(1024);
-        let a = tokio::spawn(tunnel(client_proxy, csend, crecv));
+        let a = tokio::spawn(counted(client_proxy, csend, crecv));
         ssend
             .send_data(Bytes::from_static(b"done"), true)
             .expect("data");
@@ -357,7 +373,7 @@ mod tests {
     async fn a_no_error_reset_ends_the_tunnel_cleanly() {
         let ((csend, crecv), (mut ssend, srecv)) = h2_pair().await;
         let (mut client_app, client_proxy) = tokio::io::duplex(1024);
-        let a = tokio::spawn(tunnel(client_proxy, csend, crecv));
+        let a = tokio::spawn(counted(client_proxy, csend, crecv));
         ssend
             .send_data(Bytes::from_static(b"all"), false)
             .expect("data");

@@ -23,9 +23,13 @@ use rustls::pki_types::ServerName;
 use std::sync::atomic::AtomicBool;
 use tokio::net::TcpStream;
 
+use tracing::Instrument;
+
+use super::connection::{Classify, Connection, ConnectionError};
 use super::{PodProxy, ILLEGAL_PORTS};
-use crate::accesslog::{ConnectionRecord, Direction, Peer};
+use crate::accesslog::{Direction, Peer};
 use crate::identity::Identity;
+use crate::metrics::ResponseFlag;
 use crate::telemetry::ErrorChain;
 
 /// Per-stream flow-control window.
@@ -100,6 +104,19 @@ pub enum Error {
     PeerIdentity(#[source] crate::tls::Error),
 }
 
+impl Classify for Error {
+    fn response_flag(&self) -> ResponseFlag {
+        match self {
+            Error::Tls { .. } | Error::HandshakeTimeout(_) | Error::Config(_) => {
+                ResponseFlag::TlsFailure
+            }
+            Error::PeerIdentity(_) => ResponseFlag::IdentityError,
+            Error::H2 { .. } => ResponseFlag::H2HandshakeFailure,
+            _ => ResponseFlag::Connect,
+        }
+    }
+}
+
 /// Pool key: connections are shared only between identical tunnels.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -115,13 +132,13 @@ pub struct PoolKey {
 
 /// A client connection: the handle that opens streams, and whether its task has ended.
 #[derive(Clone)]
-pub struct Connection {
+pub struct ClientConnection {
     sender: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
 }
 
 struct Pooled {
-    conn: Connection,
+    conn: ClientConnection,
     active: Arc<AtomicUsize>,
     last_used: std::time::Instant,
 }
@@ -165,7 +182,7 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// A connection with a free stream for `key`, if one exists.
-    fn checkout(&self, key: &PoolKey) -> Option<(Connection, StreamGuard)> {
+    fn checkout(&self, key: &PoolKey) -> Option<(ClientConnection, StreamGuard)> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
         let now = std::time::Instant::now();
@@ -186,7 +203,7 @@ impl Pool {
         })
     }
 
-    fn checkin(&self, key: PoolKey, conn: Connection) -> StreamGuard {
+    fn checkin(&self, key: PoolKey, conn: ClientConnection) -> StreamGuard {
         let active = Arc::new(AtomicUsize::new(1));
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.entry(key).or_default().push(Pooled {
@@ -289,7 +306,7 @@ impl Pool {
 
 /// Sends the CONNECT request's headers on `conn` (waiting for a free stream slot).
 async fn open_stream(
-    conn: &Connection,
+    conn: &ClientConnection,
     request: Request<()>,
 ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), h2::Error> {
     let mut sender = conn.sender.clone().ready().await?;
@@ -298,7 +315,7 @@ async fn open_stream(
 
 /// TCP (from inside the pod, marked), TLS with the source's certificate, then HTTP/2 driven
 /// by its own task (with keepalive PINGs) until it closes.
-async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<Connection, Error> {
+async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<ClientConnection, Error> {
     let peer = key.dst;
     let tcp = pod.connect(peer).await?;
     let config = crate::tls::client_config(&pod.mesh.certs, &key.source, key.expected.clone())?;
@@ -332,7 +349,7 @@ async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<Connection, Error> {
         }
         ended.store(true, Ordering::Relaxed);
     });
-    Ok(Connection { sender, closed })
+    Ok(ClientConnection { sender, closed })
 }
 
 /// PINGs the peer every [`PING_INTERVAL`]; returns (why) when one is not answered within
@@ -380,23 +397,24 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let fail = |e: &(dyn std::error::Error + 'static)| {
-        let mut record = ConnectionRecord::new(Direction::Inbound, peer, local);
-        record.dst = pod.as_peer(&pod.mesh.state.snapshot(), None);
-        record.complete(Some(e));
+    // A connection that fails before any CONNECT is logged as one inbound connection.
+    let fail = |e: Error| {
+        let mut conn = Connection::new(Direction::Inbound, peer, local);
+        conn.record.dst = pod.as_peer(&pod.mesh.state.snapshot(), None);
+        conn.finish(Err(e.into()));
     };
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, pod.hbone_tls.accept(stream)).await;
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
-        Ok(Err(source)) => return fail(&Error::Tls { peer, source }),
-        Err(_) => return fail(&Error::HandshakeTimeout(peer)),
+        Ok(Err(source)) => return fail(Error::Tls { peer, source }),
+        Err(_) => return fail(Error::HandshakeTimeout(peer)),
     };
     let client_identity = match crate::tls::peer_identity(
         tls.get_ref().1.peer_certificates(),
         pod.mesh.certs.trust_domain(),
     ) {
         Ok(id) => id,
-        Err(e) => return fail(&Error::PeerIdentity(e)),
+        Err(e) => return fail(Error::PeerIdentity(e)),
     };
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -406,8 +424,8 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
         .handshake::<_, Bytes>(tls);
     let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(source)) => return fail(&Error::H2 { peer, source }),
-        Err(_) => return fail(&Error::HandshakeTimeout(peer)),
+        Ok(Err(source)) => return fail(Error::H2 { peer, source }),
+        Err(_) => return fail(Error::HandshakeTimeout(peer)),
     };
     let mut keepalive = std::pin::pin!(keepalive(conn.ping_pong()));
     loop {
@@ -453,6 +471,22 @@ fn refuse(answer: &mut SendResponse<Bytes>, status: StatusCode) {
     let _ = respond(answer, status, true);
 }
 
+/// A refused CONNECT: the status to answer and why.
+struct Refusal {
+    status: StatusCode,
+    error: ConnectionError,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, error: impl Into<ConnectionError>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+        }
+    }
+}
+
+/// Serves one CONNECT stream: one inbound connection.
 async fn handle_connect(
     pod: Arc<PodProxy>,
     peer: SocketAddr,
@@ -463,70 +497,90 @@ async fn handle_connect(
     let authority = req.uri().authority().map(|a| a.as_str().to_string());
     let target: Option<SocketAddr> = authority.as_deref().and_then(|a| a.parse().ok());
     // src.addr is the tunnel's peer, as upstream (and the guide) report it.
-    let mut record = ConnectionRecord::new(Direction::Inbound, peer, target.unwrap_or(peer));
-    record.dst_hbone_addr = target;
+    let mut conn = Connection::new(Direction::Inbound, peer, target.unwrap_or(peer));
+    let span = conn.span();
+    let accepted = accept_connect(&pod, client, &req, authority, target, &mut conn)
+        .instrument(span.clone())
+        .await;
+    let (app, tracked) = match accepted {
+        Ok(accepted) => accepted,
+        Err(refusal) => {
+            // Logged before the answer, so the line exists once the client sees the status.
+            conn.finish(Err(refusal.error));
+            return refuse(&mut answer, refusal.status);
+        }
+    };
+    let result = async {
+        let send = respond(&mut answer, StatusCode::OK, false)
+            .map_err(|source| Error::H2 { peer, source })?;
+        conn.established();
+        // Inbound: the reporting side sends what the application answers.
+        tokio::select! {
+            relayed = super::copy::tunnel(app, send, req.into_body(), &conn.sent, &conn.received) => relayed?,
+            denied = tracked.revoked() => return Err(denied.into()),
+        }
+        Ok(())
+    }
+    .instrument(span)
+    .await;
+    conn.finish(result);
+}
+
+/// Checks a CONNECT (method, authority, self-call, policy) and connects to the application.
+async fn accept_connect(
+    pod: &Arc<PodProxy>,
+    client: Identity,
+    req: &Request<RecvStream>,
+    authority: Option<String>,
+    target: Option<SocketAddr>,
+    conn: &mut Connection,
+) -> Result<(TcpStream, super::tracker::Tracked), Refusal> {
+    let peer = conn.record.src_addr;
+    conn.record.dst_hbone_addr = target;
     let mesh = pod.mesh.state.snapshot();
-    let src_workload = mesh.workload_by_ip(&pod.network, record.src_addr.ip());
-    record.src = Peer {
+    let src_workload = mesh.workload_by_ip(&pod.network, peer.ip());
+    conn.record.src = Peer {
         workload: src_workload.as_ref().map(|w| w.name.clone()),
         namespace: src_workload.as_ref().map(|w| w.namespace.clone()),
         identity: Some(client),
         detail: src_workload.clone(),
     };
-    record.dst = pod.as_peer(&mesh, Some(pod.identity.clone()));
-    record.dst_service =
-        target.and_then(|t| PodProxy::service_of(record.dst.detail.as_deref(), t.port()));
+    conn.record.dst = pod.as_peer(&mesh, Some(pod.identity.clone()));
+    conn.record.dst_service =
+        target.and_then(|t| PodProxy::service_of(conn.record.dst.detail.as_deref(), t.port()));
     if req.method() != Method::CONNECT {
-        record.complete(Some(&Error::NotConnect(req.method().clone())));
-        return refuse(&mut answer, StatusCode::BAD_REQUEST);
+        let e = Error::NotConnect(req.method().clone());
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
     }
     let Some(target) = target.filter(|t| pod.ips.contains(&t.ip())) else {
         let e = Error::WrongAuthority {
             authority: authority.unwrap_or_default(),
             pod: pod.name.clone(),
         };
-        record.complete(Some(&e));
-        return refuse(&mut answer, StatusCode::BAD_REQUEST);
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
     };
     if ILLEGAL_PORTS.contains(&target.port()) {
-        record.complete(Some(&super::Error::SelfCall(target)));
-        return refuse(&mut answer, StatusCode::BAD_REQUEST);
+        let e = super::Error::SelfCall(target);
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
     }
-    let conn = crate::authz::Connection {
+    let authz = crate::authz::Connection {
         src: peer.ip(),
-        identity: record.src.identity.as_ref(),
+        identity: conn.record.src.identity.as_ref(),
         dst: target,
     };
-    if let Err(denied) = pod.authorize(&mesh, record.dst.detail.as_deref(), &conn) {
-        record.complete(Some(&denied));
-        return refuse(&mut answer, StatusCode::UNAUTHORIZED);
-    }
-    let app = match pod.connect(target).await {
-        Ok(app) => app,
-        Err(e) => {
-            record.complete(Some(&e));
-            return refuse(&mut answer, StatusCode::SERVICE_UNAVAILABLE);
-        }
-    };
-    let send = match respond(&mut answer, StatusCode::OK, false) {
-        Ok(send) => send,
-        Err(source) => return record.complete(Some(&Error::H2 { peer, source })),
-    };
-    record.established();
-    let recv = req.into_body();
-    let tracked =
-        pod.mesh
-            .tracker
-            .track(pod.clone(), peer.ip(), record.src.identity.clone(), target);
-    // Inbound: the reporting side sends what the application answers.
-    tokio::select! {
-        (to_client, from_client, err) = super::copy::tunnel(app, send, recv) => {
-            record.bytes_sent = to_client;
-            record.bytes_recv = from_client;
-            record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
-        }
-        denied = tracked.revoked() => record.complete(Some(&denied)),
-    }
+    pod.authorize(&mesh, conn.record.dst.detail.as_deref(), &authz)
+        .map_err(|denied| Refusal::new(StatusCode::UNAUTHORIZED, denied))?;
+    let app = pod
+        .connect(target)
+        .await
+        .map_err(|e| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let tracked = pod.mesh.tracker.track(
+        pod.clone(),
+        peer.ip(),
+        conn.record.src.identity.clone(),
+        target,
+    );
+    Ok((app, tracked))
 }
 
 #[cfg(test)]
@@ -534,7 +588,7 @@ mod tests {
     use super::*;
 
     /// An HTTP/2 client connection to a server on an in-memory pipe.
-    async fn connection() -> Connection {
+    async fn connection() -> ClientConnection {
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
             let mut conn = h2::server::handshake(server).await.expect("server");
@@ -542,7 +596,7 @@ mod tests {
         });
         let (sender, conn) = h2::client::handshake(client).await.expect("h2 handshake");
         tokio::spawn(conn);
-        Connection {
+        ClientConnection {
             sender,
             closed: Arc::new(AtomicBool::new(false)),
         }

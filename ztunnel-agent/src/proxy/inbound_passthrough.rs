@@ -1,24 +1,40 @@
-//! 15006: plaintext connections to an enrolled pod, steered by the `sk_lookup` program. The
-//! accepted socket's local address is the original destination. Policy decides here once
-//! authorization lands; for now the connection is forwarded to the application.
+//! 15006: plaintext connections to an enrolled pod, steered there by the `sk_lookup` program.
+//! The accepted socket's local address is the original destination. L4 authorization decides
+//! (a plaintext connection carries no identity, so a policy that requires one denies it); an
+//! allowed connection is spliced to the application and re-checked when policies change.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
+use super::connection::{Connection, ConnectionError};
 use super::{Error, PodProxy, ILLEGAL_PORTS};
-use crate::accesslog::{ConnectionRecord, Direction, Peer};
+use crate::accesslog::{Direction, Peer};
 
 /// Serves one captured inbound connection.
 pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
-    let dst = match client.local_addr() {
+    let dst = match pod.sockets.inbound_dst(&client) {
         Ok(addr) => addr,
         Err(e) => {
             tracing::warn!(src.addr = %peer, error = %e, "connection failed: no local address");
             return;
         }
     };
+    let mut conn = Connection::new(Direction::Inbound, peer, dst);
+    let span = conn.span();
+    let result = proxy(&pod, client, dst, &mut conn).instrument(span).await;
+    conn.finish(result);
+}
+
+async fn proxy(
+    pod: &Arc<PodProxy>,
+    client: TcpStream,
+    dst: SocketAddr,
+    conn: &mut Connection,
+) -> Result<(), ConnectionError> {
+    let peer = conn.record.src_addr;
     tracing::debug!(
         pod = %pod.name,
         namespace = %pod.namespace,
@@ -27,43 +43,33 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
         direction = "inbound",
         "captured connection"
     );
-    let mut record = ConnectionRecord::new(Direction::Inbound, peer, dst);
     let mesh = pod.mesh.state.snapshot();
     if let Some(w) = mesh.workload_by_ip(&pod.network, peer.ip()) {
-        record.src = Peer {
+        conn.record.src = Peer {
             workload: Some(w.name.clone()),
             namespace: Some(w.namespace.clone()),
             identity: None,
             detail: Some(w.clone()),
         };
     }
-    record.dst = pod.as_peer(&mesh, None);
-    record.dst_service = PodProxy::service_of(record.dst.detail.as_deref(), dst.port());
+    conn.record.dst = pod.as_peer(&mesh, None);
+    conn.record.dst_service = PodProxy::service_of(conn.record.dst.detail.as_deref(), dst.port());
     if ILLEGAL_PORTS.contains(&dst.port()) {
-        return record.complete(Some(&Error::SelfCall(dst)));
+        return Err(Error::SelfCall(dst).into());
     }
-    // Plaintext carries no identity: a policy that requires one denies it.
-    let conn = crate::authz::Connection {
+    let authz = crate::authz::Connection {
         src: peer.ip(),
         identity: None,
         dst,
     };
-    if let Err(denied) = pod.authorize(&mesh, record.dst.detail.as_deref(), &conn) {
-        return record.complete(Some(&denied));
-    }
-    let upstream = match pod.connect(dst).await {
-        Ok(s) => s,
-        Err(e) => return record.complete(Some(&e)),
-    };
-    record.established();
+    pod.authorize(&mesh, conn.record.dst.detail.as_deref(), &authz)?;
+    let upstream = pod.connect(dst).await?;
+    conn.established();
     let tracked = pod.mesh.tracker.track(pod.clone(), peer.ip(), None, dst);
     // Inbound: the reporting side sends what the application answers.
     tokio::select! {
-        (from_client, to_client, err) = super::splice::bidirectional(&client, &upstream) => {
-            record.bytes_sent = to_client;
-            record.bytes_recv = from_client;
-            record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
-        }
-        denied = tracked.revoked() => record.complete(Some(&denied)),
+        relayed = super::splice::bidirectional(&client, &upstream, &conn.received, &conn.sent) => relayed?,
+        denied = tracked.revoked() => return Err(denied.into()),
     }
+    Ok(())
 }

@@ -3,16 +3,16 @@
 //! its 15008 (or its waypoint's); anything else is plain TCP passthrough.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
+use super::connection::{Classify, Connection, ConnectionError};
 use super::hbone::PoolKey;
 use super::{Error, PodProxy, ILLEGAL_PORTS};
-use crate::accesslog::{ConnectionRecord, Direction, Peer};
+use crate::accesslog::{Direction, Peer};
 use crate::identity::Identity;
-use crate::socket::so_original_dst;
 use crate::state::workload::{NetworkAddress, Protocol, Workload};
 use crate::state::MeshState;
 
@@ -32,9 +32,11 @@ pub enum RouteError {
     WaypointHostname(String),
 }
 
+impl Classify for RouteError {}
+
 /// Where a connection goes.
-#[derive(Debug)]
-enum Route {
+#[derive(Debug, PartialEq)]
+pub enum Route {
     /// Plain TCP to this address (with the workload, when known).
     Passthrough(SocketAddr, Option<Arc<Workload>>),
     /// An HBONE tunnel.
@@ -52,20 +54,6 @@ enum Route {
     },
 }
 
-/// Where the application meant to go: the eBPF map, then `SO_ORIGINAL_DST` (an iptables
-/// set-up), then the local address (which for 15001 is a self-call and is refused).
-pub fn original_destination(pod: &PodProxy, stream: &TcpStream, peer: SocketAddr) -> SocketAddr {
-    if let Some(dst) = pod.orig_dst.take(pod.netns.cookie(), peer) {
-        return dst;
-    }
-    if let Ok(dst) = so_original_dst(stream.as_fd(), peer.is_ipv6()) {
-        return dst;
-    }
-    stream
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
 /// The address of `w` in the same family as `like`, else its first.
 fn address_of(w: &Workload, like: IpAddr) -> Option<IpAddr> {
     w.workload_ips
@@ -75,8 +63,10 @@ fn address_of(w: &Workload, like: IpAddr) -> Option<IpAddr> {
         .copied()
 }
 
-fn route(pod: &PodProxy, mesh: &MeshState, dst: SocketAddr) -> Result<Route, RouteError> {
-    let service = mesh.service_by_vip(&pod.network, dst.ip());
+/// Where a connection from a pod on `network` to `dst` goes, from the mesh state alone (a
+/// service VIP advances that service's round robin). Self-calls are refused before this.
+pub fn route(mesh: &MeshState, network: &str, dst: SocketAddr) -> Result<Route, RouteError> {
+    let service = mesh.service_by_vip(network, dst.ip());
     let (workload, target) = match &service {
         Some(entry) => {
             let endpoint =
@@ -92,7 +82,7 @@ fn route(pod: &PodProxy, mesh: &MeshState, dst: SocketAddr) -> Result<Route, Rou
                 })?;
             (endpoint.workload, SocketAddr::new(ip, endpoint.port))
         }
-        None => match mesh.workload_by_ip(&pod.network, dst.ip()) {
+        None => match mesh.workload_by_ip(network, dst.ip()) {
             Some(w) => (w, dst),
             None => return Ok(Route::Passthrough(dst, None)),
         },
@@ -148,7 +138,20 @@ fn peer_of(w: &Arc<Workload>, with_identity: bool) -> Peer {
 
 /// Serves one captured outbound connection.
 pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
-    let dst = original_destination(&pod, &client, peer);
+    let dst = pod.sockets.original_dst(&client, peer);
+    let mut conn = Connection::new(Direction::Outbound, peer, dst);
+    let span = conn.span();
+    let result = proxy(&pod, client, dst, &mut conn).instrument(span).await;
+    conn.finish(result);
+}
+
+async fn proxy(
+    pod: &PodProxy,
+    client: TcpStream,
+    dst: SocketAddr,
+    conn: &mut Connection,
+) -> Result<(), ConnectionError> {
+    let peer = conn.record.src_addr;
     tracing::debug!(
         pod = %pod.name,
         namespace = %pod.namespace,
@@ -158,30 +161,19 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
         "captured connection"
     );
     let mesh = pod.mesh.state.snapshot();
-    let mut record = ConnectionRecord::new(Direction::Outbound, peer, dst);
-    record.src = pod.as_peer(&mesh, None);
+    conn.record.src = pod.as_peer(&mesh, None);
     if ILLEGAL_PORTS.contains(&dst.port()) {
-        return record.complete(Some(&Error::SelfCall(dst)));
+        return Err(Error::SelfCall(dst).into());
     }
-    let route = match route(&pod, &mesh, dst) {
-        Ok(r) => r,
-        Err(e) => return record.complete(Some(&e)),
-    };
-    match route {
+    match route(&mesh, &pod.network, dst)? {
         Route::Passthrough(target, workload) => {
-            record.dst_addr = target;
+            conn.record.dst_addr = target;
             if let Some(w) = &workload {
-                record.dst = peer_of(w, false);
+                conn.record.dst = peer_of(w, false);
             }
-            let upstream = match pod.connect(target).await {
-                Ok(s) => s,
-                Err(e) => return record.complete(Some(&e)),
-            };
-            record.established();
-            let (sent, received, err) = super::splice::bidirectional(&client, &upstream).await;
-            record.bytes_sent = sent;
-            record.bytes_recv = received;
-            record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
+            let upstream = pod.connect(target).await?;
+            conn.established();
+            super::splice::bidirectional(&client, &upstream, &conn.sent, &conn.received).await?;
         }
         Route::Hbone {
             hbone_addr,
@@ -190,26 +182,22 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
             workload,
             service,
         } => {
-            record.src.identity = Some(pod.identity.clone());
-            record.dst_addr = hbone_addr;
-            record.dst_hbone_addr = Some(authority);
-            record.dst_service = service;
-            record.dst = peer_of(&workload, true);
+            conn.record.src.identity = Some(pod.identity.clone());
+            conn.record.dst_addr = hbone_addr;
+            conn.record.dst_hbone_addr = Some(authority);
+            conn.record.dst_service = service;
+            conn.record.dst = peer_of(&workload, true);
             let key = PoolKey {
                 source: pod.identity.clone(),
                 expected,
                 dst: hbone_addr,
                 src_ip: peer.ip(),
             };
-            let (tunnel, _stream) = match pod.mesh.pool.tunnel(&pod, key, authority, peer).await {
-                Ok(t) => t,
-                Err(e) => return record.complete(Some(&e)),
-            };
-            record.established();
-            let (sent, received, err) = super::copy::tunnel(client, tunnel.send, tunnel.recv).await;
-            record.bytes_sent = sent;
-            record.bytes_recv = received;
-            record.complete(err.as_ref().map(|e| e as &dyn std::error::Error));
+            let (tunnel, _stream) = pod.mesh.pool.tunnel(pod, key, authority, peer).await?;
+            conn.established();
+            super::copy::tunnel(client, tunnel.send, tunnel.recv, &conn.sent, &conn.received)
+                .await?;
         }
     }
+    Ok(())
 }

@@ -1,12 +1,15 @@
 //! Zero-copy relay between two TCP sockets (plain passthrough): each direction moves bytes
 //! socket -> pipe -> socket with splice(2), so payload never enters userspace. Half-closes
-//! propagate; byte counts are exact.
+//! propagate; every splice into the destination socket is counted at once, so a direction
+//! that fails keeps the count of what it moved.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use super::connection::Meter;
 
 /// How much one splice call moves at most (the pipe is sized to match).
 const CHUNK: usize = 256 * 1024;
@@ -47,10 +50,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves `from` to `to` until EOF, then shuts `to`'s write side down.
-async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+/// Moves `from` to `to` until EOF, then shuts `to`'s write side down; counts what reaches
+/// `to` in `meter` as it goes.
+async fn one_way(from: &TcpStream, to: &TcpStream, meter: &Meter) -> io::Result<()> {
     let (pipe_r, pipe_w) = pipe()?;
-    let mut total = 0u64;
     loop {
         // Fill the pipe from the source socket.
         from.readable().await?;
@@ -60,7 +63,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         let mut in_pipe = match moved {
             Ok(0) => {
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-                return Ok(total);
+                return Ok(());
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -74,7 +77,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             }) {
                 Ok(n) => {
                     in_pipe -= n;
-                    total += n as u64;
+                    meter.add(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -83,16 +86,17 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     }
 }
 
-/// Relays both ways until both sides have ended; returns (bytes a->b, bytes b->a) and the
-/// error that ended the relay early, if any.
-pub async fn bidirectional(a: &TcpStream, b: &TcpStream) -> (u64, u64, Option<io::Error>) {
-    let (ab, ba) = tokio::join!(one_way(a, b), one_way(b, a));
-    match (ab, ba) {
-        (Ok(ab), Ok(ba)) => (ab, ba, None),
-        (Err(e), Ok(ba)) => (0, ba, Some(e)),
-        (Ok(ab), Err(e)) => (ab, 0, Some(e)),
-        (Err(e), Err(_)) => (0, 0, Some(e)),
-    }
+/// Relays both ways until both sides have ended, counting bytes a->b in `ab` and b->a in
+/// `ba` as they move. A clean end one way (EOF) is a half-close and the other way goes on;
+/// an error either way ends the relay at once (both sockets are then closed by their owner,
+/// rather than one staying open until its application acts) and is returned.
+pub async fn bidirectional(
+    a: &TcpStream,
+    b: &TcpStream,
+    ab: &Meter,
+    ba: &Meter,
+) -> Result<(), io::Error> {
+    tokio::try_join!(one_way(a, b, ab), one_way(b, a, ba)).map(|_| ())
 }
 
 #[cfg(test)]
@@ -116,7 +120,11 @@ mod tests {
         let relay = tokio::spawn(async move {
             let (client_side, _) = front.accept().await.expect("accept");
             let server_side = TcpStream::connect(back_addr).await.expect("connect");
-            bidirectional(&client_side, &server_side).await
+            let (ab, ba) = (Meter::default(), Meter::default());
+            let err = bidirectional(&client_side, &server_side, &ab, &ba)
+                .await
+                .err();
+            (ab.get(), ba.get(), err)
         });
         let mut client = TcpStream::connect(front_addr).await.expect("client");
         let (mut server, _) = back.accept().await.expect("server");
