@@ -316,3 +316,50 @@ fn admin_logging_quit_and_loopback_only() {
         "exits 0"
     );
 }
+
+#[test]
+fn connections_open_at_agent_stop_still_get_their_log_lines() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("stoplog");
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let app = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9080));
+    let workloads = [
+        Workload::hbone(&client, "curl", "node-1"),
+        Workload::hbone(&server, "server", "node-1"),
+    ];
+    let (mut agent, _config) =
+        Agent::start_local(&topo, "node-1", &mesh::yaml(&workloads, &[]), &[]);
+    // A connection held open through the tunnel (the test server answers only after EOF).
+    let dst = SocketAddr::new(server.ip4, 9080);
+    let _held = in_netns(&client.netns_path(), move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(dst).expect("connect");
+        s.write_all(b"hold").expect("write");
+        s
+    });
+    ztunnel_e2e::wait_for("the connection live", Duration::from_secs(10), || {
+        (app.accepted().len() == 1).then_some(())
+    });
+    assert!(
+        agent.lines_with(&["connection complete"]).is_empty(),
+        "open: no line yet"
+    );
+    agent.stop();
+    // Both sides of the open tunnel were logged as the agent stopped, with the reason.
+    let lines = agent.lines_with(&["connection complete", "ended without finishing"]);
+    assert_eq!(lines.len(), 2, "{}", agent.log());
+    for direction in ["direction=\"outbound\"", "direction=\"inbound\""] {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(direction))
+            .unwrap_or_else(|| panic!("no {direction} line: {lines:?}"));
+        assert!(line.contains("\terror\t"), "{line}");
+        assert!(
+            line.contains("bytes_sent=") && line.contains("src.identity="),
+            "{line}"
+        );
+    }
+}
