@@ -27,7 +27,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use ztunnel_agent::identity::ca::{pem_encode, LocalCa};
+use ztunnel_agent::identity::ca::LocalCa;
 use ztunnel_agent::proto::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -36,6 +36,7 @@ use ztunnel_agent::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use ztunnel_agent::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use ztunnel_agent::tls::pem::pem_encode;
 use ztunnel_agent::xds::client::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use ztunnel_agent::xds::{convert, local};
 

@@ -178,7 +178,7 @@ async fn connect_as(
         .parse()
         .expect("id");
     let mut config = ztunnel_agent::tls::client_config(
-        &certs,
+        certs.as_ref(),
         &me,
         vec![expected.parse().expect("expected id")],
     )

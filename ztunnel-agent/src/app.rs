@@ -148,18 +148,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
         xds_synced = Some(synced_rx);
     }
-    let admin = Arc::new(crate::admin::AdminContext {
+    let mut admin = crate::admin::Admin::new(shutdown.clone());
+    admin.add_handler(Arc::new(crate::config_dump::ConfigDumpHandler {
         enrollment: enrollment.clone(),
-        shutdown: shutdown.clone(),
         config_json,
+    }));
+    admin.add_handler(Arc::new(crate::diagnose::collect::DiagnoseHandler {
+        enrollment: enrollment.clone(),
         readiness: readiness.clone(),
         xds: xds_status,
         node: config.node_name.clone(),
         config_source,
-    });
+    }));
+    let admin = Arc::new(admin);
     tokio::spawn(crate::http::serve(
         admin_listener,
-        move |req| crate::admin::admin(req, admin.clone()),
+        move |req| {
+            let admin = admin.clone();
+            async move { admin.handle(req).await }
+        },
         shutdown.clone(),
     ));
     if let Some(path) = &config.mesh_roots_path {
@@ -309,7 +316,7 @@ async fn watch_roots(
             continue;
         };
         if now != last {
-            let roots = crate::identity::ca::parse_pem_certs(&now);
+            let roots = crate::tls::pem::parse_pem_certs(&now);
             if roots.is_empty() {
                 // A half-written or emptied bundle must not drop every configured root.
                 tracing::warn!(path = %path.display(), "the root bundle holds no certificate; keeping the roots in use");

@@ -28,7 +28,7 @@ pub enum Error {
     XdsWithoutCni,
     /// A control-plane address or root bundle is unusable.
     #[error(transparent)]
-    ControlPlane(#[from] crate::grpc::Error),
+    ControlPlane(#[from] crate::tls::grpc::Error),
     /// cgroup problems.
     #[error(transparent)]
     Kernel(#[from] kernel::Error),
@@ -63,9 +63,9 @@ pub struct Config {
     /// Certificate lifetime.
     pub cert_ttl: std::time::Duration,
     /// istiod's xDS server, in control-plane mode.
-    pub xds: Option<crate::grpc::Target>,
+    pub xds: Option<crate::tls::grpc::Target>,
     /// istiod's CA; without it the local CA issues certificates.
-    pub ca: Option<crate::grpc::Target>,
+    pub ca: Option<crate::tls::grpc::Target>,
     /// The mesh root bundle file, re-read for root rotation (control-plane mode).
     pub mesh_roots_path: Option<PathBuf>,
     /// Roots trusted for workload certificates besides those the CA returns.
@@ -120,8 +120,8 @@ impl Config {
         let token = Some(args.auth_token.clone()).filter(|p| p.exists());
         let xds = match &args.xds_address {
             Some(address) => {
-                let roots = crate::grpc::read_roots("XDS_ROOT_CA", &args.xds_root_ca)?;
-                Some(crate::grpc::Target::new(
+                let roots = crate::tls::grpc::read_roots("XDS_ROOT_CA", &args.xds_root_ca)?;
+                Some(crate::tls::grpc::Target::new(
                     "XDS_ADDRESS",
                     address,
                     None,
@@ -135,9 +135,14 @@ impl Config {
         let ca_address = args.ca_address.as_ref().or(args.xds_address.as_ref());
         let (ca, mesh_roots) = match ca_address {
             Some(address) => {
-                let roots = crate::grpc::read_roots("CA_ROOT_CA", &args.ca_root_ca)?;
-                let target =
-                    crate::grpc::Target::new("CA_ADDRESS", address, None, roots.clone(), token)?;
+                let roots = crate::tls::grpc::read_roots("CA_ROOT_CA", &args.ca_root_ca)?;
+                let target = crate::tls::grpc::Target::new(
+                    "CA_ADDRESS",
+                    address,
+                    None,
+                    roots.clone(),
+                    token,
+                )?;
                 (Some(target), roots)
             }
             None => (None, Vec::new()),

@@ -122,6 +122,26 @@ pub struct PodStatus {
     pub source: Source,
 }
 
+/// What enrollment knows about one enrolled pod.
+pub struct PodFacts {
+    /// As enrolled.
+    pub spec: PodSpec,
+    /// Where the enrollment came from.
+    pub source: Source,
+    /// The pod's addresses.
+    pub ips: Vec<IpAddr>,
+    /// The identity it is served with.
+    pub identity: Identity,
+    /// Its network namespace.
+    pub netns: PodNetns,
+    /// The agent's listeners in it and their socket inodes.
+    pub listeners: Vec<(SocketAddr, u64)>,
+    /// The kernel maps' view of it.
+    pub kernel: redirect::PodKernelView,
+    /// Whether the mesh state has its workload.
+    pub workload_known: bool,
+}
+
 /// A pod out of capture because its workload left the mesh state: its namespace is kept so
 /// that it is enrolled again when the workload comes back (istio-cni does not re-add it).
 struct ParkedPod {
@@ -247,75 +267,24 @@ impl Enrollment {
             .collect()
     }
 
-    /// Evidence for `diagnose` about the enrolled pods (only `only` if given): the kernel
-    /// maps' view, the listeners in each pod's socket table, the counters now.
-    pub fn evidence(&self, only: Option<(&str, &str)>) -> Vec<crate::diagnose::PodEvidence> {
-        use crate::diagnose::{counter_map, LinkEvidence, ListenerEvidence, PodEvidence};
-        use std::os::unix::fs::MetadataExt;
+    /// Plain facts about the enrolled pods (only `only`, a namespace and name, if given):
+    /// what enrollment set up and the kernel maps' view of it, for `diagnose` to judge.
+    pub fn facts(&self, only: Option<(&str, &str)>) -> Vec<PodFacts> {
         let snapshot = self.mesh.state.snapshot();
         self.pods
             .values()
             .filter(|p| only.is_none_or(|(ns, name)| p.spec.namespace == ns && p.spec.name == name))
-            .map(|p| {
-                let cookie = p.netns.cookie();
-                let view = self.redirect.pod_view(cookie, &p.proxy.ips);
-                let listening = p
-                    .netns
-                    .run(crate::diagnose::listening_inodes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-                let (listeners, listener_check_error) = match listening {
-                    Ok(inodes) => (
-                        p.listeners
-                            .iter()
-                            .map(|(addr, inode)| ListenerEvidence {
-                                addr: *addr,
-                                listening: inodes.contains(inode),
-                            })
-                            .collect(),
-                        None,
-                    ),
-                    Err(e) => (Vec::new(), Some(e)),
-                };
-                let counters = counter_map(&view.counters);
-                let (recent, recent_failed) = crate::accesslog::recent(
-                    &p.spec.namespace,
-                    &p.spec.name,
-                    crate::diagnose::RECENT_SHOWN,
-                );
-                PodEvidence {
-                    namespace: p.spec.namespace.clone(),
-                    name: p.spec.name.clone(),
-                    uid: p.spec.uid.clone(),
-                    ips: p.proxy.ips.clone(),
-                    netns_cookie: cookie.0,
-                    netns_inode: p.netns.file().metadata().map_or(0, |m| m.ino()),
-                    source: match p.source {
-                        Source::LocalConfig => "local config".to_string(),
-                        Source::Zds => "istio-cni (ZDS)".to_string(),
-                    },
-                    identity: p.proxy.identity.to_string(),
-                    workload_known: snapshot
-                        .pod_workload(&p.spec.uid, &p.spec.namespace, &p.spec.name)
-                        .is_some(),
-                    map_enrolled: view.enrolled,
-                    map_addresses: view.addresses.clone(),
-                    map_listener_families: view
-                        .listener_families
-                        .iter()
-                        .map(|f| if *f == AF_INET6 { "ipv6" } else { "ipv4" }.to_string())
-                        .collect(),
-                    inbound_link: LinkEvidence::from_read(
-                        &format!("inbound-{cookie}"),
-                        &view.inbound_link,
-                    ),
-                    listeners,
-                    listener_check_error,
-                    counters_before: counters.clone(),
-                    counters_after: counters,
-                    recent,
-                    recent_failed,
-                }
+            .map(|p| PodFacts {
+                spec: p.spec.clone(),
+                source: p.source,
+                ips: p.proxy.ips.clone(),
+                identity: p.proxy.identity.clone(),
+                netns: p.netns.clone(),
+                listeners: p.listeners.clone(),
+                kernel: self.redirect.pod_view(p.netns.cookie(), &p.proxy.ips),
+                workload_known: snapshot
+                    .pod_workload(&p.spec.uid, &p.spec.namespace, &p.spec.name)
+                    .is_some(),
             })
             .collect()
     }
@@ -414,7 +383,7 @@ impl Enrollment {
             .ensure(&identity)
             .map_err(|source| Error::Tls {
                 pod: spec.name.clone(),
-                source: source.into(),
+                source: crate::tls::Error::Cert(Box::new(source)),
             })?;
         let tls = crate::tls::server_config(self.mesh.certs.clone(), identity.clone()).map_err(
             |source| Error::Tls {

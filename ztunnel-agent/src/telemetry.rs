@@ -101,6 +101,24 @@ where
         .finish()
 }
 
+/// `unix` seconds as RFC 3339 UTC (`2026-11-22T10:00:00Z`).
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix).map_or_else(
+        |_| unix.to_string(),
+        |t| {
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        },
+    )
+}
+
 /// `2024-05-04T09:59:05.028709Z`: RFC 3339, UTC, microseconds (upstream's timestamps).
 fn timestamp() -> String {
     let now = time::OffsetDateTime::now_utc();

@@ -13,8 +13,10 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
-use crate::identity::manager::CertManager;
-use crate::identity::Identity;
+use crate::spiffe::Identity;
+
+pub mod grpc;
+pub mod pem;
 
 /// ALPN protocol of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -30,7 +32,7 @@ pub enum Error {
     Roots(#[source] rustls::server::VerifierBuilderError),
     /// Getting our own certificate failed.
     #[error(transparent)]
-    Cert(#[from] crate::identity::manager::Error),
+    Cert(Box<dyn std::error::Error + Send + Sync>),
     /// The peer presented no certificate.
     #[error("the peer presented no certificate")]
     NoPeerCert,
@@ -42,6 +44,21 @@ pub enum Error {
     /// The peer is in another trust domain.
     #[error("peer identity {0} is not in trust domain {1}")]
     TrustDomain(Identity, String),
+}
+
+/// Where the workload TLS configurations get certificates and roots: the certificate
+/// manager (`identity::manager`) implements it, so identity depends on tls and not the
+/// reverse.
+pub trait CertStore: Send + Sync + std::fmt::Debug {
+    /// The current certificate and key of `identity`, ready for rustls.
+    fn certified_key(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<CertifiedKey>, Box<dyn std::error::Error + Send + Sync>>;
+    /// The mesh roots in force.
+    fn roots(&self) -> Vec<CertificateDer<'static>>;
+    /// Changes whenever [`CertStore::roots`] does.
+    fn roots_generation(&self) -> u64;
 }
 
 /// ring's provider, TLS 1.3 suites only, AES-128-GCM first: both AES-GCM suites are what
@@ -65,7 +82,7 @@ pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER.clone()
 }
 
-fn root_store(certs: &CertManager) -> RootCertStore {
+fn root_store(certs: &dyn CertStore) -> RootCertStore {
     let mut roots = RootCertStore::empty();
     for root in certs.roots() {
         // A root the store rejects simply does not anchor anything.
@@ -100,16 +117,16 @@ pub fn peer_identity(
 /// Serves the pod's current certificate (renewed certificates are picked up per handshake).
 #[derive(Debug)]
 struct PodCertResolver {
-    certs: Arc<CertManager>,
+    certs: Arc<dyn CertStore>,
     identity: Identity,
 }
 
 impl ResolvesServerCert for PodCertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        match self.certs.fetch(&self.identity) {
-            Ok(cert) => Some(cert.certified.clone()),
+        match self.certs.certified_key(&self.identity) {
+            Ok(certified) => Some(certified),
             Err(e) => {
-                tracing::error!(identity = %self.identity, error = %crate::telemetry::ErrorChain(&e), "no certificate to serve HBONE");
+                tracing::error!(identity = %self.identity, error = %crate::telemetry::ErrorChain(&*e), "no certificate to serve HBONE");
                 None
             }
         }
@@ -121,14 +138,14 @@ impl ResolvesServerCert for PodCertResolver {
 /// rotation accept peers whose certificates come from the new root.
 #[derive(Debug)]
 struct MeshClientVerifier {
-    certs: Arc<CertManager>,
+    certs: Arc<dyn CertStore>,
     cached: std::sync::Mutex<(u64, Arc<dyn ClientCertVerifier>)>,
 }
 
 impl MeshClientVerifier {
-    fn new(certs: Arc<CertManager>) -> Result<Self, Error> {
+    fn new(certs: Arc<dyn CertStore>) -> Result<Self, Error> {
         let generation = certs.roots_generation();
-        let verifier = webpki_client_verifier(&certs)?;
+        let verifier = webpki_client_verifier(certs.as_ref())?;
         Ok(Self {
             certs,
             cached: std::sync::Mutex::new((generation, verifier)),
@@ -139,7 +156,7 @@ impl MeshClientVerifier {
         let generation = self.certs.roots_generation();
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if cached.0 != generation {
-            let verifier = webpki_client_verifier(&self.certs)
+            let verifier = webpki_client_verifier(self.certs.as_ref())
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
             *cached = (generation, verifier);
         }
@@ -147,7 +164,7 @@ impl MeshClientVerifier {
     }
 }
 
-fn webpki_client_verifier(certs: &CertManager) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+fn webpki_client_verifier(certs: &dyn CertStore) -> Result<Arc<dyn ClientCertVerifier>, Error> {
     WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(certs)), provider())
         .build()
         .map_err(Error::Roots)
@@ -195,7 +212,7 @@ impl ClientCertVerifier for MeshClientVerifier {
 }
 
 /// The 15008 server configuration of a pod with `identity`.
-pub fn server_config(certs: Arc<CertManager>, identity: Identity) -> Result<ServerConfig, Error> {
+pub fn server_config(certs: Arc<dyn CertStore>, identity: Identity) -> Result<ServerConfig, Error> {
     let provider = provider();
     let verifier = MeshClientVerifier::new(certs.clone())?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -282,12 +299,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
 /// A client configuration presenting `source`'s certificate and accepting only `expected`.
 pub fn client_config(
-    certs: &CertManager,
+    certs: &dyn CertStore,
     source: &Identity,
     expected: Vec<Identity>,
 ) -> Result<ClientConfig, Error> {
     let provider = provider();
-    let cert = certs.fetch(source)?;
+    let certified = certs.certified_key(source).map_err(Error::Cert)?;
     let verifier = SpiffeServerVerifier {
         roots: root_store(certs),
         expected,
@@ -298,7 +315,7 @@ pub fn client_config(
         .map_err(Error::Config)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(FixedClientCert(cert.certified.clone())));
+        .with_client_cert_resolver(Arc::new(FixedClientCert(certified)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
     Ok(config)
@@ -329,6 +346,7 @@ mod tests {
 
     use super::*;
     use crate::identity::ca::LocalCa;
+    use crate::identity::manager::CertManager;
 
     fn id(sa: &str) -> Identity {
         format!("spiffe://cluster.local/ns/default/sa/{sa}")
@@ -383,7 +401,8 @@ mod tests {
     async fn mutual_tls_with_expected_identity() {
         let certs = manager(&temp_dir("ok"));
         let server = server_config(certs.clone(), id("productpage")).expect("server");
-        let client = client_config(&certs, &id("curl"), vec![id("productpage")]).expect("client");
+        let client =
+            client_config(certs.as_ref(), &id("curl"), vec![id("productpage")]).expect("client");
         let (c, s) = handshake(client, server).await;
         assert_eq!(c, Ok(()));
         assert_eq!(
@@ -397,7 +416,8 @@ mod tests {
     async fn unexpected_server_identity_is_refused() {
         let certs = manager(&temp_dir("wrongid"));
         let server = server_config(certs.clone(), id("ratings")).expect("server");
-        let client = client_config(&certs, &id("curl"), vec![id("productpage")]).expect("client");
+        let client =
+            client_config(certs.as_ref(), &id("curl"), vec![id("productpage")]).expect("client");
         let (c, _) = handshake(client, server).await;
         let err = c.expect_err("wrong identity refused");
         assert!(
@@ -411,7 +431,8 @@ mod tests {
         let ours = manager(&temp_dir("root-a"));
         let theirs = manager(&temp_dir("root-b"));
         let server = server_config(ours.clone(), id("productpage")).expect("server");
-        let client = client_config(&theirs, &id("curl"), vec![id("productpage")]).expect("client");
+        let client =
+            client_config(theirs.as_ref(), &id("curl"), vec![id("productpage")]).expect("client");
         let (c, s) = handshake(client, server).await;
         assert!(c.is_err() && s.is_err(), "{c:?} {s:?}");
     }
@@ -421,7 +442,7 @@ mod tests {
         let certs = manager(&temp_dir("nocert"));
         let server = server_config(certs.clone(), id("productpage")).expect("server");
         let mut client =
-            client_config(&certs, &id("curl"), vec![id("productpage")]).expect("client");
+            client_config(certs.as_ref(), &id("curl"), vec![id("productpage")]).expect("client");
         client.client_auth_cert_resolver = Arc::new(NoClientCert);
         let (_, s) = handshake(client, server).await;
         assert!(

@@ -2,6 +2,7 @@
 //! given as files), issuing short-lived ECDSA P-256 workload certificates whose only SAN is
 //! the workload's SPIFFE URI.
 
+use crate::tls::pem::{parse_pem_certs, pem_encode};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -257,19 +258,6 @@ impl LocalCa {
     }
 }
 
-/// PEM text of one certificate.
-pub fn pem_encode(der: &CertificateDer<'_>) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
 /// 16 random bytes with the top bit clear (serials are positive integers).
 fn random_serial() -> [u8; 16] {
     let mut bytes = [0u8; 16];
@@ -298,21 +286,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
-/// Every CERTIFICATE block of PEM text (other blocks and garbage between them are skipped).
-pub fn parse_pem_certs(text: &[u8]) -> Vec<CertificateDer<'static>> {
-    let mut certs = Vec::new();
-    let mut rest = text;
-    while let Ok((remaining, pem)) = x509_parser::pem::parse_x509_pem(rest) {
-        if pem.label == "CERTIFICATE" {
-            certs.push(CertificateDer::from(pem.contents));
-        }
-        if remaining.len() >= rest.len() {
-            break;
-        }
-        rest = remaining;
-    }
-    certs
-}
 /// Creates the root key and certificate (the certificate last, renamed into place, so a
 /// reader that sees it sees both complete).
 fn create_root(

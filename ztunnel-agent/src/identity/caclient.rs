@@ -11,9 +11,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::ca::Issued;
 use super::Identity;
-use crate::grpc::Target;
 use crate::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::proto::ca::IstioCertificateRequest;
+use crate::tls::grpc::Target;
 
 /// The metadata key istiod reads the impersonated identity from.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -68,7 +68,7 @@ pub struct CaClient {
 
 impl CaClient {
     /// A client for `target` (connects on first use).
-    pub fn new(target: Target) -> Result<Self, crate::grpc::Error> {
+    pub fn new(target: Target) -> Result<Self, crate::tls::grpc::Error> {
         let client = IstioCertificateServiceClient::new(target.channel()?);
         Ok(Self { target, client })
     }
@@ -124,7 +124,7 @@ impl CaClient {
         let mut chain: Vec<CertificateDer<'static>> = response
             .cert_chain
             .iter()
-            .flat_map(|pem| crate::identity::ca::parse_pem_certs(pem.as_bytes()))
+            .flat_map(|pem| crate::tls::pem::parse_pem_certs(pem.as_bytes()))
             .collect();
         let leaf = chain
             .first()

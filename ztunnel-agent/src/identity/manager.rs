@@ -433,3 +433,20 @@ fn certified(identity: &Identity, issued: Issued) -> Result<WorkloadCert, Error>
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+impl crate::tls::CertStore for CertManager {
+    fn certified_key(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<rustls::sign::CertifiedKey>, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.fetch(identity)?.certified.clone())
+    }
+
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        CertManager::roots(self)
+    }
+
+    fn roots_generation(&self) -> u64 {
+        CertManager::roots_generation(self)
+    }
+}

@@ -318,7 +318,8 @@ async fn open_stream(
 async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<ClientConnection, Error> {
     let peer = key.dst;
     let tcp = pod.connect(peer).await?;
-    let config = crate::tls::client_config(&pod.mesh.certs, &key.source, key.expected.clone())?;
+    let config =
+        crate::tls::client_config(pod.mesh.certs.as_ref(), &key.source, key.expected.clone())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = ServerName::IpAddress(peer.ip().into());
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))

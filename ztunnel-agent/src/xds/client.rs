@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::convert;
-use crate::grpc::Target;
 use crate::proto::core::Node;
 use crate::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
@@ -28,6 +27,7 @@ use crate::state::policy::Authorization;
 use crate::state::service::Service;
 use crate::state::workload::Workload;
 use crate::state::MeshState;
+use crate::tls::grpc::Target;
 
 /// Type URL of workloads and services.
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
@@ -46,7 +46,7 @@ const INVALID_ARGUMENT: i32 = 3;
 pub enum Error {
     /// The channel could not be built.
     #[error(transparent)]
-    Channel(#[from] crate::grpc::Error),
+    Channel(#[from] crate::tls::grpc::Error),
     /// The server ended or refused the stream.
     #[error("xDS stream to {address} failed: {status}")]
     Stream {

@@ -172,7 +172,7 @@ pub fn read_roots(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<
         flag,
         source,
     })?;
-    let roots = crate::identity::ca::parse_pem_certs(&text);
+    let roots = crate::tls::pem::parse_pem_certs(&text);
     if roots.is_empty() {
         return Err(Error::NoRoots {
             path: path.to_path_buf(),

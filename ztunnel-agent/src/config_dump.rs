@@ -5,34 +5,61 @@
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
-use crate::enroll::PodStatus;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use tokio::sync::Mutex;
+
+use crate::admin::{AdminHandler, Responding};
+use crate::enroll::{Enrollment, PodStatus};
+use crate::http::text;
 use crate::identity::manager::CertManager;
 use crate::proxy::tracker::Tracker;
 use crate::state::MeshState;
+use crate::telemetry::rfc3339;
 
-/// RFC 3339 UTC, seconds precision, from a Unix timestamp.
-/// `unix` seconds as RFC 3339 UTC (`2026-11-22T10:00:00Z`).
-pub(crate) fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix).map_or_else(
-        |_| unix.to_string(),
-        |t| {
-            format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            )
-        },
-    )
+/// `/config_dump` on the admin port.
+pub struct ConfigDumpHandler {
+    /// Enrolled pods and the mesh they are served from.
+    pub enrollment: Arc<Mutex<Enrollment>>,
+    /// The `config` section.
+    pub config_json: Value,
+}
+
+impl AdminHandler for ConfigDumpHandler {
+    fn path(&self) -> &'static str {
+        "/config_dump"
+    }
+
+    fn description(&self) -> &'static str {
+        "workloads, services, policies, certificates, pods (JSON)"
+    }
+
+    fn handle(&self, _req: Request<Incoming>) -> Responding<'_> {
+        Box::pin(async move {
+            // The lock only for the pod list: building the dump does not hold up enrollment.
+            let (pods, mesh) = {
+                let enrollment = self.enrollment.lock().await;
+                (enrollment.status(), enrollment.mesh().clone())
+            };
+            let dump = build(
+                &mesh.state.snapshot(),
+                &mesh.certs,
+                &mesh.tracker,
+                &pods,
+                &self.config_json,
+            );
+            let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
+            text(StatusCode::OK, body)
+        })
+    }
 }
 
 /// A certificate as upstream dumps it.
 fn cert_entry(der: &[u8]) -> Value {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let pem = crate::identity::ca::pem_encode(&der.into());
+    let pem = crate::tls::pem::pem_encode(&der.into());
     let parsed = x509_parser::parse_x509_certificate(der)
         .ok()
         .map(|(_, c)| c);
