@@ -1,0 +1,210 @@
+//! The 15008 server in each pod: TLS with the pod's certificate, client certificate
+//! required; each CONNECT stream is one inbound connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::*;
+use crate::accesslog::{Direction, Peer};
+use crate::identity::Identity;
+use crate::proxy::connection::{Connection, ConnectionError};
+use crate::proxy::{PodProxy, ILLEGAL_PORTS};
+use crate::telemetry::ErrorChain;
+
+/// Serves one connection accepted on a pod's 15008.
+pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    // A connection that fails before any CONNECT is logged as one inbound connection.
+    let fail = |e: Error| {
+        let mut conn = Connection::new(Direction::Inbound, peer, local);
+        conn.record.dst = pod.as_peer(&pod.mesh.state.snapshot(), None);
+        conn.finish(Err(e.into()));
+    };
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, pod.hbone_tls.accept(stream)).await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(source)) => return fail(Error::Tls { peer, source }),
+        Err(_) => return fail(Error::HandshakeTimeout(peer)),
+    };
+    let client_identity = match crate::tls::peer_identity(
+        tls.get_ref().1.peer_certificates(),
+        pod.mesh.certs.trust_domain(),
+    ) {
+        Ok(id) => id,
+        Err(e) => return fail(Error::PeerIdentity(e)),
+    };
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(source)) => return fail(Error::H2 { peer, source }),
+        Err(_) => return fail(Error::HandshakeTimeout(peer)),
+    };
+    let mut keepalive = std::pin::pin!(keepalive(conn.ping_pong()));
+    loop {
+        tokio::select! {
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    tokio::spawn(handle_connect(
+                        pod.clone(),
+                        peer,
+                        client_identity.clone(),
+                        req,
+                        respond,
+                    ));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(src.addr = %peer, error = %ErrorChain(&e), "HBONE connection ended");
+                    return;
+                }
+                None => return,
+            },
+            why = &mut keepalive => {
+                tracing::warn!(src.addr = %peer, "HBONE connection closed: {why}");
+                return;
+            }
+        }
+    }
+}
+
+/// Answers `status`; `end_of_stream` closes our side (a refusal), otherwise the returned
+/// stream carries the tunnel's bytes.
+fn respond(
+    answer: &mut SendResponse<Bytes>,
+    status: StatusCode,
+    end_of_stream: bool,
+) -> Result<SendStream<Bytes>, h2::Error> {
+    let mut r = Response::new(());
+    *r.status_mut() = status;
+    answer.send_response(r, end_of_stream)
+}
+
+/// Answers a refused CONNECT; the stream may already be gone, which changes nothing.
+fn refuse(answer: &mut SendResponse<Bytes>, status: StatusCode) {
+    let _ = respond(answer, status, true);
+}
+
+/// A refused CONNECT: the status to answer and why.
+struct Refusal {
+    status: StatusCode,
+    error: ConnectionError,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, error: impl Into<ConnectionError>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+        }
+    }
+}
+
+/// Serves one CONNECT stream: one inbound connection.
+async fn handle_connect(
+    pod: Arc<PodProxy>,
+    peer: SocketAddr,
+    client: Identity,
+    req: Request<RecvStream>,
+    mut answer: SendResponse<Bytes>,
+) {
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let target: Option<SocketAddr> = authority.as_deref().and_then(|a| a.parse().ok());
+    // src.addr is the tunnel's peer, as upstream (and the guide) report it.
+    let mut conn = Connection::new(Direction::Inbound, peer, target.unwrap_or(peer));
+    let span = conn.span();
+    let accepted = accept_connect(&pod, client, &req, authority, target, &mut conn)
+        .instrument(span.clone())
+        .await;
+    let (app, tracked) = match accepted {
+        Ok(accepted) => accepted,
+        Err(refusal) => {
+            // Logged before the answer, so the line exists once the client sees the status.
+            conn.finish(Err(refusal.error));
+            return refuse(&mut answer, refusal.status);
+        }
+    };
+    let result = async {
+        let send = respond(&mut answer, StatusCode::OK, false)
+            .map_err(|source| Error::H2 { peer, source })?;
+        conn.established();
+        // Inbound: the reporting side sends what the application answers.
+        tokio::select! {
+            relayed = crate::proxy::copy::tunnel(app, send, req.into_body(), &conn.sent, &conn.received) => relayed?,
+            denied = tracked.revoked() => return Err(denied.into()),
+        }
+        Ok(())
+    }
+    .instrument(span)
+    .await;
+    conn.finish(result);
+}
+
+/// Checks a CONNECT (method, authority, self-call, policy) and connects to the application.
+async fn accept_connect(
+    pod: &Arc<PodProxy>,
+    client: Identity,
+    req: &Request<RecvStream>,
+    authority: Option<String>,
+    target: Option<SocketAddr>,
+    conn: &mut Connection,
+) -> Result<(TcpStream, crate::proxy::tracker::Tracked), Refusal> {
+    let peer = conn.record.src_addr;
+    conn.record.dst_hbone_addr = target;
+    let mesh = pod.mesh.state.snapshot();
+    let src_workload = mesh.workload_by_ip(&pod.network, peer.ip());
+    conn.record.src = Peer {
+        workload: src_workload.as_ref().map(|w| w.name.clone()),
+        namespace: src_workload.as_ref().map(|w| w.namespace.clone()),
+        identity: Some(client),
+        detail: src_workload.clone(),
+    };
+    conn.record.dst = pod.as_peer(&mesh, Some(pod.identity.clone()));
+    conn.record.dst_service =
+        target.and_then(|t| PodProxy::service_of(conn.record.dst.detail.as_deref(), t.port()));
+    if req.method() != Method::CONNECT {
+        let e = Error::NotConnect(req.method().clone());
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
+    }
+    let Some(target) = target.filter(|t| pod.ips.contains(&t.ip())) else {
+        let e = Error::WrongAuthority {
+            authority: authority.unwrap_or_default(),
+            pod: pod.name.clone(),
+        };
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
+    };
+    if ILLEGAL_PORTS.contains(&target.port()) {
+        let e = crate::proxy::Error::SelfCall(target);
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
+    }
+    let authz = crate::authz::Connection {
+        src: peer.ip(),
+        identity: conn.record.src.identity.as_ref(),
+        dst: target,
+    };
+    pod.authorize(&mesh, conn.record.dst.detail.as_deref(), &authz)
+        .map_err(|denied| Refusal::new(StatusCode::UNAUTHORIZED, denied))?;
+    let app = pod
+        .connect(target)
+        .await
+        .map_err(|e| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let tracked = pod.mesh.tracker.track(
+        pod.clone(),
+        peer.ip(),
+        conn.record.src.identity.clone(),
+        target,
+    );
+    Ok((app, tracked))
+}
