@@ -26,9 +26,11 @@ use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, Program, ProgramError, SkLookup};
 use aya::{Ebpf, EbpfLoader};
+use ztunnel_common::convert::pod_config;
+pub use ztunnel_common::convert::{ip_from_key, ip_key, orig_dst_addr, sum_counters};
 use ztunnel_common::{
-    maps, pod_flags, programs, ConnKey, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig,
-    PodCounters, PortKey, AF_INET, AF_INET6,
+    maps, programs, ConnKey, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig, PodCounters, PortKey,
+    AF_INET, AF_INET6,
 };
 
 use crate::socket::NetnsCookie;
@@ -530,15 +532,6 @@ impl OrigDstTable {
     }
 }
 
-/// Sums per-CPU counter values.
-pub fn sum_counters(values: Option<&[PodCounters]>) -> PodCounters {
-    let mut total = PodCounters::default();
-    for v in values.unwrap_or_default() {
-        total.add(v);
-    }
-    total
-}
-
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
@@ -678,67 +671,6 @@ fn old_link_tag(link: &FdLink) -> Option<u64> {
         .map(|p| p.tag())
 }
 
-/// The map key of an address.
-pub fn ip_key(ip: IpAddr) -> IpKey {
-    match ip {
-        IpAddr::V4(v4) => IpKey {
-            family: AF_INET,
-            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        },
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => ip_key(IpAddr::V4(v4)),
-            None => {
-                let o = v6.octets();
-                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                IpKey {
-                    family: AF_INET6,
-                    addr: [word(0), word(4), word(8), word(12)],
-                }
-            }
-        },
-    }
-}
-
-/// The address a map key holds.
-pub fn ip_from_key(family: u32, addr: &[u32; 4]) -> Option<IpAddr> {
-    match family {
-        AF_INET => Some(IpAddr::from(addr[0].to_ne_bytes())),
-        AF_INET6 => {
-            let mut o = [0u8; 16];
-            for (i, w) in addr.iter().enumerate() {
-                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            Some(IpAddr::from(o))
-        }
-        _ => None,
-    }
-}
-
-/// The socket address of a recorded original destination.
-pub fn orig_dst_addr(orig: &OrigDst) -> Option<SocketAddr> {
-    let ip = ip_from_key(u32::from(orig.family), &orig.addr)?;
-    Some(SocketAddr::new(ip, u16::from_be(orig.port_be)))
-}
-
-fn pod_config(ips: &[IpAddr]) -> PodConfig {
-    let mut config = PodConfig {
-        flags: 0,
-        ip4: 0,
-        ip6: [0; 4],
-    };
-    for ip in ips {
-        let key = ip_key(*ip);
-        if key.family == AF_INET && config.flags & pod_flags::HAS_IPV4 == 0 {
-            config.flags |= pod_flags::HAS_IPV4;
-            config.ip4 = key.addr[0];
-        } else if key.family == AF_INET6 && config.flags & pod_flags::HAS_IPV6 == 0 {
-            config.flags |= pod_flags::HAS_IPV6;
-            config.ip6 = key.addr;
-        }
-    }
-    config
-}
-
 /// Detaches everything (by removing the pins) and removes the pin directory.
 pub fn uninstall(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
@@ -803,7 +735,7 @@ mod tests {
             .map(|s| s.parse().expect("ip"))
             .collect();
         let c = pod_config(&ips);
-        assert_eq!(c.flags, pod_flags::HAS_IPV4 | pod_flags::HAS_IPV6);
+        assert_eq!(c.flags, ztunnel_common::pod_flags::HAS_IPV4 | ztunnel_common::pod_flags::HAS_IPV6);
         assert_eq!(c.ip4.to_ne_bytes(), [10, 244, 1, 10]);
     }
 

@@ -195,76 +195,76 @@ pub struct ListenerKey {
     pub _pad: u32,
 }
 
-/// Per-pod capture counters (value of the per-CPU `POD_COUNTERS`; the agent sums the CPUs).
-/// Every kernel decision on an enrolled pod's socket moves exactly one of them.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PodCounters {
+/// Defines [`PodCounters`] from one list of fields: the struct, its field names and values in
+/// order, and the per-CPU sum (a counter added to the list appears in all three).
+macro_rules! pod_counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Per-pod capture counters (value of the per-CPU `POD_COUNTERS`; the agent sums the
+        /// CPUs). Every kernel decision on an enrolled pod's socket moves exactly one of them.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct PodCounters {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl PodCounters {
+            /// How many counters there are.
+            pub const COUNT: usize = [$(stringify!($name)),*].len();
+
+            /// Field names and values, in declaration order (for metrics and `redirect dump`).
+            pub fn fields(&self) -> [(&'static str, u64); Self::COUNT] {
+                [$((stringify!($name), self.$name)),*]
+            }
+
+            /// Adds another CPU's counters to these.
+            pub fn add(&mut self, other: &PodCounters) {
+                $(self.$name += other.$name;)*
+            }
+        }
+    };
+}
+
+pod_counters! {
     /// Outbound connections sent to 15001.
-    pub outbound_captured: u64,
+    outbound_captured,
     /// Inbound connections steered to 15006.
-    pub inbound_captured: u64,
+    inbound_captured,
     /// Outbound: destination is loopback.
-    pub skipped_loopback: u64,
+    skipped_loopback,
     /// Outbound: destination is one of the pod's own addresses.
-    pub skipped_own_address: u64,
+    skipped_own_address,
     /// Outbound or inbound: destination port excluded by configuration.
-    pub skipped_excluded_port: u64,
+    skipped_excluded_port,
     /// Outbound: the socket carries the agent's mark (the agent's own connection).
-    pub skipped_agent_socket: u64,
+    skipped_agent_socket,
     /// Outbound: not a TCP socket (UDP is left alone until DNS capture exists).
-    pub skipped_not_tcp: u64,
+    skipped_not_tcp,
     /// Inbound: the HBONE port, served directly by the agent.
-    pub skipped_hbone_port: u64,
+    skipped_hbone_port,
     /// Outbound refused (EPERM): the pod has no address of the destination's family.
-    pub refused_no_pod_address: u64,
+    refused_no_pod_address,
     /// Outbound refused (EPERM): the original destination could not be recorded.
-    pub refused_map_full: u64,
+    refused_map_full,
     /// Inbound dropped: no 15006 listener registered for the pod (agent down or restarting).
-    pub dropped_no_listener: u64,
+    dropped_no_listener,
     /// sockops: a captured socket's original destination could not be moved to `ORIG_DST`.
-    pub orig_dst_lost: u64,
+    orig_dst_lost,
     /// Inbound: from the kubelet probe source ([`PROBE_SOURCE_V4`], [`PROBE_SOURCE_V6`]).
-    pub skipped_probe: u64,
+    skipped_probe,
 }
 
-impl PodCounters {
-    /// Field names and values, in declaration order (for metrics and `redirect dump`).
-    pub fn fields(&self) -> [(&'static str, u64); 13] {
-        [
-            ("outbound_captured", self.outbound_captured),
-            ("inbound_captured", self.inbound_captured),
-            ("skipped_loopback", self.skipped_loopback),
-            ("skipped_own_address", self.skipped_own_address),
-            ("skipped_excluded_port", self.skipped_excluded_port),
-            ("skipped_agent_socket", self.skipped_agent_socket),
-            ("skipped_not_tcp", self.skipped_not_tcp),
-            ("skipped_hbone_port", self.skipped_hbone_port),
-            ("refused_no_pod_address", self.refused_no_pod_address),
-            ("refused_map_full", self.refused_map_full),
-            ("dropped_no_listener", self.dropped_no_listener),
-            ("orig_dst_lost", self.orig_dst_lost),
-            ("skipped_probe", self.skipped_probe),
-        ]
-    }
+// The kernel and the agent share these layouts: a change in size is a change of ABI.
+const _: () = assert!(core::mem::size_of::<PodConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
+const _: () = assert!(core::mem::size_of::<PodAddr>() == 8);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 4);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 20);
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 32);
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
+const _: () = assert!(core::mem::size_of::<PodCounters>() == 13 * 8);
 
-    /// Adds another CPU's counters to these.
-    pub fn add(&mut self, other: &PodCounters) {
-        self.outbound_captured += other.outbound_captured;
-        self.inbound_captured += other.inbound_captured;
-        self.skipped_loopback += other.skipped_loopback;
-        self.skipped_own_address += other.skipped_own_address;
-        self.skipped_excluded_port += other.skipped_excluded_port;
-        self.skipped_agent_socket += other.skipped_agent_socket;
-        self.skipped_not_tcp += other.skipped_not_tcp;
-        self.skipped_hbone_port += other.skipped_hbone_port;
-        self.refused_no_pod_address += other.refused_no_pod_address;
-        self.refused_map_full += other.refused_map_full;
-        self.dropped_no_listener += other.dropped_no_listener;
-        self.orig_dst_lost += other.orig_dst_lost;
-        self.skipped_probe += other.skipped_probe;
-    }
-}
+#[cfg(feature = "user")]
+pub mod convert;
 
 #[cfg(feature = "user")]
 mod user {
