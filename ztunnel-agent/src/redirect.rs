@@ -9,11 +9,17 @@
 //! A restarted agent reopens the pinned maps (the loader reuses them by path) and keeps a
 //! pinned link when it runs the same program (same tag); a link to an older program is
 //! replaced, new first, so capture has no gap.
+//!
+//! This file loads, attaches and pins; `pod_maps` writes and reads the maps per pod; the ABI
+//! conversions live in `ztunnel_common::convert`.
 
 pub mod dump;
 pub mod kernel;
 pub mod linkinfo;
 mod log_drain;
+mod pod_maps;
+
+pub use pod_maps::{OrigDstTable, PodKernelView, PodRedirect};
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -139,34 +145,6 @@ pub enum Attachment {
     Replaced,
 }
 
-/// A pod as the kernel programs know it.
-#[derive(Clone, Debug)]
-pub struct PodRedirect<'a> {
-    /// Its network namespace cookie.
-    pub netns_cookie: NetnsCookie,
-    /// Its network namespace (for the sk_lookup link).
-    pub netns: &'a File,
-    /// Its addresses.
-    pub ips: &'a [IpAddr],
-    /// Its 15006 listeners (IPv4 and, if it has IPv6, IPv6).
-    pub inbound_listeners: &'a [(u32, std::os::fd::RawFd)],
-}
-
-/// A pod as the kernel maps hold it (for `diagnose`).
-#[derive(Debug)]
-pub struct PodKernelView {
-    /// Its cookie is in `ENROLLED_PODS` (outbound capture on).
-    pub enrolled: bool,
-    /// Each of its addresses and the cookie `POD_ADDRS` maps it to.
-    pub addresses: Vec<(IpAddr, Option<u64>)>,
-    /// Families with a 15006 listener in `INBOUND_LISTENERS`.
-    pub listener_families: Vec<u32>,
-    /// Its pinned `sk_lookup` link.
-    pub inbound_link: io::Result<linkinfo::PinnedLinkInfo>,
-    /// Its capture counters.
-    pub counters: PodCounters,
-}
-
 /// The loaded and attached programs and their maps.
 pub struct Redirect {
     config: RedirectConfig,
@@ -243,89 +221,6 @@ impl Redirect {
         &self.attachments
     }
 
-    fn set_excluded_ports(&mut self) -> Result<(), Error> {
-        for (map, ports) in [
-            (
-                maps::EXCLUDED_OUTBOUND_PORTS,
-                self.config.exclude_outbound_ports.clone(),
-            ),
-            (
-                maps::EXCLUDED_INBOUND_PORTS,
-                self.config.exclude_inbound_ports.clone(),
-            ),
-        ] {
-            let mut table: HashMap<MapData, PortKey, u32> = take_map(&mut self.ebpf, map)?;
-            let wanted: BTreeSet<u16> = ports.into_iter().collect();
-            let stale: Vec<PortKey> = table
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| !wanted.contains(&k.port))
-                .collect();
-            for key in stale {
-                table.remove(&key).map_err(|source| Error::Map {
-                    map,
-                    what: format!("excluded port {}", key.port),
-                    source,
-                })?;
-            }
-            for port in wanted {
-                table
-                    .insert(PortKey { port, _pad: 0 }, 1, 0)
-                    .map_err(|source| Error::Map {
-                        map,
-                        what: format!("excluded port {port}"),
-                        source,
-                    })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Starts capturing a pod. Order matters so that no connection slips past the proxy:
-    /// listeners are registered and inbound steering attached before outbound capture (the
-    /// `ENROLLED_PODS` entry) is switched on.
-    pub fn add_pod(&mut self, pod: &PodRedirect<'_>) -> Result<(), Error> {
-        let cookie = pod.netns_cookie.0;
-        for &(family, fd) in pod.inbound_listeners {
-            let key = ListenerKey {
-                netns_cookie: cookie,
-                family,
-                _pad: 0,
-            };
-            self.listeners
-                .insert(key, fd, 0)
-                .map_err(|source| Error::Map {
-                    map: maps::INBOUND_LISTENERS,
-                    what: format!("pod netns {cookie}"),
-                    source,
-                })?;
-        }
-        for ip in pod.ips {
-            self.pod_addrs
-                .insert(
-                    ip_key(*ip),
-                    PodAddr {
-                        netns_cookie: cookie,
-                    },
-                    0,
-                )
-                .map_err(|source| Error::Map {
-                    map: maps::POD_ADDRS,
-                    what: ip.to_string(),
-                    source,
-                })?;
-        }
-        self.attach_inbound(pod.netns_cookie, pod.netns)?;
-        self.enrolled
-            .insert(cookie, pod_config(pod.ips), 0)
-            .map_err(|source| Error::Map {
-                map: maps::ENROLLED_PODS,
-                what: format!("pod netns {cookie}"),
-                source,
-            })?;
-        Ok(())
-    }
-
     fn inbound_link_path(&self, cookie: NetnsCookie) -> PathBuf {
         self.config
             .pin_dir
@@ -366,82 +261,6 @@ impl Redirect {
         Ok(())
     }
 
-    /// Stops capturing a pod: outbound capture first, then inbound steering, then the rest.
-    pub fn remove_pod(&mut self, cookie: NetnsCookie) -> Result<(), Error> {
-        let c = cookie.0;
-        ignore_missing(self.enrolled.remove(&c)).map_err(|source| Error::Map {
-            map: maps::ENROLLED_PODS,
-            what: format!("pod netns {c}"),
-            source,
-        })?;
-        let path = self.inbound_link_path(cookie);
-        if path.exists() {
-            std::fs::remove_file(&path).map_err(|source| Error::Pin {
-                path: path.clone(),
-                dir: self.config.pin_dir.display().to_string(),
-                source,
-            })?;
-        }
-        let addrs: Vec<IpKey> = self
-            .pod_addrs
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, owner)| owner.netns_cookie == c)
-            .map(|(k, _)| k)
-            .collect();
-        for key in addrs {
-            ignore_missing(self.pod_addrs.remove(&key)).map_err(|source| Error::Map {
-                map: maps::POD_ADDRS,
-                what: format!("pod netns {c}"),
-                source,
-            })?;
-        }
-        for family in [AF_INET, AF_INET6] {
-            let key = ListenerKey {
-                netns_cookie: c,
-                family,
-                _pad: 0,
-            };
-            ignore_missing(self.listeners.remove(&key)).map_err(|source| Error::Map {
-                map: maps::INBOUND_LISTENERS,
-                what: format!("pod netns {c}"),
-                source,
-            })?;
-        }
-        ignore_missing(self.counters.remove(&c)).map_err(|source| Error::Map {
-            map: maps::POD_COUNTERS,
-            what: format!("pod netns {c}"),
-            source,
-        })?;
-        Ok(())
-    }
-
-    /// Pods the maps hold (from this run or, after a restart, from the previous one).
-    pub fn enrolled_cookies(&self) -> Vec<NetnsCookie> {
-        let mut cookies: Vec<NetnsCookie> = self
-            .enrolled
-            .keys()
-            .filter_map(Result::ok)
-            .map(NetnsCookie)
-            .collect();
-        // A pod whose ENROLLED_PODS entry is gone may still have a pinned inbound link.
-        if let Ok(entries) = std::fs::read_dir(self.config.pin_dir.join("links")) {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let parsed = name
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("inbound-"))
-                    .and_then(|c| c.parse().ok());
-                if let Some(c) = parsed {
-                    cookies.push(NetnsCookie(c));
-                }
-            }
-        }
-        cookies.sort();
-        cookies.dedup();
-        cookies
-    }
-
     /// Settings in use.
     pub fn config(&self) -> &RedirectConfig {
         &self.config
@@ -456,87 +275,9 @@ impl Redirect {
             .collect()
     }
 
-    /// A pod as the kernel maps hold it.
-    pub fn pod_view(&self, cookie: NetnsCookie, ips: &[IpAddr]) -> PodKernelView {
-        let c = cookie.0;
-        let listener_families = [AF_INET, AF_INET6]
-            .into_iter()
-            .filter(|family| {
-                self.listeners
-                    .keys()
-                    .filter_map(Result::ok)
-                    .any(|k| k.netns_cookie == c && k.family == *family)
-            })
-            .collect();
-        PodKernelView {
-            enrolled: self.enrolled.get(&c, 0).is_ok(),
-            addresses: ips
-                .iter()
-                .map(|ip| {
-                    let owner = self
-                        .pod_addrs
-                        .get(&ip_key(*ip), 0)
-                        .ok()
-                        .map(|a| a.netns_cookie);
-                    (*ip, owner)
-                })
-                .collect(),
-            listener_families,
-            inbound_link: linkinfo::read(&self.inbound_link_path(cookie)),
-            counters: self.counters(cookie),
-        }
-    }
-
     /// The table connections accepted on 15001 read their original destination from.
     pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
         self.orig_dst.clone()
-    }
-
-    /// A pod's capture counters, summed over CPUs.
-    pub fn counters(&self, cookie: NetnsCookie) -> PodCounters {
-        sum_counters(
-            self.counters
-                .get(&cookie.0, 0)
-                .ok()
-                .as_ref()
-                .map(|v| &v[..]),
-        )
-    }
-}
-
-/// The kernel's record of where captured connections were going, keyed by their client end.
-pub struct OrigDstTable(Mutex<HashMap<MapData, ConnKey, OrigDst>>);
-
-impl std::fmt::Debug for OrigDstTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OrigDstTable")
-    }
-}
-
-impl OrigDstTable {
-    /// Takes the original destination of a connection accepted on a pod's 15001 listener
-    /// from `peer`, deleting the entry.
-    pub fn take(&self, cookie: NetnsCookie, peer: SocketAddr) -> Option<SocketAddr> {
-        let ip = ip_key(peer.ip());
-        let key = ConnKey {
-            netns_cookie: cookie.0,
-            family: ip.family,
-            port: u32::from(peer.port()),
-            addr: ip.addr,
-        };
-        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let orig = table.get(&key, 0).ok()?;
-        // A failed delete leaves an entry LRU eviction will reclaim.
-        let _ = table.remove(&key);
-        orig_dst_addr(&orig)
-    }
-}
-
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => other,
     }
 }
 
@@ -735,7 +476,10 @@ mod tests {
             .map(|s| s.parse().expect("ip"))
             .collect();
         let c = pod_config(&ips);
-        assert_eq!(c.flags, ztunnel_common::pod_flags::HAS_IPV4 | ztunnel_common::pod_flags::HAS_IPV6);
+        assert_eq!(
+            c.flags,
+            ztunnel_common::pod_flags::HAS_IPV4 | ztunnel_common::pod_flags::HAS_IPV6
+        );
         assert_eq!(c.ip4.to_ne_bytes(), [10, 244, 1, 10]);
     }
 
