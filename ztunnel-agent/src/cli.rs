@@ -4,7 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+
+pub use crate::telemetry::LogFormat;
+
+pub mod admin_client;
+pub mod config;
+pub mod diagnose;
+pub mod redirect;
 
 /// Default pin directory for maps and links.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ztunnel";
@@ -50,10 +57,10 @@ pub enum RedirectAction {
 pub struct ConfigArgs {
     /// Which section.
     #[arg(value_enum)]
-    pub section: crate::ztunnel_config::Section,
+    pub section: config::Section,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "short")]
-    pub output: crate::ztunnel_config::Output,
+    pub output: config::Output,
     /// The agent's admin endpoint.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_address: std::net::SocketAddr,
@@ -93,15 +100,6 @@ pub struct PinDirArg {
     /// Where the agent pins maps and links.
     #[arg(long, env = "ZTUNNEL_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
-}
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines (upstream's default).
-    Plain,
-    /// One JSON object per line.
-    Json,
 }
 
 /// `run` settings.
@@ -208,4 +206,10 @@ pub struct RunArgs {
     /// Readiness server.
     #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+}
+
+/// Prints `error: <e and its causes>` and returns failure.
+pub fn fail(e: &dyn std::error::Error) -> std::process::ExitCode {
+    eprintln!("error: {}", crate::telemetry::ErrorChain(e));
+    std::process::ExitCode::FAILURE
 }

@@ -21,9 +21,9 @@ pub mod socket;
 pub mod spiffe;
 pub mod state;
 pub mod telemetry;
+pub mod text_table;
 pub mod tls;
 pub mod xds;
-pub mod ztunnel_config;
 
 /// Messages and services generated from proto/ (wire-compatible with Istio's and Envoy's),
 /// nested by package as prost's cross-package paths require, with short aliases.

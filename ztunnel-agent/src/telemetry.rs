@@ -10,7 +10,14 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::LogFormat;
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (upstream's default).
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Renders an error with its whole cause chain: `a: b: c`.
 pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);

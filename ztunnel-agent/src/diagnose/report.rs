@@ -704,7 +704,7 @@ pub fn node_report(e: &Evidence) -> Report {
     Report {
         subject: format!("node {}", e.node.as_deref().unwrap_or("(no node name)")),
         checks,
-        table: Some(crate::ztunnel_config::table(&rows)),
+        table: Some(crate::text_table::table(&rows)),
     }
 }
 

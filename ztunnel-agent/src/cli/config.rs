@@ -1,8 +1,8 @@
-//! `ztunnel-agent config ...`: the guide's `istioctl ztunnel-config` without Kubernetes. Reads
-//! a config_dump (from a running agent's admin endpoint or a saved file) and prints the same
-//! tables istioctl prints, or the sections as JSON/YAML.
+//! `ztunnel-agent config ...` (the CLI subcommand, not the agent's settings): the guide's
+//! `istioctl ztunnel-config` without Kubernetes. Reads a config_dump (from a running agent's
+//! admin endpoint or a saved file) and prints the same tables istioctl prints, or the sections
+//! as JSON/YAML.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::SystemTime;
@@ -10,28 +10,14 @@ use std::time::SystemTime;
 use base64::Engine as _;
 use serde_json::Value;
 
+use crate::text_table::table;
+
 /// Failures reading or rendering a dump.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The admin endpoint did not answer.
-    #[error("cannot reach the agent's admin endpoint at {addr}: is the agent running (inside this network namespace)? use --admin-address or --file")]
-    Admin {
-        /// Address.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The agent answered, but not with 200.
-    #[error("the agent at {addr} refused GET {path}: {answer}")]
-    Refused {
-        /// Address.
-        addr: SocketAddr,
-        /// What was asked.
-        path: String,
-        /// Its status and body.
-        answer: String,
-    },
+    /// Asking the agent failed.
+    #[error(transparent)]
+    Agent(#[from] super::admin_client::Error),
     /// The file could not be read.
     #[error("cannot read {path}")]
     File {
@@ -102,35 +88,7 @@ pub struct Filter {
 
 /// Fetches a dump from a running agent.
 pub fn fetch(addr: SocketAddr) -> Result<Value, Error> {
-    fetch_json(addr, "/config_dump")
-}
-
-/// GETs `path` (JSON) from a running agent's admin endpoint.
-pub fn fetch_json(addr: SocketAddr, path: &str) -> Result<Value, Error> {
-    let err = |source| Error::Admin { addr, source };
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
-        .map_err(err)?;
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .map_err(err)?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .map_err(err)?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(err)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).unwrap_or_default();
-    if status != "200" {
-        return Err(Error::Refused {
-            addr,
-            path: path.to_string(),
-            answer: format!("{status} {}", body.trim()),
-        });
-    }
-    serde_json::from_str(body).map_err(|source| Error::NotADump {
-        what: format!("the answer of {addr}"),
-        source,
-    })
+    Ok(super::admin_client::fetch_json(addr, "/config_dump")?)
 }
 
 /// Reads a saved dump.
@@ -150,33 +108,6 @@ pub fn load(path: &Path) -> Result<Value, Error> {
         });
     }
     Ok(dump)
-}
-
-/// Lays out rows like Go's tabwriter (padding 1, spaces): each column as wide as its widest
-/// cell plus one space, the last column unpadded.
-pub fn table(rows: &[Vec<String>]) -> String {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        for (c, cell) in row.iter().enumerate() {
-            if c + 1 == row.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<width$} ", width = widths[c]));
-            }
-        }
-        out.push('\n');
-    }
-    out
 }
 
 fn s(v: &Value) -> String {
@@ -481,6 +412,26 @@ pub fn render(
             ]
             .join("\n"),
         }),
+    }
+}
+
+/// Runs `ztunnel-agent config`.
+pub fn run(args: &super::ConfigArgs) -> std::process::ExitCode {
+    let dump = match &args.file {
+        Some(path) => load(path),
+        None => fetch(args.admin_address),
+    };
+    let filter = Filter {
+        namespace: args.namespace.clone(),
+        node: args.node.clone(),
+        workload_name: args.workload_name.clone(),
+    };
+    match dump.and_then(|d| render(&d, args.section, args.output, &filter)) {
+        Ok(text) => {
+            print!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => super::fail(&e),
     }
 }
 
