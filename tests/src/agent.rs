@@ -298,5 +298,10 @@ impl Drop for Agent {
         if std::thread::panicking() {
             eprintln!("agent log ({}):\n{}", self.log_path.display(), self.log());
         }
+        // The scratch directories go with the test, pass or fail (the log was printed above).
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let mut cfg = self.dir.clone().into_os_string();
+        cfg.push("-cfg");
+        let _ = std::fs::remove_dir_all(cfg);
     }
 }

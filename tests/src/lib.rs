@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cni;
 pub mod control_plane;
 pub mod mesh;
+pub mod one_hop;
 pub mod topology;
 pub mod traffic;
 

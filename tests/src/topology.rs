@@ -37,7 +37,28 @@ pub struct Topology {
     pub pods: Vec<Pod>,
 }
 
+/// The running test's name: libtest runs each test on a thread named after it. Namespaces,
+/// pin directories and scratch directories are named after it, so a leftover names its test.
+pub fn test_name() -> String {
+    let thread = std::thread::current();
+    let name = thread
+        .name()
+        .filter(|n| *n != "main")
+        .expect("run under the test harness (each test on a thread named after it)");
+    name.rsplit("::").next().unwrap_or(name).replace('_', "-")
+}
+
 impl Topology {
+    /// The node of the running test (named after it, see [`test_name`]).
+    pub fn for_test() -> Self {
+        Self::new(&test_name())
+    }
+
+    /// Node `n` (pod subnet 10.244.<n>.0/24) of the running test.
+    pub fn for_test_node(n: u8) -> Self {
+        Self::with_subnet(&format!("{}-n{n}", test_name()), n)
+    }
+
     /// Creates the node namespace and its bridge (10.244.1.1/24, fd00::1/64).
     pub fn new(test: &str) -> Self {
         Self::with_subnet(test, 1)

@@ -76,7 +76,7 @@ fn outbound_capture_ipv4_and_ipv6() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("outb");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server_pod = topo.add_pod("server", 11);
     // Kernel debug records (aya-log) are drained into the agent's log at debug level.
@@ -125,7 +125,7 @@ fn inbound_plaintext_lands_on_15006_with_original_destination() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("inb");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server_pod = topo.add_pod("server", 11);
     let (mut agent, _) = start_agent(&topo, &[&server_pod]);
@@ -172,7 +172,7 @@ fn unenrolled_pods_are_untouched() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("unenr");
+    let mut topo = Topology::for_test();
     let enrolled = topo.add_pod("enrolled", 10);
     let plain_client = topo.add_pod("plain", 12);
     let plain_server = topo.add_pod("plainsrv", 13);
@@ -205,7 +205,7 @@ fn pod_dropped_from_config_is_released() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("drop");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server_pod = topo.add_pod("server", 11);
     let (mut agent, config) = start_agent(&topo, &[&client]);
@@ -243,7 +243,7 @@ fn invalid_config_change_keeps_last_good_state() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("badcfg");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server_pod = topo.add_pod("server", 11);
     let (mut agent, config) = start_agent(&topo, &[&client]);
@@ -301,7 +301,7 @@ fn kubelet_probes_reach_the_application_directly() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("probe");
+    let mut topo = Topology::for_test();
     let server_pod = topo.add_pod("server", 11);
     let (mut agent, _) = start_agent(&topo, &[&server_pod]);
     let (server, server6) = servers_on_9080(&server_pod);

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use ztunnel_e2e::agent::Agent;
 use ztunnel_e2e::mesh::{self, guide, Workload};
+use ztunnel_e2e::one_hop::OneHop;
 use ztunnel_e2e::topology::{Pod, Topology};
 use ztunnel_e2e::traffic::{exchange, in_netns, Server};
 use ztunnel_e2e::{metric_sum, require_root};
@@ -19,7 +20,7 @@ fn guide_walkthrough_hbone_access_log_round_robin_and_metrics() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("guide");
+    let mut topo = Topology::for_test();
     let pods: Vec<Pod> = guide::add_pods(&mut topo);
     let servers: Vec<Option<Server>> = pods
         .iter()
@@ -401,7 +402,7 @@ fn large_transfers_arrive_intact_both_ways_with_half_close() {
         return;
     }
     const LEN: u64 = 200 * 1024 * 1024;
-    let mut topo = Topology::new("bulk");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
     let yaml = mesh::yaml(
@@ -450,30 +451,17 @@ fn large_transfers_arrive_intact_both_ways_with_half_close() {
     assert!(line.contains(&format!("bytes_recv={}", LEN + 16)), "{line}");
 }
 
-/// One enrolled client and one server on a node, with the agent run with `log_args`.
-fn one_hop(test: &str, log_args: &[&str]) -> (Topology, Agent, Pod, Pod, Server) {
-    let mut topo = Topology::new(test);
-    let client = topo.add_pod("client", 10);
-    let server_pod = topo.add_pod("server", 11);
-    let server = Server::start(
-        server_pod.netns_path(),
-        SocketAddr::new(server_pod.ip4, 9080),
-    );
-    let yaml = mesh::yaml(&[Workload::hbone(&client, "client", "node-1")], &[]);
-    let (agent, _) = Agent::start_local(&topo, "node-1", &yaml, log_args);
-    (topo, agent, client, server_pod, server)
-}
-
 #[test]
 fn json_log_format_has_the_contract_keys() {
     if !require_root() {
         return;
     }
-    let (_topo, mut agent, client, server_pod, _server) =
-        one_hop("json", &["--log-format", "json"]);
-    let dst = SocketAddr::new(server_pod.ip4, 9080);
-    exchange(&client.netns_path(), dst, "j").expect("connection");
-    let line = agent.wait_log(&["connection complete", "\"direction\":\"outbound\""]);
+    let mut hop = OneHop::start(false, &["--log-format", "json"]);
+    let dst = hop.dst();
+    exchange(&hop.client.netns_path(), dst, "j").expect("connection");
+    let line = hop
+        .agent
+        .wait_log(&["connection complete", "\"direction\":\"outbound\""]);
     let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
     assert_eq!(v["level"], "info");
     assert_eq!(v["scope"], "access");
@@ -497,12 +485,11 @@ fn access_off_silences_the_access_log_only() {
     if !require_root() {
         return;
     }
-    let (_topo, agent, client, server_pod, server) =
-        one_hop("acoff", &["--log", "info,access=off"]);
-    let dst = SocketAddr::new(server_pod.ip4, 9080);
-    let got = exchange(&client.netns_path(), dst, "quiet").expect("traffic still flows");
+    let hop = OneHop::start(false, &["--log", "info,access=off"]);
+    let (agent, dst) = (&hop.agent, hop.dst());
+    let got = exchange(&hop.client.netns_path(), dst, "quiet").expect("traffic still flows");
     assert_eq!(got.response, "hello quiet");
-    assert_eq!(server.accepted().len(), 1);
+    assert_eq!(hop.app.accepted().len(), 1);
     // The metrics are updated from the same record at the same moment the access line would
     // be written: once they count the connection, the line would be there.
     ztunnel_e2e::wait_for(
@@ -530,7 +517,7 @@ fn authorization_on_hbone_and_plaintext() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("authz");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
     let outsider = topo.add_pod("outsider", 12);
@@ -616,7 +603,7 @@ fn late_rejection_closes_live_connections_when_policy_changes() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("late");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
     let outsider = topo.add_pod("outsider", 12);

@@ -87,7 +87,7 @@ fn diagnose_healthy_then_not_enrolled_then_listener_gone() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("diag");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
     let ghost = topo.add_pod("ghost", 12);
@@ -222,7 +222,7 @@ fn detached_links_are_named_and_a_restart_attaches_them_again() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("diagl");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
     let _app = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9080));

@@ -8,6 +8,7 @@ use ztunnel_agent::zds_proto::Version;
 use ztunnel_e2e::agent::{agent_binary, Agent};
 use ztunnel_e2e::cni::CniServer;
 use ztunnel_e2e::mesh::{self, Workload};
+use ztunnel_e2e::one_hop::OneHop;
 use ztunnel_e2e::topology::Topology;
 use ztunnel_e2e::traffic::{exchange, in_netns, Server};
 use ztunnel_e2e::{require_root, sh};
@@ -17,7 +18,7 @@ fn zds_add_del_and_malformed_messages() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("zds");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server_pod = topo.add_pod("server", 11);
     let server = Server::start(
@@ -105,7 +106,7 @@ fn restart_reuses_pinned_state() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("restart");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server_pod = topo.add_pod("server", 11);
     // A cgroup of its own, so bpftool's view holds only this agent's programs.
@@ -246,7 +247,7 @@ fn admin_logging_quit_and_loopback_only() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("admin");
+    let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
     let outsider = topo.add_pod("outsider", 12);
@@ -322,35 +323,28 @@ fn connections_open_at_agent_stop_still_get_their_log_lines() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new("stoplog");
-    let client = topo.add_pod("client", 10);
-    let server = topo.add_pod("server", 11);
-    let app = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9080));
-    let workloads = [
-        Workload::hbone(&client, "curl", "node-1"),
-        Workload::hbone(&server, "server", "node-1"),
-    ];
-    let (mut agent, _config) =
-        Agent::start_local(&topo, "node-1", &mesh::yaml(&workloads, &[]), &[]);
+    let mut hop = OneHop::start(true, &[]);
     // A connection held open through the tunnel (the test server answers only after EOF).
-    let dst = SocketAddr::new(server.ip4, 9080);
-    let _held = in_netns(&client.netns_path(), move || {
+    let dst = hop.dst();
+    let _held = in_netns(&hop.client.netns_path(), move || {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect(dst).expect("connect");
         s.write_all(b"hold").expect("write");
         s
     });
     ztunnel_e2e::wait_for("the connection live", Duration::from_secs(10), || {
-        (app.accepted().len() == 1).then_some(())
+        (hop.app.accepted().len() == 1).then_some(())
     });
     assert!(
-        agent.lines_with(&["connection complete"]).is_empty(),
+        hop.agent.lines_with(&["connection complete"]).is_empty(),
         "open: no line yet"
     );
-    agent.stop();
+    hop.agent.stop();
     // Both sides of the open tunnel were logged as the agent stopped, with the reason.
-    let lines = agent.lines_with(&["connection complete", "ended without finishing"]);
-    assert_eq!(lines.len(), 2, "{}", agent.log());
+    let lines = hop
+        .agent
+        .lines_with(&["connection complete", "ended without finishing"]);
+    assert_eq!(lines.len(), 2, "{}", hop.agent.log());
     for direction in ["direction=\"outbound\"", "direction=\"inbound\""] {
         let line = lines
             .iter()

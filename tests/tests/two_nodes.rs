@@ -41,8 +41,8 @@ fn hbone_across_and_within_nodes_and_passthrough() {
     if !require_root() {
         return;
     }
-    let mut n1 = Topology::with_subnet("xn1", 1);
-    let mut n2 = Topology::with_subnet("xn2", 2);
+    let mut n1 = Topology::for_test_node(1);
+    let mut n2 = Topology::for_test_node(2);
     Topology::link(&n1, &n2);
     let client = n1.add_pod("client", 10);
     let local = n1.add_pod("local", 11);
@@ -254,8 +254,8 @@ fn refusals_are_logged_with_reasons_and_do_not_disturb_others() {
     if !require_root() {
         return;
     }
-    let mut n1 = Topology::with_subnet("rf1", 1);
-    let mut n2 = Topology::with_subnet("rf2", 2);
+    let mut n1 = Topology::for_test_node(1);
+    let mut n2 = Topology::for_test_node(2);
     Topology::link(&n1, &n2);
     let client = n1.add_pod("client", 10);
     let good = n2.add_pod("good", 10);
