@@ -220,3 +220,116 @@ pub fn recent(namespace: &str, pod: &str, limit: usize) -> (Vec<Outcome>, Vec<Ou
     };
     (pick(&recent.all), pick(&recent.failed))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What a plain-format subscriber wrote on this thread.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    fn logged(
+        record: &ConnectionRecord,
+        error: Option<&(dyn std::error::Error + 'static)>,
+    ) -> String {
+        let out = Captured::default();
+        let subscriber = crate::telemetry::plain_subscriber("info", out.clone());
+        tracing::subscriber::with_default(subscriber, || write(record, error));
+        let text = out.0.lock().expect("lock").clone();
+        String::from_utf8(text).expect("utf-8")
+    }
+
+    fn id(sa: &str) -> Identity {
+        format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .parse()
+            .expect("id")
+    }
+
+    #[test]
+    fn the_guides_line_field_for_field() {
+        let mut r = ConnectionRecord::new(
+            Direction::Outbound,
+            "10.244.1.12:58508".parse().expect("a"),
+            "10.244.1.10:15008".parse().expect("a"),
+        );
+        r.src = Peer {
+            workload: Some("curl-7656cf8794-r7zb9".into()),
+            namespace: Some("default".into()),
+            identity: Some(id("curl")),
+            detail: None,
+        };
+        r.dst_hbone_addr = Some("10.244.1.10:9080".parse().expect("a"));
+        r.dst_service = Some("productpage.default.svc.cluster.local".into());
+        r.dst = Peer {
+            workload: Some("productpage-v1-87d54dd59-fn6vw".into()),
+            namespace: Some("default".into()),
+            identity: Some(id("bookinfo-productpage")),
+            detail: None,
+        };
+        r.bytes_sent = 80;
+        r.bytes_recv = 175;
+        let line = logged(&r, None);
+        let (prefix, fields) = line.split_once("connection complete ").expect("message");
+        let columns: Vec<&str> = prefix.split('\t').collect();
+        assert_eq!(&columns[1..], ["info", "access", ""], "{line}");
+        let fields = fields.trim_end();
+        let expected = "src.addr=10.244.1.12:58508 src.workload=\"curl-7656cf8794-r7zb9\" src.namespace=\"default\" src.identity=\"spiffe://cluster.local/ns/default/sa/curl\" dst.addr=10.244.1.10:15008 dst.hbone_addr=\"10.244.1.10:9080\" dst.service=\"productpage.default.svc.cluster.local\" dst.workload=\"productpage-v1-87d54dd59-fn6vw\" dst.namespace=\"default\" dst.identity=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\" direction=\"outbound\" bytes_sent=80 bytes_recv=175 duration=\"";
+        assert!(fields.starts_with(expected), "{fields}");
+        assert!(fields.ends_with("ms\""), "{fields}");
+    }
+
+    #[test]
+    fn missing_fields_are_left_out_and_failures_are_errors_with_their_chain() {
+        let r = ConnectionRecord::new(
+            Direction::Inbound,
+            "192.0.2.1:1234".parse().expect("a"),
+            "10.244.1.10:9080".parse().expect("a"),
+        );
+        let cause = std::io::Error::other("refused by the kernel");
+        #[derive(Debug, thiserror::Error)]
+        #[error("connection to 10.244.1.10:9080 failed")]
+        struct Outer(#[source] std::io::Error);
+        let line = logged(&r, Some(&Outer(cause)));
+        assert_eq!(line.split('\t').nth(1), Some("error"), "{line}");
+        for absent in [
+            "src.workload",
+            "src.identity",
+            "dst.hbone_addr",
+            "dst.service",
+        ] {
+            assert!(!line.contains(absent), "{absent} has no value: {line}");
+        }
+        assert!(
+            line.contains("error=\"connection to 10.244.1.10:9080 failed: refused by the kernel\""),
+            "{line}"
+        );
+        let (recent, failed) = recent("", "", 10);
+        assert!(recent
+            .iter()
+            .chain(&failed)
+            .any(|o| o.src == r.src_addr && o.error.is_some()));
+    }
+}

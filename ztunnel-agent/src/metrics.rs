@@ -394,3 +394,85 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(workload: &str) -> ConnectionRecord {
+        let mut r = ConnectionRecord::new(
+            Direction::Outbound,
+            "10.0.0.1:1000".parse().expect("a"),
+            "10.0.0.2:15008".parse().expect("a"),
+        );
+        r.src = Peer {
+            workload: Some(workload.into()),
+            namespace: Some("default".into()),
+            identity: Some(
+                "spiffe://cluster.local/ns/default/sa/a"
+                    .parse()
+                    .expect("id"),
+            ),
+            detail: None,
+        };
+        r.dst_service = Some("reviews.bookinfo.svc.cluster.local".into());
+        r
+    }
+
+    fn samples(metrics: &Metrics, name: &str, workload: &str) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| {
+                l.starts_with(name) && l.contains(&format!("source_workload=\"{workload}\""))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn labels_in_istios_order_with_unknowns() {
+        let metrics = Metrics::new();
+        let opened = metrics.opened(&record("lbl"));
+        opened.sent.inc_by(3);
+        let line = &samples(&metrics, "istio_tcp_connections_opened_total{", "lbl")[0];
+        assert!(line.starts_with("istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"lbl\",source_canonical_service=\"unknown\","), "{line}");
+        assert!(
+            line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/a\""),
+            "{line}"
+        );
+        assert!(line.contains("destination_service=\"reviews.bookinfo.svc.cluster.local\",destination_service_namespace=\"bookinfo\",destination_service_name=\"reviews\""), "{line}");
+        assert!(line.ends_with("request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 1"), "{line}");
+        assert_eq!(
+            samples(&metrics, "istio_tcp_sent_bytes_total{", "lbl").len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_failed_close_keeps_its_bytes_under_the_open_labels_and_names_the_flag() {
+        let metrics = Metrics::new();
+        let opened = metrics.opened(&record("flag"));
+        opened.received.inc_by(7);
+        metrics.closed(&opened, ResponseFlag::Deny);
+        let closed = samples(&metrics, "istio_tcp_connections_closed_total{", "flag");
+        assert_eq!(closed.len(), 1);
+        assert!(
+            closed[0].contains("response_flags=\"DENY\""),
+            "{}",
+            closed[0]
+        );
+        let received = samples(&metrics, "istio_tcp_received_bytes_total{", "flag");
+        assert!(
+            received[0].contains("response_flags=\"-\"") && received[0].ends_with(" 7"),
+            "{received:?}"
+        );
+        metrics.failed(&record("never"), ResponseFlag::TlsFailure);
+        let failed = samples(&metrics, "istio_tcp_connections_failed_total{", "never");
+        assert!(
+            failed[0].contains("response_flags=\"TLS_FAILURE\""),
+            "{failed:?}"
+        );
+        assert!(samples(&metrics, "istio_tcp_connections_opened_total{", "never").is_empty());
+    }
+}
