@@ -16,7 +16,7 @@ use crate::proxy::hbone::Pool;
 use crate::proxy::MeshContext;
 use crate::readiness::Readiness;
 use crate::redirect::{kernel, Redirect};
-use crate::state::SharedState;
+use crate::state::{PodRef, SharedState};
 use crate::xds::client::XdsClient;
 
 const BLOCK_EBPF: &str = "ebpf attached";
@@ -250,10 +250,10 @@ async fn follow_workloads(
     changed: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let names = |state: &crate::state::MeshState| -> std::collections::BTreeSet<(String, String)> {
+    let names = |state: &crate::state::MeshState| -> std::collections::BTreeSet<PodRef> {
         state
             .workloads()
-            .map(|w| (w.namespace.clone(), w.name.clone()))
+            .map(|w| PodRef::new(w.namespace.as_str(), w.name.as_str()))
             .collect()
     };
     let mut known = names(&mesh.state.snapshot());
@@ -271,7 +271,7 @@ async fn follow_workloads(
         }
         let mut enrollment = enrollment.lock().await;
         for pod in enrollment.status() {
-            if removed.contains(&(pod.namespace.clone(), pod.name.clone())) {
+            if removed.contains(&PodRef::new(pod.namespace.as_str(), pod.name.as_str())) {
                 match enrollment.park(&pod.uid).await {
                     Ok(_) => {
                         tracing::info!(pod = %pod.name, namespace = %pod.namespace, "pod unenrolled: its workload was removed from xDS (enrolled again if it returns)")
@@ -282,7 +282,7 @@ async fn follow_workloads(
                 }
             }
         }
-        for (namespace, name) in added {
+        for PodRef { namespace, name } in added {
             match enrollment.unpark(&namespace, &name).await {
                 Ok(0) => {}
                 Ok(_) => {

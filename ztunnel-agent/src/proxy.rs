@@ -57,6 +57,11 @@ pub enum Error {
 
 impl Classify for Error {}
 
+/// Where a captured connection was meant to go (what the application dialled), as opposed
+/// to the peer address of the accepted socket or the address the agent dials instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst(pub SocketAddr);
+
 /// A connection being opened (boxed: [`PodSockets`] is used as a trait object).
 pub type Connecting<'a> = Pin<Box<dyn Future<Output = Result<TcpStream, Error>> + Send + 'a>>;
 
@@ -68,12 +73,12 @@ pub trait PodSockets: Send + Sync {
     fn connect(&self, dst: SocketAddr) -> Connecting<'_>;
 
     /// Where an outbound connection accepted on 15001 from `peer` was meant to go.
-    fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> SocketAddr;
+    fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> OriginalDst;
 
     /// Where an inbound plaintext connection accepted on 15006 was meant to go: the accepted
     /// socket's local address (`sk_lookup` steers without rewriting it).
-    fn inbound_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
-        stream.local_addr()
+    fn inbound_dst(&self, stream: &TcpStream) -> io::Result<OriginalDst> {
+        stream.local_addr().map(OriginalDst)
     }
 }
 

@@ -15,6 +15,42 @@ use self::policy::Authorization;
 use self::service::Service;
 use self::workload::{HealthStatus, NetworkAddress, Workload};
 
+/// A pod named the way operators name it, `<namespace>/<pod>` (and xDS and istio-cni agree
+/// on: a Kubernetes UID or an xDS uid is a different key, see `MeshState::pod_workload`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+}
+
+impl PodRef {
+    /// `namespace/name`.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `<namespace>/<pod>` (both parts non-empty, one slash).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Some(Self::new(ns, name))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// A state that cannot be built, naming the offending resource.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

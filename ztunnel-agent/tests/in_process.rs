@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use ztunnel_agent::identity::ca::LocalCa;
 use ztunnel_agent::identity::manager::CertManager;
 use ztunnel_agent::proxy::hbone::Pool;
-use ztunnel_agent::proxy::{self, Connecting, MeshContext, PodProxy, PodSockets};
+use ztunnel_agent::proxy::{self, Connecting, MeshContext, OriginalDst, PodProxy, PodSockets};
 use ztunnel_agent::state::SharedState;
 
 /// A scratch directory removed when the test ends (pass or fail).
@@ -115,19 +115,14 @@ impl PodSockets for LoopbackSockets {
         })
     }
 
-    fn original_dst(&self, _stream: &TcpStream, _peer: SocketAddr) -> SocketAddr {
-        self.orig_dst
-            .lock()
-            .expect("orig")
-            .expect("the test set an original destination")
+    fn original_dst(&self, _stream: &TcpStream, _peer: SocketAddr) -> OriginalDst {
+        let dst = self.orig_dst.lock().expect("orig");
+        OriginalDst(dst.expect("the test set an original destination"))
     }
 
-    fn inbound_dst(&self, _stream: &TcpStream) -> io::Result<SocketAddr> {
-        Ok(self
-            .inbound_dst
-            .lock()
-            .expect("inbound")
-            .expect("the test set it"))
+    fn inbound_dst(&self, _stream: &TcpStream) -> io::Result<OriginalDst> {
+        let dst = self.inbound_dst.lock().expect("inbound");
+        Ok(OriginalDst(dst.expect("the test set it")))
     }
 }
 

@@ -22,8 +22,8 @@ pub fn run(args: &DiagnoseArgs) -> ExitCode {
         },
     };
     let mut path = format!("/debug/diagnose?window_ms={}", args.window_ms);
-    if let Some((ns, name)) = &target {
-        path.push_str(&format!("&pod={ns}/{name}"));
+    if let Some(pod) = &target {
+        path.push_str(&format!("&pod={pod}"));
     }
     let evidence = match super::admin_client::fetch_json(args.admin_address, &path) {
         Ok(v) => v,
@@ -49,7 +49,7 @@ pub fn run(args: &DiagnoseArgs) -> ExitCode {
         }
     };
     let report = match &target {
-        Some((ns, name)) => pod_report(&evidence, ns, name),
+        Some(pod) => pod_report(&evidence, &pod.namespace, &pod.name),
         None => node_report(&evidence),
     };
     if !args.json {

@@ -128,14 +128,10 @@ fn pod_evidence(p: PodFacts) -> PodEvidence {
 
 /// Gathers the evidence (agent side): everything but the counters at once, then the counters
 /// again after `window`, without holding the enrollment lock while waiting.
-pub async fn collect(
-    ctx: &DiagnoseHandler,
-    query: Option<(String, String)>,
-    window: Duration,
-) -> Evidence {
+pub async fn collect(ctx: &DiagnoseHandler, query: Option<PodRef>, window: Duration) -> Evidence {
     let only = query
         .as_ref()
-        .map(|(ns, name)| (ns.as_str(), name.as_str()));
+        .map(|p| (p.namespace.as_str(), p.name.as_str()));
     let (pods, links, config, certs, state, parked) = {
         let enrollment = ctx.enrollment.lock().await;
         let redirect = enrollment.redirect();
@@ -162,7 +158,7 @@ pub async fn collect(
             pod.counters_after = counter_map(&enrollment.counters(pod.netns_cookie));
         }
     }
-    let query = query.map(|(namespace, name)| {
+    let query = query.map(|PodRef { namespace, name }| {
         // No uid here: the operator names the pod.
         let workload = state
             .pod_workload("", &namespace, &name)

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::accesslog::Outcome;
+pub use crate::state::PodRef;
 use crate::xds::client::XdsStatus;
 
 /// The default counter window.
@@ -188,13 +189,8 @@ pub struct WorkloadEvidence {
 }
 
 /// Parses `<namespace>/<pod>`.
-pub fn parse_pod_ref(text: &str) -> Option<(String, String)> {
-    match text.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Some((ns.to_string(), name.to_string()))
-        }
-        _ => None,
-    }
+pub fn parse_pod_ref(text: &str) -> Option<PodRef> {
+    PodRef::parse(text)
 }
 
 /// Counters as a name -> value map.

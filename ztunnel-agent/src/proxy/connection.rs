@@ -116,9 +116,13 @@ impl Connection {
     /// A connection accepted now.
     pub fn new(direction: Direction, src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        // Debug level: the access-log line carries what an operator needs at info, and a
+        // recorded span costs memory for as long as the connection lives (about 0.6 KiB per
+        // idle connection measured); with `ztunnel_agent::proxy=debug` every line a
+        // connection's handler writes names the connection.
         let span = match direction {
-            Direction::Outbound => tracing::info_span!("outbound", id, src.addr = %src_addr),
-            Direction::Inbound => tracing::info_span!("inbound", id, src.addr = %src_addr),
+            Direction::Outbound => tracing::debug_span!("outbound", id, src.addr = %src_addr),
+            Direction::Inbound => tracing::debug_span!("inbound", id, src.addr = %src_addr),
         };
         Self {
             record: ConnectionRecord::new(direction, src_addr, dst_addr),

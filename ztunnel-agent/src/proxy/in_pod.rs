@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{Connecting, Error, PodSockets, CONNECT_TIMEOUT};
+use super::{Connecting, Error, OriginalDst, PodSockets, CONNECT_TIMEOUT};
 use crate::netns::PodNetns;
 use crate::redirect::OrigDstTable;
 use crate::socket::{set_agent_mark, so_original_dst};
@@ -45,16 +45,18 @@ impl PodSockets for InPodSockets {
         })
     }
 
-    fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> SocketAddr {
+    fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> OriginalDst {
         if let Some(dst) = self.orig_dst.take(self.netns.cookie(), peer) {
-            return dst;
+            return OriginalDst(dst);
         }
         if let Ok(dst) = so_original_dst(stream.as_fd(), peer.is_ipv6()) {
-            return dst;
+            return OriginalDst(dst);
         }
-        stream
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        OriginalDst(
+            stream
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+        )
     }
 }
 

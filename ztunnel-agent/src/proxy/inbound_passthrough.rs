@@ -16,7 +16,7 @@ use crate::accesslog::{Direction, Peer};
 /// Serves one captured inbound connection.
 pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
     let dst = match pod.sockets.inbound_dst(&client) {
-        Ok(addr) => addr,
+        Ok(super::OriginalDst(addr)) => addr,
         Err(e) => {
             tracing::warn!(src.addr = %peer, error = %e, "connection failed: no local address");
             return;

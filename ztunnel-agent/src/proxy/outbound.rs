@@ -145,7 +145,7 @@ fn peer_of(w: &Arc<Workload>, with_identity: bool) -> Peer {
 
 /// Serves one captured outbound connection.
 pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
-    let dst = pod.sockets.original_dst(&client, peer);
+    let super::OriginalDst(dst) = pod.sockets.original_dst(&client, peer);
     let mut conn = Connection::new(Direction::Outbound, peer, dst);
     let span = conn.span();
     let result = proxy(&pod, client, dst, &mut conn).instrument(span).await;
