@@ -219,6 +219,31 @@ impl Node {
     }
 }
 
+impl Node {
+    /// `<p>-client` dialling `<p>-server`'s 10.0.0.2:8080 over HBONE, the server's application
+    /// being `app`.
+    async fn hbone_pair(&self, p: &str, app: SocketAddr) -> (Pod, Pod) {
+        let client = self.pod(&format!("{p}-client")).await;
+        let server = self.pod(&format!("{p}-server")).await;
+        *client.sockets.orig_dst.lock().expect("orig") = Some(addr("10.0.0.2:8080"));
+        client.sockets.route(addr("10.0.0.2:15008"), server.hbone);
+        server.sockets.route(addr("10.0.0.2:8080"), app);
+        (client, server)
+    }
+}
+
+impl Pod {
+    /// The pod's outbound connections are meant for `dst`, which is reached at `real`.
+    fn send_to(&self, dst: &str, real: SocketAddr) {
+        *self.sockets.orig_dst.lock().expect("orig") = Some(addr(dst));
+        self.sockets.route(addr(dst), real);
+    }
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("a socket address")
+}
+
 /// Runs `test` on a current-thread runtime with this thread's logs captured.
 fn run<F: std::future::Future<Output = ()>>(logs: &Logs, test: F) {
     let subscriber = ztunnel_agent::telemetry::plain_subscriber("info", logs.clone());
@@ -354,16 +379,8 @@ fn hbone_round_trip_logs_both_sides_and_counts_match() {
     let logs = Logs::default();
     run(&logs, async {
         let node = Node::new("hbone-rt", &mesh_yaml("hrt"));
-        let client = node.pod("hrt-client").await;
-        let server = node.pod("hrt-server").await;
         let (app, served) = sink_server(b"pong").await;
-        *client.sockets.orig_dst.lock().expect("o") = Some("10.0.0.2:8080".parse().expect("a"));
-        client
-            .sockets
-            .route("10.0.0.2:15008".parse().expect("a"), server.hbone);
-        server
-            .sockets
-            .route("10.0.0.2:8080".parse().expect("a"), app);
+        let (client, _server) = node.hbone_pair("hrt", app).await;
 
         let mut s = TcpStream::connect(client.outbound).await.expect("connect");
         s.write_all(b"ping over hbone").await.expect("write");
@@ -418,16 +435,8 @@ fn hbone_bytes_metrics_move_during_a_long_transfer_and_equal_the_log() {
     let logs = Logs::default();
     run(&logs, async {
         let node = Node::new("hbone-long", &mesh_yaml("hlong"));
-        let client = node.pod("hlong-client").await;
-        let server = node.pod("hlong-server").await;
         let (app, app_read) = counting_server().await;
-        *client.sockets.orig_dst.lock().expect("o") = Some("10.0.0.2:8080".parse().expect("a"));
-        client
-            .sockets
-            .route("10.0.0.2:15008".parse().expect("a"), server.hbone);
-        server
-            .sockets
-            .route("10.0.0.2:8080".parse().expect("a"), app);
+        let (client, _server) = node.hbone_pair("hlong", app).await;
         let labels = ["source_workload=\"hlong-client\"", "reporter=\"source\""];
 
         let mut s = TcpStream::connect(client.outbound).await.expect("connect");
@@ -462,10 +471,7 @@ fn passthrough_bytes_metrics_move_during_a_long_transfer_and_equal_the_log() {
         let client = node.pod("plong-client").await;
         let (app, app_read) = counting_server().await;
         // 10.0.0.3 is a TCP (non-HBONE) workload: plain passthrough, spliced in the kernel.
-        *client.sockets.orig_dst.lock().expect("o") = Some("10.0.0.3:8080".parse().expect("a"));
-        client
-            .sockets
-            .route("10.0.0.3:8080".parse().expect("a"), app);
+        client.send_to("10.0.0.3:8080", app);
         let labels = [
             "source_workload=\"plong-client\"",
             "destination_workload=\"plong-plain\"",
@@ -499,10 +505,7 @@ fn a_passthrough_connection_reset_mid_transfer_keeps_its_byte_counts() {
         let client = node.pod("preset-client").await;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("app");
         let app = listener.local_addr().expect("addr");
-        *client.sockets.orig_dst.lock().expect("o") = Some("10.0.0.3:8080".parse().expect("a"));
-        client
-            .sockets
-            .route("10.0.0.3:8080".parse().expect("a"), app);
+        client.send_to("10.0.0.3:8080", app);
         const SENT: usize = 3 * CHUNK;
         // The application reads exactly what was sent, answers a little, then resets.
         let server = tokio::spawn(async move {
@@ -555,16 +558,8 @@ fn a_connection_dropped_with_its_runtime_still_gets_its_line() {
         .expect("runtime");
     let node = Node::new("dropped", &mesh_yaml("drop"));
     let held = runtime.block_on(async {
-        let client = node.pod("drop-client").await;
-        let server = node.pod("drop-server").await;
         let (app, app_read) = counting_server().await;
-        *client.sockets.orig_dst.lock().expect("o") = Some("10.0.0.2:8080".parse().expect("a"));
-        client
-            .sockets
-            .route("10.0.0.2:15008".parse().expect("a"), server.hbone);
-        server
-            .sockets
-            .route("10.0.0.2:8080".parse().expect("a"), app);
+        let (client, _server) = node.hbone_pair("drop", app).await;
         let mut s = TcpStream::connect(client.outbound).await.expect("connect");
         s.write_all(b"held open").await.expect("write");
         wait_until("the bytes to arrive", || {
