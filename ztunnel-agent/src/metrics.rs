@@ -1,7 +1,7 @@
 //! Prometheus metrics on 15020: Istio's `istio_tcp_*` connection metrics with Istio's labels
 //! in Istio's order. A connection's labels come from its access-log record; its byte counters
-//! move as bytes move (see `proxy::connection`), so counters and log agree at every moment
-//! and exactly at the end.
+//! move as bytes move (see `proxy::connection`), and when the connection ends the log's totals
+//! equal what the counters gained.
 
 use std::sync::{Arc, OnceLock};
 
@@ -78,9 +78,10 @@ impl ResponseFlag {
 
 /// An established connection's metric handles: its labels (as counted opened) and the two
 /// byte counters it increments as bytes move.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct OpenedConnection {
-    labels: TcpLabels,
+    /// The labels it was counted opened with (for [`Metrics::closed`]).
+    pub labels: TcpLabels,
     /// `istio_tcp_sent_bytes_total` for this connection's labels.
     pub sent: Counter,
     /// `istio_tcp_received_bytes_total` for this connection's labels.
@@ -366,11 +367,11 @@ impl Metrics {
 
     /// Counts an established connection that ended, with `flag` saying how. A clean close is
     /// counted under the labels it was opened with (the same set, not rebuilt).
-    pub fn closed(&self, opened: &OpenedConnection, flag: ResponseFlag) {
+    pub fn closed(&self, opened: &TcpLabels, flag: ResponseFlag) {
         if flag == ResponseFlag::None {
-            self.closed.get_or_create(&opened.labels).inc();
+            self.closed.get_or_create(opened).inc();
         } else {
-            let mut labels = opened.labels.clone();
+            let mut labels = opened.clone();
             labels.response_flags = flag.as_str();
             self.closed.get_or_create(&labels).inc();
         }
@@ -454,7 +455,7 @@ mod tests {
         let metrics = Metrics::new();
         let opened = metrics.opened(&record("flag"));
         opened.received.inc_by(7);
-        metrics.closed(&opened, ResponseFlag::Deny);
+        metrics.closed(&opened.labels, ResponseFlag::Deny);
         let closed = samples(&metrics, "istio_tcp_connections_closed_total{", "flag");
         assert_eq!(closed.len(), 1);
         assert!(

@@ -195,8 +195,9 @@ impl PodProxy {
     }
 }
 
-/// Accepts on `listener` until cancelled, handing each connection to `handle`, which runs
-/// as its own task (within the connection's span, see [`connection::Connection`]).
+/// Accepts on `listener` until cancelled, handing each accepted socket to `handle`, which runs
+/// as its own task (the handlers create a [`connection::Connection`] per connection, and the
+/// HBONE server one per CONNECT stream).
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     pod: Arc<PodProxy>,

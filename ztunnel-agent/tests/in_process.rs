@@ -246,7 +246,12 @@ fn addr(text: &str) -> SocketAddr {
 
 /// Runs `test` on a current-thread runtime with this thread's logs captured.
 fn run<F: std::future::Future<Output = ()>>(logs: &Logs, test: F) {
-    let subscriber = ztunnel_agent::telemetry::plain_subscriber("info", logs.clone());
+    run_logging("info", logs, test)
+}
+
+/// [`run`] with the log filter `filter`.
+fn run_logging<F: std::future::Future<Output = ()>>(filter: &str, logs: &Logs, test: F) {
+    let subscriber = ztunnel_agent::telemetry::plain_subscriber(filter, logs.clone());
     let _guard = tracing::subscriber::set_default(subscriber);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -328,18 +333,22 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 
 const CHUNK: usize = 256 * 1024;
 
-/// Sends `chunks` chunks through `client`, waiting after each until the application read it,
-/// checking after each that the byte counter under `labels` already moved (the connection is
-/// still open: nothing is logged for it yet).
-async fn stream_and_watch_counter(
-    client: &mut TcpStream,
+/// Streams 8 chunks from `client`'s pod through the proxy, checking after each (once the
+/// application read it) that `istio_tcp_sent_bytes_total` under `labels` already moved while
+/// the connection is still open and unlogged; then closes and returns the outbound line, whose
+/// `bytes_sent` must equal the counter.
+async fn long_transfer(
+    logs: &Logs,
+    client: &Pod,
     app_read: &Arc<std::sync::atomic::AtomicUsize>,
-    chunks: usize,
+    who: &str,
     labels: &[&str],
-) {
+) -> String {
+    const CHUNKS: usize = 8;
+    let mut s = TcpStream::connect(client.outbound).await.expect("connect");
     let chunk = vec![7u8; CHUNK];
-    for i in 1..=chunks {
-        client.write_all(&chunk).await.expect("client write");
+    for i in 1..=CHUNKS {
+        s.write_all(&chunk).await.expect("client write");
         let want = i * CHUNK;
         wait_until("the application to read the chunk", || {
             app_read.load(std::sync::atomic::Ordering::Relaxed) >= want
@@ -351,6 +360,17 @@ async fn stream_and_watch_counter(
             "after {want} bytes reached the application the counter shows {counted}"
         );
     }
+    assert!(logs.access(&[who]).is_empty(), "still open: no line yet");
+    s.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.expect("EOF");
+    let outbound = [who, "direction=\"outbound\""];
+    wait_until("the outbound line", || !logs.access(&outbound).is_empty()).await;
+    let line = logs.access(&outbound).remove(0);
+    let logged: u64 = field(&line, "bytes_sent").parse().expect("number");
+    assert_eq!(logged, (CHUNKS * CHUNK) as u64, "{line}");
+    assert_eq!(metric("istio_tcp_sent_bytes_total", labels), logged);
+    line
 }
 
 /// An application that counts what it reads (until EOF) and then closes.
@@ -377,7 +397,7 @@ async fn counting_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) 
 #[test]
 fn hbone_round_trip_logs_both_sides_and_counts_match() {
     let logs = Logs::default();
-    run(&logs, async {
+    run_logging("info,ztunnel_agent::proxy=debug", &logs, async {
         let node = Node::new("hbone-rt", &mesh_yaml("hrt"));
         let (app, served) = sink_server(b"pong").await;
         let (client, _server) = node.hbone_pair("hrt", app).await;
@@ -425,7 +445,20 @@ fn hbone_round_trip_logs_both_sides_and_counts_match() {
         assert_eq!(metric("istio_tcp_received_bytes_total", &in_labels), 15);
         assert_eq!(metric("istio_tcp_connections_opened_total", &out_labels), 1);
         assert_eq!(metric("istio_tcp_connections_closed_total", &out_labels), 1);
-        // The span of the connection carries its id on the agent's other lines.
+        // With the proxy at debug, the handler's other lines name the connection.
+        let captured: Vec<String> = logs
+            .text()
+            .lines()
+            .filter(|l| l.contains("captured connection"))
+            .map(str::to_string)
+            .collect();
+        assert!(
+            captured
+                .iter()
+                .any(|l| l.contains("span=\"outbound{id=")
+                    && l.contains("original_dst=10.0.0.2:8080")),
+            "{captured:?}"
+        );
         node.cancel.cancel();
     });
 }
@@ -438,27 +471,7 @@ fn hbone_bytes_metrics_move_during_a_long_transfer_and_equal_the_log() {
         let (app, app_read) = counting_server().await;
         let (client, _server) = node.hbone_pair("hlong", app).await;
         let labels = ["source_workload=\"hlong-client\"", "reporter=\"source\""];
-
-        let mut s = TcpStream::connect(client.outbound).await.expect("connect");
-        stream_and_watch_counter(&mut s, &app_read, 8, &labels).await;
-        assert!(
-            logs.access(&["hlong-client"]).is_empty(),
-            "still open: no line yet"
-        );
-        s.shutdown().await.expect("half-close");
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).await.expect("EOF");
-
-        wait_until("the outbound line", || {
-            !logs
-                .access(&["hlong-client", "direction=\"outbound\""])
-                .is_empty()
-        })
-        .await;
-        let line = &logs.access(&["hlong-client", "direction=\"outbound\""])[0];
-        let logged: u64 = field(line, "bytes_sent").parse().expect("number");
-        assert_eq!(logged, (8 * CHUNK) as u64, "{line}");
-        assert_eq!(metric("istio_tcp_sent_bytes_total", &labels), logged);
+        long_transfer(&logs, &client, &app_read, "hlong-client", &labels).await;
         node.cancel.cancel();
     });
 }
@@ -476,23 +489,8 @@ fn passthrough_bytes_metrics_move_during_a_long_transfer_and_equal_the_log() {
             "source_workload=\"plong-client\"",
             "destination_workload=\"plong-plain\"",
         ];
-
-        let mut s = TcpStream::connect(client.outbound).await.expect("connect");
-        stream_and_watch_counter(&mut s, &app_read, 8, &labels).await;
-        assert!(
-            logs.access(&["plong-client"]).is_empty(),
-            "still open: no line yet"
-        );
-        s.shutdown().await.expect("half-close");
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).await.expect("EOF");
-
-        wait_until("the line", || !logs.access(&["plong-client"]).is_empty()).await;
-        let line = &logs.access(&["plong-client"])[0];
+        let line = long_transfer(&logs, &client, &app_read, "plong-client", &labels).await;
         assert!(line.contains("dst.addr=10.0.0.3:8080"), "{line}");
-        let logged: u64 = field(line, "bytes_sent").parse().expect("number");
-        assert_eq!(logged, (8 * CHUNK) as u64, "{line}");
-        assert_eq!(metric("istio_tcp_sent_bytes_total", &labels), logged);
         node.cancel.cancel();
     });
 }
@@ -603,7 +601,8 @@ fn inbound_plaintext_is_authorized_and_denials_are_logged_with_deny() {
         // Plaintext has no identity: the principal-only ALLOW policy denies it.
         let mut s = TcpStream::connect(server.inbound).await.expect("connect");
         let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got).await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+        assert!(closed.is_ok(), "the proxy closes a denied connection");
         assert!(got.is_empty(), "nothing from the application");
         wait_until("the line", || !logs.access(&["pin-server"]).is_empty()).await;
         let line = &logs.access(&["pin-server"])[0];
@@ -632,7 +631,8 @@ fn a_self_call_to_the_agents_ports_is_refused() {
         *client.sockets.orig_dst.lock().expect("o") = Some("10.0.0.9:15001".parse().expect("a"));
         let mut s = TcpStream::connect(client.outbound).await.expect("connect");
         let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got).await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+        assert!(closed.is_ok(), "the proxy closes a refused connection");
         wait_until("the line", || !logs.access(&["self-client"]).is_empty()).await;
         let line = &logs.access(&["self-client"])[0];
         assert!(
@@ -640,6 +640,32 @@ fn a_self_call_to_the_agents_ports_is_refused() {
             "{line}"
         );
         node.cancel.cancel();
-        let _ = client.inbound;
+    });
+}
+
+#[test]
+fn inbound_plaintext_counts_what_the_application_answers_as_sent() {
+    let logs = Logs::default();
+    run(&logs, async {
+        let node = Node::new("inbound-ok", &mesh_yaml("pok"));
+        let server = node.pod("pok-server").await;
+        let (app, served) = sink_server(b"pong").await;
+        *server.sockets.inbound_dst.lock().expect("i") = Some(addr("10.0.0.2:8080"));
+        server.sockets.route(addr("10.0.0.2:8080"), app);
+        let mut s = TcpStream::connect(server.inbound).await.expect("connect");
+        s.write_all(b"hello").await.expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.expect("reply");
+        assert_eq!(reply, b"pong");
+        assert_eq!(served.await.expect("app"), b"hello");
+        wait_until("the line", || !logs.access(&["pok-server"]).is_empty()).await;
+        let line = &logs.access(&["pok-server"])[0];
+        assert!(line.contains("direction=\"inbound\""), "{line}");
+        assert!(!line.contains("error="), "{line}");
+        // Inbound, the reporting side sends what the application answers.
+        assert_eq!(field(line, "bytes_sent"), "4", "{line}");
+        assert_eq!(field(line, "bytes_recv"), "5", "{line}");
+        node.cancel.cancel();
     });
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::accesslog::{ConnectionRecord, Direction};
-use crate::metrics::{OpenedConnection, ResponseFlag};
+use crate::metrics::{OpenedConnection, ResponseFlag, TcpLabels};
 
 /// Connection ids, unique in this process (the span's `id`).
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -70,8 +70,14 @@ impl Classify for crate::authz::Denied {
 /// A connection dropped before it finished: its task was cancelled (the agent stopping) or
 /// panicked.
 #[derive(Debug, thiserror::Error)]
-#[error("connection ended without finishing: the agent stopped (or its task was cancelled) while it was open")]
-pub struct Unfinished;
+pub enum Unfinished {
+    /// Dropped: the runtime shut down (agent stop) or the task was aborted.
+    #[error("connection ended without finishing: the agent stopped (or its task was cancelled) while it was open")]
+    Cancelled,
+    /// Its handler panicked.
+    #[error("connection ended without finishing: its handler panicked (a bug: please report it with the agent's log)")]
+    Panicked,
+}
 
 impl Classify for Unfinished {}
 
@@ -107,7 +113,8 @@ pub struct Connection {
     pub sent: Meter,
     /// Bytes received.
     pub received: Meter,
-    opened: Option<OpenedConnection>,
+    /// Set once established: the labels it was counted opened with.
+    opened: Option<TcpLabels>,
     span: tracing::Span,
     finished: bool,
 }
@@ -142,15 +149,14 @@ impl Connection {
     /// Marks the connection established (both ends connected): counted as opened, and from
     /// now on its bytes move the byte counters.
     pub fn established(&mut self) {
-        let opened = crate::metrics::global().opened(&self.record);
-        self.sent.metric = Some(opened.sent.clone());
-        self.received.metric = Some(opened.received.clone());
-        self.opened = Some(opened);
-    }
-
-    /// Whether [`Connection::established`] was called.
-    pub fn is_established(&self) -> bool {
-        self.opened.is_some()
+        let OpenedConnection {
+            labels,
+            sent,
+            received,
+        } = crate::metrics::global().opened(&self.record);
+        self.sent.metric = Some(sent);
+        self.received.metric = Some(received);
+        self.opened = Some(labels);
     }
 
     /// Ends the connection: one access-log line, the closing (or failed) metric, the recent
@@ -179,7 +185,11 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         if !self.finished {
-            let unfinished = Unfinished;
+            let unfinished = if std::thread::panicking() {
+                Unfinished::Panicked
+            } else {
+                Unfinished::Cancelled
+            };
             self.end(Some((&unfinished, unfinished.response_flag())));
         }
     }

@@ -128,7 +128,7 @@ async fn handle_connect(
     let accepted = accept_connect(&pod, client, &req, authority, target, &mut conn)
         .instrument(span.clone())
         .await;
-    let (app, tracked) = match accepted {
+    let (app, target) = match accepted {
         Ok(accepted) => accepted,
         Err(refusal) => {
             // Logged before the answer, so the line exists once the client sees the status.
@@ -140,6 +140,12 @@ async fn handle_connect(
         let send = respond(&mut answer, StatusCode::OK, false)
             .map_err(|source| Error::H2 { peer, source })?;
         conn.established();
+        let tracked = pod.mesh.tracker.track(
+            pod.clone(),
+            peer.ip(),
+            conn.record.src.identity.clone(),
+            target,
+        );
         // Inbound: the reporting side sends what the application answers.
         tokio::select! {
             relayed = crate::proxy::copy::tunnel(app, send, req.into_body(), &conn.sent, &conn.received) => relayed?,
@@ -152,7 +158,8 @@ async fn handle_connect(
     conn.finish(result);
 }
 
-/// Checks a CONNECT (method, authority, self-call, policy) and connects to the application.
+/// Checks a CONNECT (method, authority, self-call, policy) and connects to the application;
+/// returns the application's socket and address.
 async fn accept_connect(
     pod: &Arc<PodProxy>,
     client: Identity,
@@ -160,7 +167,7 @@ async fn accept_connect(
     authority: Option<String>,
     target: Option<SocketAddr>,
     conn: &mut Connection,
-) -> Result<(TcpStream, crate::proxy::tracker::Tracked), Refusal> {
+) -> Result<(TcpStream, SocketAddr), Refusal> {
     let peer = conn.record.src_addr;
     conn.record.dst_hbone_addr = target;
     let mesh = pod.mesh.state.snapshot();
@@ -200,11 +207,5 @@ async fn accept_connect(
         .connect(target)
         .await
         .map_err(|e| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
-    let tracked = pod.mesh.tracker.track(
-        pod.clone(),
-        peer.ip(),
-        conn.record.src.identity.clone(),
-        target,
-    );
-    Ok((app, tracked))
+    Ok((app, target))
 }
