@@ -32,6 +32,8 @@ pub struct Agent {
     node: PathBuf,
     args: Vec<String>,
     dir: PathBuf,
+    /// Log file prefix (`agent`, or the name of an agent started beside another).
+    name: String,
 }
 
 impl Agent {
@@ -73,6 +75,30 @@ impl Agent {
             node: topo.node_path(),
             args: args.iter().map(|s| s.to_string()).collect(),
             dir,
+            name: "agent".into(),
+        };
+        agent.spawn(0);
+        agent
+    }
+
+    /// A second agent started beside `first`, as a surge rollout starts the new agent pod
+    /// while the old one runs: the same pin directory, CA directory and arguments, in its own
+    /// network namespace `netns`; its log is `<name>-<generation>.log`. It does not wait
+    /// for readiness.
+    pub fn start_beside(first: &Agent, netns: PathBuf, name: &str) -> Self {
+        let mut args = first.args.clone();
+        if !args.iter().any(|a| a == "--ca-dir") {
+            args.push("--ca-dir".into());
+            args.push(first.dir.join("ca").display().to_string());
+        }
+        let mut agent = Self {
+            child: None,
+            log_path: PathBuf::new(),
+            pin_dir: first.pin_dir.clone(),
+            node: netns,
+            args,
+            dir: first.dir.clone(),
+            name: name.into(),
         };
         agent.spawn(0);
         agent
@@ -89,7 +115,7 @@ impl Agent {
     }
 
     fn spawn(&mut self, generation: u32) {
-        self.log_path = self.dir.join(format!("agent-{generation}.log"));
+        self.log_path = self.dir.join(format!("{}-{generation}.log", self.name));
         let log = std::fs::File::create(&self.log_path).expect("create agent log");
         let err = log.try_clone().expect("clone log fd");
         // A CA of the test's own unless the test shares one between agents.
@@ -192,10 +218,17 @@ impl Agent {
 
     /// SIGTERM and wait; the pinned redirect stays.
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
         let mut child = self.child.take().expect("agent running");
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         child.wait().expect("wait for agent")
+    }
+
+    /// Sends `signal` to the agent without waiting (SIGTERM starts a drain; see
+    /// [`Agent::wait_exit`]).
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("agent running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
     }
 
     /// Starts the agent again with the same arguments (a restart).

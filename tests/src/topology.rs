@@ -214,6 +214,16 @@ impl Topology {
         sh("ip", &args);
     }
 
+    /// An extra namespace with only loopback (`<prefix>-<name>`), deleted with the topology:
+    /// where a second agent runs during an overlapping upgrade (its admin, metrics and
+    /// readiness ports apart from the first's, as two agent pods have).
+    pub fn add_bare_netns(&self, name: &str) -> PathBuf {
+        let netns = format!("{}-{name}", self.prefix);
+        sh("ip", &["netns", "add", &netns]);
+        sh("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        PathBuf::from(format!("/var/run/netns/{netns}"))
+    }
+
     /// Path of the node namespace file.
     pub fn node_path(&self) -> PathBuf {
         PathBuf::from(format!("/var/run/netns/{}", self.node))

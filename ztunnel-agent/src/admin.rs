@@ -35,7 +35,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// An admin server whose `/quitquitquit` cancels `shutdown`.
+    /// An admin server whose `/quitquitquit` cancels `shutdown` (the agent then drains).
     pub fn new(shutdown: CancellationToken) -> Self {
         Self {
             handlers: Vec::new(),
@@ -60,7 +60,7 @@ impl Admin {
         ));
         list.push((
             "/quitquitquit",
-            "POST: stop the agent (kernel redirect stays pinned)",
+            "POST: drain and stop the agent, as SIGTERM does (kernel redirect stays pinned)",
         ));
         list
     }

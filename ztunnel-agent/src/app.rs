@@ -7,6 +7,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::enroll::{self, Enrollment};
 use crate::identity::ca::LocalCa;
 use crate::identity::caclient::CaClient;
@@ -23,9 +24,12 @@ const BLOCK_EBPF: &str = "ebpf attached";
 const BLOCK_PODS: &str = "pods enrolled";
 const BLOCK_XDS: &str = "xds synced";
 const BLOCK_CERTS: &str = "certificates ready";
+const BLOCK_DRAINING: &str = "draining";
 
-/// Runs the agent until SIGTERM/SIGINT or `POST /quitquitquit`. The kernel redirect stays
-/// pinned on exit, so enrolled pods stay captured (fail closed) until the next agent.
+/// Runs the agent until SIGTERM/SIGINT or `POST /quitquitquit`, then drains (see
+/// [`crate::drain`]). The kernel redirect stays pinned on exit, so enrolled pods stay
+/// captured (fail closed) until the next agent, or are served by an agent already running
+/// beside this one (an overlapping upgrade).
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // The local config is validated before anything touches the kernel.
     if let Some(path) = &config.local_xds_path {
@@ -39,7 +43,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let readiness = Readiness::default();
     readiness.block(BLOCK_EBPF);
     readiness.block(BLOCK_PODS);
+    // `stop`: SIGTERM, SIGINT or /quitquitquit asked the agent to stop (it drains);
+    // `draining`: stop taking new work (pod sources); `shutdown`: the drain is over, every
+    // remaining task ends.
+    let stop = CancellationToken::new();
+    let draining = CancellationToken::new();
     let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
 
     let readiness_listener = crate::http::bind(config.readiness_addr, "readiness").await?;
     let metrics_listener = crate::http::bind(config.metrics_addr, "metrics").await?;
@@ -73,9 +83,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         certs: Arc::new(certs),
         pool: Arc::new(Pool::default()),
         tracker: Arc::default(),
+        drain: Drain::default(),
+        keepalive: config.keepalive,
     });
     tokio::spawn(mesh.pool.clone().run_eviction(shutdown.clone()));
-    let enrollment = Arc::new(Mutex::new(Enrollment::new(redirect, host, mesh.clone())));
+    let mut enrollment = Enrollment::new(redirect, host, mesh.clone());
+    enrollment.set_readiness(readiness.clone());
+    let enrollment = Arc::new(Mutex::new(enrollment));
     let scrape = enrollment.clone();
     crate::metrics::global().set_pod_counters_source(Arc::new(move || {
         // A scrape during an enrollment change skips the pod counters once rather than wait.
@@ -144,11 +158,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             mesh.clone(),
             enrollment.clone(),
             changed,
-            shutdown.clone(),
+            draining.clone(),
         ));
         xds_synced = Some(synced_rx);
     }
-    let mut admin = crate::admin::Admin::new(shutdown.clone());
+    let mut admin = crate::admin::Admin::new(stop.clone());
     admin.add_handler(Arc::new(crate::config_dump::ConfigDumpHandler {
         enrollment: enrollment.clone(),
         config_json,
@@ -196,31 +210,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             mesh.clone(),
             enrollment.clone(),
             text,
-            shutdown.clone(),
+            draining.clone(),
         ));
     }
     if let Some(uds) = &config.inpod_uds {
         let synced = Arc::new(Notify::new());
+        // Closed when draining starts: istio-cni then talks to the agent that replaces this
+        // one.
         tokio::spawn(enroll::zds::run(
             uds.clone(),
             enrollment.clone(),
             synced.clone(),
-            shutdown.clone(),
+            draining.clone(),
         ));
         tokio::select! {
             _ = synced.notified() => {}
-            _ = shutdown.cancelled() => {}
-            _ = signal() => shutdown.cancel(),
+            _ = stop.cancelled() => {}
         }
     }
     if let Some(synced) = xds_synced {
         tokio::select! {
             _ = synced => readiness.unblock(BLOCK_XDS),
-            _ = shutdown.cancelled() => {}
-            _ = signal() => shutdown.cancel(),
+            _ = stop.cancelled() => {}
         }
     }
-    if !shutdown.is_cancelled() {
+    if !stop.is_cancelled() {
         // The pods' certificates were requested during enrollment: readiness waits for them
         // from now (track_certificates keeps it in step afterwards).
         sync_cert_blocker(&mesh.certs, &readiness);
@@ -231,13 +245,52 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         readiness.unblock(BLOCK_PODS);
     }
 
-    tokio::select! {
-        _ = shutdown.cancelled() => tracing::info!("shutdown requested"),
-        _ = signal() => tracing::info!("signal received, shutting down"),
+    stop.cancelled().await;
+    // Not ready from this moment: the kubelet and load balancers stop sending work.
+    readiness.block(BLOCK_DRAINING);
+    draining.cancel();
+    let live = mesh.drain.live();
+    tracing::info!(
+        live_connections = live,
+        deadline = ?config.drain_deadline,
+        "draining: listeners closed (new connections go to the next agent's sockets), HBONE peers sent GOAWAY; live connections run until they end or the deadline"
+    );
+    let started = std::time::Instant::now();
+    let open = mesh.drain.run(config.drain_deadline, DRAIN_GRACE).await;
+    if open > 0 {
+        tracing::warn!(
+            closed = open,
+            "drain deadline reached: connections still open were closed (each has its access-log line)"
+        );
     }
+    tracing::info!(elapsed = ?started.elapsed(), "drained; exiting");
     shutdown.cancel();
     mesh.certs.stop();
     Ok(())
+}
+
+/// How long connections closed at the drain deadline get to record their ends.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Cancels `stop` on SIGTERM or SIGINT (listening from the start, so a signal that arrives
+/// while the agent is still starting is not lost).
+async fn stop_on_signal(stop: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stop the agent with POST /quitquitquit");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, draining"),
+        _ = stop.cancelled() => {
+            tracing::info!("stop requested (POST /quitquitquit), draining");
+            return;
+        }
+    }
+    stop.cancel();
 }
 
 /// Follows the mesh state: a pod whose workload was removed from xDS is taken out of capture
@@ -353,16 +406,5 @@ async fn track_certificates(
             r = changes.changed() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,
         }
-    }
-}
-
-async fn signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

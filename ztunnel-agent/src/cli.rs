@@ -206,6 +206,50 @@ pub struct RunArgs {
     /// Readiness server.
     #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+    /// The agent pod's termination grace period, in seconds (as upstream ztunnel, from the
+    /// pod spec): on SIGTERM live connections may run on until a drain deadline a few seconds
+    /// shorter than it, then are closed.
+    #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS", default_value_t = 30)]
+    pub termination_grace_period_seconds: u64,
+    /// TCP keepalive on every socket the agent accepts or opens.
+    #[arg(long, env = "KEEPALIVE_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub keepalive_enabled: bool,
+    /// Idle time before the first keepalive probe (e.g. `180s`, `3m`).
+    #[arg(long, env = "KEEPALIVE_TIME", default_value = "180s", value_parser = parse_duration)]
+    pub keepalive_time: std::time::Duration,
+    /// Time between keepalive probes.
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "180s", value_parser = parse_duration)]
+    pub keepalive_interval: std::time::Duration,
+    /// Unanswered probes before a connection is dropped.
+    #[arg(long, env = "KEEPALIVE_RETRIES", default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..=127))]
+    pub keepalive_retries: u32,
+}
+
+/// A duration as upstream's settings write it: `180s`, `3m`, `500ms`, `1h`, or bare seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: write e.g. 180s, 3m, 500ms"))?;
+    let d = match unit {
+        "" | "s" => std::time::Duration::from_secs(n),
+        "ms" => std::time::Duration::from_millis(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        "h" => std::time::Duration::from_secs(n * 3600),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`: use ms, s, m or h"
+            ))
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("`{text}`: the duration must be more than zero"));
+    }
+    Ok(d)
 }
 
 /// Prints `error: <e and its causes>` and returns failure.

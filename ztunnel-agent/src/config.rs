@@ -82,6 +82,23 @@ pub struct Config {
     pub log_filter: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// How long live connections may run on after SIGTERM before they are closed.
+    pub drain_deadline: std::time::Duration,
+    /// TCP keepalive on accepted and dialled sockets (None: off).
+    pub keepalive: Option<crate::socket::Keepalive>,
+}
+
+/// The drain deadline for a pod grace period: the kubelet SIGKILLs at the grace period, so
+/// the agent closes what is left a little before, leaving time to log and exit cleanly
+/// (upstream ztunnel does the same).
+pub fn drain_deadline(grace_period: std::time::Duration) -> std::time::Duration {
+    const MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+    if grace_period > MARGIN * 2 {
+        grace_period - MARGIN
+    } else {
+        // Short grace periods: keep half for the connections.
+        grace_period / 2
+    }
 }
 
 impl Config {
@@ -178,6 +195,14 @@ impl Config {
             readiness_addr: args.readiness_addr,
             log_filter: args.log_filter.clone(),
             log_format: args.log_format,
+            drain_deadline: drain_deadline(std::time::Duration::from_secs(
+                args.termination_grace_period_seconds,
+            )),
+            keepalive: args.keepalive_enabled.then_some(crate::socket::Keepalive {
+                time: args.keepalive_time,
+                interval: args.keepalive_interval,
+                retries: args.keepalive_retries,
+            }),
         })
     }
 }

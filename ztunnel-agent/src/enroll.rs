@@ -157,6 +157,11 @@ pub struct Enrollment {
     mesh: Arc<MeshContext>,
     pods: BTreeMap<String, EnrolledPod>,
     parked: BTreeMap<String, ParkedPod>,
+    /// A pod its source handed over but that could not be served blocks readiness (named
+    /// after the pod) until it is enrolled or removed.
+    readiness: Option<crate::readiness::Readiness>,
+    /// The blockers set for such pods, by uid.
+    unserved: BTreeMap<String, String>,
 }
 
 impl Enrollment {
@@ -169,7 +174,33 @@ impl Enrollment {
             mesh,
             pods: BTreeMap::new(),
             parked: BTreeMap::new(),
+            readiness: None,
+            unserved: BTreeMap::new(),
         }
+    }
+
+    /// Reports pods that cannot be served as readiness blockers (`pod <ns>/<name> not
+    /// served`): during an overlapping upgrade the new agent then stays unready, and the old
+    /// one keeps serving, instead of the pod losing its proxy.
+    pub fn set_readiness(&mut self, readiness: crate::readiness::Readiness) {
+        self.readiness = Some(readiness);
+    }
+
+    fn served(&mut self, uid: &str) {
+        if let (Some(blocker), Some(readiness)) = (self.unserved.remove(uid), &self.readiness) {
+            readiness.unblock(&blocker);
+        }
+    }
+
+    fn not_served(&mut self, spec: &PodSpec) {
+        let blocker = format!(
+            "pod {}/{} not served (its enrollment failed: see the log or `ztunnel-agent diagnose`)",
+            spec.namespace, spec.name
+        );
+        if let Some(readiness) = &self.readiness {
+            readiness.block(blocker.clone());
+        }
+        self.unserved.insert(spec.uid.clone(), blocker);
     }
 
     /// Takes a pod out of capture, keeping its namespace to enroll it again with
@@ -299,8 +330,25 @@ impl Enrollment {
         &self.redirect
     }
 
-    /// Enrolls a pod (or re-enrolls it if its namespace or addresses changed).
+    /// Enrolls a pod (or re-enrolls it if its namespace or addresses changed). A pod that
+    /// fails blocks readiness until it is enrolled or removed.
     pub async fn enroll(
+        &mut self,
+        source: Source,
+        spec: PodSpec,
+        netns: PodNetns,
+    ) -> Result<(), Error> {
+        let uid = spec.uid.clone();
+        let failed = spec.clone();
+        let result = self.try_enroll(source, spec, netns).await;
+        match &result {
+            Ok(()) => self.served(&uid),
+            Err(_) => self.not_served(&failed),
+        }
+        result
+    }
+
+    async fn try_enroll(
         &mut self,
         source: Source,
         spec: PodSpec,
@@ -456,7 +504,9 @@ impl Enrollment {
     /// Removes a pod: capture stops, then its listeners close. Returns whether it was
     /// enrolled.
     pub async fn unenroll(&mut self, uid: &str) -> Result<bool, Error> {
-        // Removed by its source: a parked copy is forgotten too.
+        // Removed by its source: a parked copy is forgotten too, and a failure to serve it
+        // no longer matters.
+        self.served(uid);
         let was_parked = self.parked.remove(uid).is_some();
         let Some(mut pod) = self.pods.remove(uid) else {
             return Ok(was_parked);
@@ -475,6 +525,15 @@ impl Enrollment {
     pub async fn retain(&mut self, source: Source, keep: &[String]) -> Result<(), Error> {
         self.parked
             .retain(|uid, p| p.source != source || keep.contains(uid));
+        let forgotten: Vec<String> = self
+            .unserved
+            .keys()
+            .filter(|uid| !keep.contains(uid) && !self.pods.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in forgotten {
+            self.served(&uid);
+        }
         let gone: Vec<String> = self
             .pods
             .iter()
@@ -489,11 +548,24 @@ impl Enrollment {
 
     /// Removes from the kernel maps the pods a previous run enrolled that no source has
     /// enrolled again. Call once every pod source has had its initial sync.
+    ///
+    /// A pod whose inbound listener is still registered in the kernel is served by another
+    /// live agent (the one this agent replaces, during an overlapping upgrade): the kernel
+    /// drops a socket from `INBOUND_LISTENERS` when its process closes it, so a registered
+    /// listener proves a live owner. Such a pod is left alone; removing it would let its
+    /// traffic bypass that agent's proxy.
     pub fn sweep_stale(&mut self) -> Result<usize, Error> {
         let live: Vec<NetnsCookie> = self.pods.values().map(|p| p.netns.cookie()).collect();
         let mut swept = 0;
         for cookie in self.redirect.enrolled_cookies() {
-            if !live.contains(&cookie) {
+            if live.contains(&cookie) {
+                continue;
+            }
+            if self.redirect.has_live_listener(cookie) {
+                tracing::warn!(netns_cookie = %cookie, "a pod in the kernel maps that no source gave this agent is served by another live agent: left as it is");
+                continue;
+            }
+            {
                 self.redirect.remove_pod(cookie)?;
                 tracing::info!(netns_cookie = %cookie, "removed a pod left over from a previous run");
                 swept += 1;
@@ -517,6 +589,7 @@ fn open_listeners(
         }
     }
     let opened = netns.run(|| {
+        migrate_requests_on_close();
         addrs
             .iter()
             .map(|addr| {
@@ -533,6 +606,19 @@ fn open_listeners(
     })
 }
 
+/// Turns on `net.ipv4.tcp_migrate_req` (Linux 5.14; it covers IPv6 too) in the current
+/// network namespace (call it from inside the pod's): when the draining agent closes its
+/// listener, connections already in its accept queue move to the new agent's listener in
+/// the same `SO_REUSEPORT` group instead of being reset. Without it (older kernels) those
+/// few connections are reset, as with upstream ztunnel.
+fn migrate_requests_on_close() {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    // /proc/sys/net shows the namespace of the thread that opens it.
+    if let Err(e) = std::fs::write(SYSCTL, "1") {
+        tracing::debug!(error = %e, "{SYSCTL} not set: queued connections are reset when a draining agent closes its listeners");
+    }
+}
+
 fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -543,6 +629,10 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    // Another agent (the one this replaces, or its replacement during an overlapping
+    // upgrade) may hold the same port in the pod: both listen, the kernel spreads new
+    // connections over the group, and when one closes the other takes over.
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod config_dump;
 pub mod diagnose;
+pub mod drain;
 pub mod enroll;
 pub mod http;
 pub mod identity;

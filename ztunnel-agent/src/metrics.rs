@@ -107,6 +107,59 @@ struct UrlLabels {
     url: String,
 }
 
+/// Why an accept failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AcceptErrorLabels {
+    error: &'static str,
+}
+
+/// The process's descriptor figures, read at scrape time under the names Prometheus'
+/// process collectors (and upstream ztunnel) use: fd exhaustion is visible before it bites.
+#[derive(Debug, Default)]
+struct ProcessCollector;
+
+impl ProcessCollector {
+    fn open_fds() -> Option<i64> {
+        let entries = std::fs::read_dir("/proc/self/fd").ok()?;
+        // Minus the descriptor read_dir itself holds.
+        Some(entries.count() as i64 - 1)
+    }
+
+    fn max_fds() -> Option<i64> {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit with a valid pointer to a local rlimit.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        (rc == 0).then(|| i64::try_from(limit.rlim_cur).unwrap_or(i64::MAX))
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in [
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                Self::open_fds(),
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                Self::max_fds(),
+            ),
+        ] {
+            if let Some(value) = value {
+                let gauge = prometheus_client::metrics::gauge::ConstGauge::new(value);
+                let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+                gauge.encode(metric)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reads every enrolled pod's kernel counters: (pod, namespace, counters).
 pub type PodCountersSource = Arc<dyn Fn() -> Vec<(String, String, PodCounters)> + Send + Sync>;
 
@@ -168,6 +221,7 @@ pub struct Metrics {
     xds_terminations: Family<TerminationLabels, Counter>,
     xds_messages: Family<UrlLabels, Counter>,
     xds_bytes: Family<UrlLabels, Counter>,
+    accept_errors: Family<AcceptErrorLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -279,6 +333,13 @@ impl Metrics {
         let redirect = RedirectCollector::default();
         let pod_counters = redirect.0.clone();
         registry.register_collector(Box::new(redirect));
+        registry.register_collector(Box::new(ProcessCollector));
+        let accept_errors = Family::<AcceptErrorLabels, Counter>::default();
+        registry.register(
+            "ztunnel_accept_errors",
+            "Failed accepts on the pods' listeners, by errno (EMFILE: the agent is out of file descriptors)",
+            accept_errors.clone(),
+        );
         Self {
             pod_counters,
             registry,
@@ -290,7 +351,15 @@ impl Metrics {
             xds_terminations,
             xds_messages,
             xds_bytes,
+            accept_errors,
         }
+    }
+
+    /// Counts a failed accept (`EMFILE`, `ENFILE`, `ENOMEM`, `other`).
+    pub fn accept_failed(&self, error: &'static str) {
+        self.accept_errors
+            .get_or_create(&AcceptErrorLabels { error })
+            .inc();
     }
 
     /// Counts an xDS stream that ended (`ConnectionError`, `Error`, `Reconnect`, `Complete`).

@@ -93,9 +93,27 @@ pub struct MeshContext {
     pub pool: Arc<hbone::Pool>,
     /// Live inbound connections (late policy rejection).
     pub tracker: Arc<tracker::Tracker>,
+    /// The agent's drain signals and live-connection count.
+    pub drain: crate::drain::Drain,
+    /// TCP keepalive on every accepted and dialled socket (None: off).
+    pub keepalive: Option<crate::socket::Keepalive>,
 }
 
 impl MeshContext {
+    /// Sets the options every socket the agent accepts or opens gets: TCP keepalive, and
+    /// `TCP_NODELAY` (small writes such as a CONNECT's 200 or a request's reply go out at
+    /// once instead of waiting up to 40 ms for the peer's delayed ACK).
+    pub fn socket_options(&self, stream: &TcpStream) {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        if let Some(keepalive) = &self.keepalive {
+            if let Err(e) = keepalive.apply(stream) {
+                tracing::debug!(error = %e, "TCP keepalive not set");
+            }
+        }
+    }
+
     /// Installs a new mesh state from any source (local file, xDS) and closes the live
     /// connections its policies now deny (late rejection).
     pub fn apply_state(&self, next: crate::state::MeshState) {
@@ -138,7 +156,9 @@ impl std::fmt::Debug for PodProxy {
 impl PodProxy {
     /// Opens a TCP connection to `dst` as the pod (see [`PodSockets::connect`]).
     pub async fn connect(&self, dst: SocketAddr) -> Result<TcpStream, Error> {
-        self.sockets.connect(dst).await
+        let stream = self.sockets.connect(dst).await?;
+        self.mesh.socket_options(&stream);
+        Ok(stream)
     }
 
     /// This pod's workload in `mesh` (by uid, else by namespace and name: istio-cni names
@@ -195,9 +215,10 @@ impl PodProxy {
     }
 }
 
-/// Accepts on `listener` until cancelled, handing each accepted socket to `handle`, which runs
-/// as its own task (the handlers create a [`connection::Connection`] per connection, and the
-/// HBONE server one per CONNECT stream).
+/// Accepts on `listener` until `cancel` (the pod leaves) or the agent begins draining,
+/// handing each accepted socket to `handle`, which runs as its own task, counted as live
+/// for the drain (the handlers create a [`connection::Connection`] per connection, and the
+/// HBONE server one per CONNECT stream). Returning closes the listener.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     pod: Arc<PodProxy>,
@@ -207,17 +228,20 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(Arc<PodProxy>, TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let drain = pod.mesh.drain.clone();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
+            _ = drain.started() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    // Small writes (a CONNECT's 200, a request's reply) go out at once rather
-                    // than wait for the peer's delayed ACK (Nagle: up to 40 ms per exchange).
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::debug!(pod = %pod.name, error = %e, "TCP_NODELAY not set");
-                    }
-                    tokio::spawn(handle(pod.clone(), stream, peer));
+                    pod.mesh.socket_options(&stream);
+                    let live = drain.track();
+                    let work = handle(pod.clone(), stream, peer);
+                    tokio::spawn(async move {
+                        work.await;
+                        drop(live);
+                    });
                 }
                 // The socket stopped listening (shut down behind the agent's back, or its
                 // namespace torn down): accepting again would fail forever.
@@ -235,11 +259,64 @@ pub async fn accept_loop<F, Fut>(
                     return;
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off briefly rather than spin.
-                    tracing::warn!(pod = %pod.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors (EMFILE, ENFILE) or memory: the connection stays in
+                    // the kernel's queue; back off so the loop never spins, and try again
+                    // (it recovers as soon as descriptors free up).
+                    accept_failed(&pod, &listener, &e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        _ = cancel.cancelled() => return,
+                        _ = drain.started() => return,
+                    }
                 }
             }
         }
     }
+}
+
+/// Wait after a failed accept before the next try.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per this interval for failed accepts (a flood of EMFILE would
+/// otherwise write thousands of lines a second).
+const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Counts a failed accept and logs it at most once per [`ACCEPT_LOG_INTERVAL`], with how
+/// many were not logged since the last line.
+fn accept_failed(pod: &PodProxy, listener: &TcpListener, e: &io::Error) {
+    static LAST: std::sync::Mutex<Option<(std::time::Instant, u64)>> = std::sync::Mutex::new(None);
+    let reason = match e.raw_os_error() {
+        Some(libc::EMFILE) => "EMFILE",
+        Some(libc::ENFILE) => "ENFILE",
+        Some(libc::ENOBUFS) | Some(libc::ENOMEM) => "ENOMEM",
+        _ => "other",
+    };
+    crate::metrics::global().accept_failed(reason);
+    let now = std::time::Instant::now();
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let suppressed = match &mut *last {
+        Some((at, suppressed)) if now.duration_since(*at) < ACCEPT_LOG_INTERVAL => {
+            *suppressed += 1;
+            return;
+        }
+        Some((_, suppressed)) => *suppressed,
+        None => 0,
+    };
+    *last = Some((now, 0));
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let hint = match reason {
+        "EMFILE" => ": the agent is out of file descriptors (see process_open_fds and process_max_fds; raise the limit or find the pod holding them)",
+        "ENFILE" => ": the node is out of file descriptors (fs.file-max)",
+        _ => "",
+    };
+    tracing::error!(
+        pod = %pod.name,
+        namespace = %pod.namespace,
+        listener = %addr,
+        error = %e,
+        suppressed,
+        "accept failed{hint}; new connections wait in the kernel's queue (retrying every {ACCEPT_BACKOFF:?}; `suppressed` counts the failures not logged since the last line)"
+    );
 }

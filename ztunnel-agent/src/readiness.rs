@@ -6,19 +6,20 @@ use std::sync::{Arc, Mutex};
 /// Shared readiness state.
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {
-    blockers: Arc<Mutex<BTreeSet<&'static str>>>,
+    blockers: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Readiness {
     /// Adds a blocker.
-    pub fn block(&self, name: &'static str) {
-        if self.lock().insert(name) {
+    pub fn block(&self, name: impl Into<String>) {
+        let name = name.into();
+        if self.lock().insert(name.clone()) {
             tracing::info!(blocker = name, "not ready");
         }
     }
 
     /// Removes a blocker.
-    pub fn unblock(&self, name: &'static str) {
+    pub fn unblock(&self, name: &str) {
         let mut blockers = self.lock();
         if blockers.remove(name) {
             tracing::info!(blocker = name, "readiness blocker cleared");
@@ -29,11 +30,11 @@ impl Readiness {
     }
 
     /// The blockers left (empty: ready).
-    pub fn pending(&self) -> Vec<&'static str> {
-        self.lock().iter().copied().collect()
+    pub fn pending(&self) -> Vec<String> {
+        self.lock().iter().cloned().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<&'static str>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.blockers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -93,3 +93,38 @@ pub fn so_original_dst(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<SocketAddr>
         ))),
     }
 }
+
+/// TCP keepalive for every socket the agent accepts or opens (upstream's `KEEPALIVE_*`
+/// settings): a peer that vanished without a FIN or RST is noticed, and middleboxes that
+/// drop idle flows (cloud load balancers, conntrack) keep them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe (`TCP_KEEPIDLE`).
+    pub time: std::time::Duration,
+    /// Between probes (`TCP_KEEPINTVL`).
+    pub interval: std::time::Duration,
+    /// Unanswered probes before the connection is dropped (`TCP_KEEPCNT`).
+    pub retries: u32,
+}
+
+impl Default for Keepalive {
+    /// Upstream ztunnel's defaults: 180 s, 180 s, 9 probes.
+    fn default() -> Self {
+        Self {
+            time: std::time::Duration::from_secs(180),
+            interval: std::time::Duration::from_secs(180),
+            retries: 9,
+        }
+    }
+}
+
+impl Keepalive {
+    /// Turns keepalive on for `socket` with these timings.
+    pub fn apply(&self, socket: &impl std::os::fd::AsFd) -> io::Result<()> {
+        let params = socket2::TcpKeepalive::new()
+            .with_time(self.time)
+            .with_interval(self.interval)
+            .with_retries(self.retries);
+        socket2::SockRef::from(socket).set_tcp_keepalive(&params)
+    }
+}

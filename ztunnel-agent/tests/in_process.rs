@@ -155,6 +155,8 @@ impl Node {
             certs,
             pool: Arc::new(Pool::default()),
             tracker: Arc::default(),
+            drain: Default::default(),
+            keepalive: Some(Default::default()),
         });
         Self {
             mesh,

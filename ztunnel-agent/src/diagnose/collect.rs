@@ -177,12 +177,7 @@ pub async fn collect(ctx: &DiagnoseHandler, query: Option<PodRef>, window: Durat
     Evidence {
         version: env!("CARGO_PKG_VERSION").to_string(),
         node: ctx.node.clone(),
-        not_ready: ctx
-            .readiness
-            .pending()
-            .into_iter()
-            .map(String::from)
-            .collect(),
+        not_ready: ctx.readiness.pending(),
         pin_dir: config.pin_dir.display().to_string(),
         cgroup: config.cgroup.display().to_string(),
         cgroup_id: std::fs::metadata(&config.cgroup).ok().map(|m| m.ino()),

@@ -61,6 +61,9 @@ where
 /// A relay's I/O failure: the connection was established, then broke.
 impl Classify for io::Error {}
 
+/// Closed by the agent's drain deadline.
+impl Classify for crate::drain::DeadlineReached {}
+
 impl Classify for crate::authz::Denied {
     fn response_flag(&self) -> ResponseFlag {
         ResponseFlag::Deny

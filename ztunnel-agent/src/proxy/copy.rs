@@ -10,9 +10,11 @@
 //! soon as one side ends (END_STREAM one way, shutdown(SHUT_WR) the other).
 
 use std::future::poll_fn;
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -25,6 +27,9 @@ const INITIAL: usize = 1024;
 /// Largest buffer size.
 const MAX: usize = 256 * 1024;
 
+/// A connection whose grown read buffer saw no data for this long gives it back.
+const SHRINK_AFTER: Duration = Duration::from_secs(2);
+
 /// Socket to HBONE stream: reads become DATA frames, within HTTP/2 flow control.
 struct ToStream {
     buf: BytesMut,
@@ -33,6 +38,9 @@ struct ToStream {
     /// Read from the socket, not yet handed to HTTP/2.
     pending: Bytes,
     done: bool,
+    /// Armed while the buffer is larger than [`INITIAL`] and the socket is quiet: when it
+    /// fires, the buffer a burst grew is freed, so an idle connection costs little again.
+    shrink: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl ToStream {
@@ -42,6 +50,36 @@ impl ToStream {
             size: INITIAL,
             pending: Bytes::new(),
             done: false,
+            shrink: None,
+        }
+    }
+
+    /// The socket is quiet: arm (or re-arm) the shrink timer while the buffer is grown, and
+    /// shrink once it fires.
+    fn quiet(&mut self, cx: &mut Context<'_>) {
+        if self.size <= INITIAL {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + SHRINK_AFTER;
+        let timer = self
+            .shrink
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_ready() {
+            // Fired without a read in between: give the memory back.
+            self.shrink = None;
+            self.size = INITIAL;
+            if self.buf.is_empty() {
+                self.buf = BytesMut::new();
+            }
+        }
+    }
+
+    /// Data arrived: the quiet period is over.
+    fn busy(&mut self) {
+        if let Some(timer) = self.shrink.as_mut() {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + SHRINK_AFTER);
         }
     }
 
@@ -82,7 +120,10 @@ impl ToStream {
                 // The socket is quiet: notice the peer resetting the stream (or the connection
                 // dying) now, not at the application's next write.
                 Poll::Pending => match to.poll_reset(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        self.quiet(cx);
+                        return Poll::Pending;
+                    }
                     // "No more, thanks": stop sending, without error.
                     Poll::Ready(Ok(reason)) if reason == h2::Reason::NO_ERROR => {
                         self.done = true;
@@ -101,6 +142,7 @@ impl ToStream {
             if n >= self.size && self.size < MAX {
                 self.size *= 2;
             }
+            self.busy();
             self.pending = self.buf.split().freeze();
         }
     }

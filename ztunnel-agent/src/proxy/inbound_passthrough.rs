@@ -24,7 +24,8 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
     };
     let mut conn = Connection::new(Direction::Inbound, peer, dst);
     let span = conn.span();
-    let result = proxy(&pod, client, dst, &mut conn).instrument(span).await;
+    let work = proxy(&pod, client, dst, &mut conn);
+    let result = pod.mesh.drain.until_deadline(work).instrument(span).await;
     conn.finish(result);
 }
 

@@ -228,6 +228,15 @@ impl Redirect {
         cookies
     }
 
+    /// Whether a live socket (this agent's or another running agent's) is registered as
+    /// the pod's inbound listener; the kernel removes a socket from the map when it closes.
+    pub fn has_live_listener(&self, cookie: NetnsCookie) -> bool {
+        self.listeners
+            .keys()
+            .filter_map(Result::ok)
+            .any(|k| k.netns_cookie == cookie.0)
+    }
+
     /// A pod as the kernel maps hold it.
     pub fn pod_view(&self, cookie: NetnsCookie, ips: &[IpAddr]) -> PodKernelView {
         let c = cookie.0;

@@ -57,8 +57,11 @@ pub(super) async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<ClientConne
     let closed = Arc::new(AtomicBool::new(false));
     let ping = connection.ping_pong();
     let ended = closed.clone();
+    let drain = pod.mesh.drain.clone();
     tokio::spawn(async move {
         tokio::select! {
+            // Past the drain deadline no stream may still be open on it.
+            _ = drain.deadline() => {}
             result = connection => if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %ErrorChain(&e), "HBONE connection closed");
             },

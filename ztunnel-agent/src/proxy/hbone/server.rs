@@ -54,17 +54,24 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
         Err(_) => return fail(Error::HandshakeTimeout(peer)),
     };
     let mut keepalive = std::pin::pin!(keepalive(conn.ping_pong()));
+    let drain = pod.mesh.drain.clone();
+    let mut draining = false;
     loop {
         tokio::select! {
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
-                    tokio::spawn(handle_connect(
+                    let live = drain.track();
+                    let work = handle_connect(
                         pod.clone(),
                         peer,
                         client_identity.clone(),
                         req,
                         respond,
-                    ));
+                    );
+                    tokio::spawn(async move {
+                        work.await;
+                        drop(live);
+                    });
                 }
                 Some(Err(e)) => {
                     tracing::debug!(src.addr = %peer, error = %ErrorChain(&e), "HBONE connection ended");
@@ -76,6 +83,14 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
                 tracing::warn!(src.addr = %peer, "HBONE connection closed: {why}");
                 return;
             }
+            // Draining: GOAWAY tells the client to open no new stream here (its pool opens
+            // a new connection, which the kernel gives to the next agent's listener); the
+            // streams already open run on, and `accept` ends once they have.
+            _ = drain.started(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+            _ = drain.deadline() => return,
         }
     }
 }
@@ -152,9 +167,8 @@ async fn handle_connect(
             denied = tracked.revoked() => return Err(denied.into()),
         }
         Ok(())
-    }
-    .instrument(span)
-    .await;
+    };
+    let result = pod.mesh.drain.until_deadline(result).instrument(span).await;
     conn.finish(result);
 }
 
