@@ -1,6 +1,7 @@
 //! A real agent process, started in the node's network namespace with its own pin
 //! directory; stopped and uninstalled on drop.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -84,9 +85,16 @@ impl Agent {
     /// A second agent started beside `first`, as a surge rollout starts the new agent pod
     /// while the old one runs: the same pin directory, CA directory and arguments, in its own
     /// network namespace `netns`; its log is `<name>-<generation>.log`. It does not wait
-    /// for readiness.
-    pub fn start_beside(first: &Agent, netns: PathBuf, name: &str) -> Self {
+    /// for readiness. `config` replaces the first agent's `--local-xds-path`.
+    pub fn start_beside(first: &Agent, netns: PathBuf, name: &str, config: Option<&Path>) -> Self {
         let mut args = first.args.clone();
+        if let Some(config) = config {
+            let at = args
+                .iter()
+                .position(|a| a == "--local-xds-path")
+                .expect("the first agent reads a local config");
+            args[at + 1] = config.display().to_string();
+        }
         if !args.iter().any(|a| a == "--ca-dir") {
             args.push("--ca-dir".into());
             args.push(first.dir.join("ca").display().to_string());
@@ -297,6 +305,58 @@ impl Agent {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Copies of the agent's TCP sockets that are connected, with their local and peer
+    /// addresses, taken with pidfd_getfd(2) (Linux 5.6): the test reads the options the agent
+    /// set on them with getsockopt, as the kernel holds them.
+    pub fn connected_sockets(&self) -> Vec<(SocketAddr, SocketAddr, std::os::fd::OwnedFd)> {
+        use std::os::fd::FromRawFd;
+        let pid = self.pid().expect("agent running") as libc::pid_t;
+        // SAFETY: pidfd_open with a pid and no flags returns a new fd or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the fd was just returned to us and nothing else owns it.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("agent fds");
+        for entry in entries.flatten() {
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+            let Some(target) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if !is_socket {
+                continue;
+            }
+            use std::os::fd::AsRawFd;
+            // SAFETY: pidfd_getfd with a valid pidfd and the target's fd number; returns a
+            // new fd or -1 (the fd may have closed meanwhile).
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+            if fd < 0 {
+                continue;
+            }
+            // SAFETY: a new fd returned to us.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+            let sock = socket2::SockRef::from(&fd);
+            let tcp = sock.r#type().is_ok_and(|t| t == socket2::Type::STREAM);
+            let addrs = (
+                sock.local_addr().ok().and_then(|a| a.as_socket()),
+                sock.peer_addr().ok().and_then(|a| a.as_socket()),
+            );
+            if let (true, (Some(local), Some(peer))) = (tcp, addrs) {
+                out.push((local, peer, fd));
+            }
+        }
+        out
     }
 
     /// GET /metrics from the agent's 15020.

@@ -110,3 +110,207 @@ impl Server {
         self.accepted.lock().expect("lock").clone()
     }
 }
+
+/// A deterministic byte stream: `len` bytes, different for each `seed`.
+pub fn pattern(seed: u8, offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let n = offset + i as u64;
+        *b = (n.wrapping_mul(2654435761) >> 13) as u8 ^ seed;
+    }
+}
+
+/// FNV-1a over everything read from `r` until EOF; returns (bytes, hash).
+pub fn drain_hash(r: &mut impl Read) -> (u64, u64) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut n, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+    loop {
+        let k = r.read(&mut buf).expect("read");
+        if k == 0 {
+            return (n, h);
+        }
+        for b in &buf[..k] {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        n += k as u64;
+    }
+}
+
+/// Writes `len` bytes of `pattern(seed)` to `w`; returns their hash.
+pub fn send_pattern(w: &mut impl Write, seed: u8, len: u64) -> u64 {
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut sent, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+    while sent < len {
+        let k = (len - sent).min(buf.len() as u64) as usize;
+        pattern(seed, sent, &mut buf[..k]);
+        for b in &buf[..k] {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        w.write_all(&buf[..k]).expect("write");
+        sent += k as u64;
+    }
+    h
+}
+
+/// Runs `f` on a new thread inside `netns` without waiting for it.
+fn spawn_in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let file = File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd changes only this new thread's namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// A server in a pod that reads each connection to its end and answers with the count and
+/// FNV-1a hash of what it got (16 bytes, big-endian): proof that a transfer arrived whole.
+pub struct HashServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl HashServer {
+    /// Starts listening on `addr` inside `netns`.
+    pub fn start(netns: &Path, addr: SocketAddr) -> Self {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        spawn_in_netns(netns, move || {
+            let listener = TcpListener::bind(addr).expect("bind hash server");
+            ready_tx.send(()).expect("signal ready");
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let (len, hash) = drain_hash(&mut conn);
+                    let _ = conn.write_all(&len.to_be_bytes());
+                    let _ = conn.write_all(&hash.to_be_bytes());
+                });
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("hash server did not start");
+        Self { addr }
+    }
+}
+
+/// What a finished [`Transfer`] saw.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transferred {
+    /// Bytes sent and their hash.
+    pub sent: (u64, u64),
+    /// What the server reported receiving.
+    pub echoed: (u64, u64),
+}
+
+/// A long transfer to a [`HashServer`]: sends a known pattern in paced chunks until told to
+/// finish, then half-closes and reads the server's count and hash.
+pub struct Transfer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<std::io::Result<Transferred>>,
+}
+
+impl Transfer {
+    /// Connects from inside `netns` to `dst` and starts sending.
+    pub fn start(netns: &Path, dst: SocketAddr, seed: u8) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (stop_flag, progress) = (stop.clone(), sent.clone());
+        let thread = spawn_in_netns(netns, move || {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut total, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+            while !stop_flag.load(Ordering::Relaxed) {
+                pattern(seed, total, &mut buf);
+                for b in &buf {
+                    h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+                }
+                s.write_all(&buf)?;
+                total += buf.len() as u64;
+                progress.store(total, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut answer = [0u8; 16];
+            s.read_exact(&mut answer)?;
+            let word = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+            Ok(Transferred {
+                sent: (total, h),
+                echoed: (word(&answer[..8]), word(&answer[8..])),
+            })
+        });
+        Self { stop, sent, thread }
+    }
+
+    /// Bytes sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops sending, half-closes and returns what both ends counted.
+    pub fn finish(self) -> std::io::Result<Transferred> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("transfer thread panicked")
+    }
+}
+
+/// A steady stream of new short connections from a pod to a [`Server`], each checked for
+/// the right answer, until stopped.
+pub struct ConnectionStream {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<StreamTally>,
+}
+
+/// What a [`ConnectionStream`] saw.
+#[derive(Debug, Default)]
+pub struct StreamTally {
+    /// Connections answered correctly.
+    pub ok: u64,
+    /// The failures, each with when (since the start) and why.
+    pub failed: Vec<(Duration, String)>,
+}
+
+impl ConnectionStream {
+    /// Starts connecting from inside `netns` to `dst`, one connection after the other.
+    pub fn start(netns: &Path, dst: SocketAddr) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = spawn_in_netns(netns, move || {
+            let started = std::time::Instant::now();
+            let mut tally = StreamTally::default();
+            let one = |n: u64| -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let payload = format!("c{n}");
+                s.write_all(payload.as_bytes())?;
+                s.shutdown(std::net::Shutdown::Write)?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                if answer != format!("hello {payload}") {
+                    return Err(std::io::Error::other(format!("wrong answer {answer:?}")));
+                }
+                Ok(())
+            };
+            let mut n = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                match one(n) {
+                    Ok(()) => tally.ok += 1,
+                    Err(e) => tally.failed.push((started.elapsed(), e.to_string())),
+                }
+            }
+            tally
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops and returns the tally.
+    pub fn stop(self) -> StreamTally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("connection stream panicked")
+    }
+}

@@ -9,7 +9,7 @@ use ztunnel_e2e::agent::Agent;
 use ztunnel_e2e::mesh::{self, guide, Workload};
 use ztunnel_e2e::one_hop::OneHop;
 use ztunnel_e2e::topology::{Pod, Topology};
-use ztunnel_e2e::traffic::{exchange, in_netns, Server};
+use ztunnel_e2e::traffic::{drain_hash, exchange, in_netns, send_pattern, Server};
 use ztunnel_e2e::{metric_sum, require_root};
 
 const PRODUCTPAGE_VIP: &str = "10.96.0.10";
@@ -354,46 +354,6 @@ fn assert_fields_in_order(line: &str, fields: &[String]) {
             None => panic!("{f:?} missing or out of order in:\n{line}"),
         }
     }
-}
-
-/// A deterministic byte stream: `len` bytes, different for each `seed`.
-fn pattern(seed: u8, offset: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        let n = offset + i as u64;
-        *b = (n.wrapping_mul(2654435761) >> 13) as u8 ^ seed;
-    }
-}
-
-/// FNV-1a over everything read from `r` until EOF; returns (bytes, hash).
-fn drain_hash(r: &mut impl Read) -> (u64, u64) {
-    let mut buf = vec![0u8; 256 * 1024];
-    let (mut n, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
-    loop {
-        let k = r.read(&mut buf).expect("read");
-        if k == 0 {
-            return (n, h);
-        }
-        for b in &buf[..k] {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-        n += k as u64;
-    }
-}
-
-/// Writes `len` bytes of `pattern(seed)` to `w`; returns their hash.
-fn send_pattern(w: &mut impl Write, seed: u8, len: u64) -> u64 {
-    let mut buf = vec![0u8; 256 * 1024];
-    let (mut sent, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
-    while sent < len {
-        let k = (len - sent).min(buf.len() as u64) as usize;
-        pattern(seed, sent, &mut buf[..k]);
-        for b in &buf[..k] {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-        w.write_all(&buf[..k]).expect("write");
-        sent += k as u64;
-    }
-    h
 }
 
 #[test]

@@ -8,7 +8,6 @@ use ztunnel_agent::zds_proto::Version;
 use ztunnel_e2e::agent::{agent_binary, Agent};
 use ztunnel_e2e::cni::CniServer;
 use ztunnel_e2e::mesh::{self, Workload};
-use ztunnel_e2e::one_hop::OneHop;
 use ztunnel_e2e::topology::Topology;
 use ztunnel_e2e::traffic::{exchange, in_netns, Server};
 use ztunnel_e2e::{require_root, sh};
@@ -316,44 +315,4 @@ fn admin_logging_quit_and_loopback_only() {
         agent.wait_exit(Duration::from_secs(10)).success(),
         "exits 0"
     );
-}
-
-#[test]
-fn connections_open_at_agent_stop_still_get_their_log_lines() {
-    if !require_root() {
-        return;
-    }
-    let mut hop = OneHop::start(true, &[]);
-    // A connection held open through the tunnel (the test server answers only after EOF).
-    let dst = hop.dst();
-    let _held = in_netns(&hop.client.netns_path(), move || {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(dst).expect("connect");
-        s.write_all(b"hold").expect("write");
-        s
-    });
-    ztunnel_e2e::wait_for("the connection live", Duration::from_secs(10), || {
-        (hop.app.accepted().len() == 1).then_some(())
-    });
-    assert!(
-        hop.agent.lines_with(&["connection complete"]).is_empty(),
-        "open: no line yet"
-    );
-    hop.agent.stop();
-    // Both sides of the open tunnel were logged as the agent stopped, with the reason.
-    let lines = hop
-        .agent
-        .lines_with(&["connection complete", "ended without finishing"]);
-    assert_eq!(lines.len(), 2, "{}", hop.agent.log());
-    for direction in ["direction=\"outbound\"", "direction=\"inbound\""] {
-        let line = lines
-            .iter()
-            .find(|l| l.contains(direction))
-            .unwrap_or_else(|| panic!("no {direction} line: {lines:?}"));
-        assert!(line.contains("\terror\t"), "{line}");
-        assert!(
-            line.contains("bytes_sent=") && line.contains("src.identity="),
-            "{line}"
-        );
-    }
 }

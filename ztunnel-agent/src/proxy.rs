@@ -215,6 +215,15 @@ impl PodProxy {
     }
 }
 
+/// Makes closing `stream` send a RST instead of a FIN (`SO_LINGER` 0): for a relay that
+/// ended in error, so the failure reaches the application on that side and no socket is left
+/// in FIN_WAIT2 or CLOSE_WAIT.
+pub fn reset_on_close(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "SO_LINGER not set");
+    }
+}
+
 /// Accepts on `listener` until `cancel` (the pod leaves) or the agent begins draining,
 /// handing each accepted socket to `handle`, which runs as its own task, counted as live
 /// for the drain (the handlers create a [`connection::Connection`] per connection, and the

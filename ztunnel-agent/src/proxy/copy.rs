@@ -249,7 +249,8 @@ fn why_closed(cx: &mut Context<'_>, to: &mut SendStream<Bytes>) -> io::Error {
 
 /// Copies between `socket` and an HBONE stream until both directions have ended, counting
 /// bytes socket->stream in `up` and stream->socket in `down` as they move; returns the error
-/// that ended it early, if any.
+/// that ended it early, if any (the stream is then reset with CONNECT_ERROR; the caller
+/// resets the socket, see [`super::reset_on_close`]).
 pub async fn tunnel<S>(
     mut socket: S,
     mut send: SendStream<Bytes>,
@@ -261,7 +262,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut to_stream, mut from_stream) = (ToStream::new(), FromStream::new());
-    poll_fn(|cx| {
+    let relayed = poll_fn(|cx| {
         let forward = to_stream.poll_copy(cx, &mut socket, &mut send, up)?;
         let backward = from_stream.poll_copy(cx, &mut recv, &mut socket, down)?;
         if forward.is_ready() && backward.is_ready() {
@@ -270,7 +271,14 @@ where
             Poll::Pending
         }
     })
-    .await
+    .await;
+    if relayed.is_err() {
+        // RFC 9113 8.5: a proxy whose TCP connection fails resets the stream with
+        // CONNECT_ERROR, and the other proxy then resets its TCP connection, so the failure
+        // reaches the far application (no-op if the peer already reset the stream).
+        send.send_reset(h2::Reason::CONNECT_ERROR);
+    }
+    relayed
 }
 
 #[cfg(test)]

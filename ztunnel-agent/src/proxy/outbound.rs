@@ -200,8 +200,19 @@ async fn proxy(
             };
             let (tunnel, _stream) = pod.mesh.pool.tunnel(pod, key, authority, peer).await?;
             conn.established();
-            super::copy::tunnel(client, tunnel.send, tunnel.recv, &conn.sent, &conn.received)
-                .await?;
+            let mut client = client;
+            let relayed = super::copy::tunnel(
+                &mut client,
+                tunnel.send,
+                tunnel.recv,
+                &conn.sent,
+                &conn.received,
+            )
+            .await;
+            if relayed.is_err() {
+                super::reset_on_close(&client);
+            }
+            relayed?;
         }
     }
     Ok(())

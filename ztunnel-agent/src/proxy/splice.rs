@@ -88,15 +88,21 @@ async fn one_way(from: &TcpStream, to: &TcpStream, meter: &Meter) -> io::Result<
 
 /// Relays both ways until both sides have ended, counting bytes a->b in `ab` and b->a in
 /// `ba` as they move. A clean end one way (EOF) is a half-close and the other way goes on;
-/// an error either way ends the relay at once (both sockets are then closed by their owner,
-/// rather than one staying open until its application acts) and is returned.
+/// an error either way (a peer's reset) ends the relay at once and is returned, and both
+/// sockets are set to reset when closed: the failure reaches the other application as it
+/// would on a direct connection, and neither socket lingers in CLOSE_WAIT or FIN_WAIT2.
 pub async fn bidirectional(
     a: &TcpStream,
     b: &TcpStream,
     ab: &Meter,
     ba: &Meter,
 ) -> Result<(), io::Error> {
-    tokio::try_join!(one_way(a, b, ab), one_way(b, a, ba)).map(|_| ())
+    let relayed = tokio::try_join!(one_way(a, b, ab), one_way(b, a, ba)).map(|_| ());
+    if relayed.is_err() {
+        super::reset_on_close(a);
+        super::reset_on_close(b);
+    }
+    relayed
 }
 
 #[cfg(test)]

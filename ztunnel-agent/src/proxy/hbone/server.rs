@@ -162,11 +162,15 @@ async fn handle_connect(
             target,
         );
         // Inbound: the reporting side sends what the application answers.
-        tokio::select! {
-            relayed = crate::proxy::copy::tunnel(app, send, req.into_body(), &conn.sent, &conn.received) => relayed?,
-            denied = tracked.revoked() => return Err(denied.into()),
+        let mut app = app;
+        let relayed = tokio::select! {
+            relayed = crate::proxy::copy::tunnel(&mut app, send, req.into_body(), &conn.sent, &conn.received) => relayed.map_err(ConnectionError::from),
+            denied = tracked.revoked() => Err(denied.into()),
+        };
+        if relayed.is_err() {
+            crate::proxy::reset_on_close(&app);
         }
-        Ok(())
+        relayed
     };
     let result = pod.mesh.drain.until_deadline(result).instrument(span).await;
     conn.finish(result);
