@@ -75,3 +75,18 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
     }
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A process's resident memory in KiB (`VmRSS`), 0 if it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A process's open file descriptors, 0 if it is gone.
+pub fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}

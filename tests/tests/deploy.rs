@@ -47,3 +47,36 @@ fn every_daemonset_env_var_is_an_agent_setting() {
     }
     assert!(checked >= 10, "only {checked} variables checked");
 }
+
+#[test]
+fn rollouts_overlap_and_the_drain_fits_the_grace_period() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/daemonset.yaml");
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("manifest")).expect("YAML");
+    let rolling = &doc["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(
+        rolling["maxSurge"].as_u64(),
+        Some(1),
+        "the new agent starts beside the old one"
+    );
+    assert_eq!(
+        rolling["maxUnavailable"].as_u64(),
+        Some(0),
+        "no node without an agent"
+    );
+    let pod = &doc["spec"]["template"]["spec"];
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace period");
+    let env = pod["containers"][0]["env"].as_sequence().expect("env");
+    let told = env
+        .iter()
+        .find(|e| e["name"].as_str() == Some("TERMINATION_GRACE_PERIOD_SECONDS"))
+        .and_then(|e| e["value"].as_str())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(
+        told,
+        Some(grace),
+        "the agent drains within the pod's grace period"
+    );
+}

@@ -36,6 +36,10 @@ enum Task {
     /// Measure direct TCP, TCP passthrough and HBONE on one machine (release build; not a
     /// test). Writes target/bench-results.md.
     Bench,
+    /// The agent's lifecycle under load: overlapping upgrades, kill -9, 100,000 connections,
+    /// 10,000 idle tunnels, reset storms (release build; not a test, about 3 minutes).
+    /// Writes target/soak-results.md.
+    Soak,
     /// Build the agent and run it with the given arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -58,35 +62,34 @@ fn main() -> Result<()> {
             demo::run(&root, &extra)
         }
         Task::Test { args } => test(&args),
-        Task::Bench => {
-            setup::run_cmd(Command::new("cargo").args([
-                "build",
-                "--release",
-                "-p",
-                "ztunnel-agent",
-            ]))?;
-            setup::run_cmd(
-                Command::new("cargo")
-                    .args([
-                        "run",
-                        "--release",
-                        "--quiet",
-                        "-p",
-                        "ztunnel-e2e",
-                        "--bin",
-                        "ztunnel-bench",
-                    ])
-                    .env(
-                        "ZTUNNEL_AGENT_BIN",
-                        root.join("target/release/ztunnel-agent"),
-                    ),
-            )
-        }
+        Task::Bench => harness(&root, "ztunnel-bench"),
+        Task::Soak => harness(&root, "ztunnel-soak"),
         Task::Run { args } => {
             build_agent()?;
             setup::run_cmd(Command::new(agent_binary(&root)).args(args))
         }
     }
+}
+
+/// Builds the agent in release mode and runs the harness binary `bin` against it.
+fn harness(root: &std::path::Path, bin: &str) -> Result<()> {
+    setup::run_cmd(Command::new("cargo").args(["build", "--release", "-p", "ztunnel-agent"]))?;
+    setup::run_cmd(
+        Command::new("cargo")
+            .args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "ztunnel-e2e",
+                "--bin",
+                bin,
+            ])
+            .env(
+                "ZTUNNEL_AGENT_BIN",
+                root.join("target/release/ztunnel-agent"),
+            ),
+    )
 }
 
 /// The workspace root, from this crate's manifest directory.

@@ -589,7 +589,7 @@ fn open_listeners(
         }
     }
     let opened = netns.run(|| {
-        migrate_requests_on_close();
+        tune_pod_netns();
         addrs
             .iter()
             .map(|addr| {
@@ -606,16 +606,29 @@ fn open_listeners(
     })
 }
 
-/// Turns on `net.ipv4.tcp_migrate_req` (Linux 5.14; it covers IPv6 too) in the current
-/// network namespace (call it from inside the pod's): when the draining agent closes its
-/// listener, connections already in its accept queue move to the new agent's listener in
-/// the same `SO_REUSEPORT` group instead of being reset. Without it (older kernels) those
-/// few connections are reset, as with upstream ztunnel.
-fn migrate_requests_on_close() {
-    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
-    // /proc/sys/net shows the namespace of the thread that opens it.
-    if let Err(e) = std::fs::write(SYSCTL, "1") {
-        tracing::debug!(error = %e, "{SYSCTL} not set: queued connections are reset when a draining agent closes its listeners");
+/// Two TCP settings of the current network namespace (call it from inside the pod's;
+/// /proc/sys/net shows the namespace of the thread that opens it):
+/// - `net.ipv4.tcp_migrate_req` = 1 (Linux 5.14; covers IPv6 too): when the draining agent
+///   closes its listener, connections already in its accept queue move to the new agent's
+///   listener in the same `SO_REUSEPORT` group instead of being reset (without it, those
+///   few connections are reset, as with upstream ztunnel);
+/// - `net.ipv4.tcp_tw_reuse` = 1 when it has the kernel default 2 (loopback only): every
+///   captured connection is connected to the pod's own address and port 15001, so the
+///   TIME_WAIT entries of all the pod's closed outbound connections share one
+///   (address, 15001) pair and its ~28,000 ephemeral ports; without reuse a pod whose
+///   application closes first could open only about 470 new outbound connections a second
+///   (measured: `cargo xtask soak` (c)). With timestamps (the default) reuse is safe.
+fn tune_pod_netns() {
+    const MIGRATE: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    const TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+    if let Err(e) = std::fs::write(MIGRATE, "1") {
+        tracing::debug!(error = %e, "{MIGRATE} not set: queued connections are reset when a draining agent closes its listeners");
+    }
+    let tw_reuse = std::fs::read_to_string(TW_REUSE).unwrap_or_default();
+    if tw_reuse.trim() == "2" {
+        if let Err(e) = std::fs::write(TW_REUSE, "1") {
+            tracing::debug!(error = %e, "{TW_REUSE} not set: a pod's outbound connection rate is limited by TIME_WAIT entries");
+        }
     }
 }
 

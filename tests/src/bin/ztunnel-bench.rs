@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztunnel_e2e::agent::Agent;
 use ztunnel_e2e::mesh::{self, Workload};
+use ztunnel_e2e::rss_kib;
 use ztunnel_e2e::topology::{Pod, Topology};
 use ztunnel_e2e::traffic::in_netns;
 
@@ -277,15 +278,6 @@ fn aes_gcm_seconds_per_gb() -> f64 {
         best = best.min(per_gb);
     }
     best
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Opens 1000 idle HBONE connections and returns the agents' RSS growth in KiB.
