@@ -242,6 +242,66 @@ fn refuses_to_start_without_what_it_needs() {
 }
 
 #[test]
+fn pinned_maps_of_another_layout_are_refused_not_reused() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::for_test();
+    let pins = format!("/sys/fs/bpf/{}", topo.prefix);
+    let _ = Command::new(agent_binary())
+        .args(["redirect", "uninstall", "--pin-dir", &pins])
+        .output();
+    std::fs::create_dir_all(&pins).expect("pin dir");
+    // ENROLLED_PODS as an incompatible agent version might have left it: 4-byte values.
+    let map = format!("{pins}/ENROLLED_PODS");
+    sh(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &map,
+            "type",
+            "hash",
+            "key",
+            "8",
+            "value",
+            "4",
+            "entries",
+            "16",
+            "name",
+            "ENROLLED_PODS",
+        ],
+    );
+    let dir = std::env::temp_dir().join(&topo.prefix);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("mesh.yaml");
+    std::fs::write(&config, "workloads: []\n").expect("config");
+    let ca = dir.join("ca").display().to_string();
+    // In the node namespace, so its admin ports are its own.
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", topo.node_path().display()))
+        .arg(agent_binary())
+        .args(["run", "--node-name", "n", "--local-xds-path"])
+        .arg(&config)
+        .args(["--pin-dir", &pins, "--ca-dir", &ca])
+        .output()
+        .expect("run agent");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started on a foreign map: {err}");
+    assert!(
+        err.contains(&map) && err.contains("value 4 B") && err.contains("redirect uninstall"),
+        "{err}"
+    );
+    // Untouched: still the foreign map, not reused or replaced.
+    let shown = sh("bpftool", &["map", "show", "pinned", &map]);
+    assert!(shown.contains("value 4B"), "{shown}");
+    let _ = Command::new(agent_binary())
+        .args(["redirect", "uninstall", "--pin-dir", &pins])
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn admin_logging_quit_and_loopback_only() {
     if !require_root() {
         return;

@@ -206,11 +206,15 @@ pub struct RunArgs {
     /// Readiness server.
     #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
-    /// The agent pod's termination grace period, in seconds (as upstream ztunnel, from the
-    /// pod spec): on SIGTERM live connections may run on until a drain deadline a few seconds
-    /// shorter than it, then are closed.
-    #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS", default_value_t = 30)]
-    pub termination_grace_period_seconds: u64,
+    /// The agent pod's termination grace period, in seconds (as upstream ztunnel, set equal to
+    /// the pod spec's): on SIGTERM live connections may run on until a drain deadline 5 s
+    /// shorter (1 s for 10 s or less), then are closed. Unset: a 5 s deadline.
+    #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS")]
+    pub termination_grace_period_seconds: Option<u64>,
+    /// The drain deadline itself (e.g. `20s`), overriding the one derived from the grace
+    /// period (upstream's setting).
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_parser = parse_duration)]
+    pub connection_termination_deadline: Option<std::time::Duration>,
     /// TCP keepalive on every socket the agent accepts or opens.
     #[arg(long, env = "KEEPALIVE_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub keepalive_enabled: bool,

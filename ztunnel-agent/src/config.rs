@@ -88,16 +88,20 @@ pub struct Config {
     pub keepalive: Option<crate::socket::Keepalive>,
 }
 
-/// The drain deadline for a pod grace period: the kubelet SIGKILLs at the grace period, so
-/// the agent closes what is left a little before, leaving time to log and exit cleanly
-/// (upstream ztunnel does the same).
-pub fn drain_deadline(grace_period: std::time::Duration) -> std::time::Duration {
-    const MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
-    if grace_period > MARGIN * 2 {
-        grace_period - MARGIN
-    } else {
-        // Short grace periods: keep half for the connections.
-        grace_period / 2
+/// The drain deadline, with upstream ztunnel's rules: `CONNECTION_TERMINATION_DEADLINE` if
+/// set; else the pod's grace period less 5 s (less 1 s for a grace period of 10 s or less,
+/// at least 1 s), since the kubelet SIGKILLs at the grace period and the agent needs a
+/// moment to close what is left, log it and exit; else 5 s.
+pub fn drain_deadline(
+    explicit: Option<std::time::Duration>,
+    grace_period_secs: Option<u64>,
+) -> std::time::Duration {
+    use std::time::Duration;
+    match (explicit, grace_period_secs) {
+        (Some(deadline), _) => deadline,
+        (None, Some(grace)) if grace > 10 => Duration::from_secs(grace - 5),
+        (None, Some(grace)) => Duration::from_secs(grace.saturating_sub(1).max(1)),
+        (None, None) => Duration::from_secs(5),
     }
 }
 
@@ -195,14 +199,30 @@ impl Config {
             readiness_addr: args.readiness_addr,
             log_filter: args.log_filter.clone(),
             log_format: args.log_format,
-            drain_deadline: drain_deadline(std::time::Duration::from_secs(
+            drain_deadline: drain_deadline(
+                args.connection_termination_deadline,
                 args.termination_grace_period_seconds,
-            )),
+            ),
             keepalive: args.keepalive_enabled.then_some(crate::socket::Keepalive {
                 time: args.keepalive_time,
                 interval: args.keepalive_interval,
                 retries: args.keepalive_retries,
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_deadline_follows_upstream() {
+        let s = std::time::Duration::from_secs;
+        assert_eq!(drain_deadline(None, Some(30)), s(25));
+        assert_eq!(drain_deadline(None, Some(10)), s(9));
+        assert_eq!(drain_deadline(None, Some(1)), s(1));
+        assert_eq!(drain_deadline(None, None), s(5));
+        assert_eq!(drain_deadline(Some(s(3)), Some(30)), s(3));
     }
 }

@@ -141,12 +141,12 @@ impl Collector for ProcessCollector {
         for (name, help, value) in [
             (
                 "process_open_fds",
-                "Number of open file descriptors.",
+                "Number of open file descriptors",
                 Self::open_fds(),
             ),
             (
                 "process_max_fds",
-                "Maximum number of open file descriptors.",
+                "Maximum number of file descriptors",
                 Self::max_fds(),
             ),
         ] {

@@ -110,6 +110,26 @@ pub enum Error {
         #[source]
         source: MapError,
     },
+    /// A pinned map was made by an agent version with a different map layout.
+    #[error("the pinned map {path} has another layout (key {pinned_key} B, value {pinned_value} B, {pinned_entries} entries) than this agent's (key {key} B, value {value} B, {entries} entries): an agent of an incompatible version made it, and may still be using it. Refusing to start rather than corrupt it: stop every agent on the node, then run `ztunnel-agent redirect uninstall --pin-dir {pin_dir}` (enrolled pods are refused connections until the new agent has enrolled them again)")]
+    PinnedLayout {
+        /// The pin path.
+        path: PathBuf,
+        /// The pin directory.
+        pin_dir: String,
+        /// Pinned key size.
+        pinned_key: u32,
+        /// Pinned value size.
+        pinned_value: u32,
+        /// Pinned capacity.
+        pinned_entries: u32,
+        /// Expected key size.
+        key: u32,
+        /// Expected value size.
+        value: u32,
+        /// Expected capacity.
+        entries: u32,
+    },
     /// The cgroup could not be opened.
     #[error("cannot open cgroup {path}: pass an existing cgroup v2 directory with --cgroup-path")]
     Cgroup {
@@ -168,6 +188,7 @@ impl Redirect {
             dir: dir.clone(),
             source,
         })?;
+        check_pinned_layout(&pin_dir)?;
         let mut loader = EbpfLoader::new();
         let map_paths: Vec<(&'static str, PathBuf)> = maps::PINNED
             .iter()
@@ -279,6 +300,43 @@ impl Redirect {
     pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
         self.orig_dst.clone()
     }
+}
+
+/// Refuses pinned maps whose key size, value size or capacity differ from this agent's: the
+/// loader would reuse them as they are (an older agent's `POD_COUNTERS` with fewer counters,
+/// say) and the programs would read and write past what each entry holds.
+fn check_pinned_layout(pin_dir: &Path) -> Result<(), Error> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| Error::Load {
+        pin_dir: pin_dir.display().to_string(),
+        source: Box::new(aya::EbpfError::ParseError(e)),
+    })?;
+    for name in maps::PINNED {
+        let path = pin_dir.join(name);
+        let (Some(expected), Ok(pinned)) =
+            (object.maps.get(name), aya::maps::MapInfo::from_pin(&path))
+        else {
+            continue;
+        };
+        let wanted = (
+            expected.key_size(),
+            expected.value_size(),
+            expected.max_entries(),
+        );
+        let found = (pinned.key_size(), pinned.value_size(), pinned.max_entries());
+        if wanted != found {
+            return Err(Error::PinnedLayout {
+                path,
+                pin_dir: pin_dir.display().to_string(),
+                pinned_key: found.0,
+                pinned_value: found.1,
+                pinned_entries: found.2,
+                key: wanted.0,
+                value: wanted.1,
+                entries: wanted.2,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>

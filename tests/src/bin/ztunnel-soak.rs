@@ -348,7 +348,13 @@ fn main() {
         ],
         &[],
     );
-    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &["--log", "info"]);
+    let (mut agent, _) = Agent::start_local(
+        &topo,
+        "node-1",
+        &yaml,
+        // As deploy/ runs it: production logging, a 30 s grace period (a 25 s drain deadline).
+        &["--log", "info", "--termination-grace-period-seconds", "30"],
+    );
     let hbone = SocketAddr::new(server.ip4, ECHO_PORT);
     let passthrough = SocketAddr::new(plain.ip4, ECHO_PORT);
     let mut out = String::from("| figure | value | goal |\n|---|---|---|\n");
@@ -548,11 +554,22 @@ fn main() {
     let rss_idle_before = rss_kib(pid);
     let (hold_tx, hold_rx) = tokio::sync::oneshot::channel::<()>();
     let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    // Opened in batches of 100; the agent's RSS is read after the first 1,000 too, to see
+    // whether the cost per connection holds as the count grows.
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
     let holder = in_pod(&client, move || async move {
         let mut conns = Vec::with_capacity(IDLE_CONNECTIONS);
-        let mut failed = 0usize;
-        for chunk in 0..IDLE_CONNECTIONS / 100 {
-            let batch: Vec<_> = (0..100)
+        let mut errors: Vec<String> = Vec::new();
+        let mut go = Some(go_rx);
+        for batch in 0..IDLE_CONNECTIONS / 100 {
+            if batch == 10 {
+                first_tx.send(conns.len()).expect("first thousand");
+                if let Some(go) = go.take() {
+                    let _ = go.await;
+                }
+            }
+            let opening: Vec<_> = (0..100)
                 .map(|_| {
                     tokio::spawn(async move {
                         let mut s = tokio::net::TcpStream::connect(hbone).await?;
@@ -563,21 +580,28 @@ fn main() {
                     })
                 })
                 .collect();
-            for t in batch {
+            for t in opening {
                 match t.await {
                     Ok(Ok(s)) => conns.push(s),
-                    _ => failed += 1,
+                    Ok(Err(e)) => errors.push(e.to_string()),
+                    Err(e) => errors.push(e.to_string()),
                 }
             }
-            let _ = chunk;
         }
-        opened_tx.send((conns.len(), failed)).expect("opened");
+        opened_tx.send((conns.len(), errors)).expect("opened");
         let _ = hold_rx.await;
         drop(conns);
     });
-    let (held, failed) = opened_rx
+    let first = first_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("first thousand opened");
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_first = rss_kib(pid);
+    let _ = go_tx.send(());
+    let (held, errors) = opened_rx
         .recv_timeout(Duration::from_secs(120))
         .expect("idle connections opened");
+    let failed = errors.len();
     std::thread::sleep(Duration::from_secs(3));
     let rss_idle = rss_kib(pid);
     // The tunnels share pooled HTTP/2 connections (100 streams each), both ends in this agent.
@@ -604,6 +628,25 @@ fn main() {
         "(d) idle HBONE connections held / failed",
         format!("{held} / {failed}, over {pooled} pooled HBONE connections"),
         "-",
+    );
+    if !errors.is_empty() {
+        let mut kinds: Vec<&String> = errors.iter().collect();
+        kinds.dedup();
+        row(
+            &mut out,
+            "(d) why connections failed to open (first 3)",
+            format!("{:?}", &kinds[..kinds.len().min(3)]),
+            "-",
+        );
+    }
+    row(
+        &mut out,
+        "(d) agent RSS per idle tunnelled connection, first 1,000",
+        format!(
+            "{:.1} KiB ({rss_idle_before} -> {rss_first} KiB)",
+            rss_first.saturating_sub(rss_idle_before) as f64 / first.max(1) as f64
+        ),
+        "reported",
     );
     row(
         &mut out,
