@@ -61,6 +61,28 @@ impl CniServer {
         ZdsHello::decode(self.recv().as_slice()).expect("hello decodes")
     }
 
+    /// Accepts another agent's connection beside the current one, as istio-cni keeps every
+    /// connected agent (a surge rollout): returns the CNI side of the new connection, with
+    /// its hello read; this one keeps its own.
+    pub fn accept_beside(&self) -> (Self, ZdsHello) {
+        let mut other = Self {
+            listener: self.listener.try_clone().expect("dup listener"),
+            conn: None,
+        };
+        let hello = other.accept_hello();
+        (other, hello)
+    }
+
+    /// Whether the agent closed this connection (waits up to 10 s for it).
+    pub fn closed_by_agent(&self) -> bool {
+        let mut buf = [0u8; 64];
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        matches!(
+            recvmsg::<()>(self.conn().as_raw_fd(), &mut iov, None, MsgFlags::empty()),
+            Ok(m) if m.bytes == 0
+        )
+    }
+
     fn conn(&self) -> &OwnedFd {
         self.conn.as_ref().expect("accepted")
     }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ztunnel_e2e::agent::Agent;
+use ztunnel_e2e::cni::CniServer;
 use ztunnel_e2e::mesh::{self, Workload};
 use ztunnel_e2e::one_hop::OneHop;
 use ztunnel_e2e::topology::Topology;
@@ -109,6 +110,56 @@ fn overlapping_upgrade_cuts_and_refuses_nothing() {
     let (code, out, err) = new.cli_status(&["diagnose"]);
     assert_eq!(code, 0, "the new agent's diagnose is healthy:\n{out}{err}");
     assert_eq!(readiness(&new), 200);
+}
+
+#[test]
+fn overlapping_upgrade_with_istio_cni_hands_over_the_zds_connection() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::for_test();
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let app = SocketAddr::new(server.ip4, 9080);
+    let _app = Server::start(server.netns_path(), app);
+    let sock = std::env::temp_dir().join(format!("{}-cni.sock", topo.prefix));
+    let mut cni = CniServer::listen(&sock);
+    let sock_arg = sock.display().to_string();
+    let mut old = Agent::start(&topo, &["--inpod-uds", &sock_arg]);
+    cni.accept_hello();
+    // As istio-cni does for every connection: the whole snapshot, then snapshot_sent.
+    let snapshot = |cni: &CniServer| {
+        assert_eq!(cni.add("uid-client", "client", &client.netns_path()), "");
+        assert_eq!(cni.add("uid-server", "server", &server.netns_path()), "");
+        assert_eq!(cni.snapshot_sent(), "");
+    };
+    snapshot(&cni);
+    old.wait_ready();
+    // The client's outbound (15001) and the server's inbound plaintext (15006), under way.
+    let stream = ConnectionStream::start(&client.netns_path(), app);
+
+    let mut new = Agent::start_beside(&old, topo.add_bare_netns("new-agent"), "new-agent", None);
+    let (cni_new, _) = cni.accept_beside();
+    snapshot(&cni_new);
+    new.wait_ready();
+    old.signal(libc::SIGTERM);
+    assert!(
+        cni.closed_by_agent(),
+        "the draining agent closes its ZDS connection, so istio-cni drops it"
+    );
+    assert!(old.wait_exit(Duration::from_secs(10)).success());
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = stream.stop();
+    assert!(tally.failed.is_empty(), "{:?}", tally.failed);
+    assert!(tally.ok > 20, "{tally:?}");
+
+    // istio-cni talks to the new agent now: a deleted pod leaves capture.
+    assert_eq!(cni_new.del("uid-server"), "");
+    new.wait_log(&["pod removed", "uid=uid-server"]);
+    let mark = new.log_mark();
+    let got = exchange(&client.netns_path(), app, "after").expect("still served");
+    assert_eq!(got.response, "hello after");
+    new.wait_log_after(mark, &["connection complete", "direction=\"outbound\""]);
 }
 
 #[test]
