@@ -10,6 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// A single-threaded tokio runtime, for a thread that has entered a pod's namespace (every
+/// socket its tasks open is then the pod's).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Runs `f` on a new thread inside the network namespace at `netns`.
 pub fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
     let file = File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
@@ -262,6 +271,7 @@ impl Transfer {
 /// the right answer, until stopped.
 pub struct ConnectionStream {
     stop: Arc<std::sync::atomic::AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicU64>,
     thread: std::thread::JoinHandle<StreamTally>,
 }
 
@@ -278,7 +288,8 @@ impl ConnectionStream {
     /// Starts connecting from inside `netns` to `dst`, one connection after the other.
     pub fn start(netns: &Path, dst: SocketAddr) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
+        let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (flag, answered) = (stop.clone(), ok.clone());
         let thread = spawn_in_netns(netns, move || {
             let started = std::time::Instant::now();
             let mut tally = StreamTally::default();
@@ -299,13 +310,27 @@ impl ConnectionStream {
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 n += 1;
                 match one(n) {
-                    Ok(()) => tally.ok += 1,
+                    Ok(()) => {
+                        tally.ok += 1;
+                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Err(e) => tally.failed.push((started.elapsed(), e.to_string())),
                 }
             }
             tally
         });
-        Self { stop, thread }
+        Self { stop, ok, thread }
+    }
+
+    /// Waits until `n` more connections than now have been answered (panics after 20 s).
+    pub fn wait_for_more(&self, n: u64) {
+        let count = || self.ok.load(std::sync::atomic::Ordering::Relaxed);
+        let target = count() + n;
+        crate::wait_for(
+            &format!("{n} more answered connections"),
+            Duration::from_secs(20),
+            || (count() >= target).then_some(()),
+        );
     }
 
     /// Stops and returns the tally.

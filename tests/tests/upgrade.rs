@@ -96,7 +96,8 @@ fn overlapping_upgrade_cuts_and_refuses_nothing() {
 
     // New connections go on, now all to the new agent.
     let mark = new.log_mark();
-    std::thread::sleep(Duration::from_millis(500));
+    hbone.wait_for_more(50);
+    plain.wait_for_more(50);
     let (hbone, plain) = (hbone.stop(), plain.stop());
     assert!(
         hbone.failed.is_empty() && plain.failed.is_empty(),
@@ -148,7 +149,7 @@ fn overlapping_upgrade_with_istio_cni_hands_over_the_zds_connection() {
         "the draining agent closes its ZDS connection, so istio-cni drops it"
     );
     assert!(old.wait_exit(Duration::from_secs(10)).success());
-    std::thread::sleep(Duration::from_millis(300));
+    stream.wait_for_more(50);
     let tally = stream.stop();
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
     assert!(tally.ok > 20, "{tally:?}");
@@ -216,7 +217,7 @@ fn drain_lets_connections_finish_until_the_deadline() {
     let _bulk = HashServer::start(&hop.server.netns_path(), bulk);
     // One connection that never ends (the test server answers only after EOF) ...
     let dst = hop.dst();
-    let _held = in_netns(&hop.client.netns_path(), move || {
+    let held = in_netns(&hop.client.netns_path(), move || {
         let mut s = std::net::TcpStream::connect(dst).expect("connect");
         s.write_all(b"hold").expect("write");
         s
@@ -233,7 +234,13 @@ fn drain_lets_connections_finish_until_the_deadline() {
     wait_for("unready after SIGTERM", Duration::from_secs(1), || {
         (readiness(&hop.agent) == 503).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The transfer moves on during the drain.
+    let at_term = transfer.sent();
+    wait_for(
+        "the transfer moving after SIGTERM",
+        Duration::from_secs(2),
+        || (transfer.sent() > at_term + (1 << 20)).then_some(()),
+    );
     let done = transfer
         .finish()
         .expect("the transfer ends during the drain");
@@ -266,6 +273,17 @@ fn drain_lets_connections_finish_until_the_deadline() {
             "no {direction} line: {cut:?}"
         );
     }
+    // The cut is a reset for the client, never a clean end of the data.
+    let mut held = held;
+    held.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    let read = held.read_to_end(&mut rest);
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the held connection was reset"
+    );
 }
 
 /// What the application saw on a connection whose client reset it: how it ended and when.
@@ -326,17 +344,26 @@ fn a_client_reset_reaches_the_application_and_sockets_have_keepalive() {
         });
         // Live: every socket the agent accepted or dialled for it has keepalive on, with
         // upstream's defaults.
-        let relay_ports = [15001, 15008, 9100];
+        // This connection's sockets: the one accepted on 15001 from the client, the one
+        // dialled to the application and, over HBONE, both ends of the tunnel on 15008.
+        let client_local = client_socket.local_addr().expect("local address");
+        let ours = |local: &SocketAddr, peer: &SocketAddr| {
+            (local.port() == 15001 && *peer == client_local)
+                || *peer == dst
+                || (what == "hbone" && (local.port() == 15008 || peer.port() == 15008))
+        };
         let sockets = wait_for("the relay's sockets", Duration::from_secs(10), || {
             let s: Vec<_> = agent
                 .connected_sockets()
                 .into_iter()
-                .filter(|(l, p, _)| {
-                    relay_ports.contains(&l.port()) || relay_ports.contains(&p.port())
-                })
+                .filter(|(l, p, _)| ours(l, p))
                 .collect();
-            let want = if what == "hbone" { 4 } else { 2 };
-            (s.len() >= want).then_some(s)
+            let accepted = s
+                .iter()
+                .any(|(l, p, _)| l.port() == 15001 && *p == client_local);
+            let dialled = s.iter().any(|(_, p, _)| *p == dst);
+            let tunnel = what != "hbone" || s.iter().any(|(l, _, _)| l.port() == 15008);
+            (accepted && dialled && tunnel).then_some(s)
         });
         for (local, peer, fd) in &sockets {
             let sock = socket2::SockRef::from(fd);

@@ -260,7 +260,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if open > 0 {
         tracing::warn!(
             closed = open,
-            "drain deadline reached: connections still open were closed (each has its access-log line)"
+            "drain deadline reached: the connections still open (and the HBONE connections carrying them) were closed, each connection with its access-log line"
         );
     }
     tracing::info!(elapsed = ?started.elapsed(), "drained; exiting");
@@ -270,7 +270,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// How long connections closed at the drain deadline get to record their ends.
-const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Kept short: upstream's deadline for a short grace period leaves only 1 s before SIGKILL.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Cancels `stop` on SIGTERM or SIGINT (listening from the start, so a signal that arrives
 /// while the agent is still starting is not lost).

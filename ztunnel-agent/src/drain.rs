@@ -20,9 +20,12 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// How long after the deadline a connection that does not watch it itself is dropped.
+const LATE: Duration = Duration::from_millis(100);
+
 /// A connection still open when the drain deadline passed.
 #[derive(Debug, thiserror::Error)]
-#[error("closed at the drain deadline: the agent is stopping and the connection was still open {0:?} after it began draining (TERMINATION_GRACE_PERIOD_SECONDS sets the period)")]
+#[error("closed at the drain deadline: the agent is stopping and the connection was still open {0:?} after it began draining (CONNECTION_TERMINATION_DEADLINE, or TERMINATION_GRACE_PERIOD_SECONDS, sets the period)")]
 pub struct DeadlineReached(pub Duration);
 
 /// The drain signals and the count of live connections, shared by every listener and
@@ -36,6 +39,7 @@ pub struct Drain {
 struct Inner {
     started: CancellationToken,
     deadline: CancellationToken,
+    closed: CancellationToken,
     period: std::sync::Mutex<Duration>,
     live: AtomicUsize,
     idle: Notify,
@@ -80,9 +84,17 @@ impl Drain {
         self.inner.deadline.cancelled().await;
     }
 
-    /// Runs `work` (one connection's handling) unless the deadline passes first, in which
-    /// case it is dropped and [`DeadlineReached`] returned, for the connection's access-log
-    /// line.
+    /// Resolves once the drain is over (the deadline and its grace passed, or nothing was
+    /// left): what carries connections (an HTTP/2 connection) may close now, after the
+    /// connections on it have ended and sent their resets.
+    pub async fn closed(&self) {
+        self.inner.closed.cancelled().await;
+    }
+
+    /// Runs `work` (one connection's handling). The relays watch the deadline themselves and
+    /// end with [`DeadlineReached`] as their error, resetting both ends; a connection still in
+    /// another phase (connecting, handshaking) is dropped shortly after the deadline, also
+    /// with [`DeadlineReached`], for its access-log line.
     pub async fn until_deadline<T, E>(
         &self,
         work: impl Future<Output = Result<T, E>>,
@@ -91,12 +103,20 @@ impl Drain {
         E: From<DeadlineReached>,
     {
         tokio::select! {
+            biased;
             result = work => result,
-            _ = self.deadline() => {
-                let period = *self.inner.period.lock().unwrap_or_else(|p| p.into_inner());
-                Err(DeadlineReached(period).into())
-            }
+            reached = async {
+                let reached = self.deadline_reached().await;
+                tokio::time::sleep(LATE).await;
+                reached
+            } => Err(reached.into()),
         }
+    }
+
+    /// Resolves when the deadline passes, with the error a connection closed by it reports.
+    pub async fn deadline_reached(&self) -> DeadlineReached {
+        self.deadline().await;
+        DeadlineReached(*self.inner.period.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Begins draining and waits until every tracked connection has ended or `period` has
@@ -111,6 +131,7 @@ impl Drain {
         if !ended {
             let _ = tokio::time::timeout(grace, self.wait_idle()).await;
         }
+        self.inner.closed.cancel();
         open
     }
 

@@ -150,6 +150,14 @@ struct ParkedPod {
     netns: PodNetns,
 }
 
+/// A pod its source handed over that this agent could not serve.
+struct Unserved {
+    source: Source,
+    cookie: NetnsCookie,
+    /// Its readiness blocker.
+    blocker: String,
+}
+
 /// The enrolled pods and the kernel redirect they are registered with.
 pub struct Enrollment {
     redirect: Redirect,
@@ -160,8 +168,8 @@ pub struct Enrollment {
     /// A pod its source handed over but that could not be served blocks readiness (named
     /// after the pod) until it is enrolled or removed.
     readiness: Option<crate::readiness::Readiness>,
-    /// The blockers set for such pods, by uid.
-    unserved: BTreeMap<String, String>,
+    /// The pods a source handed over that could not be served, by uid.
+    unserved: BTreeMap<String, Unserved>,
 }
 
 impl Enrollment {
@@ -187,20 +195,27 @@ impl Enrollment {
     }
 
     fn served(&mut self, uid: &str) {
-        if let (Some(blocker), Some(readiness)) = (self.unserved.remove(uid), &self.readiness) {
-            readiness.unblock(&blocker);
+        if let (Some(unserved), Some(readiness)) = (self.unserved.remove(uid), &self.readiness) {
+            readiness.unblock(&unserved.blocker);
         }
     }
 
-    fn not_served(&mut self, spec: &PodSpec) {
+    fn not_served(&mut self, source: Source, spec: &PodSpec, cookie: NetnsCookie) {
         let blocker = format!(
-            "pod {}/{} not served (its enrollment failed: see the log or `ztunnel-agent diagnose`)",
-            spec.namespace, spec.name
+            "pod {}/{} (uid {}) not served: its enrollment failed (see the log)",
+            spec.namespace, spec.name, spec.uid
         );
         if let Some(readiness) = &self.readiness {
             readiness.block(blocker.clone());
         }
-        self.unserved.insert(spec.uid.clone(), blocker);
+        self.unserved.insert(
+            spec.uid.clone(),
+            Unserved {
+                source,
+                cookie,
+                blocker,
+            },
+        );
     }
 
     /// Takes a pod out of capture, keeping its namespace to enroll it again with
@@ -339,11 +354,11 @@ impl Enrollment {
         netns: PodNetns,
     ) -> Result<(), Error> {
         let uid = spec.uid.clone();
-        let failed = spec.clone();
+        let (failed, cookie) = (spec.clone(), netns.cookie());
         let result = self.try_enroll(source, spec, netns).await;
         match &result {
             Ok(()) => self.served(&uid),
-            Err(_) => self.not_served(&failed),
+            Err(_) => self.not_served(source, &failed, cookie),
         }
         result
     }
@@ -398,12 +413,6 @@ impl Enrollment {
                 (family, l.as_raw_fd())
             })
             .collect();
-        self.redirect.add_pod(&PodRedirect {
-            netns_cookie: netns.cookie(),
-            netns: netns.file(),
-            ips: &ips,
-            inbound_listeners: &inbound_fds,
-        })?;
         // The mesh state knows the workload (identity, network) when the pod is in it;
         // a ZDS pod not (yet) in the state gets the identity its CNI message describes.
         // istio-cni names pods by Kubernetes UID, xDS by `<cluster>//Pod/<ns>/<name>`.
@@ -439,6 +448,15 @@ impl Enrollment {
                 source,
             },
         )?;
+        // Registered with the kernel last, once nothing else can fail: during an overlapping
+        // upgrade this takes the inbound steering from the agent serving the pod now, which
+        // must not happen for a pod this agent then fails to serve.
+        self.redirect.add_pod(&PodRedirect {
+            netns_cookie: netns.cookie(),
+            netns: netns.file(),
+            ips: &ips,
+            inbound_listeners: &inbound_fds,
+        })?;
         let proxy = Arc::new(PodProxy {
             uid: spec.uid.clone(),
             name: spec.name.clone(),
@@ -527,9 +545,9 @@ impl Enrollment {
             .retain(|uid, p| p.source != source || keep.contains(uid));
         let forgotten: Vec<String> = self
             .unserved
-            .keys()
-            .filter(|uid| !keep.contains(uid) && !self.pods.contains_key(*uid))
-            .cloned()
+            .iter()
+            .filter(|(uid, u)| u.source == source && !keep.contains(uid))
+            .map(|(uid, _)| uid.clone())
             .collect();
         for uid in forgotten {
             self.served(&uid);
@@ -558,7 +576,9 @@ impl Enrollment {
         let live: Vec<NetnsCookie> = self.pods.values().map(|p| p.netns.cookie()).collect();
         let mut swept = 0;
         for cookie in self.redirect.enrolled_cookies() {
-            if live.contains(&cookie) {
+            // A pod a source handed over but this agent failed to serve stays captured (its
+            // connections fail rather than bypass the proxy; readiness says so).
+            if live.contains(&cookie) || self.unserved.values().any(|u| u.cookie == cookie) {
                 continue;
             }
             if self.redirect.has_live_listener(cookie) {
@@ -622,12 +642,12 @@ fn tune_pod_netns() {
     const MIGRATE: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
     const TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
     if let Err(e) = std::fs::write(MIGRATE, "1") {
-        tracing::debug!(error = %e, "{MIGRATE} not set: queued connections are reset when a draining agent closes its listeners");
+        tracing::warn!(error = %e, "{MIGRATE} not set in the pod's namespace: connections queued on a draining agent's listeners are reset during an upgrade");
     }
     let tw_reuse = std::fs::read_to_string(TW_REUSE).unwrap_or_default();
     if tw_reuse.trim() == "2" {
         if let Err(e) = std::fs::write(TW_REUSE, "1") {
-            tracing::debug!(error = %e, "{TW_REUSE} not set: a pod's outbound connection rate is limited by TIME_WAIT entries");
+            tracing::warn!(error = %e, "{TW_REUSE} not set in the pod's namespace: its new outbound connections are limited to about 470/s while its application closes first");
         }
     }
 }

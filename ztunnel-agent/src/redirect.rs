@@ -111,7 +111,7 @@ pub enum Error {
         source: MapError,
     },
     /// A pinned map was made by an agent version with a different map layout.
-    #[error("the pinned map {path} has another layout (key {pinned_key} B, value {pinned_value} B, {pinned_entries} entries) than this agent's (key {key} B, value {value} B, {entries} entries): an agent of an incompatible version made it, and may still be using it. Refusing to start rather than corrupt it: stop every agent on the node, then run `ztunnel-agent redirect uninstall --pin-dir {pin_dir}` (enrolled pods are refused connections until the new agent has enrolled them again)")]
+    #[error("the pinned map {path} has another layout (key {pinned_key} B, value {pinned_value} B, {pinned_entries} entries) than this agent's (key {key} B, value {value} B, {entries} entries): an agent of an incompatible version made it, and may still be using it. Refusing to start rather than corrupt it: stop every agent on the node, then run `ztunnel-agent redirect uninstall --pin-dir {pin_dir}` and start this agent (until it has enrolled the pods again their traffic is not captured: it bypasses the proxy)")]
     PinnedLayout {
         /// The pin path.
         path: PathBuf,

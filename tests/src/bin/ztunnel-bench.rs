@@ -22,20 +22,13 @@ const ROUNDS: usize = 3;
 const CONCURRENCY: usize = 16;
 const IDLE_CONNECTIONS: usize = 1000;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Echo on 9000, count-and-discard on 9001, inside the pod (one thread, one runtime).
 fn start_servers(pod: &Pod) {
     let netns = pod.netns_path();
     let ip = pod.ip4;
     std::thread::spawn(move || {
         in_netns(&netns, move || {
-            runtime().block_on(async move {
+            ztunnel_e2e::traffic::runtime().block_on(async move {
                 let echo = tokio::net::TcpListener::bind((ip, ECHO_PORT))
                     .await
                     .expect("echo");
@@ -97,7 +90,7 @@ where
     Fut: std::future::Future<Output = u64> + 'static,
 {
     in_netns(&client.netns_path(), move || {
-        runtime().block_on(async move {
+        ztunnel_e2e::traffic::runtime().block_on(async move {
             let start = Instant::now();
             let local = tokio::task::LocalSet::new();
             let tasks: Vec<_> = (0..CONCURRENCY)

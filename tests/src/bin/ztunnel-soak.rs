@@ -37,13 +37,6 @@ const CYCLE_CONNECTIONS: u64 = 100_000;
 const IDLE_CONNECTIONS: usize = 10_000;
 const STORM: usize = 1_000;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Runs `f` on a thread inside `pod`'s namespace with its own runtime, so every socket it
 /// opens is the pod's.
 fn in_pod<T: Send + 'static, F>(
@@ -54,7 +47,11 @@ where
     F: std::future::Future<Output = T>,
 {
     let netns = pod.netns_path();
-    std::thread::spawn(move || in_netns(&netns, move || runtime().block_on(f())))
+    std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            ztunnel_e2e::traffic::runtime().block_on(f())
+        })
+    })
 }
 
 /// An echo server on `pod`'s 9000 (writes back what it reads; closes after EOF).

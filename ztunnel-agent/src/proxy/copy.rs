@@ -21,6 +21,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::connection::Meter;
+use crate::drain::DeadlineReached;
 
 /// First buffer size.
 const INITIAL: usize = 1024;
@@ -249,20 +250,27 @@ fn why_closed(cx: &mut Context<'_>, to: &mut SendStream<Bytes>) -> io::Error {
 
 /// Copies between `socket` and an HBONE stream until both directions have ended, counting
 /// bytes socket->stream in `up` and stream->socket in `down` as they move; returns the error
-/// that ended it early, if any (the stream is then reset with CONNECT_ERROR; the caller
-/// resets the socket, see [`super::reset_on_close`]).
+/// that ended it early, if any, or the drain deadline's (the stream is then reset with
+/// CONNECT_ERROR; the caller resets the socket, see [`super::reset_on_close`]).
 pub async fn tunnel<S>(
     mut socket: S,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     up: &Meter,
     down: &Meter,
+    deadline: impl std::future::Future<Output = DeadlineReached>,
 ) -> Result<(), io::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut to_stream, mut from_stream) = (ToStream::new(), FromStream::new());
+    let mut deadline = std::pin::pin!(deadline);
     let relayed = poll_fn(|cx| {
+        // The drain deadline ends it as an error: both ends are then reset, so neither
+        // application mistakes the cut for the end of the data.
+        if let Poll::Ready(reached) = deadline.as_mut().poll(cx) {
+            return Poll::Ready(Err(io::Error::other(reached)));
+        }
         let forward = to_stream.poll_copy(cx, &mut socket, &mut send, up)?;
         let backward = from_stream.poll_copy(cx, &mut recv, &mut socket, down)?;
         if forward.is_ready() && backward.is_ready() {
@@ -297,7 +305,9 @@ mod tests {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let (up, down) = (Meter::default(), Meter::default());
-        let err = tunnel(socket, send, recv, &up, &down).await.err();
+        let err = tunnel(socket, send, recv, &up, &down, std::future::pending())
+            .await
+            .err();
         (up.get(), down.get(), err)
     }
 

@@ -69,7 +69,7 @@ async fn proxy(
     let tracked = pod.mesh.tracker.track(pod.clone(), peer.ip(), None, dst);
     // Inbound: the reporting side sends what the application answers.
     tokio::select! {
-        relayed = super::splice::bidirectional(&client, &upstream, &conn.received, &conn.sent) => relayed?,
+        relayed = super::splice::bidirectional(&client, &upstream, &conn.received, &conn.sent, pod.mesh.drain.deadline_reached()) => relayed?,
         denied = tracked.revoked() => return Err(denied.into()),
     }
     Ok(())

@@ -178,7 +178,9 @@ async fn proxy(
             }
             let upstream = pod.connect(target).await?;
             conn.established();
-            super::splice::bidirectional(&client, &upstream, &conn.sent, &conn.received).await?;
+            let deadline = pod.mesh.drain.deadline_reached();
+            super::splice::bidirectional(&client, &upstream, &conn.sent, &conn.received, deadline)
+                .await?;
         }
         Route::Hbone {
             hbone_addr,
@@ -207,6 +209,7 @@ async fn proxy(
                 tunnel.recv,
                 &conn.sent,
                 &conn.received,
+                pod.mesh.drain.deadline_reached(),
             )
             .await;
             if relayed.is_err() {

@@ -88,7 +88,8 @@ async fn one_way(from: &TcpStream, to: &TcpStream, meter: &Meter) -> io::Result<
 
 /// Relays both ways until both sides have ended, counting bytes a->b in `ab` and b->a in
 /// `ba` as they move. A clean end one way (EOF) is a half-close and the other way goes on;
-/// an error either way (a peer's reset) ends the relay at once and is returned, and both
+/// an error either way (a peer's reset) or the drain `deadline` ends the relay at once and
+/// is returned, and both
 /// sockets are set to reset when closed: the failure reaches the other application as it
 /// would on a direct connection, and neither socket lingers in CLOSE_WAIT or FIN_WAIT2.
 pub async fn bidirectional(
@@ -96,8 +97,14 @@ pub async fn bidirectional(
     b: &TcpStream,
     ab: &Meter,
     ba: &Meter,
+    deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
 ) -> Result<(), io::Error> {
-    let relayed = tokio::try_join!(one_way(a, b, ab), one_way(b, a, ba)).map(|_| ());
+    let relayed = tokio::select! {
+        // The drain deadline ends it as an error (both ends reset, see above).
+        biased;
+        reached = deadline => Err(io::Error::other(reached)),
+        relayed = async { tokio::try_join!(one_way(a, b, ab), one_way(b, a, ba)) } => relayed.map(|_| ()),
+    };
     if relayed.is_err() {
         super::reset_on_close(a);
         super::reset_on_close(b);
@@ -127,7 +134,7 @@ mod tests {
             let (client_side, _) = front.accept().await.expect("accept");
             let server_side = TcpStream::connect(back_addr).await.expect("connect");
             let (ab, ba) = (Meter::default(), Meter::default());
-            let err = bidirectional(&client_side, &server_side, &ab, &ba)
+            let err = bidirectional(&client_side, &server_side, &ab, &ba, std::future::pending())
                 .await
                 .err();
             (ab.get(), ba.get(), err)

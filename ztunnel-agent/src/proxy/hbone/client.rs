@@ -60,8 +60,8 @@ pub(super) async fn connect(pod: &PodProxy, key: &PoolKey) -> Result<ClientConne
     let drain = pod.mesh.drain.clone();
     tokio::spawn(async move {
         tokio::select! {
-            // Past the drain deadline no stream may still be open on it.
-            _ = drain.deadline() => {}
+            // The drain is over: no stream may still be open on it.
+            _ = drain.closed() => {}
             result = connection => if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %ErrorChain(&e), "HBONE connection closed");
             },

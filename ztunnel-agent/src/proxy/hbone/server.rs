@@ -90,7 +90,8 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
                 draining = true;
                 conn.graceful_shutdown();
             }
-            _ = drain.deadline() => return,
+            // The drain is over (past the deadline and its grace): whatever is left goes.
+            _ = drain.closed() => return,
         }
     }
 }
@@ -164,7 +165,7 @@ async fn handle_connect(
         // Inbound: the reporting side sends what the application answers.
         let mut app = app;
         let relayed = tokio::select! {
-            relayed = crate::proxy::copy::tunnel(&mut app, send, req.into_body(), &conn.sent, &conn.received) => relayed.map_err(ConnectionError::from),
+            relayed = crate::proxy::copy::tunnel(&mut app, send, req.into_body(), &conn.sent, &conn.received, pod.mesh.drain.deadline_reached()) => relayed.map_err(ConnectionError::from),
             denied = tracked.revoked() => Err(denied.into()),
         };
         if relayed.is_err() {
