@@ -207,6 +207,54 @@ fn a_starting_agent_leaves_the_pods_another_live_agent_serves() {
 }
 
 #[test]
+fn a_pod_the_agent_cannot_serve_keeps_it_unready_and_fenced_off() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::for_test();
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    // Something in the client pod holds 15001 without SO_REUSEPORT (a sidecar, say).
+    let squatter = in_netns(&client.netns_path(), || {
+        std::net::TcpListener::bind(("0.0.0.0", 15001)).expect("bind 15001")
+    });
+    let yaml = mesh::yaml(&[Workload::hbone(&client, "client", "node-1")], &[]);
+    let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("mesh.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    let config_arg = config.display().to_string();
+    let mut agent = Agent::start(
+        &topo,
+        &["--node-name", "node-1", "--local-xds-path", &config_arg],
+    );
+    agent.wait_log(&["not ready", "pod default/client", "not served"]);
+    let (status, body) = agent.http("GET", 15021, "/healthz/ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("pod default/client"), "{body}");
+    assert!(
+        agent
+            .lines_with(&["all readiness blockers cleared"])
+            .is_empty(),
+        "never reported ready"
+    );
+    // Fail closed: its connections are still steered to its 15001 (here the squatter's, as
+    // iptables capture would do too), never straight to the destination around the mesh.
+    let app = SocketAddr::new(server.ip4, 9080);
+    let app_server = Server::start(server.netns_path(), app);
+    let client_end = in_netns(&client.netns_path(), move || {
+        let s = std::net::TcpStream::connect(app).expect("connect");
+        s.local_addr().expect("local")
+    });
+    let (_, peer) = squatter.accept().expect("the captured connection");
+    assert_eq!(peer, client_end, "steered to the pod's 15001");
+    assert!(
+        app_server.accepted().is_empty(),
+        "nothing reached the destination"
+    );
+}
+
+#[test]
 fn drain_lets_connections_finish_until_the_deadline() {
     if !require_root() {
         return;

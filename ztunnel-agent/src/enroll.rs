@@ -156,6 +156,8 @@ struct Unserved {
     cookie: NetnsCookie,
     /// Its readiness blocker.
     blocker: String,
+    /// This agent put it in the kernel maps without listeners (fail closed).
+    fenced: bool,
 }
 
 /// The enrolled pods and the kernel redirect they are registered with.
@@ -200,7 +202,62 @@ impl Enrollment {
         }
     }
 
-    fn not_served(&mut self, source: Source, spec: &PodSpec, cookie: NetnsCookie) {
+    /// Its source removed a pod this agent could not serve: its blocker goes, and so does the
+    /// fail-closed capture this agent put in place for it.
+    fn forget_unserved(&mut self, uid: &str) -> Result<(), Error> {
+        let Some(unserved) = self.unserved.remove(uid) else {
+            return Ok(());
+        };
+        if let Some(readiness) = &self.readiness {
+            readiness.unblock(&unserved.blocker);
+        }
+        if unserved.fenced && !self.pods.contains_key(uid) {
+            self.redirect.remove_pod(unserved.cookie)?;
+        }
+        Ok(())
+    }
+
+    /// A pod its source enrolls in the mesh that this agent cannot serve must not reach
+    /// anything around the proxy: unless the kernel maps already hold it (another live
+    /// agent serves it, or a previous run did), it is registered without listeners, so its
+    /// outbound connections go to its 15001 (where no agent listens: refused) and inbound
+    /// ones are dropped. Returns whether it was.
+    fn fence(&mut self, spec: &PodSpec, netns: &PodNetns) -> bool {
+        if self.redirect.enrolled_cookies().contains(&netns.cookie()) {
+            return false;
+        }
+        let ips = if spec.ips.is_empty() {
+            interface_addresses(netns, &spec.name).unwrap_or_default()
+        } else {
+            spec.ips.clone()
+        };
+        if ips.is_empty() {
+            return false;
+        }
+        let fenced = self.redirect.add_pod(&PodRedirect {
+            netns_cookie: netns.cookie(),
+            netns: netns.file(),
+            ips: &ips,
+            inbound_listeners: &[],
+        });
+        match fenced {
+            Ok(()) => {
+                tracing::warn!(pod = %spec.name, namespace = %spec.namespace, "pod not served: its connections are refused (fail closed) until it is enrolled");
+                true
+            }
+            Err(e) => {
+                tracing::error!(pod = %spec.name, namespace = %spec.namespace, error = %crate::telemetry::ErrorChain(&e), "pod not served, and it could not be fenced off either: its traffic is not captured");
+                false
+            }
+        }
+    }
+
+    fn not_served(&mut self, source: Source, spec: &PodSpec, netns: &PodNetns) {
+        let cookie = netns.cookie();
+        let fenced = match self.unserved.get(&spec.uid) {
+            Some(u) if u.cookie == cookie => u.fenced,
+            _ => self.fence(spec, netns),
+        };
         let blocker = format!(
             "pod {}/{} (uid {}) not served: its enrollment failed (see the log)",
             spec.namespace, spec.name, spec.uid
@@ -214,6 +271,7 @@ impl Enrollment {
                 source,
                 cookie,
                 blocker,
+                fenced,
             },
         );
     }
@@ -354,11 +412,11 @@ impl Enrollment {
         netns: PodNetns,
     ) -> Result<(), Error> {
         let uid = spec.uid.clone();
-        let (failed, cookie) = (spec.clone(), netns.cookie());
+        let (failed, failed_netns) = (spec.clone(), netns.clone());
         let result = self.try_enroll(source, spec, netns).await;
         match &result {
             Ok(()) => self.served(&uid),
-            Err(_) => self.not_served(source, &failed, cookie),
+            Err(_) => self.not_served(source, &failed, &failed_netns),
         }
         result
     }
@@ -524,10 +582,11 @@ impl Enrollment {
     pub async fn unenroll(&mut self, uid: &str) -> Result<bool, Error> {
         // Removed by its source: a parked copy is forgotten too, and a failure to serve it
         // no longer matters.
-        self.served(uid);
+        let was_unserved = self.unserved.contains_key(uid);
+        self.forget_unserved(uid)?;
         let was_parked = self.parked.remove(uid).is_some();
         let Some(mut pod) = self.pods.remove(uid) else {
-            return Ok(was_parked);
+            return Ok(was_parked || was_unserved);
         };
         let result = self.redirect.remove_pod(pod.netns.cookie());
         pod.cancel.cancel();
@@ -550,7 +609,7 @@ impl Enrollment {
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in forgotten {
-            self.served(&uid);
+            self.forget_unserved(&uid)?;
         }
         let gone: Vec<String> = self
             .pods
