@@ -59,14 +59,70 @@ fn echo_server(pod: &Pod) {
     let ip = pod.ip4;
     let (tx, rx) = std::sync::mpsc::channel();
     drop(in_pod(pod, move || async move {
-        let listener = tokio::net::TcpSocket::new_v4().expect("socket");
-        listener.set_reuseaddr(true).expect("reuseaddr");
-        listener
-            .bind(SocketAddr::new(ip, ECHO_PORT))
-            .expect("bind echo");
-        let listener = listener.listen(4096).expect("listen");
-        tx.send(()).expect("ready");
-        while let Ok((mut s, _)) = listener.accept().await {
+        serve_echo(ip, Some(tx)).await
+    }));
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("echo server up");
+}
+
+/// The same echo server in a child process of its own (`ztunnel-soak --echo <netns> <ip>`),
+/// for (d): the 10,000 server-side sockets then count against the child's descriptor limit,
+/// not this process's, which holds the 10,000 client sockets. Killed on drop.
+struct EchoProcess(std::process::Child);
+
+impl EchoProcess {
+    fn start(pod: &Pod) -> Self {
+        let child = std::process::Command::new(std::env::current_exe().expect("own path"))
+            .arg("--echo")
+            .arg(pod.netns_path())
+            .arg(pod.ip4.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the echo process");
+        let mut child = Self(child);
+        let mut ready = [0u8; 1];
+        use std::io::Read;
+        child
+            .0
+            .stdout
+            .as_mut()
+            .expect("piped")
+            .read_exact(&mut ready)
+            .expect("echo process up");
+        child
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Echoes on `ip`:9000 until the process ends; `ready` is told once it listens.
+async fn serve_echo(ip: std::net::IpAddr, ready: Option<std::sync::mpsc::Sender<()>>) {
+    let listener = tokio::net::TcpSocket::new_v4().expect("socket");
+    listener.set_reuseaddr(true).expect("reuseaddr");
+    listener
+        .bind(SocketAddr::new(ip, ECHO_PORT))
+        .expect("bind echo");
+    let listener = listener.listen(4096).expect("listen");
+    match ready {
+        Some(tx) => tx.send(()).expect("ready"),
+        None => {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = out.write_all(b"r").and_then(|()| out.flush());
+        }
+    }
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            // Out of descriptors, say: keep listening rather than refuse everything after.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 16 * 1024];
                 loop {
@@ -81,9 +137,7 @@ fn echo_server(pod: &Pod) {
                 }
             });
         }
-    }));
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("echo server up");
+    }
 }
 
 /// What the load saw.
@@ -325,6 +379,15 @@ fn lingering(pod: &Pod) -> usize {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--echo") {
+        raise_own_fd_limit();
+        let (netns, ip) = (PathBuf::from(&args[2]), args[3].parse().expect("ip"));
+        in_netns(&netns, move || {
+            ztunnel_e2e::traffic::runtime().block_on(serve_echo(ip, None))
+        });
+        return;
+    }
     assert!(
         ztunnel_e2e::require_root(),
         "the soak needs root (network namespaces, eBPF)"
@@ -335,13 +398,20 @@ fn main() {
     let server = topo.add_pod("server", 11);
     let plain = topo.add_pod("plain", 12);
     let outsider = topo.add_pod("outsider", 13);
+    // A second node for (d): each agent then holds one end of every tunnel (10,000 tunnels
+    // with both ends in one agent need more descriptors than a 20,000 limit allows).
+    let mut topo2 = Topology::with_subnet("soak-n2", 2);
+    Topology::link(&topo, &topo2);
+    let far = topo2.add_pod("far", 11);
     for pod in [&server, &plain] {
         echo_server(pod);
     }
+    let _far_echo = EchoProcess::start(&far);
     let yaml = mesh::yaml(
         &[
             Workload::hbone(&client, "client", "node-1"),
             Workload::hbone(&server, "server", "node-1"),
+            Workload::hbone(&far, "far", "node-2"),
         ],
         &[],
     );
@@ -354,6 +424,25 @@ fn main() {
     );
     let hbone = SocketAddr::new(server.ip4, ECHO_PORT);
     let passthrough = SocketAddr::new(plain.ip4, ECHO_PORT);
+    let far_echo = SocketAddr::new(far.ip4, ECHO_PORT);
+    let config = std::env::temp_dir().join("zt-soak-cfg/mesh.yaml");
+    let ca = std::env::temp_dir().join("zt-soak/ca");
+    let (config, ca) = (config.display().to_string(), ca.display().to_string());
+    let mut node2 = Agent::start(
+        &topo2,
+        &[
+            "--log",
+            "info",
+            "--node-name",
+            "node-2",
+            "--local-xds-path",
+            &config,
+            "--ca-dir",
+            &ca,
+        ],
+    );
+    node2.wait_ready();
+    let pid2 = node2.pid().expect("node-2 agent");
     let mut out = String::from("| figure | value | goal |\n|---|---|---|\n");
 
     // (a) two overlapping upgrades under load.
@@ -548,7 +637,9 @@ fn main() {
 
     // (d) 10,000 idle tunnelled connections.
     eprintln!("(d) {IDLE_CONNECTIONS} idle HBONE connections...");
-    let rss_idle_before = rss_kib(pid);
+    // Both agents: the client's (node 1) and the server's (node 2).
+    let rss = || rss_kib(pid) + rss_kib(pid2);
+    let rss_idle_before = rss();
     let (hold_tx, hold_rx) = tokio::sync::oneshot::channel::<()>();
     let (opened_tx, opened_rx) = std::sync::mpsc::channel();
     // Opened in batches of 100; the agent's RSS is read after the first 1,000 too, to see
@@ -569,7 +660,7 @@ fn main() {
             let opening: Vec<_> = (0..100)
                 .map(|_| {
                     tokio::spawn(async move {
-                        let mut s = tokio::net::TcpStream::connect(hbone).await?;
+                        let mut s = tokio::net::TcpStream::connect(far_echo).await?;
                         s.write_all(&[1]).await?;
                         let mut b = [0u8; 1];
                         s.read_exact(&mut b).await?;
@@ -593,15 +684,16 @@ fn main() {
         .recv_timeout(Duration::from_secs(60))
         .expect("first thousand opened");
     std::thread::sleep(Duration::from_secs(3));
-    let rss_first = rss_kib(pid);
+    let rss_first = rss();
     let _ = go_tx.send(());
     let (held, errors) = opened_rx
         .recv_timeout(Duration::from_secs(120))
         .expect("idle connections opened");
     let failed = errors.len();
     std::thread::sleep(Duration::from_secs(3));
-    let rss_idle = rss_kib(pid);
-    // The tunnels share pooled HTTP/2 connections (100 streams each), both ends in this agent.
+    let rss_idle = rss();
+    let fds_idle = (open_fds(pid), open_fds(pid2));
+    // The tunnels share pooled HTTP/2 connections (100 streams each).
     let pooled = sh(
         "ip",
         &[
@@ -623,7 +715,10 @@ fn main() {
     row(
         &mut out,
         "(d) idle HBONE connections held / failed",
-        format!("{held} / {failed}, over {pooled} pooled HBONE connections"),
+        format!(
+            "{held} / {failed}, over {pooled} pooled HBONE connections; agents' fds {} / {}",
+            fds_idle.0, fds_idle.1
+        ),
         "-",
     );
     if !errors.is_empty() {
@@ -638,7 +733,7 @@ fn main() {
     }
     row(
         &mut out,
-        "(d) agent RSS per idle tunnelled connection, first 1,000",
+        "(d) RSS per idle tunnelled connection (both agents), first 1,000",
         format!(
             "{:.1} KiB ({rss_idle_before} -> {rss_first} KiB)",
             rss_first.saturating_sub(rss_idle_before) as f64 / first.max(1) as f64
@@ -647,7 +742,7 @@ fn main() {
     );
     row(
         &mut out,
-        "(d) agent RSS per idle tunnelled connection",
+        "(d) RSS per idle tunnelled connection (both agents), all",
         format!(
             "{:.1} KiB ({rss_idle_before} -> {rss_idle} KiB)",
             rss_idle.saturating_sub(rss_idle_before) as f64 / held.max(1) as f64
@@ -718,6 +813,19 @@ fn main() {
     if std::fs::write(&file, &out).is_ok() {
         println!("written to {}", file.display());
     }
+    // Every agent's log, for whoever reads a failure above.
+    for (name, a) in [
+        ("gen-0", &agent),
+        ("gen-1", &gen1),
+        ("gen-2", &killed),
+        ("gen-3", &restarted),
+        ("node-2", &node2),
+    ] {
+        let log = file.with_file_name(format!("soak-agent-{name}.log"));
+        let _ = std::fs::write(&log, a.log());
+    }
+    println!("agents' logs: target/soak-agent-*.log");
+    drop(node2);
     drop(restarted);
     drop(killed);
     drop(gen1);
