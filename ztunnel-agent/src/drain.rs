@@ -13,12 +13,12 @@
 //! the last one ends rather than always waiting for the deadline.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TrackedFuture;
+use tokio_util::task::TaskTracker;
 
 /// How long after the deadline a connection that does not watch it itself is dropped.
 const LATE: Duration = Duration::from_millis(100);
@@ -41,32 +41,20 @@ struct Inner {
     deadline: CancellationToken,
     closed: CancellationToken,
     period: std::sync::Mutex<Duration>,
-    live: AtomicUsize,
-    idle: Notify,
-}
-
-/// Counts one live connection until dropped.
-#[derive(Debug)]
-pub struct Tracked(Arc<Inner>);
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
+    /// The live connections' tasks. Its combinator holds each connection's future once (a
+    /// wrapping `async` block would store it twice: futures are the per-connection memory).
+    live: TaskTracker,
 }
 
 impl Drain {
-    /// Counts a connection as live until the returned guard is dropped.
-    pub fn track(&self) -> Tracked {
-        self.inner.live.fetch_add(1, Ordering::AcqRel);
-        Tracked(self.inner.clone())
+    /// `work` (one connection's task), counted as live until it completes.
+    pub fn track<F: Future>(&self, work: F) -> TrackedFuture<F> {
+        self.inner.live.track_future(work)
     }
 
     /// Connections live now.
     pub fn live(&self) -> usize {
-        self.inner.live.load(Ordering::Acquire)
+        self.inner.live.len()
     }
 
     /// Whether draining has begun.
@@ -91,32 +79,21 @@ impl Drain {
         self.inner.closed.cancelled().await;
     }
 
-    /// Runs `work` (one connection's handling). The relays watch the deadline themselves and
-    /// end with [`DeadlineReached`] as their error, resetting both ends; a connection still in
-    /// another phase (connecting, handshaking) is dropped shortly after the deadline, also
-    /// with [`DeadlineReached`], for its access-log line.
-    pub async fn until_deadline<T, E>(
-        &self,
-        work: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, E>
-    where
-        E: From<DeadlineReached>,
-    {
-        tokio::select! {
-            biased;
-            result = work => result,
-            reached = async {
-                let reached = self.deadline_reached().await;
-                tokio::time::sleep(LATE).await;
-                reached
-            } => Err(reached.into()),
-        }
-    }
-
     /// Resolves when the deadline passes, with the error a connection closed by it reports.
+    /// The relays watch this themselves and end with it, resetting both ends.
     pub async fn deadline_reached(&self) -> DeadlineReached {
         self.deadline().await;
         DeadlineReached(*self.inner.period.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Resolves a moment after the deadline: for a connection still in a phase that does not
+    /// watch the deadline itself (connecting, handshaking), to be dropped with
+    /// [`DeadlineReached`] for its access-log line. Used as a `select!` branch beside the
+    /// connection's own future, inline, so that future is stored once.
+    pub async fn overdue(&self) -> DeadlineReached {
+        let reached = self.deadline_reached().await;
+        tokio::time::sleep(LATE).await;
+        reached
     }
 
     /// Begins draining and waits until every tracked connection has ended or `period` has
@@ -125,27 +102,19 @@ impl Drain {
     pub async fn run(&self, period: Duration, grace: Duration) -> usize {
         *self.inner.period.lock().unwrap_or_else(|p| p.into_inner()) = period;
         self.inner.started.cancel();
-        let ended = tokio::time::timeout(period, self.wait_idle()).await.is_ok();
+        // Closing the tracker only lets `wait` resolve once it is empty; tasks still end
+        // (and count) as before.
+        self.inner.live.close();
+        let ended = tokio::time::timeout(period, self.inner.live.wait())
+            .await
+            .is_ok();
         let open = if ended { 0 } else { self.live() };
         self.inner.deadline.cancel();
         if !ended {
-            let _ = tokio::time::timeout(grace, self.wait_idle()).await;
+            let _ = tokio::time::timeout(grace, self.inner.live.wait()).await;
         }
         self.inner.closed.cancel();
         open
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let idle = self.inner.idle.notified();
-            let mut idle = std::pin::pin!(idle);
-            // Registered before the check, so a connection ending in between is not missed.
-            idle.as_mut().enable();
-            if self.live() == 0 {
-                return;
-            }
-            idle.await;
-        }
     }
 }
 
@@ -156,30 +125,31 @@ mod tests {
     #[tokio::test]
     async fn drain_ends_when_the_last_connection_ends() {
         let drain = Drain::default();
-        let tracked = drain.track();
         let d = drain.clone();
-        let watcher = tokio::spawn(async move {
-            d.started().await;
-            drop(tracked);
-        });
+        let connection = tokio::spawn(drain.track(async move { d.started().await }));
+        while drain.live() == 0 {
+            tokio::task::yield_now().await;
+        }
         let open = drain
             .run(Duration::from_secs(30), Duration::from_secs(1))
             .await;
         assert_eq!(open, 0);
         assert_eq!(drain.live(), 0);
-        watcher.await.expect("watcher");
+        connection.await.expect("connection");
     }
 
     #[tokio::test]
     async fn connections_past_the_deadline_are_closed_with_the_reason() {
         let drain = Drain::default();
         let d = drain.clone();
-        let connection = tokio::spawn(async move {
-            let _tracked = d.track();
-            d.until_deadline(std::future::pending::<Result<(), DeadlineReached>>())
-                .await
-        });
-        // Let the connection register before draining.
+        let connection = tokio::spawn(drain.track(async move {
+            let reached = tokio::select! {
+                biased;
+                () = std::future::pending() => unreachable!("never ends on its own"),
+                reached = d.overdue() => reached,
+            };
+            reached.to_string()
+        }));
         while drain.live() == 0 {
             tokio::task::yield_now().await;
         }
@@ -187,9 +157,8 @@ mod tests {
             .run(Duration::from_millis(50), Duration::from_secs(5))
             .await;
         assert_eq!(open, 1);
-        let ended = connection.await.expect("task");
-        let err = ended.expect_err("closed at the deadline");
-        assert!(err.to_string().contains("drain deadline"), "{err}");
+        let why = connection.await.expect("task");
+        assert!(why.contains("drain deadline"), "{why}");
         assert_eq!(drain.live(), 0, "its end was waited for");
     }
 }

@@ -245,12 +245,7 @@ pub async fn accept_loop<F, Fut>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     pod.mesh.socket_options(&stream);
-                    let live = drain.track();
-                    let work = handle(pod.clone(), stream, peer);
-                    tokio::spawn(async move {
-                        work.await;
-                        drop(live);
-                    });
+                    tokio::spawn(drain.track(handle(pod.clone(), stream, peer)));
                 }
                 // The socket stopped listening (shut down behind the agent's back, or its
                 // namespace torn down): accepting again would fail forever.

@@ -24,8 +24,12 @@ pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
     };
     let mut conn = Connection::new(Direction::Inbound, peer, dst);
     let span = conn.span();
-    let work = proxy(&pod, client, dst, &mut conn);
-    let result = pod.mesh.drain.until_deadline(work).instrument(span).await;
+    // Inline (not a helper taking the future): the connection's future is stored once.
+    let result = tokio::select! {
+        biased;
+        result = proxy(&pod, client, dst, &mut conn).instrument(span) => result,
+        reached = pod.mesh.drain.overdue() => Err(reached.into()),
+    };
     conn.finish(result);
 }
 

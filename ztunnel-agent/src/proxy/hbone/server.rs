@@ -60,18 +60,13 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
         tokio::select! {
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
-                    let live = drain.track();
-                    let work = handle_connect(
+                    tokio::spawn(drain.track(handle_connect(
                         pod.clone(),
                         peer,
                         client_identity.clone(),
                         req,
                         respond,
-                    );
-                    tokio::spawn(async move {
-                        work.await;
-                        drop(live);
-                    });
+                    )));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(src.addr = %peer, error = %ErrorChain(&e), "HBONE connection ended");
@@ -152,29 +147,45 @@ async fn handle_connect(
             return refuse(&mut answer, refusal.status);
         }
     };
-    let result = async {
-        let send = respond(&mut answer, StatusCode::OK, false)
-            .map_err(|source| Error::H2 { peer, source })?;
-        conn.established();
-        let tracked = pod.mesh.tracker.track(
-            pod.clone(),
-            peer.ip(),
-            conn.record.src.identity.clone(),
-            target,
-        );
-        // Inbound: the reporting side sends what the application answers.
-        let mut app = app;
-        let relayed = tokio::select! {
-            relayed = crate::proxy::copy::tunnel(&mut app, send, req.into_body(), &conn.sent, &conn.received, pod.mesh.drain.deadline_reached()) => relayed.map_err(ConnectionError::from),
-            denied = tracked.revoked() => Err(denied.into()),
-        };
-        if relayed.is_err() {
-            crate::proxy::reset_on_close(&app);
-        }
-        relayed
+    // Inline (not a helper taking the future): the connection's future is stored once.
+    let result = tokio::select! {
+        biased;
+        result = relay(&pod, peer, answer, req, app, target, &mut conn).instrument(span) => result,
+        reached = pod.mesh.drain.overdue() => Err(reached.into()),
     };
-    let result = pod.mesh.drain.until_deadline(result).instrument(span).await;
     conn.finish(result);
+}
+
+/// Answers 200 to an accepted CONNECT and relays until either side ends, a policy change
+/// revokes it, or the drain deadline passes.
+async fn relay(
+    pod: &Arc<PodProxy>,
+    peer: SocketAddr,
+    mut answer: SendResponse<Bytes>,
+    req: Request<RecvStream>,
+    mut app: TcpStream,
+    target: SocketAddr,
+    conn: &mut Connection,
+) -> Result<(), ConnectionError> {
+    let send =
+        respond(&mut answer, StatusCode::OK, false).map_err(|source| Error::H2 { peer, source })?;
+    conn.established();
+    let tracked = pod.mesh.tracker.track(
+        pod.clone(),
+        peer.ip(),
+        conn.record.src.identity.clone(),
+        target,
+    );
+    // Inbound: the reporting side sends what the application answers.
+    let deadline = pod.mesh.drain.deadline_reached();
+    let relayed = tokio::select! {
+        relayed = crate::proxy::copy::tunnel(&mut app, send, req.into_body(), &conn.sent, &conn.received, deadline) => relayed.map_err(ConnectionError::from),
+        denied = tracked.revoked() => Err(denied.into()),
+    };
+    if relayed.is_err() {
+        crate::proxy::reset_on_close(&app);
+    }
+    relayed
 }
 
 /// Checks a CONNECT (method, authority, self-call, policy) and connects to the application;
