@@ -37,7 +37,7 @@ enum Task {
     /// test). Writes target/bench-results.md.
     Bench,
     /// The agent's lifecycle under load: overlapping upgrades, kill -9, 100,000 connections,
-    /// 10,000 idle tunnels, reset storms (release build; not a test, about 3 minutes).
+    /// 10,000 idle tunnels, reset storms (release build; not a test, about 4 minutes once built).
     /// Writes target/soak-results.md.
     Soak,
     /// Build the agent and run it with the given arguments.
