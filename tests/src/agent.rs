@@ -35,6 +35,9 @@ pub struct Agent {
     dir: PathBuf,
     /// Log file prefix (`agent`, or the name of an agent started beside another).
     name: String,
+    /// Whether the pin and scratch directories are this agent's to remove on drop (not for
+    /// an agent started beside another, which shares them).
+    owns_dirs: bool,
 }
 
 impl Agent {
@@ -77,6 +80,7 @@ impl Agent {
             args: args.iter().map(|s| s.to_string()).collect(),
             dir,
             name: "agent".into(),
+            owns_dirs: true,
         };
         agent.spawn(0);
         agent
@@ -107,6 +111,7 @@ impl Agent {
             args,
             dir: first.dir.clone(),
             name: name.into(),
+            owns_dirs: false,
         };
         agent.spawn(0);
         agent
@@ -384,13 +389,16 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if std::thread::panicking() {
+            eprintln!("agent log ({}):\n{}", self.log_path.display(), self.log());
+        }
+        if !self.owns_dirs {
+            return;
+        }
         let _ = Command::new(agent_binary())
             .args(["redirect", "uninstall", "--pin-dir"])
             .arg(&self.pin_dir)
             .output();
-        if std::thread::panicking() {
-            eprintln!("agent log ({}):\n{}", self.log_path.display(), self.log());
-        }
         // The scratch directories go with the test, pass or fail (the log was printed above).
         let _ = std::fs::remove_dir_all(&self.dir);
         let mut cfg = self.dir.clone().into_os_string();

@@ -259,7 +259,8 @@ fn drain_lets_connections_finish_until_the_deadline() {
     if !require_root() {
         return;
     }
-    // A 4 s grace period: the drain deadline is 3 s (upstream's rule: 1 s less).
+    // A 4 s grace period: the drain deadline is 3 s (upstream's rule: 1 s less), shorter than
+    // the test server's 5 s read timeout that would otherwise end the held connection.
     let mut hop = OneHop::start(true, &["--termination-grace-period-seconds", "4"]);
     let bulk = SocketAddr::new(hop.server.ip4, 9090);
     let _bulk = HashServer::start(&hop.server.netns_path(), bulk);
@@ -287,7 +288,7 @@ fn drain_lets_connections_finish_until_the_deadline() {
     wait_for(
         "the transfer moving after SIGTERM",
         Duration::from_secs(2),
-        || (transfer.sent() > at_term + (1 << 20)).then_some(()),
+        || (transfer.sent() > at_term + (256 << 10)).then_some(()),
     );
     let done = transfer
         .finish()
@@ -400,7 +401,10 @@ fn a_client_reset_reaches_the_application_and_sockets_have_keepalive() {
                 || *peer == dst
                 || (what == "hbone" && (local.port() == 15008 || peer.port() == 15008))
         };
-        let sockets = wait_for("the relay's sockets", Duration::from_secs(10), || {
+        // The agent sets the options right after accept or connect: wait for them, then read
+        // their values.
+        let what_for = format!("{what}: the relay's sockets, each with keepalive on");
+        let sockets = wait_for(&what_for, Duration::from_secs(10), || {
             let s: Vec<_> = agent
                 .connected_sockets()
                 .into_iter()
@@ -411,7 +415,10 @@ fn a_client_reset_reaches_the_application_and_sockets_have_keepalive() {
                 .any(|(l, p, _)| l.port() == 15001 && *p == client_local);
             let dialled = s.iter().any(|(_, p, _)| *p == dst);
             let tunnel = what != "hbone" || s.iter().any(|(l, _, _)| l.port() == 15008);
-            (accepted && dialled && tunnel).then_some(s)
+            let keepalive = s
+                .iter()
+                .all(|(_, _, fd)| socket2::SockRef::from(fd).keepalive().unwrap_or(false));
+            (accepted && dialled && tunnel && keepalive).then_some(s)
         });
         for (local, peer, fd) in &sockets {
             let sock = socket2::SockRef::from(fd);

@@ -177,12 +177,29 @@ impl Pool {
                     // out again; this tunnel goes over a new connection.
                     conn.closed.store(true, Ordering::Relaxed);
                     drop(guard);
-                    self.open_on_new(pod, key, request()?).await?
+                    self.open_on_new(pod, key.clone(), request()?).await?
                 }
             },
-            None => self.open_on_new(pod, key, request()?).await?,
+            None => self.open_on_new(pod, key.clone(), request()?).await?,
         };
-        let response = response.await.map_err(h2_error)?;
+        let (response, send, guard) = match response.await {
+            Ok(response) => (response, send, guard),
+            // A graceful GOAWAY (NO_ERROR: the peer is draining) that fails this stream, or
+            // REFUSED_STREAM, says the server never processed it: retried once, on a new
+            // connection (which reaches the agent that replaces the draining one). The race is
+            // inherent to a graceful GOAWAY: a stream may be sent as the final GOAWAY is on
+            // its way. An error GOAWAY may have been processed, so it is not retried.
+            Err(e)
+                if (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
+                    || e.reason() == Some(h2::Reason::REFUSED_STREAM) =>
+            {
+                tracing::debug!(peer = %peer, error = %e, "HBONE stream refused by a draining peer; retrying on a new connection");
+                drop((send, guard));
+                let (response, send, guard) = self.open_on_new(pod, key, request()?).await?;
+                (response.await.map_err(h2_error)?, send, guard)
+            }
+            Err(e) => return Err(h2_error(e)),
+        };
         if response.status() != StatusCode::OK {
             return Err(Error::Status {
                 authority,
