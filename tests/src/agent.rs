@@ -51,16 +51,23 @@ impl Agent {
     /// starts an agent on `node` reading it (plus `extra` arguments) and waits until it is
     /// ready. Returns the config path too, for tests that change the mesh.
     pub fn start_local(topo: &Topology, node: &str, yaml: &str, extra: &[&str]) -> (Self, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
-        std::fs::create_dir_all(&dir).expect("config dir");
-        let config = dir.join("mesh.yaml");
-        std::fs::write(&config, yaml).expect("write config");
+        let config = Self::write_local_config(topo, yaml);
         let config_arg = config.display().to_string();
         let mut args = vec!["--node-name", node, "--local-xds-path", &config_arg];
         args.extend_from_slice(extra);
         let mut agent = Self::start(topo, &args);
         agent.wait_ready();
         (agent, config)
+    }
+
+    /// Writes `yaml` as the test's local config (`<tmp>/<prefix>-cfg/mesh.yaml`, removed
+    /// with the agent's scratch directories) and returns its path.
+    pub fn write_local_config(topo: &Topology, yaml: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
+        std::fs::create_dir_all(&dir).expect("config dir");
+        let config = dir.join("mesh.yaml");
+        std::fs::write(&config, yaml).expect("write config");
+        config
     }
 
     /// Like [`Agent::start`] with a chosen pin directory.

@@ -113,12 +113,10 @@ fn restart_reuses_pinned_state() {
     let cgroup = root.join(&topo.prefix);
     let _ = std::fs::create_dir(&cgroup);
     let cgroup_arg = cgroup.display().to_string();
-    let dir = std::env::temp_dir().join(format!("{}-cfg", topo.prefix));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("mesh.yaml");
     let yaml = mesh::yaml(&[Workload::hbone(&client, "client", "node-1")], &[]);
-    std::fs::write(&config, yaml).expect("config");
-    let config_arg = config.display().to_string();
+    let config_arg = Agent::write_local_config(&topo, &yaml)
+        .display()
+        .to_string();
     let mut agent = Agent::start(
         &topo,
         &[

@@ -57,18 +57,13 @@ impl Drain {
         self.inner.live.len()
     }
 
-    /// Whether draining has begun.
-    pub fn is_started(&self) -> bool {
-        self.inner.started.is_cancelled()
-    }
-
     /// Resolves when draining begins: stop taking new work.
     pub async fn started(&self) {
         self.inner.started.cancelled().await;
     }
 
     /// Resolves when the deadline passes: close what is still open.
-    pub async fn deadline(&self) {
+    async fn deadline(&self) {
         self.inner.deadline.cancelled().await;
     }
 
