@@ -7,6 +7,7 @@ pub mod cni;
 pub mod control_plane;
 pub mod mesh;
 pub mod one_hop;
+pub mod prometheus;
 pub mod topology;
 pub mod traffic;
 

@@ -20,6 +20,9 @@ const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "libprotobuf-dev",
     "curl",
+    // The privileged metrics test scrapes the agent with a real Prometheus and runs the
+    // PromQL of Istio's ztunnel dashboard against it.
+    "prometheus",
 ];
 /// The bpf-linker release known to work with LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";

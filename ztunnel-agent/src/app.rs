@@ -87,6 +87,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         keepalive: config.keepalive,
     });
     tokio::spawn(mesh.pool.clone().run_eviction(shutdown.clone()));
+    crate::metrics::global().configure_series(
+        config.metrics_max_series,
+        config.metrics_series_idle_timeout,
+    );
+    tokio::spawn(evict_idle_series(state.clone(), shutdown.clone()));
     let mut enrollment = Enrollment::new(redirect, host, mesh.clone());
     enrollment.set_readiness(readiness.clone());
     let enrollment = Arc::new(Mutex::new(enrollment));
@@ -406,6 +411,25 @@ async fn track_certificates(
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Removes, every so often, the `istio_tcp_*` label sets that have been idle past their
+/// interval and whose workloads are no longer in the mesh state.
+async fn evict_idle_series(state: SharedState, shutdown: CancellationToken) {
+    let metrics = crate::metrics::global();
+    // A quarter of the interval: a set goes at most 25% late; at least every second.
+    let period = (metrics.series_idle() / 4).max(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let snapshot = state.snapshot();
+        let evicted = metrics.evict_idle_series(|uid| snapshot.workload(uid).is_some());
+        if evicted > 0 {
+            tracing::debug!(evicted, "idle metric series of deleted workloads evicted");
         }
     }
 }

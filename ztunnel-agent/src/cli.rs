@@ -227,6 +227,27 @@ pub struct RunArgs {
     /// Unanswered probes before a connection is dropped.
     #[arg(long, env = "KEEPALIVE_RETRIES", default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..=127))]
     pub keepalive_retries: u32,
+    /// The most label sets the `istio_tcp_*` metric families hold (each is one series in each
+    /// of the five families). At the bound the least recently active idle set makes room;
+    /// when every set has a live connection, new ones are not counted
+    /// (`ztunnel_metric_series_refused_total`).
+    #[arg(long, env = "METRICS_MAX_SERIES", default_value_t = crate::metrics::DEFAULT_MAX_SERIES, value_parser = parse_max_series)]
+    pub metrics_max_series: usize,
+    /// How long an `istio_tcp_*` label set whose workloads were deleted stays after its last
+    /// connection ended (e.g. `10m`); then it is evicted, so pod churn does not grow the
+    /// series without end.
+    #[arg(long, env = "METRICS_SERIES_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub metrics_series_idle_timeout: std::time::Duration,
+}
+
+fn parse_max_series(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a series bound: give a whole number of label sets, at least 1 (default {})",
+            crate::metrics::DEFAULT_MAX_SERIES
+        )),
+    }
 }
 
 /// A duration as upstream's settings write it: `180s`, `3m`, `500ms`, `1h`, or bare seconds.

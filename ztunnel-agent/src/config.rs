@@ -86,6 +86,10 @@ pub struct Config {
     pub drain_deadline: std::time::Duration,
     /// TCP keepalive on accepted and dialled sockets (None: off).
     pub keepalive: Option<crate::socket::Keepalive>,
+    /// Bound on the `istio_tcp_*` label sets.
+    pub metrics_max_series: usize,
+    /// Idle time after which a label set of deleted workloads is evicted.
+    pub metrics_series_idle_timeout: std::time::Duration,
 }
 
 /// The drain deadline, with upstream ztunnel's rules: `CONNECTION_TERMINATION_DEADLINE` if
@@ -208,6 +212,8 @@ impl Config {
                 interval: args.keepalive_interval,
                 retries: args.keepalive_retries,
             }),
+            metrics_max_series: args.metrics_max_series,
+            metrics_series_idle_timeout: args.metrics_series_idle_timeout,
         })
     }
 }

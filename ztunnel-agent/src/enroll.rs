@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use ztunnel_common::{AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
+use crate::accesslog::Direction;
 use crate::identity::Identity;
 use crate::netns::{HostNetns, PodNetns};
 use crate::proxy::{self, MeshContext, PodProxy};
@@ -196,6 +197,12 @@ impl Enrollment {
         self.readiness = Some(readiness);
     }
 
+    /// `workload_manager_active_proxy_count` (pods served) and `..._pending_proxy_count`
+    /// (pods handed over but not served; converges to zero once they are enrolled or gone).
+    fn report_proxies(&self) {
+        crate::metrics::global().set_proxies(self.pods.len(), self.unserved.len());
+    }
+
     fn served(&mut self, uid: &str) {
         if let (Some(unserved), Some(readiness)) = (self.unserved.remove(uid), &self.readiness) {
             readiness.unblock(&unserved.blocker);
@@ -208,6 +215,7 @@ impl Enrollment {
         let Some(unserved) = self.unserved.remove(uid) else {
             return Ok(());
         };
+        self.report_proxies();
         if let Some(readiness) = &self.readiness {
             readiness.unblock(&unserved.blocker);
         }
@@ -418,6 +426,7 @@ impl Enrollment {
             Ok(()) => self.served(&uid),
             Err(_) => self.not_served(source, &failed, &failed_netns),
         }
+        self.report_proxies();
         result
     }
 
@@ -538,18 +547,21 @@ impl Enrollment {
                     listener,
                     pod,
                     cancel,
+                    Direction::Outbound,
                     proxy::outbound::handle,
                 )),
                 INBOUND_PLAINTEXT_PORT => tasks.spawn(proxy::accept_loop(
                     listener,
                     pod,
                     cancel,
+                    Direction::Inbound,
                     proxy::inbound_passthrough::handle,
                 )),
                 _ => tasks.spawn(proxy::accept_loop(
                     listener,
                     pod,
                     cancel,
+                    Direction::Inbound,
                     proxy::hbone::serve,
                 )),
             };
@@ -574,6 +586,7 @@ impl Enrollment {
                 tasks,
             },
         );
+        crate::metrics::global().proxy_started();
         Ok(())
     }
 
@@ -593,6 +606,8 @@ impl Enrollment {
         // Wait until every accept loop has returned, so the listeners are closed when this
         // returns (connections already accepted finish on their own).
         while pod.tasks.join_next().await.is_some() {}
+        crate::metrics::global().proxy_stopped();
+        self.report_proxies();
         tracing::info!(pod = %pod.spec.name, namespace = %pod.spec.namespace, uid = %uid, "pod removed");
         result?;
         Ok(true)

@@ -3,19 +3,27 @@
 //! move as bytes move (see `proxy::connection`), and when the connection ends the log's totals
 //! equal what the counters gained.
 
-use std::sync::{Arc, OnceLock};
+mod process;
+mod runtime;
+pub mod series;
+
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
+};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use ztunnel_common::PodCounters;
 
 use crate::accesslog::{ConnectionRecord, Direction, Peer};
+use series::{Admission, Eviction, Series};
 
 /// Istio's TCP metric labels, in Istio's order.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,6 +51,60 @@ pub struct TcpLabels {
     request_protocol: &'static str,
     response_flags: &'static str,
     connection_security_policy: &'static str,
+    #[prometheus(flatten)]
+    locality: LocalityLabels,
+}
+
+/// `source_region`, `source_zone`, `destination_region`, `destination_zone`: present (with
+/// `unknown` for an unknown side) when either side's workload is known, absent otherwise,
+/// as upstream writes them.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+struct LocalityLabels(Option<Box<[String; 4]>>);
+
+impl LocalityLabels {
+    fn of(src: &Peer, dst: &Peer) -> Self {
+        if src.detail.is_none() && dst.detail.is_none() {
+            return Self(None);
+        }
+        let part = |p: &Peer, zone: bool| {
+            or_unknown(
+                p.detail
+                    .as_deref()
+                    .and_then(|w| w.locality.as_ref())
+                    .map(|l| {
+                        if zone {
+                            l.zone.as_str()
+                        } else {
+                            l.region.as_str()
+                        }
+                    }),
+            )
+        };
+        Self(Some(Box::new([
+            part(src, false),
+            part(src, true),
+            part(dst, false),
+            part(dst, true),
+        ])))
+    }
+}
+
+impl EncodeLabelSet for LocalityLabels {
+    fn encode(&self, mut encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let Some(values) = &self.0 else {
+            return Ok(());
+        };
+        let keys = [
+            "source_region",
+            "source_zone",
+            "destination_region",
+            "destination_zone",
+        ];
+        for (key, value) in keys.iter().zip(values.iter()) {
+            (*key, value.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 /// Istio's response flag for a connection: `-` when it succeeded, else why it failed.
@@ -76,12 +138,20 @@ impl ResponseFlag {
     }
 }
 
+/// The labels an established connection was counted opened with, and whether its label set
+/// was admitted (at the series limit a new set is not counted; see [`series`]).
+#[derive(Debug)]
+pub struct Opened {
+    labels: TcpLabels,
+    counted: bool,
+}
+
 /// An established connection's metric handles: its labels (as counted opened) and the two
 /// byte counters it increments as bytes move.
 #[derive(Debug)]
 pub struct OpenedConnection {
-    /// The labels it was counted opened with (for [`Metrics::closed`]).
-    pub labels: TcpLabels,
+    /// How it was counted opened (for [`Metrics::closed`]).
+    pub opened: Opened,
     /// `istio_tcp_sent_bytes_total` for this connection's labels.
     pub sent: Counter,
     /// `istio_tcp_received_bytes_total` for this connection's labels.
@@ -92,7 +162,7 @@ pub struct OpenedConnection {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     component: &'static str,
-    tag: &'static str,
+    tag: String,
 }
 
 /// Why an xDS stream ended (upstream's reasons).
@@ -113,50 +183,29 @@ struct AcceptErrorLabels {
     error: &'static str,
 }
 
-/// The process's descriptor figures, read at scrape time under the names Prometheus'
-/// process collectors (and upstream ztunnel) use: fd exhaustion is visible before it bites.
-#[derive(Debug, Default)]
-struct ProcessCollector;
+/// `istio_tcp_sockets_open`'s one label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SocketLabels {
+    reporter: &'static str,
+}
 
-impl ProcessCollector {
-    fn open_fds() -> Option<i64> {
-        let entries = std::fs::read_dir("/proc/self/fd").ok()?;
-        // Minus the descriptor read_dir itself holds.
-        Some(entries.count() as i64 - 1)
-    }
-
-    fn max_fds() -> Option<i64> {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit with a valid pointer to a local rlimit.
-        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-        (rc == 0).then(|| i64::try_from(limit.rlim_cur).unwrap_or(i64::MAX))
+/// Istio's `reporter` label for a connection's direction.
+fn reporter(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Outbound => "source",
+        Direction::Inbound => "destination",
     }
 }
 
-impl Collector for ProcessCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for (name, help, value) in [
-            (
-                "process_open_fds",
-                "Number of open file descriptors",
-                Self::open_fds(),
-            ),
-            (
-                "process_max_fds",
-                "Maximum number of file descriptors",
-                Self::max_fds(),
-            ),
-        ] {
-            if let Some(value) = value {
-                let gauge = prometheus_client::metrics::gauge::ConstGauge::new(value);
-                let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
-                gauge.encode(metric)?;
-            }
-        }
-        Ok(())
+/// An accepted socket, counted in `istio_tcp_sockets_open` until dropped (upstream counts
+/// the sockets its listeners accepted: outbound connections as `source`, HBONE and plaintext
+/// inbound ones as `destination`).
+#[derive(Debug)]
+pub struct OpenSocket(Gauge);
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -185,10 +234,7 @@ impl std::fmt::Debug for RedirectCollector {
 
 impl Collector for RedirectCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(source) = self.0.get() else {
-            return Ok(());
-        };
-        let pods = source();
+        let pods = self.0.get().map(|source| source()).unwrap_or_default();
         let mut family = encoder.encode_descriptor(
             "ztunnel_redirect_events",
             "Kernel capture decisions per enrolled pod (eBPF counters)",
@@ -209,6 +255,84 @@ impl Collector for RedirectCollector {
     }
 }
 
+/// The `istio_tcp_*` label sets in use, shared with the collector that reports them.
+type TcpSeries = Arc<Mutex<Series<TcpLabels>>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EvictionLabels {
+    reason: &'static str,
+}
+
+/// `ztunnel_metric_series*`: how many `istio_tcp_*` label sets are live, the bound, and what
+/// eviction and the bound did.
+#[derive(Debug)]
+struct SeriesCollector(TcpSeries);
+
+impl Collector for SeriesCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (live, limit, idle, limit_evicted, refused) = {
+            let s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                s.len(),
+                s.limit(),
+                s.evicted(Eviction::Idle),
+                s.evicted(Eviction::Limit),
+                s.refused(),
+            )
+        };
+        let live_family = encoder.encode_descriptor(
+            "ztunnel_metric_series",
+            "Label sets of the istio_tcp_* families currently exported (each is one series in each of the five families)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(live as i64).encode(live_family)?;
+        let limit_family = encoder.encode_descriptor(
+            "ztunnel_metric_series_limit",
+            "The bound on istio_tcp_* label sets (METRICS_MAX_SERIES)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(limit as i64).encode(limit_family)?;
+        let mut evicted = encoder.encode_descriptor(
+            "ztunnel_metric_series_evicted",
+            "istio_tcp_* label sets removed: idle (no connection for METRICS_SERIES_IDLE_TIMEOUT and its workloads deleted) or limit (the oldest idle set made room)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, value) in [(Eviction::Idle, idle), (Eviction::Limit, limit_evicted)] {
+            let labels = EvictionLabels {
+                reason: reason.as_str(),
+            };
+            ConstCounter::new(value).encode(evicted.encode_family(&labels)?)?;
+        }
+        let refused_family = encoder.encode_descriptor(
+            "ztunnel_metric_series_refused",
+            "Connections not counted in istio_tcp_* because every label set was in use at the limit (the connections themselves are unaffected)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(refused).encode(refused_family)?;
+        Ok(())
+    }
+}
+
+/// The label-set bound when not configured (see `METRICS_MAX_SERIES`).
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
+/// How long a label set of deleted workloads stays after its last connection (see
+/// `METRICS_SERIES_IDLE_TIMEOUT`): longer than Prometheus' staleness window, so the final
+/// values are scraped.
+pub const DEFAULT_SERIES_IDLE: Duration = Duration::from_secs(600);
+
+/// `workload_manager_*` (upstream's in-pod proxy counts, no `istio_` prefix).
+#[derive(Debug, Default)]
+struct WorkloadManager {
+    active: Gauge,
+    pending: Gauge,
+    started: Counter,
+    stopped: Counter,
+}
+
 /// The agent's metrics.
 pub struct Metrics {
     pod_counters: Arc<OnceLock<PodCountersSource>>,
@@ -218,9 +342,12 @@ pub struct Metrics {
     failed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    series: TcpSeries,
+    sockets: Family<SocketLabels, Gauge>,
     xds_terminations: Family<TerminationLabels, Counter>,
     xds_messages: Family<UrlLabels, Counter>,
     xds_bytes: Family<UrlLabels, Counter>,
+    workload_manager: WorkloadManager,
     accept_errors: Family<AcceptErrorLabels, Counter>,
 }
 
@@ -269,77 +396,130 @@ fn side(peer: &Peer) -> Side {
     }
 }
 
+/// The workload uids (source, destination) a connection's label set stands for.
+fn workload_uids(record: &ConnectionRecord) -> [Option<std::borrow::Cow<'_, str>>; 2] {
+    [&record.src, &record.dst].map(|p| {
+        p.detail.as_deref().map(|w| match w.uid.as_str() {
+            // The mesh state's key for a workload without a uid.
+            "" => std::borrow::Cow::Owned(w.key()),
+            uid => std::borrow::Cow::Borrowed(uid),
+        })
+    })
+}
+
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::default();
-        let opened = Family::<TcpLabels, Counter>::default();
-        let closed = Family::<TcpLabels, Counter>::default();
-        let failed = Family::<TcpLabels, Counter>::default();
-        let sent = Family::<TcpLabels, Counter>::default();
-        let received = Family::<TcpLabels, Counter>::default();
-        // prometheus-client appends `_total` to counters.
-        registry.register(
-            "istio_tcp_connections_opened",
-            "The total number of TCP connections opened",
-            opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "The total number of TCP connections closed",
-            closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_failed",
-            "The total number of TCP connections that failed to establish",
-            failed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "The size of total bytes sent during response in case of a TCP connection",
-            sent.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "The size of total bytes received during request in case of a TCP connection",
-            received.clone(),
-        );
+        registry.register_collector(Box::new(process::ProcessCollector));
+        registry.register_collector(Box::new(runtime::RuntimeCollector));
+
+        // istio_*: upstream's names, types, help and labels (prometheus-client appends
+        // `_total` to counter samples and a period to help texts).
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
                 component: "ztunnel",
-                tag: env!("CARGO_PKG_VERSION"),
+                // Upstream reads the Istio version the chart sets; without it, this build's.
+                tag: std::env::var("ISTIO_META_ISTIO_VERSION")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
             })
             .set(1);
         registry.register("istio_build", "Istio component build info", build);
-        // xDS, under upstream ztunnel's names (the bytes counter also carries the type URL).
         let xds_terminations = Family::<TerminationLabels, Counter>::default();
         registry.register(
             "istio_xds_connection_terminations",
-            "The total number of xDS stream terminations, by reason",
+            "The total number of completed connections to xds server (unstable)",
             xds_terminations.clone(),
         );
         let xds_messages = Family::<UrlLabels, Counter>::default();
         registry.register(
-            "istio_message_types",
-            "The total number of xDS messages received, by type URL",
+            "istio_xds_message",
+            "Total number of messages received (unstable)",
             xds_messages.clone(),
         );
         let xds_bytes = Family::<UrlLabels, Counter>::default();
-        registry.register(
-            "istio_total_messages_size",
-            "The total size in bytes of xDS messages received, by type URL",
+        registry.register_with_unit(
+            "istio_xds_message",
+            "Total number of bytes received (unstable)",
+            Unit::Bytes,
             xds_bytes.clone(),
         );
+        let tcp = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<TcpLabels, Counter>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let opened = tcp(
+            &mut registry,
+            "istio_tcp_connections_opened",
+            "The total number of TCP connections opened",
+        );
+        let closed = tcp(
+            &mut registry,
+            "istio_tcp_connections_closed",
+            "The total number of TCP connections closed",
+        );
+        let received = tcp(
+            &mut registry,
+            "istio_tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+        );
+        let sent = tcp(
+            &mut registry,
+            "istio_tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+        );
+        let failed = tcp(
+            &mut registry,
+            "istio_tcp_connections_failed",
+            "The total number of TCP connections that failed to establish (unstable)",
+        );
+        let sockets = Family::<SocketLabels, Gauge>::default();
+        registry.register(
+            "istio_tcp_sockets_open",
+            "The current number of open TCP sockets (unstable)",
+            sockets.clone(),
+        );
+
+        let workload_manager = WorkloadManager::default();
+        registry.register(
+            "workload_manager_active_proxy_count",
+            "The total number current workloads with active proxies (unstable)",
+            workload_manager.active.clone(),
+        );
+        registry.register(
+            "workload_manager_pending_proxy_count",
+            "The total number current workloads with pending proxies (unstable)",
+            workload_manager.pending.clone(),
+        );
+        registry.register(
+            "workload_manager_proxies_started",
+            "The total number of proxies that were started (unstable)",
+            workload_manager.started.clone(),
+        );
+        registry.register(
+            "workload_manager_proxies_stopped",
+            "The total number of proxies that were stopped (unstable)",
+            workload_manager.stopped.clone(),
+        );
+
+        // ztunnel_*: this agent's own.
         let redirect = RedirectCollector::default();
         let pod_counters = redirect.0.clone();
         registry.register_collector(Box::new(redirect));
-        registry.register_collector(Box::new(ProcessCollector));
         let accept_errors = Family::<AcceptErrorLabels, Counter>::default();
         registry.register(
             "ztunnel_accept_errors",
             "Failed accepts on the pods' listeners, by errno (EMFILE: the agent is out of file descriptors)",
             accept_errors.clone(),
         );
+        let series: TcpSeries = Arc::new(Mutex::new(Series::new(
+            DEFAULT_MAX_SERIES,
+            DEFAULT_SERIES_IDLE,
+        )));
+        registry.register_collector(Box::new(SeriesCollector(series.clone())));
         Self {
             pod_counters,
             registry,
@@ -348,9 +528,12 @@ impl Metrics {
             failed,
             sent,
             received,
+            series,
+            sockets,
             xds_terminations,
             xds_messages,
             xds_bytes,
+            workload_manager,
             accept_errors,
         }
     }
@@ -360,6 +543,18 @@ impl Metrics {
         self.accept_errors
             .get_or_create(&AcceptErrorLabels { error })
             .inc();
+    }
+
+    /// Counts a socket a pod's listener accepted, until the returned guard is dropped.
+    pub fn socket_opened(&self, direction: Direction) -> OpenSocket {
+        let gauge = self
+            .sockets
+            .get_or_create(&SocketLabels {
+                reporter: reporter(direction),
+            })
+            .clone();
+        gauge.inc();
+        OpenSocket(gauge)
     }
 
     /// Counts an xDS stream that ended (`ConnectionError`, `Error`, `Reconnect`, `Complete`).
@@ -380,6 +575,88 @@ impl Metrics {
             .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 
+    /// The pods this agent serves (`active`) and those handed over but not (yet) served
+    /// (`pending`; expected to converge to zero).
+    pub fn set_proxies(&self, active: usize, pending: usize) {
+        let wm = &self.workload_manager;
+        wm.active.set(i64::try_from(active).unwrap_or(i64::MAX));
+        wm.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a pod's proxy started (its listeners up and its capture in place).
+    pub fn proxy_started(&self) {
+        self.workload_manager.started.inc();
+    }
+
+    /// Counts a pod's proxy stopped.
+    pub fn proxy_stopped(&self) {
+        self.workload_manager.stopped.inc();
+    }
+
+    /// Bounds the `istio_tcp_*` label sets to `limit`; those of deleted workloads go after
+    /// `idle` without a connection.
+    pub fn configure_series(&self, limit: usize, idle: Duration) {
+        self.series().configure(limit, idle);
+    }
+
+    /// Evicts the label sets idle past the interval whose workloads (by uid) no longer
+    /// `exist`; returns how many.
+    pub fn evict_idle_series(&self, exists: impl Fn(&str) -> bool) -> usize {
+        let mut series = self.series();
+        let gone = series.evict_idle(Instant::now(), exists);
+        for labels in &gone {
+            self.remove_series(labels);
+        }
+        gone.len()
+    }
+
+    /// The configured idle interval.
+    pub fn series_idle(&self) -> Duration {
+        self.series().idle()
+    }
+
+    fn series(&self) -> MutexGuard<'_, Series<TcpLabels>> {
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remove_series(&self, labels: &TcpLabels) {
+        for family in [
+            &self.opened,
+            &self.closed,
+            &self.failed,
+            &self.sent,
+            &self.received,
+        ] {
+            family.remove(labels);
+        }
+    }
+
+    /// Admits `labels` into the tracked sets (evicting an idle set at the limit); false when
+    /// refused. The caller counts under `labels` while still holding `series`, so an
+    /// eviction never races a new sample into an untracked series.
+    fn admit(
+        &self,
+        series: &mut Series<TcpLabels>,
+        labels: &TcpLabels,
+        record: &ConnectionRecord,
+        opening: bool,
+    ) -> bool {
+        let [src, dst] = workload_uids(record);
+        match series.admit(
+            labels,
+            [src.as_deref(), dst.as_deref()],
+            opening,
+            Instant::now(),
+        ) {
+            Admission::Counted => true,
+            Admission::CountedAfterEvicting(old) => {
+                self.remove_series(&old);
+                true
+            }
+            Admission::Refused => false,
+        }
+    }
+
     fn labels(record: &ConnectionRecord, flag: ResponseFlag) -> TcpLabels {
         let (src, dst) = (side(&record.src), side(&record.dst));
         let service = record.dst_service.as_deref();
@@ -388,10 +665,7 @@ impl Metrics {
         let service_name = parts.next().filter(|s| !s.is_empty());
         let service_namespace = parts.next();
         TcpLabels {
-            reporter: match record.direction {
-                Direction::Outbound => "source",
-                Direction::Inbound => "destination",
-            },
+            reporter: reporter(record.direction),
             source_app: src.canonical_service.clone(),
             source_version: src.canonical_revision.clone(),
             source_workload: src.workload,
@@ -418,37 +692,63 @@ impl Metrics {
             } else {
                 "unknown"
             },
+            locality: LocalityLabels::of(&record.src, &record.dst),
         }
     }
 
     /// Counts an established connection; returns its labels and byte counters, which the
     /// connection increments as bytes move (upstream counts the same way: a long transfer is
-    /// visible while it runs).
+    /// visible while it runs). At the series limit with every label set in use, a new set is
+    /// not counted (its counters are detached; `ztunnel_metric_series_refused_total`).
     pub fn opened(&self, record: &ConnectionRecord) -> OpenedConnection {
         let labels = Self::labels(record, ResponseFlag::None);
-        self.opened.get_or_create(&labels).inc();
+        let mut series = self.series();
+        let counted = self.admit(&mut series, &labels, record, true);
+        let (sent, received) = if counted {
+            self.opened.get_or_create(&labels).inc();
+            (
+                self.sent.get_or_create(&labels).clone(),
+                self.received.get_or_create(&labels).clone(),
+            )
+        } else {
+            (Counter::default(), Counter::default())
+        };
+        drop(series);
         OpenedConnection {
-            sent: self.sent.get_or_create(&labels).clone(),
-            received: self.received.get_or_create(&labels).clone(),
-            labels,
+            opened: Opened { labels, counted },
+            sent,
+            received,
         }
     }
 
     /// Counts an established connection that ended, with `flag` saying how. A clean close is
     /// counted under the labels it was opened with (the same set, not rebuilt).
-    pub fn closed(&self, opened: &TcpLabels, flag: ResponseFlag) {
+    pub fn closed(&self, record: &ConnectionRecord, opened: &Opened, flag: ResponseFlag) {
+        let mut series = self.series();
+        let now = Instant::now();
+        if opened.counted {
+            series.closed(&opened.labels, now);
+        }
         if flag == ResponseFlag::None {
-            self.closed.get_or_create(opened).inc();
+            if opened.counted {
+                self.closed.get_or_create(&opened.labels).inc();
+            }
         } else {
-            let mut labels = opened.clone();
+            let mut labels = opened.labels.clone();
             labels.response_flags = flag.as_str();
-            self.closed.get_or_create(&labels).inc();
+            if self.admit(&mut series, &labels, record, false) {
+                self.closed.get_or_create(&labels).inc();
+            }
         }
     }
 
     /// Counts a connection that failed before it was established.
     pub fn failed(&self, record: &ConnectionRecord, flag: ResponseFlag) {
-        self.failed.get_or_create(&Self::labels(record, flag)).inc();
+        let labels = Self::labels(record, flag);
+        let mut series = self.series();
+        if self.admit(&mut series, &labels, record, false) {
+            self.failed.get_or_create(&labels).inc();
+        }
     }
 
     /// Where the per-pod kernel counters come from (set once, at start-up).
@@ -524,7 +824,7 @@ mod tests {
         let metrics = Metrics::new();
         let opened = metrics.opened(&record("flag"));
         opened.received.inc_by(7);
-        metrics.closed(&opened.labels, ResponseFlag::Deny);
+        metrics.closed(&record("flag"), &opened.opened, ResponseFlag::Deny);
         let closed = samples(&metrics, "istio_tcp_connections_closed_total{", "flag");
         assert_eq!(closed.len(), 1);
         assert!(
@@ -544,5 +844,268 @@ mod tests {
             "{failed:?}"
         );
         assert!(samples(&metrics, "istio_tcp_connections_opened_total{", "never").is_empty());
+    }
+
+    /// The label names of a sample line, in order.
+    fn label_names(line: &str) -> Vec<String> {
+        let Some((_, rest)) = line.split_once('{') else {
+            return Vec::new();
+        };
+        let labels = rest.rsplit_once('}').map_or(rest, |(l, _)| l);
+        let mut names = Vec::new();
+        let mut rest = labels;
+        while let Some((name, after)) = rest.split_once("=\"") {
+            names.push(name.trim_start_matches(',').to_string());
+            // Label values here hold no escaped quotes.
+            rest = after.split_once('"').map_or("", |(_, r)| r);
+        }
+        names
+    }
+
+    /// Upstream families this agent does not export, and why.
+    const NOT_EXPORTED: &[(&str, &str)] = &[
+        (
+            "istio_on_demand_dns",
+            "on-demand DNS for hostname-only workloads is not implemented",
+        ),
+        (
+            "istio_crl_policy_rejections",
+            "certificate revocation lists are not implemented",
+        ),
+        (
+            "istio_crl_untracked_connections",
+            "certificate revocation lists are not implemented",
+        ),
+        (
+            "istio_dns_requests",
+            "the DNS proxy lands with its own issue",
+        ),
+        (
+            "istio_dns_upstream_requests",
+            "the DNS proxy lands with its own issue",
+        ),
+        (
+            "istio_dns_upstream_failures",
+            "the DNS proxy lands with its own issue",
+        ),
+        (
+            "istio_dns_upstream_request_duration_seconds",
+            "the DNS proxy lands with its own issue",
+        ),
+    ];
+
+    /// Families of ours upstream does not have that are not under `ztunnel_`: the rest of
+    /// Prometheus' standard process collector.
+    const STANDARD: &[&str] = &[
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_start_time_seconds",
+        "process_threads",
+    ];
+
+    #[test]
+    fn every_upstream_family_is_exported_with_its_name_type_and_labels() {
+        let fixture = include_str!("../../tests/fixtures/upstream-metric-families.txt");
+        let metrics = Metrics::new();
+        // A sample in every labelled family.
+        let mut known = record("fam");
+        known.dst.detail = Some(Arc::new(crate::state::workload::Workload {
+            uid: "uid-dst".into(),
+            ..Default::default()
+        }));
+        let opened = metrics.opened(&known);
+        metrics.closed(&known, &opened.opened, ResponseFlag::None);
+        metrics.failed(&known, ResponseFlag::Connect);
+        let _socket = metrics.socket_opened(Direction::Outbound);
+        metrics.xds_received("type.googleapis.com/istio.workload.Address", 10);
+        metrics.xds_terminated("Reconnect");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let text = runtime.block_on(async { metrics.encode() });
+
+        let ours: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        let mut upstream = Vec::new();
+        for line in fixture
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let mut parts = line.split_whitespace();
+            let (name, kind, labels) = (
+                parts.next().expect("name"),
+                parts.next().expect("type"),
+                parts.next().expect("labels"),
+            );
+            upstream.push(name);
+            if let Some((_, why)) = NOT_EXPORTED.iter().find(|(n, _)| *n == name) {
+                assert!(
+                    !ours.iter().any(|(n, _)| n == name),
+                    "{name} is exported now: take it off NOT_EXPORTED ({why})"
+                );
+                continue;
+            }
+            let ours_kind = ours
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.as_str());
+            assert_eq!(ours_kind, Some(kind), "upstream family {name} ({kind})");
+            if labels == "-" {
+                continue;
+            }
+            let sample_name = if kind == "counter" {
+                format!("{name}_total{{")
+            } else {
+                format!("{name}{{")
+            };
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&sample_name))
+                .unwrap_or_else(|| panic!("no sample of {name} in:\n{text}"));
+            let mut want: Vec<String> = labels.split(',').map(str::to_string).collect();
+            if want.last().map(String::as_str) == Some("+locality") {
+                want.pop();
+                // The test connection knows its destination workload: locality is present.
+                want.extend(
+                    [
+                        "source_region",
+                        "source_zone",
+                        "destination_region",
+                        "destination_zone",
+                    ]
+                    .map(String::from),
+                );
+            }
+            assert_eq!(label_names(line), want, "labels of {name}: {line}");
+        }
+        for (name, _) in &ours {
+            assert!(
+                upstream.contains(&name.as_str())
+                    || name.starts_with("ztunnel_")
+                    || STANDARD.contains(&name.as_str()),
+                "{name} is neither upstream's (tests/fixtures/upstream-metric-families.txt) nor under our ztunnel_ prefix"
+            );
+        }
+        // Help texts end with a period, as upstream's registry writes them.
+        assert!(
+            text.contains(
+                "# HELP istio_tcp_connections_opened The total number of TCP connections opened.\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# UNIT istio_xds_message_bytes bytes\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn locality_labels_are_absent_when_no_workload_is_known() {
+        let metrics = Metrics::new();
+        let mut unknown = record("noloc");
+        unknown.src.detail = None;
+        let opened = metrics.opened(&unknown);
+        let line = &samples(&metrics, "istio_tcp_connections_opened_total{", "noloc")[0];
+        assert!(!line.contains("_region"), "{line}");
+        let mut zoned = record("loc");
+        zoned.dst.detail = Some(Arc::new(crate::state::workload::Workload {
+            locality: Some(crate::state::workload::Locality {
+                region: "eu-west1".into(),
+                zone: "eu-west1-b".into(),
+                subzone: String::new(),
+            }),
+            ..Default::default()
+        }));
+        metrics.opened(&zoned);
+        let line = &samples(&metrics, "istio_tcp_connections_opened_total{", "loc")[0];
+        assert!(line.ends_with(",source_region=\"unknown\",source_zone=\"unknown\",destination_region=\"eu-west1\",destination_zone=\"eu-west1-b\"} 1"), "{line}");
+        drop(opened);
+    }
+
+    #[test]
+    fn sockets_open_follows_the_guards() {
+        let metrics = Metrics::new();
+        let a = metrics.socket_opened(Direction::Inbound);
+        let b = metrics.socket_opened(Direction::Inbound);
+        let gauge = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find(|l| l.starts_with("istio_tcp_sockets_open{reporter=\"destination\"}"))
+                .map(str::to_string)
+        };
+        assert_eq!(
+            gauge(&metrics).as_deref(),
+            Some("istio_tcp_sockets_open{reporter=\"destination\"} 2")
+        );
+        drop((a, b));
+        assert_eq!(
+            gauge(&metrics).as_deref(),
+            Some("istio_tcp_sockets_open{reporter=\"destination\"} 0")
+        );
+    }
+
+    #[test]
+    fn series_of_deleted_workloads_are_evicted_from_every_family_once_idle() {
+        let metrics = Metrics::new();
+        metrics.configure_series(100, Duration::ZERO);
+        let mut gone = record("gone");
+        gone.src.detail = Some(Arc::new(crate::state::workload::Workload {
+            uid: "uid-gone".into(),
+            ..Default::default()
+        }));
+        let opened = metrics.opened(&gone);
+        opened.sent.inc_by(5);
+        // Open: stays, even with its workload deleted.
+        assert_eq!(metrics.evict_idle_series(|_| false), 0);
+        metrics.closed(&gone, &opened.opened, ResponseFlag::Connect);
+        // Idle, but its workload exists: stays.
+        assert_eq!(metrics.evict_idle_series(|uid| uid == "uid-gone"), 0);
+        assert_eq!(
+            samples(&metrics, "istio_tcp_sent_bytes_total{", "gone").len(),
+            1
+        );
+        // Deleted and idle: both label sets (opened and the CONNECT close) leave every family.
+        assert_eq!(metrics.evict_idle_series(|_| false), 2);
+        let text = metrics.encode();
+        assert!(!text.contains("source_workload=\"gone\""), "{text}");
+        assert!(
+            text.contains("ztunnel_metric_series_evicted_total{reason=\"idle\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("ztunnel_metric_series 0\n"), "{text}");
+    }
+
+    #[test]
+    fn at_the_series_limit_new_label_sets_are_refused_and_counted_not_the_connection() {
+        let metrics = Metrics::new();
+        metrics.configure_series(1, Duration::from_secs(3600));
+        let busy = metrics.opened(&record("busy"));
+        let refused = metrics.opened(&record("refused"));
+        refused.sent.inc_by(9);
+        metrics.closed(&record("refused"), &refused.opened, ResponseFlag::None);
+        let text = metrics.encode();
+        assert!(!text.contains("source_workload=\"refused\""), "{text}");
+        assert!(
+            text.contains("ztunnel_metric_series_refused_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("ztunnel_metric_series_limit 1\n"), "{text}");
+        // Once the busy one closes, a new set takes its place.
+        metrics.closed(&record("busy"), &busy.opened, ResponseFlag::None);
+        metrics.opened(&record("next"));
+        let text = metrics.encode();
+        assert!(!text.contains("source_workload=\"busy\""), "{text}");
+        assert!(text.contains("source_workload=\"next\""), "{text}");
+        assert!(
+            text.contains("ztunnel_metric_series_evicted_total{reason=\"limit\"} 1"),
+            "{text}"
+        );
     }
 }

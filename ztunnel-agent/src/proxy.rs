@@ -21,9 +21,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use ztunnel_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use crate::accesslog::Peer;
+use crate::accesslog::{Direction, Peer};
 use crate::identity::manager::CertManager;
 use crate::identity::Identity;
+use crate::metrics::OpenSocket;
 use crate::state::{MeshState, SharedState};
 use connection::Classify;
 
@@ -227,14 +228,17 @@ pub fn reset_on_close(stream: &TcpStream) {
 /// Accepts on `listener` until `cancel` (the pod leaves) or the agent begins draining,
 /// handing each accepted socket to `handle`, which runs as its own task, counted as live
 /// for the drain (the handlers create a [`connection::Connection`] per connection, and the
-/// HBONE server one per CONNECT stream). Returning closes the listener.
+/// HBONE server one per CONNECT stream). Each accepted socket is counted in
+/// `istio_tcp_sockets_open` under `reporter` (outbound: source; inbound: destination) for
+/// as long as its handler holds the [`OpenSocket`]. Returning closes the listener.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     pod: Arc<PodProxy>,
     cancel: CancellationToken,
+    reporter: Direction,
     handle: F,
 ) where
-    F: Fn(Arc<PodProxy>, TcpStream, SocketAddr) -> Fut,
+    F: Fn(Arc<PodProxy>, TcpStream, SocketAddr, OpenSocket) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let drain = pod.mesh.drain.clone();
@@ -245,7 +249,8 @@ pub async fn accept_loop<F, Fut>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     pod.mesh.socket_options(&stream);
-                    tokio::spawn(drain.track(handle(pod.clone(), stream, peer)));
+                    let open = crate::metrics::global().socket_opened(reporter);
+                    tokio::spawn(drain.track(handle(pod.clone(), stream, peer, open)));
                 }
                 // The socket stopped listening (shut down behind the agent's back, or its
                 // namespace torn down): accepting again would fail forever.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use ztunnel_agent::accesslog::Direction;
 use ztunnel_agent::identity::ca::LocalCa;
 use ztunnel_agent::identity::manager::CertManager;
 use ztunnel_agent::proxy::hbone::Pool;
@@ -203,15 +204,23 @@ impl Node {
             outbound,
             pod.clone(),
             c.clone(),
+            Direction::Outbound,
             proxy::outbound::handle,
         ));
         tokio::spawn(proxy::accept_loop(
             inbound,
             pod.clone(),
             c.clone(),
+            Direction::Inbound,
             proxy::inbound_passthrough::handle,
         ));
-        tokio::spawn(proxy::accept_loop(hbone, pod, c, proxy::hbone::serve));
+        tokio::spawn(proxy::accept_loop(
+            hbone,
+            pod,
+            c,
+            Direction::Inbound,
+            proxy::hbone::serve,
+        ));
         Pod {
             outbound: addrs.0,
             inbound: addrs.1,

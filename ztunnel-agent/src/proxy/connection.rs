@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::accesslog::{ConnectionRecord, Direction};
-use crate::metrics::{OpenedConnection, ResponseFlag, TcpLabels};
+use crate::metrics::{Opened, OpenedConnection, ResponseFlag};
 
 /// Connection ids, unique in this process (the span's `id`).
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -117,7 +117,7 @@ pub struct Connection {
     /// Bytes received.
     pub received: Meter,
     /// Set once established: the labels it was counted opened with.
-    opened: Option<TcpLabels>,
+    opened: Option<Opened>,
     span: tracing::Span,
     finished: bool,
 }
@@ -153,13 +153,13 @@ impl Connection {
     /// now on its bytes move the byte counters.
     pub fn established(&mut self) {
         let OpenedConnection {
-            labels,
+            opened,
             sent,
             received,
         } = crate::metrics::global().opened(&self.record);
         self.sent.metric = Some(sent);
         self.received.metric = Some(received);
-        self.opened = Some(labels);
+        self.opened = Some(opened);
     }
 
     /// Ends the connection: one access-log line, the closing (or failed) metric, the recent
@@ -178,7 +178,7 @@ impl Connection {
         self.record.bytes_recv = self.received.get();
         let flag = error.map_or(ResponseFlag::None, |(_, flag)| flag);
         match &self.opened {
-            Some(opened) => crate::metrics::global().closed(opened, flag),
+            Some(opened) => crate::metrics::global().closed(&self.record, opened, flag),
             None => crate::metrics::global().failed(&self.record, flag),
         }
         crate::accesslog::write(&self.record, error.map(|(e, _)| e));

@@ -12,9 +12,11 @@ use tracing::Instrument;
 use super::connection::{Connection, ConnectionError};
 use super::{Error, PodProxy, ILLEGAL_PORTS};
 use crate::accesslog::{Direction, Peer};
+use crate::metrics::OpenSocket;
 
 /// Serves one captured inbound connection.
-pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
+/// `_socket` keeps it counted in `istio_tcp_sockets_open` until this returns.
+pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr, _socket: OpenSocket) {
     let dst = match pod.sockets.inbound_dst(&client) {
         Ok(super::OriginalDst(addr)) => addr,
         Err(e) => {

@@ -13,6 +13,7 @@ use super::hbone::PoolKey;
 use super::{Error, PodProxy, ILLEGAL_PORTS};
 use crate::accesslog::{Direction, Peer};
 use crate::identity::Identity;
+use crate::metrics::OpenSocket;
 use crate::state::workload::{NetworkAddress, Protocol, Workload};
 use crate::state::MeshState;
 
@@ -144,7 +145,8 @@ fn peer_of(w: &Arc<Workload>, with_identity: bool) -> Peer {
 }
 
 /// Serves one captured outbound connection.
-pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr) {
+/// `_socket` keeps it counted in `istio_tcp_sockets_open` until this returns.
+pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr, _socket: OpenSocket) {
     let super::OriginalDst(dst) = pod.sockets.original_dst(&client, peer);
     let mut conn = Connection::new(Direction::Outbound, peer, dst);
     let span = conn.span();

@@ -14,12 +14,14 @@ use tracing::Instrument;
 use super::*;
 use crate::accesslog::{Direction, Peer};
 use crate::identity::Identity;
+use crate::metrics::OpenSocket;
 use crate::proxy::connection::{Connection, ConnectionError};
 use crate::proxy::{PodProxy, ILLEGAL_PORTS};
 use crate::telemetry::ErrorChain;
 
 /// Serves one connection accepted on a pod's 15008.
-pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr) {
+/// `_socket` keeps it counted in `istio_tcp_sockets_open` until this returns.
+pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _socket: OpenSocket) {
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));

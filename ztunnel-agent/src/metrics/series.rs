@@ -1,0 +1,248 @@
+//! The live label sets of the `istio_tcp_*` families, so their count stays bounded: a label
+//! set names two workloads, and pods come and go (upstream's series grow without end,
+//! istio/ztunnel#1719). A label set is evicted from every family once it has had no open
+//! connection and no activity for the idle interval and neither workload it was last seen
+//! with still exists; at the limit, the least recently active idle set makes room, and when
+//! every set is in use the new one is refused (counted, the connection itself unaffected).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Why a label set left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// Idle past the interval, and its workloads are gone.
+    Idle,
+    /// Made room for a new label set at the limit.
+    Limit,
+}
+
+impl Eviction {
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Eviction::Idle => "idle",
+            Eviction::Limit => "limit",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    open: u32,
+    last_active: Instant,
+    /// The workload uids (source, destination) it was last counted for, where known.
+    workloads: [Option<String>; 2],
+}
+
+/// Label sets of type `K` and what keeps each alive.
+#[derive(Debug)]
+pub struct Series<K> {
+    entries: HashMap<K, Entry>,
+    limit: usize,
+    idle: Duration,
+    evicted_idle: u64,
+    evicted_limit: u64,
+    refused: u64,
+}
+
+/// What [`Series::admit`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission<K> {
+    /// Known or added; count under it.
+    Counted,
+    /// Added after evicting this idle set (remove it from the families).
+    CountedAfterEvicting(K),
+    /// At the limit with every set in use: do not count.
+    Refused,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Series<K> {
+    /// Bounded to `limit` sets; idle ones go after `idle`.
+    pub fn new(limit: usize, idle: Duration) -> Self {
+        Self {
+            entries: HashMap::new(),
+            limit: limit.max(1),
+            idle,
+            evicted_idle: 0,
+            evicted_limit: 0,
+            refused: 0,
+        }
+    }
+
+    /// Marks `key` active now (adding it if there is room), for a connection between
+    /// `workloads`; `opening` counts it open until [`Series::closed`].
+    pub fn admit(
+        &mut self,
+        key: &K,
+        workloads: [Option<&str>; 2],
+        opening: bool,
+        now: Instant,
+    ) -> Admission<K> {
+        let mut admission = Admission::Counted;
+        if !self.entries.contains_key(key) && self.entries.len() >= self.limit {
+            let oldest_idle = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.open == 0)
+                .min_by_key(|(_, e)| e.last_active)
+                .map(|(k, _)| k.clone());
+            match oldest_idle {
+                Some(old) => {
+                    self.entries.remove(&old);
+                    self.evicted_limit += 1;
+                    admission = Admission::CountedAfterEvicting(old);
+                }
+                None => {
+                    self.refused += 1;
+                    return Admission::Refused;
+                }
+            }
+        }
+        let entry = self.entries.entry(key.clone()).or_insert_with(|| Entry {
+            open: 0,
+            last_active: now,
+            workloads: [None, None],
+        });
+        entry.last_active = now;
+        for (slot, uid) in entry.workloads.iter_mut().zip(workloads) {
+            if let Some(uid) = uid {
+                if slot.as_deref() != Some(uid) {
+                    *slot = Some(uid.to_string());
+                }
+            }
+        }
+        if opening {
+            entry.open += 1;
+        }
+        admission
+    }
+
+    /// A connection counted open under `key` ended.
+    pub fn closed(&mut self, key: &K, now: Instant) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.open = entry.open.saturating_sub(1);
+            entry.last_active = now;
+        }
+    }
+
+    /// Removes and returns the sets idle past the interval whose workloads no longer exist
+    /// (`exists(uid)`); a set that never knew a workload goes on idleness alone.
+    pub fn evict_idle(&mut self, now: Instant, exists: impl Fn(&str) -> bool) -> Vec<K> {
+        let idle = self.idle;
+        let gone: Vec<K> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.open == 0
+                    && now.saturating_duration_since(e.last_active) >= idle
+                    && !e.workloads.iter().flatten().any(|uid| exists(uid))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &gone {
+            self.entries.remove(k);
+        }
+        self.evicted_idle += gone.len() as u64;
+        gone
+    }
+
+    /// Changes the bound and the idle interval (sets beyond a lower bound go as new ones
+    /// arrive).
+    pub fn configure(&mut self, limit: usize, idle: Duration) {
+        self.limit = limit.max(1);
+        self.idle = idle;
+    }
+
+    /// Live sets.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The bound.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The idle interval.
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    /// Sets evicted so far, by reason.
+    pub fn evicted(&self, reason: Eviction) -> u64 {
+        match reason {
+            Eviction::Idle => self.evicted_idle,
+            Eviction::Limit => self.evicted_limit,
+        }
+    }
+
+    /// New sets refused at the limit so far.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn an_idle_set_goes_only_once_its_workloads_are_gone() {
+        let t0 = Instant::now();
+        let mut s = Series::new(10, IDLE);
+        assert_eq!(
+            s.admit(&"a", [Some("uid-a"), Some("uid-b")], true, t0),
+            Admission::Counted
+        );
+        // Open: never evicted, however long.
+        assert!(s.evict_idle(t0 + IDLE * 10, |_| false).is_empty());
+        s.closed(&"a", t0 + IDLE);
+        // Idle, but not long enough.
+        assert!(s.evict_idle(t0 + IDLE + IDLE / 2, |_| false).is_empty());
+        // Idle long enough, but the destination workload still exists.
+        assert!(s.evict_idle(t0 + IDLE * 3, |uid| uid == "uid-b").is_empty());
+        assert_eq!(s.evict_idle(t0 + IDLE * 3, |_| false), vec!["a"]);
+        assert_eq!((s.len(), s.evicted(Eviction::Idle)), (0, 1));
+    }
+
+    #[test]
+    fn a_set_without_workloads_goes_on_idleness_alone() {
+        let t0 = Instant::now();
+        let mut s = Series::new(10, IDLE);
+        s.admit(&"unknown", [None, None], false, t0);
+        assert!(s.evict_idle(t0 + IDLE / 2, |_| true).is_empty());
+        assert_eq!(s.evict_idle(t0 + IDLE, |_| true), vec!["unknown"]);
+    }
+
+    #[test]
+    fn at_the_limit_the_oldest_idle_set_makes_room_and_busy_sets_refuse() {
+        let t0 = Instant::now();
+        let mut s = Series::new(2, IDLE);
+        s.admit(&"old", [None, None], false, t0);
+        s.admit(&"busy", [None, None], true, t0);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            s.admit(&"new", [None, None], true, t1),
+            Admission::CountedAfterEvicting("old")
+        );
+        assert_eq!(s.evicted(Eviction::Limit), 1);
+        // Both remaining are open: refused, and the known ones still count.
+        assert_eq!(
+            s.admit(&"newer", [None, None], false, t1),
+            Admission::Refused
+        );
+        assert_eq!(
+            s.admit(&"busy", [None, None], false, t1),
+            Admission::Counted
+        );
+        assert_eq!((s.len(), s.refused()), (2, 1));
+    }
+}
