@@ -347,7 +347,7 @@ fn control_plane_restart_keeps_traffic_and_resyncs() {
     assert!(
         metric_sum(
             &metrics,
-            "istio_message_types_total",
+            "istio_xds_message_total",
             &["istio.workload.Address"]
         ) >= 2
     );

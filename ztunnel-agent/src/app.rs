@@ -179,6 +179,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         node: config.node_name.clone(),
         config_source,
     }));
+    admin.add_handler(Arc::new(crate::profiling::CpuProfileHandler));
+    admin.add_handler(Arc::new(crate::profiling::HeapProfileHandler));
     let admin = Arc::new(admin);
     tokio::spawn(crate::http::serve(
         admin_listener,

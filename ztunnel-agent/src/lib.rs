@@ -15,6 +15,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
+pub mod profiling;
 pub mod proxy;
 pub mod readiness;
 pub mod redirect;
