@@ -345,8 +345,9 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 const CHUNK: usize = 256 * 1024;
 
 /// Streams 8 chunks from `client`'s pod through the proxy, checking after each (once the
-/// application read it) that `istio_tcp_sent_bytes_total` under `labels` already moved while
-/// the connection is still open and unlogged; then closes and returns the outbound line, whose
+/// application read it) that `istio_tcp_received_bytes_total` (Istio counts the request's
+/// bytes as received, also for `reporter="source"`) under `labels` already moved while the
+/// connection is still open and unlogged; then closes and returns the outbound line, whose
 /// `bytes_sent` must equal the counter.
 async fn long_transfer(
     logs: &Logs,
@@ -365,7 +366,7 @@ async fn long_transfer(
             app_read.load(std::sync::atomic::Ordering::Relaxed) >= want
         })
         .await;
-        let counted = metric("istio_tcp_sent_bytes_total", labels);
+        let counted = metric("istio_tcp_received_bytes_total", labels);
         assert!(
             counted >= want as u64,
             "after {want} bytes reached the application the counter shows {counted}"
@@ -380,7 +381,7 @@ async fn long_transfer(
     let line = logs.access(&outbound).remove(0);
     let logged: u64 = field(&line, "bytes_sent").parse().expect("number");
     assert_eq!(logged, (CHUNKS * CHUNK) as u64, "{line}");
-    assert_eq!(metric("istio_tcp_sent_bytes_total", labels), logged);
+    assert_eq!(metric("istio_tcp_received_bytes_total", labels), logged);
     line
 }
 
@@ -450,8 +451,10 @@ fn hbone_round_trip_logs_both_sides_and_counts_match() {
             "reporter=\"destination\"",
             "source_principal=\"spiffe://cluster.local/ns/default/sa/hrt-client\"",
         ];
-        assert_eq!(metric("istio_tcp_sent_bytes_total", &out_labels), 15);
-        assert_eq!(metric("istio_tcp_received_bytes_total", &out_labels), 4);
+        // Request bytes are received, response bytes sent, for both reporters (Istio's
+        // definition; the outbound log line speaks from the client's side instead).
+        assert_eq!(metric("istio_tcp_sent_bytes_total", &out_labels), 4);
+        assert_eq!(metric("istio_tcp_received_bytes_total", &out_labels), 15);
         assert_eq!(metric("istio_tcp_sent_bytes_total", &in_labels), 4);
         assert_eq!(metric("istio_tcp_received_bytes_total", &in_labels), 15);
         assert_eq!(metric("istio_tcp_connections_opened_total", &out_labels), 1);
@@ -545,8 +548,11 @@ fn a_passthrough_connection_reset_mid_transfer_keeps_its_byte_counts() {
         assert_eq!(field(line, "bytes_sent"), SENT.to_string(), "{line}");
         assert_eq!(field(line, "bytes_recv"), "14", "{line}");
         let labels = ["source_workload=\"preset-client\""];
-        assert_eq!(metric("istio_tcp_sent_bytes_total", &labels), SENT as u64);
-        assert_eq!(metric("istio_tcp_received_bytes_total", &labels), 14);
+        assert_eq!(
+            metric("istio_tcp_received_bytes_total", &labels),
+            SENT as u64
+        );
+        assert_eq!(metric("istio_tcp_sent_bytes_total", &labels), 14);
         node.cancel.cancel();
     });
 }

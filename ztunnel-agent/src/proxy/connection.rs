@@ -157,8 +157,16 @@ impl Connection {
             sent,
             received,
         } = crate::metrics::global().opened(&self.record);
-        self.sent.metric = Some(sent);
-        self.received.metric = Some(received);
+        // Istio counts the request's bytes (client to server) as received and the response's
+        // as sent, whichever side reports (upstream ztunnel too, istio/istio#32399). The
+        // outbound log's bytes_sent are the client's request, so they move the received
+        // counter; inbound, the log and the metrics agree.
+        let (log_sent, log_received) = match self.record.direction {
+            Direction::Outbound => (received, sent),
+            Direction::Inbound => (sent, received),
+        };
+        self.sent.metric = Some(log_sent);
+        self.received.metric = Some(log_received);
         self.opened = Some(opened);
     }
 
