@@ -219,10 +219,23 @@ impl ControlPlane {
         (ca, roots_path)
     }
 
-    /// Binds `127.0.0.1:port` inside `netns` (a node's network namespace) for it.
+    /// Binds `127.0.0.1:port` inside `netns` (a node's network namespace) for it. A control
+    /// plane just dropped closes its listeners in the background: retried for a while.
     pub fn bind_in(netns: &Path, port: u16) -> TcpListener {
         crate::traffic::in_netns(netns, move || {
-            TcpListener::bind(("127.0.0.1", port)).expect("bind in the node namespace")
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match TcpListener::bind(("127.0.0.1", port)) {
+                    Ok(listener) => return listener,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::AddrInUse
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("bind 127.0.0.1:{port} in the node namespace: {e}"),
+                }
+            }
         })
     }
 

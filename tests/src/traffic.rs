@@ -267,6 +267,85 @@ impl Transfer {
     }
 }
 
+/// A server in a pod that, on each connection, sends a paced stream (64 KiB every 2 ms)
+/// until the client goes away: the response side of a long transfer (a download).
+pub struct StreamingServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl StreamingServer {
+    /// Starts listening on `addr` inside `netns`.
+    pub fn start(netns: &Path, addr: SocketAddr) -> Self {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        spawn_in_netns(netns, move || {
+            let listener = TcpListener::bind(addr).expect("bind streaming server");
+            ready_tx.send(()).expect("signal ready");
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let buf = vec![0x5au8; 64 * 1024];
+                    while conn.write_all(&buf).is_ok() {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                });
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("streaming server did not start");
+        Self { addr }
+    }
+}
+
+/// A long download from a [`StreamingServer`]: reads until stopped.
+pub struct Download {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    received: Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<std::io::Result<u64>>,
+}
+
+impl Download {
+    /// Connects from inside `netns` to `dst` and starts reading.
+    pub fn start(netns: &Path, dst: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let (stop_flag, progress) = (stop.clone(), received.clone());
+        let thread = spawn_in_netns(netns, move || {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            while !stop_flag.load(Ordering::Relaxed) {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Err(std::io::Error::other("the download ended early"));
+                }
+                total += n as u64;
+                progress.store(total, Ordering::Relaxed);
+            }
+            Ok(total)
+        });
+        Self {
+            stop,
+            received,
+            thread,
+        }
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops reading and closes; the total received.
+    pub fn finish(self) -> std::io::Result<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("download thread panicked")
+    }
+}
+
 /// A steady stream of new short connections from a pod to a [`Server`], each checked for
 /// the right answer, until stopped.
 pub struct ConnectionStream {

@@ -6,138 +6,15 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ztunnel_e2e::agent::Agent;
-use ztunnel_e2e::cni::CniServer;
-use ztunnel_e2e::control_plane::{ControlPlane, Settings};
-use ztunnel_e2e::mesh::{self, Workload};
-use ztunnel_e2e::topology::{Pod, Topology};
-use ztunnel_e2e::traffic::{exchange, in_netns, Server};
+use ztunnel_e2e::control_plane::ControlPlane;
+use ztunnel_e2e::traffic::in_netns;
+use ztunnel_e2e::xds_mesh::{
+    hbone_exchange, mesh_yaml, settings, start_cp, start_mesh, Mesh, DEBUG_PORT, XDS_PORT,
+};
 use ztunnel_e2e::{metric_sum, require_root, wait_for};
-
-const TOKEN: &str = "test-token";
-const XDS_PORT: u16 = 15012;
-const DEBUG_PORT: u16 = 15014;
-
-/// A node with a client and a server pod, enrolled over ZDS, an agent in control-plane mode.
-struct Mesh {
-    topo: Topology,
-    client: Pod,
-    server: Pod,
-    _app: Server,
-    _cni: CniServer,
-    agent: Agent,
-    dir: PathBuf,
-    mesh_path: PathBuf,
-}
-
-fn mesh_yaml(client: &Pod, server: &Pod, with_server: bool, extra_service: bool) -> String {
-    let svc: &[&str] = &["server"];
-    let mut workloads = vec![Workload::hbone(client, "client", "node")];
-    if with_server {
-        workloads.push(Workload {
-            services: svc,
-            ..Workload::hbone(server, "server", "node")
-        });
-    }
-    let mut services = vec![("server", "10.96.0.50")];
-    if extra_service {
-        services.push(("extra", "10.96.0.51"));
-    }
-    // The netns paths are the local-config extension; xDS does not carry them.
-    mesh::yaml(&workloads, &services)
-}
-
-fn settings(dir: &Path, mesh_path: &Path, ttl: Duration) -> Settings {
-    Settings {
-        mesh: mesh_path.to_path_buf(),
-        ca_dir: dir.join("cp-ca"),
-        max_cert_ttl: ttl,
-        token: Some(TOKEN.into()),
-    }
-}
-
-fn start_cp(topo: &Topology, settings: Settings) -> ControlPlane {
-    ControlPlane::start(
-        settings,
-        vec![ControlPlane::bind_in(&topo.node_path(), XDS_PORT)],
-        vec![ControlPlane::bind_in(&topo.node_path(), DEBUG_PORT)],
-    )
-}
-
-/// Starts topology, pods, CNI and agent; the control plane is the caller's (it may start
-/// later or serve the CA elsewhere). `ca` is the CA address.
-fn start_mesh(test: &str, ca: &str) -> Mesh {
-    let mut topo = Topology::new(test);
-    let client = topo.add_pod("client", 10);
-    let server = topo.add_pod("server", 11);
-    let app = Server::start(server.netns_path(), SocketAddr::new(server.ip4, 9080));
-    let dir = std::env::temp_dir().join(format!("{}-cp", topo.prefix));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let mesh_path = dir.join("mesh.yaml");
-    std::fs::write(&mesh_path, mesh_yaml(&client, &server, true, false)).expect("mesh");
-    let token = dir.join("token");
-    std::fs::write(&token, TOKEN).expect("token");
-    // The root exists before the agent starts: it reads the bundle even while no control
-    // plane is up.
-    let (_, roots) = ControlPlane::prepare_root(&dir.join("cp-ca"));
-    let sock = dir.join("cni.sock");
-    let mut cni = CniServer::listen(&sock);
-    let xds = format!("127.0.0.1:{XDS_PORT}");
-    let args = [
-        "--xds-address",
-        &xds,
-        "--ca-address",
-        ca,
-        "--xds-root-ca",
-        &roots.display().to_string(),
-        "--ca-root-ca",
-        &roots.display().to_string(),
-        "--auth-token",
-        &token.display().to_string(),
-        "--inpod-uds",
-        &sock.display().to_string(),
-        "--node-name",
-        "node",
-        "--pod-name",
-        "ztunnel-abc",
-        "--pod-namespace",
-        "istio-system",
-    ]
-    .map(String::from);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = Agent::start(&topo, &args);
-    cni.accept_hello();
-    assert_eq!(
-        cni.add_as("uid-client", "client", "client", &client.netns_path()),
-        ""
-    );
-    assert_eq!(
-        cni.add_as("uid-server", "server", "server", &server.netns_path()),
-        ""
-    );
-    assert_eq!(cni.snapshot_sent(), "");
-    Mesh {
-        topo,
-        client,
-        server,
-        _app: app,
-        _cni: cni,
-        agent,
-        dir,
-        mesh_path,
-    }
-}
-
-fn hbone_exchange(m: &Mesh, payload: &str) -> String {
-    let dst = SocketAddr::new(m.server.ip4, 9080);
-    exchange(&m.client.netns_path(), dst, payload)
-        .expect("connection through the mesh")
-        .response
-}
 
 fn ready(agent: &Agent) -> bool {
     agent.http("GET", 15021, "/healthz/ready").0 == 200

@@ -146,10 +146,38 @@ pub fn ready(req: &Request<Incoming>, readiness: &Readiness) -> Response<Body> {
     }
 }
 
-/// Handles a metrics request.
+/// Handles a metrics request: the same exposition on both paths, labelled OpenMetrics when
+/// the scraper asks for it (Prometheus does), plain text otherwise, as upstream answers.
 pub fn metrics(req: &Request<Incoming>) -> Response<Body> {
     match req.uri().path() {
-        "/metrics" | "/stats/prometheus" => text(StatusCode::OK, crate::metrics::global().encode()),
+        "/metrics" | "/stats/prometheus" => {
+            let mut response = text(StatusCode::OK, crate::metrics::global().encode());
+            let content_type = if wants_openmetrics(req) {
+                "application/openmetrics-text;charset=utf-8;version=1.0.0"
+            } else {
+                "text/plain; charset=utf-8"
+            };
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(content_type),
+            );
+            response
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Whether `Accept` lists `application/openmetrics-text` (any parameters).
+fn wants_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|media| {
+            media.split(';').next().is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/openmetrics-text")
+            })
+        })
 }

@@ -428,6 +428,11 @@ impl Metrics {
             .set(1);
         registry.register("istio_build", "Istio component build info", build);
         let xds_terminations = Family::<TerminationLabels, Counter>::default();
+        // Every reason starts at zero, so the first termination of a kind moves rate() (a
+        // series born at 1 shows no increase to Prometheus).
+        for reason in ["ConnectionError", "Error", "Reconnect", "Complete"] {
+            xds_terminations.get_or_create(&TerminationLabels { reason });
+        }
         registry.register(
             "istio_xds_connection_terminations",
             "The total number of completed connections to xds server (unstable)",

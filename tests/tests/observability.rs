@@ -1,0 +1,277 @@
+//! What operators watch, the way they watch it: a real Prometheus (Debian's) scrapes the agent
+//! while traffic flows, and the PromQL of Istio's own "Istio Ztunnel Dashboard"
+//! (istio/istio manifests/addons/dashboards/ztunnel-dashboard.gen.json at 86c9f01fd735,
+//! `$__rate_interval` as Grafana fills it for a 1 s scrape) returns the series its panels
+//! draw. The `pod` and `app` labels are the ones Kubernetes service discovery gives the
+//! agent's pod. Also: the profiling endpoints and the two metrics paths.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ztunnel_e2e::prometheus::{Prometheus, Sample, Target};
+use ztunnel_e2e::traffic::{exchange, Download, StreamingServer};
+use ztunnel_e2e::xds_mesh::{settings, start_cp, start_mesh, XDS_PORT};
+use ztunnel_e2e::{require_root, sh, wait_for};
+
+const WAIT: Duration = Duration::from_secs(30);
+/// The agent pod's name in the xDS mesh harness.
+const POD: &str = "ztunnel-abc";
+
+/// A short connection through the mesh every 100 ms until dropped.
+struct Trickle {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Trickle {
+    fn start(netns: std::path::PathBuf, dst: SocketAddr) -> Self {
+        let (stop, ok) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (flag, count) = (stop.clone(), ok.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(e) = exchange(&netns, dst, "tick") {
+                    if e.response == "hello tick" {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Self {
+            stop,
+            ok,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Trickle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn only_pod(samples: &[Sample]) -> &Sample {
+    assert_eq!(
+        samples.len(),
+        1,
+        "one series, for the agent's pod: {samples:?}"
+    );
+    assert_eq!(samples[0].label("pod"), POD, "{samples:?}");
+    &samples[0]
+}
+
+#[test]
+fn istios_ztunnel_dashboard_reads_the_agent_through_a_real_prometheus() {
+    if !require_root() {
+        return;
+    }
+    let addr = format!("127.0.0.1:{XDS_PORT}");
+    let mut m = start_mesh("obs-dashboard", &addr);
+    let s = settings(&m.dir, &m.mesh_path, Duration::from_secs(3600));
+    let cp = start_cp(&m.topo, s.clone());
+    m.agent.wait_ready();
+    let prometheus = Prometheus::start(
+        &m.topo.node,
+        &[Target {
+            addr: "127.0.0.1:15020",
+            pod: POD,
+        }],
+        Duration::from_secs(1),
+    );
+    let streaming =
+        StreamingServer::start(&m.server.netns_path(), SocketAddr::new(m.server.ip4, 9091));
+    let trickle = Trickle::start(m.client.netns_path(), SocketAddr::new(m.server.ip4, 9080));
+    let download = Download::start(&m.client.netns_path(), streaming.addr);
+    wait_for("the download to flow", WAIT, || {
+        (download.received() > 1 << 20).then_some(())
+    });
+
+    // Row "Process": Ztunnel Versions.
+    let versions = prometheus.wait_query(
+        r#"sum by (tag) (istio_build{component="ztunnel"})"#,
+        WAIT,
+        |s| s.value == 1.0,
+    );
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    assert_eq!(versions[0].label("tag"), env!("CARGO_PKG_VERSION"));
+
+    // Row "Network": Connections (opened positive, closed drawn negative).
+    let opened = prometheus.wait_query(
+        r#"sum by (pod) (rate(istio_tcp_connections_opened_total{pod=~"ztunnel-.*"}[5s]))"#,
+        WAIT,
+        |s| s.value > 0.0,
+    );
+    only_pod(&opened);
+    let closed = prometheus.wait_query(
+        r#"-sum by (pod) (rate(istio_tcp_connections_closed_total{pod=~"ztunnel-.*"}[5s]))"#,
+        WAIT,
+        |s| s.value < 0.0,
+    );
+    only_pod(&closed);
+    // Bytes Transmitted: the download is response bytes (sent), the requests received.
+    let sent = prometheus.wait_query(
+        r#"sum by (pod) (rate(istio_tcp_sent_bytes_total{pod=~"ztunnel-.*"}[5s]))"#,
+        WAIT,
+        |s| s.value > 1_000_000.0,
+    );
+    only_pod(&sent);
+    let received = prometheus.wait_query(
+        r#"sum by (pod) (rate(istio_tcp_received_bytes_total{pod=~"ztunnel-.*"}[5s]))"#,
+        WAIT,
+        |s| s.value > 0.0,
+    );
+    only_pod(&received);
+    // DNS Request: valid PromQL; its series come with the DNS proxy.
+    prometheus.query(r#"sum by (pod) (rate(istio_dns_requests_total{pod=~"ztunnel-.*"}[5s]))"#);
+
+    // Row "Operations": XDS Connections, XDS Pushes, Workload Manager. The control plane
+    // restarts, as istiod does on upgrade: both XDS panels see it.
+    drop(cp);
+    let _cp = start_cp(&m.topo, s);
+    let terminations = prometheus.wait_query(
+        r#"sum by (pod) (rate(istio_xds_connection_terminations_total{pod=~"ztunnel-.*"}[5s]))"#,
+        WAIT,
+        |s| s.value > 0.0,
+    );
+    only_pod(&terminations);
+    let pushes = prometheus.wait_query(
+        r#"sum by (url) (irate(istio_xds_message_total{pod=~"ztunnel-.*"}[5s]))"#,
+        WAIT,
+        |s| s.label("url") == "type.googleapis.com/istio.security.Authorization",
+    );
+    let mut urls: Vec<&str> = pushes.iter().map(|s| s.label("url")).collect();
+    urls.sort_unstable();
+    assert_eq!(
+        urls,
+        [
+            "type.googleapis.com/istio.security.Authorization",
+            "type.googleapis.com/istio.workload.Address"
+        ],
+        "{pushes:?}"
+    );
+    let active = prometheus.wait_query(
+        r#"sum by (pod) (workload_manager_active_proxy_count{pod=~"ztunnel-.*"})"#,
+        WAIT,
+        |s| s.value == 2.0,
+    );
+    only_pod(&active);
+    let pending = prometheus.wait_query(
+        r#"sum by (pod) (workload_manager_pending_proxy_count{pod=~"ztunnel-.*"})"#,
+        WAIT,
+        |_| true,
+    );
+    assert_eq!(only_pod(&pending).value, 0.0, "both pods are served");
+
+    // Row "Network Resources": the download is open on both sides of the node's agent.
+    let open = prometheus.wait_query(
+        r#"sum by (pod) (istio_tcp_connections_opened_total{app="ztunnel"}) - sum by (pod) (istio_tcp_connections_closed_total{app="ztunnel"})"#,
+        WAIT,
+        |s| s.value >= 2.0,
+    );
+    only_pod(&open);
+    let fds = prometheus.wait_query(
+        r#"sum by (pod) (process_open_fds{app="ztunnel"})"#,
+        WAIT,
+        |s| s.value > 10.0,
+    );
+    only_pod(&fds);
+    let sockets = prometheus.wait_query(
+        r#"sum by (pod) (istio_tcp_sockets_open{app="ztunnel"})"#,
+        WAIT,
+        |s| s.value >= 2.0,
+    );
+    only_pod(&sockets);
+
+    assert!(
+        trickle.ok.load(Ordering::Relaxed) > 0,
+        "the trickle got answers"
+    );
+    drop(trickle);
+    let total = download.finish().expect("the download ran to its end");
+    assert!(total > 1 << 20, "{total}");
+    // Once the download is closed, its client's socket is no longer open (the pooled HBONE
+    // connection's socket on the server side stays open until it idles out, as upstream's).
+    prometheus.wait_query(
+        r#"sum by (reporter) (istio_tcp_sockets_open{app="ztunnel",reporter="source"})"#,
+        WAIT,
+        |s| s.value == 0.0,
+    );
+    assert!(
+        !prometheus.log().contains("level=error"),
+        "{}",
+        prometheus.log()
+    );
+}
+
+#[test]
+fn profiles_and_both_metrics_paths_on_the_admin_and_metrics_ports() {
+    if !require_root() {
+        return;
+    }
+    let addr = format!("127.0.0.1:{XDS_PORT}");
+    let mut m = start_mesh("obs-pprof", &addr);
+    let _cp = start_cp(
+        &m.topo,
+        settings(&m.dir, &m.mesh_path, Duration::from_secs(3600)),
+    );
+    m.agent.wait_ready();
+    let body = m.dir.join("cpu.pb");
+    let code = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &m.topo.node,
+            "curl",
+            "-sS",
+            "-o",
+            &body.display().to_string(),
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:15000/debug/pprof/profile?seconds=1",
+        ],
+    );
+    assert_eq!(code, "200");
+    let profile = std::fs::read(&body).expect("profile");
+    // A pprof Profile starts with its sample_type (field 1, length-delimited), and its string
+    // table names the period type (cpu, nanoseconds). (An idle agent gives few samples; the
+    // unit test checks a busy profile's contents.)
+    let has = |s: &[u8]| profile.windows(s.len()).any(|w| w == s);
+    assert!(
+        profile.first() == Some(&0x0a) && has(b"cpu") && has(b"nanoseconds"),
+        "not a pprof profile: {profile:?}"
+    );
+    let (status, text) = m
+        .agent
+        .http("GET", 15000, "/debug/pprof/profile?seconds=301");
+    assert_eq!(
+        (status, text.as_str()),
+        (400, "invalid seconds value `301`; expected 1-300\n")
+    );
+    let (status, text) = m.agent.http("GET", 15000, "/debug/pprof/heap");
+    assert_eq!(status, 501, "{text}");
+    assert!(text.contains("system allocator"), "{text}");
+
+    // /metrics and /stats/prometheus serve the same families.
+    let families = |path: &str| -> Vec<String> {
+        m.agent
+            .http_get(15020, path)
+            .lines()
+            .filter(|l| l.starts_with("# TYPE "))
+            .map(str::to_string)
+            .collect()
+    };
+    let metrics = families("/metrics");
+    assert!(metrics.len() > 20, "{metrics:?}");
+    assert_eq!(metrics, families("/stats/prometheus"));
+}
