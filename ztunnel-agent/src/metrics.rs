@@ -431,7 +431,7 @@ impl Metrics {
         // Every reason starts at zero, so the first termination of a kind moves rate() (a
         // series born at 1 shows no increase to Prometheus).
         for reason in ["ConnectionError", "Error", "Reconnect", "Complete"] {
-            xds_terminations.get_or_create(&TerminationLabels { reason });
+            drop(xds_terminations.get_or_create(&TerminationLabels { reason }));
         }
         registry.register(
             "istio_xds_connection_terminations",
