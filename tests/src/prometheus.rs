@@ -97,6 +97,15 @@ impl Prometheus {
                 .ok()
                 .filter(|b| b.contains("Ready"))
         });
+        // Ready comes before the first targets (discovery hands them over after up to 5 s):
+        // wait until every target has been scraped, so what happens next is seen from its
+        // start (a counter first scraped after it moved shows no rate).
+        let count = targets.len();
+        wait_for(
+            "prometheus to scrape every target",
+            Duration::from_secs(30),
+            || (prometheus.targets().matches("\"health\":\"up\"").count() >= count).then_some(()),
+        );
         prometheus
     }
 
@@ -173,11 +182,16 @@ impl Prometheus {
             if std::time::Instant::now() > deadline {
                 panic!(
                     "timed out after {timeout:?} waiting for `{expr}`; last result: {samples:?}; targets: {}",
-                    self.get("/api/v1/targets").unwrap_or_default()
+                    self.targets()
                 );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// The scrape targets' state (`/api/v1/targets`: health, last error), as JSON text.
+    pub fn targets(&self) -> String {
+        self.get("/api/v1/targets").unwrap_or_default()
     }
 
     /// The server's own log (for a failing test's message).

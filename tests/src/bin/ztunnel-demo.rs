@@ -13,6 +13,7 @@ use ztunnel_e2e::agent::{agent_binary, Agent};
 use ztunnel_e2e::cni::CniServer;
 use ztunnel_e2e::control_plane::{ControlPlane, Settings};
 use ztunnel_e2e::mesh::guide;
+use ztunnel_e2e::prometheus::{Prometheus, Target};
 use ztunnel_e2e::sh;
 use ztunnel_e2e::topology::{Pod, Topology};
 
@@ -137,6 +138,16 @@ fn main() {
     for line in agent.lines_with(&["pod enrolled"]) {
         println!("  {line}");
     }
+    heading("prometheus: Debian's, in the node namespace, scraping the agent's :15020 every second (pod=ztunnel-demo, app=ztunnel, as Kubernetes discovery labels it)");
+    let prometheus = Prometheus::start(
+        &topo.node,
+        &[Target {
+            addr: "127.0.0.1:15020",
+            pod: "ztunnel-demo",
+        }],
+        std::time::Duration::from_secs(1),
+    );
+    println!("  ready on 127.0.0.1:19090 (inside zt-demo-node)");
 
     let curl = topo
         .pods
@@ -182,15 +193,46 @@ fn main() {
         print!("{}", agent.cli(&["config", section]));
     }
 
-    heading("curl localhost:15020/metrics | grep istio_tcp_connections_opened  (first samples)");
-    let node = topo.node_path();
-    let metrics = curl_in(&node, "http://127.0.0.1:15020/metrics");
-    for l in String::from_utf8_lossy(&metrics.stdout)
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
-        .take(3)
-    {
-        println!("  {l}");
+    heading("PromQL on the agent's metrics  (what Istio's ztunnel dashboard and your alerts read)");
+    let wait = std::time::Duration::from_secs(20);
+    // A rate needs a series to grow between two scrapes: the first round made the series,
+    // a second round (after a scrape) makes them move.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    println!("  (ten more requests from curl to the reviews and productpage VIPs, for the rates)");
+    for i in 0..10 {
+        let vip = if i % 2 == 0 {
+            "10.96.0.14"
+        } else {
+            "10.96.0.10"
+        };
+        curl_in(&curl.netns_path(), &format!("http://{vip}:9080/"));
+    }
+    let queries: [(&str, &str, &[&str]); 3] = [
+        (
+            "bytes per second received and sent by the node's agent (last minute)",
+            r#"sum by (pod) (rate(istio_tcp_received_bytes_total{pod=~"ztunnel-.*"}[1m]) + rate(istio_tcp_sent_bytes_total{pod=~"ztunnel-.*"}[1m]))"#,
+            &["pod"],
+        ),
+        (
+            "connections opened per source workload and destination service",
+            r#"sum by (source_workload, destination_service) (istio_tcp_connections_opened_total{reporter="source"})"#,
+            &["source_workload", "destination_service"],
+        ),
+        (
+            "proxies the agent runs (Workload Manager panel)",
+            r#"sum by (pod) (workload_manager_active_proxy_count{pod=~"ztunnel-.*"})"#,
+            &["pod"],
+        ),
+    ];
+    for (what, expr, labels) in queries {
+        println!("  # {what}\n  {expr}");
+        for sample in prometheus.wait_query(expr, wait, |s| s.value > 0.0) {
+            let by: Vec<String> = labels
+                .iter()
+                .map(|l| format!("{l}={}", sample.label(l)))
+                .collect();
+            println!("    {{{}}} {:.1}", by.join(", "), sample.value);
+        }
     }
 
     heading("ztunnel-agent diagnose default/productpage-v1   (is its traffic in the mesh, and if not, why)");
