@@ -189,6 +189,21 @@ impl Prometheus {
         }
     }
 
+    /// Waits until every target has been scraped again after this call (what just happened
+    /// is then in the data).
+    pub fn wait_for_scrape(&self) {
+        let last = |p: &Self| {
+            p.query("timestamp(up)")
+                .iter()
+                .map(|s| s.value)
+                .fold(f64::NAN, f64::min)
+        };
+        let before = last(self);
+        wait_for("a new scrape", Duration::from_secs(30), || {
+            (last(self) > before).then_some(())
+        });
+    }
+
     /// The scrape targets' state (`/api/v1/targets`: health, last error), as JSON text.
     pub fn targets(&self) -> String {
         self.get("/api/v1/targets").unwrap_or_default()

@@ -125,6 +125,13 @@ fn istios_ztunnel_dashboard_reads_the_agent_through_a_real_prometheus() {
         |s| s.value > 1_000_000.0,
     );
     only_pod(&sent);
+    // Istio's meaning holds for the client's side too: the download is response bytes, so
+    // `sent` (not `received`) moves under reporter="source".
+    prometheus.wait_query(
+        r#"sum by (reporter) (rate(istio_tcp_sent_bytes_total{reporter="source"}[5s]))"#,
+        WAIT,
+        |s| s.value > 1_000_000.0,
+    );
     let received = prometheus.wait_query(
         r#"sum by (pod) (rate(istio_tcp_received_bytes_total{pod=~"ztunnel-.*"}[5s]))"#,
         WAIT,

@@ -91,6 +91,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.metrics_max_series,
         config.metrics_series_idle_timeout,
     );
+    crate::metrics::global().set_runtime(tokio::runtime::Handle::current());
+    crate::metrics::global().set_build_tag(&config.build_tag);
     tokio::spawn(evict_idle_series(state.clone(), shutdown.clone()));
     let mut enrollment = Enrollment::new(redirect, host, mesh.clone());
     enrollment.set_readiness(readiness.clone());

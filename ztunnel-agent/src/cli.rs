@@ -238,6 +238,10 @@ pub struct RunArgs {
     /// series without end.
     #[arg(long, env = "METRICS_SERIES_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub metrics_series_idle_timeout: std::time::Duration,
+    /// The Istio version the chart deploys this agent as: the `tag` of `istio_build`, which
+    /// Istio's dashboard groups by [default: this build's version].
+    #[arg(long, env = "ISTIO_META_ISTIO_VERSION")]
+    pub istio_version: Option<String>,
 }
 
 fn parse_max_series(text: &str) -> Result<usize, String> {

@@ -90,6 +90,8 @@ pub struct Config {
     pub metrics_max_series: usize,
     /// Idle time after which a label set of deleted workloads is evicted.
     pub metrics_series_idle_timeout: std::time::Duration,
+    /// `istio_build`'s `tag`.
+    pub build_tag: String,
 }
 
 /// The drain deadline, with upstream ztunnel's rules: `CONNECTION_TERMINATION_DEADLINE` if
@@ -214,6 +216,11 @@ impl Config {
             }),
             metrics_max_series: args.metrics_max_series,
             metrics_series_idle_timeout: args.metrics_series_idle_timeout,
+            build_tag: args
+                .istio_version
+                .clone()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
         })
     }
 }

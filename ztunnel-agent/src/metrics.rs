@@ -23,7 +23,7 @@ use prometheus_client::registry::{Registry, Unit};
 use ztunnel_common::PodCounters;
 
 use crate::accesslog::{ConnectionRecord, Direction, Peer};
-use series::{Admission, Eviction, Series};
+use series::{Admission, Eviction, Purpose, Series};
 
 /// Istio's TCP metric labels, in Istio's order.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -282,7 +282,7 @@ impl Collector for SeriesCollector {
         };
         let live_family = encoder.encode_descriptor(
             "ztunnel_metric_series",
-            "Label sets of the istio_tcp_* families currently exported (each is one series in each of the five families)",
+            "Label sets of the istio_tcp_* families currently held (a set is one series in each family that counted under it)",
             None,
             MetricType::Gauge,
         )?;
@@ -308,7 +308,7 @@ impl Collector for SeriesCollector {
         }
         let refused_family = encoder.encode_descriptor(
             "ztunnel_metric_series_refused",
-            "Connections not counted in istio_tcp_* because every label set was in use at the limit (the connections themselves are unaffected)",
+            "Connections (opened or failed) not counted in istio_tcp_* because every label set was in use at the limit (the connections themselves are unaffected)",
             None,
             MetricType::Counter,
         )?;
@@ -336,6 +336,8 @@ struct WorkloadManager {
 /// The agent's metrics.
 pub struct Metrics {
     pod_counters: Arc<OnceLock<PodCountersSource>>,
+    runtime: Arc<OnceLock<tokio::runtime::Handle>>,
+    build: Family<BuildLabels, Gauge>,
     registry: Registry,
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
@@ -411,7 +413,8 @@ impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(process::ProcessCollector));
-        registry.register_collector(Box::new(runtime::RuntimeCollector));
+        let runtime = runtime::RuntimeCollector::default();
+        registry.register_collector(Box::new(runtime.clone()));
 
         // istio_*: upstream's names, types, help and labels (prometheus-client appends
         // `_total` to counter samples and a period to help texts).
@@ -419,14 +422,10 @@ impl Metrics {
         build
             .get_or_create(&BuildLabels {
                 component: "ztunnel",
-                // Upstream reads the Istio version the chart sets; without it, this build's.
-                tag: std::env::var("ISTIO_META_ISTIO_VERSION")
-                    .ok()
-                    .filter(|v| !v.is_empty())
-                    .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
+                tag: env!("CARGO_PKG_VERSION").to_string(),
             })
             .set(1);
-        registry.register("istio_build", "Istio component build info", build);
+        registry.register("istio_build", "Istio component build info", build.clone());
         let xds_terminations = Family::<TerminationLabels, Counter>::default();
         // Every reason starts at zero, so the first termination of a kind moves rate() (a
         // series born at 1 shows no increase to Prometheus).
@@ -527,6 +526,8 @@ impl Metrics {
         registry.register_collector(Box::new(SeriesCollector(series.clone())));
         Self {
             pod_counters,
+            runtime: runtime.0,
+            build,
             registry,
             opened,
             closed,
@@ -644,13 +645,13 @@ impl Metrics {
         series: &mut Series<TcpLabels>,
         labels: &TcpLabels,
         record: &ConnectionRecord,
-        opening: bool,
+        purpose: Purpose,
     ) -> bool {
         let [src, dst] = workload_uids(record);
         match series.admit(
             labels,
             [src.as_deref(), dst.as_deref()],
-            opening,
+            purpose,
             Instant::now(),
         ) {
             Admission::Counted => true,
@@ -708,7 +709,7 @@ impl Metrics {
     pub fn opened(&self, record: &ConnectionRecord) -> OpenedConnection {
         let labels = Self::labels(record, ResponseFlag::None);
         let mut series = self.series();
-        let counted = self.admit(&mut series, &labels, record, true);
+        let counted = self.admit(&mut series, &labels, record, Purpose::Open);
         let (sent, received) = if counted {
             self.opened.get_or_create(&labels).inc();
             (
@@ -734,14 +735,17 @@ impl Metrics {
         if opened.counted {
             series.closed(&opened.labels, now);
         }
+        // A connection not counted opened is not counted closed either: opened minus closed
+        // stays the number of open connections.
+        if !opened.counted {
+            return;
+        }
         if flag == ResponseFlag::None {
-            if opened.counted {
-                self.closed.get_or_create(&opened.labels).inc();
-            }
+            self.closed.get_or_create(&opened.labels).inc();
         } else {
             let mut labels = opened.labels.clone();
             labels.response_flags = flag.as_str();
-            if self.admit(&mut series, &labels, record, false) {
+            if self.admit(&mut series, &labels, record, Purpose::CloseOfCounted) {
                 self.closed.get_or_create(&labels).inc();
             }
         }
@@ -751,9 +755,26 @@ impl Metrics {
     pub fn failed(&self, record: &ConnectionRecord, flag: ResponseFlag) {
         let labels = Self::labels(record, flag);
         let mut series = self.series();
-        if self.admit(&mut series, &labels, record, false) {
+        if self.admit(&mut series, &labels, record, Purpose::Event) {
             self.failed.get_or_create(&labels).inc();
         }
+    }
+
+    /// The `tag` of `istio_build` (the Istio version the agent is deployed as; this build's
+    /// version until set).
+    pub fn set_build_tag(&self, tag: &str) {
+        self.build.clear();
+        self.build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag: tag.to_string(),
+            })
+            .set(1);
+    }
+
+    /// The proxy runtime whose figures `tokio_*` report (set once, at start-up).
+    pub fn set_runtime(&self, handle: tokio::runtime::Handle) {
+        let _ = self.runtime.set(handle);
     }
 
     /// Where the per-pod kernel counters come from (set once, at start-up).
@@ -1090,7 +1111,7 @@ mod tests {
     #[test]
     fn at_the_series_limit_new_label_sets_are_refused_and_counted_not_the_connection() {
         let metrics = Metrics::new();
-        metrics.configure_series(1, Duration::from_secs(3600));
+        metrics.configure_series(1, Duration::from_millis(1));
         let busy = metrics.opened(&record("busy"));
         let refused = metrics.opened(&record("refused"));
         refused.sent.inc_by(9);
@@ -1102,8 +1123,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ztunnel_metric_series_limit 1\n"), "{text}");
-        // Once the busy one closes, a new set takes its place.
+        // Once the busy one has closed (and been idle a moment), a new set takes its place.
         metrics.closed(&record("busy"), &busy.opened, ResponseFlag::None);
+        std::thread::sleep(Duration::from_millis(5));
         metrics.opened(&record("next"));
         let text = metrics.encode();
         assert!(!text.contains("source_workload=\"busy\""), "{text}");
@@ -1112,5 +1134,22 @@ mod tests {
             text.contains("ztunnel_metric_series_evicted_total{reason=\"limit\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_counted_connection_closing_in_error_at_the_limit_is_still_counted_closed() {
+        let metrics = Metrics::new();
+        metrics.configure_series(1, Duration::from_secs(3600));
+        let open = metrics.opened(&record("full"));
+        // The bound is reached by its own set; its DENY close needs a second set.
+        metrics.closed(&record("full"), &open.opened, ResponseFlag::Deny);
+        let opened = samples(&metrics, "istio_tcp_connections_opened_total{", "full");
+        let closed = samples(&metrics, "istio_tcp_connections_closed_total{", "full");
+        assert_eq!((opened.len(), closed.len()), (1, 1), "{closed:?}");
+        assert!(closed[0].contains("response_flags=\"DENY\""), "{closed:?}");
+        // A connection that was not counted opened is not counted closed either.
+        let refused = metrics.opened(&record("over"));
+        metrics.closed(&record("over"), &refused.opened, ResponseFlag::Deny);
+        assert!(samples(&metrics, "istio_tcp_connections_closed_total{", "over").is_empty());
     }
 }

@@ -20,7 +20,7 @@ const MAX_FREQUENCY: i32 = 1000;
 
 /// Why a profile could not be taken.
 #[derive(Debug, thiserror::Error)]
-pub enum ProfileError {
+pub enum Error {
     /// A query parameter out of range.
     #[error("invalid {name} value `{value}`; expected {range}")]
     BadParameter {
@@ -32,11 +32,13 @@ pub enum ProfileError {
         range: &'static str,
     },
     /// The profiler refused (another profile is running, or the timer failed).
-    #[error("the CPU profiler could not run: {0} (one profile at a time: retry when the running one ends)")]
+    #[error(
+        "the CPU profiler could not run (one profile at a time: retry when the running one ends)"
+    )]
     Profiler(#[from] pprof::Error),
     /// The sampling task ended abnormally.
-    #[error("the profiling task failed: {0}")]
-    Task(String),
+    #[error("the profiling task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// The parameters of a CPU profile.
@@ -51,14 +53,14 @@ pub struct ProfileRequest {
 impl ProfileRequest {
     /// From the query's `seconds` (1-300, default 10) and `frequency` (1-1000 Hz, default
     /// 100).
-    pub fn parse(seconds: Option<&str>, frequency: Option<&str>) -> Result<Self, ProfileError> {
+    pub fn parse(seconds: Option<&str>, frequency: Option<&str>) -> Result<Self, Error> {
         let seconds = match seconds {
             None => DEFAULT_SECONDS,
             Some(v) => v
                 .parse::<u64>()
                 .ok()
                 .filter(|s| (1..=MAX_SECONDS).contains(s))
-                .ok_or_else(|| ProfileError::BadParameter {
+                .ok_or_else(|| Error::BadParameter {
                     name: "seconds",
                     value: v.to_string(),
                     range: "1-300",
@@ -70,7 +72,7 @@ impl ProfileRequest {
                 .parse::<i32>()
                 .ok()
                 .filter(|f| (1..=MAX_FREQUENCY).contains(f))
-                .ok_or_else(|| ProfileError::BadParameter {
+                .ok_or_else(|| Error::BadParameter {
                     name: "frequency",
                     value: v.to_string(),
                     range: "1-1000",
@@ -86,8 +88,8 @@ impl ProfileRequest {
 /// Samples the whole process for `request.duration`; returns the pprof protobuf. Runs on a
 /// blocking thread (sampling sleeps, symbolizing is CPU work), so the proxy runtime is not
 /// held up.
-pub async fn cpu_profile(request: ProfileRequest) -> Result<Vec<u8>, ProfileError> {
-    let task = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ProfileError> {
+pub async fn cpu_profile(request: ProfileRequest) -> Result<Vec<u8>, Error> {
+    let task = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, Error> {
         use pprof::protos::Message;
         let guard = pprof::ProfilerGuardBuilder::default()
             .frequency(request.frequency)
@@ -98,7 +100,7 @@ pub async fn cpu_profile(request: ProfileRequest) -> Result<Vec<u8>, ProfileErro
         let profile = guard.report().build()?.pprof()?;
         Ok(profile.encode_to_vec())
     });
-    task.await.map_err(|e| ProfileError::Task(e.to_string()))?
+    task.await.map_err(Error::Task)?
 }
 
 /// `/debug/pprof/profile`.
@@ -130,10 +132,13 @@ impl AdminHandler for CpuProfileHandler {
                     );
                     response
                 }
-                Err(e @ ProfileError::BadParameter { .. }) => {
+                Err(e @ Error::BadParameter { .. }) => {
                     text(StatusCode::BAD_REQUEST, format!("{e}\n"))
                 }
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{}\n", crate::telemetry::ErrorChain(&e)),
+                ),
             }
         })
     }

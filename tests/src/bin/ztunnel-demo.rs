@@ -197,7 +197,7 @@ fn main() {
     let wait = std::time::Duration::from_secs(20);
     // A rate needs a series to grow between two scrapes: the first round made the series,
     // a second round (after a scrape) makes them move.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    prometheus.wait_for_scrape();
     println!("  (ten more requests from curl to the reviews and productpage VIPs, for the rates)");
     for i in 0..10 {
         let vip = if i % 2 == 0 {

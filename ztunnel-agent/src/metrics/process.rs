@@ -37,13 +37,9 @@ fn parse_stat(stat: &str, ticks: f64, page: i64, boot_time: f64) -> Option<Stat>
 }
 
 fn read_stat() -> Option<Stat> {
-    // SAFETY: sysconf has no preconditions.
-    let (ticks, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_CLK_TCK),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
+    use nix::unistd::{sysconf, SysconfVar};
+    let ticks = sysconf(SysconfVar::CLK_TCK).ok().flatten()?;
+    let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten()?;
     let boot_time = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
@@ -62,13 +58,9 @@ fn open_fds() -> Option<i64> {
 }
 
 fn max_fds() -> Option<i64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit with a valid pointer to a local rlimit.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    (rc == 0).then(|| i64::try_from(limit.rlim_cur).unwrap_or(i64::MAX))
+    let (soft, _hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+    Some(i64::try_from(soft).unwrap_or(i64::MAX))
 }
 
 /// `process_*` families.
@@ -85,7 +77,7 @@ pub const FAMILIES: &[(&str, MetricType, &str)] = &[
     (
         "process_max_fds",
         MetricType::Gauge,
-        "Maximum number of open file descriptors",
+        "Maximum number of file descriptors",
     ),
     (
         "process_cpu_seconds",

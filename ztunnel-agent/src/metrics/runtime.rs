@@ -1,6 +1,8 @@
 //! `tokio_*`: the proxy runtime's figures under upstream ztunnel's names (read at scrape
-//! time from the runtime serving the scrape, which is the one proxy runtime): a saturated
+//! time from the runtime handle the agent registers at start): a saturated
 //! runtime (busy workers, a growing global queue) shows before latency does.
+
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -47,15 +49,19 @@ pub const FAMILIES: &[(&str, MetricType, &str)] = &[
     ),
 ];
 
-/// `tokio_*` families (descriptors always; samples when a runtime serves the scrape).
-#[derive(Debug, Default)]
-pub struct RuntimeCollector;
+/// `tokio_*` families of the proxy runtime (set at start; before that, the runtime serving
+/// the scrape, if any). Descriptors are always written.
+#[derive(Debug, Default, Clone)]
+pub struct RuntimeCollector(pub Arc<OnceLock<tokio::runtime::Handle>>);
 
 impl Collector for RuntimeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let metrics = tokio::runtime::Handle::try_current()
-            .ok()
-            .map(|h| h.metrics());
+        let metrics = match self.0.get() {
+            Some(handle) => Some(handle.metrics()),
+            None => tokio::runtime::Handle::try_current()
+                .ok()
+                .map(|h| h.metrics()),
+        };
         for &(name, kind, help) in FAMILIES {
             let mut family = encoder.encode_descriptor(name, help, None, kind)?;
             let Some(m) = &metrics else { continue };

@@ -46,6 +46,22 @@ pub struct Series<K> {
     refused: u64,
 }
 
+/// How long a set must have been idle before it makes room for a new one at the limit
+/// (several scrapes; the idle interval if that is shorter).
+pub const LIMIT_MIN_IDLE: Duration = Duration::from_secs(30);
+
+/// What a label set is admitted for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A connection opening: counted open until [`Series::closed`].
+    Open,
+    /// A one-off count (a connection that failed to establish).
+    Event,
+    /// The close of a connection that was counted open, under its final flag: admitted even
+    /// past the bound, so the closed count never falls behind the opened one.
+    CloseOfCounted,
+}
+
 /// What [`Series::admit`] decided.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission<K> {
@@ -71,20 +87,26 @@ impl<K: std::hash::Hash + Eq + Clone> Series<K> {
     }
 
     /// Marks `key` active now (adding it if there is room), for a connection between
-    /// `workloads`; `opening` counts it open until [`Series::closed`].
+    /// `workloads`, for `purpose`.
     pub fn admit(
         &mut self,
         key: &K,
         workloads: [Option<&str>; 2],
-        opening: bool,
+        purpose: Purpose,
         now: Instant,
     ) -> Admission<K> {
         let mut admission = Admission::Counted;
-        if !self.entries.contains_key(key) && self.entries.len() >= self.limit {
+        let bounded = purpose != Purpose::CloseOfCounted;
+        if bounded && !self.entries.contains_key(key) && self.entries.len() >= self.limit {
+            // Only a set idle for a while makes room: one that closed a moment ago would take
+            // its last counts with it before they were scraped.
+            let min_idle = self.idle.min(LIMIT_MIN_IDLE);
             let oldest_idle = self
                 .entries
                 .iter()
-                .filter(|(_, e)| e.open == 0)
+                .filter(|(_, e)| {
+                    e.open == 0 && now.saturating_duration_since(e.last_active) >= min_idle
+                })
                 .min_by_key(|(_, e)| e.last_active)
                 .map(|(k, _)| k.clone());
             match oldest_idle {
@@ -112,7 +134,7 @@ impl<K: std::hash::Hash + Eq + Clone> Series<K> {
                 }
             }
         }
-        if opening {
+        if purpose == Purpose::Open {
             entry.open += 1;
         }
         admission
@@ -199,7 +221,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Series::new(10, IDLE);
         assert_eq!(
-            s.admit(&"a", [Some("uid-a"), Some("uid-b")], true, t0),
+            s.admit(&"a", [Some("uid-a"), Some("uid-b")], Purpose::Open, t0),
             Admission::Counted
         );
         // Open: never evicted, however long.
@@ -217,7 +239,7 @@ mod tests {
     fn a_set_without_workloads_goes_on_idleness_alone() {
         let t0 = Instant::now();
         let mut s = Series::new(10, IDLE);
-        s.admit(&"unknown", [None, None], false, t0);
+        s.admit(&"unknown", [None, None], Purpose::Event, t0);
         assert!(s.evict_idle(t0 + IDLE / 2, |_| true).is_empty());
         assert_eq!(s.evict_idle(t0 + IDLE, |_| true), vec!["unknown"]);
     }
@@ -226,23 +248,34 @@ mod tests {
     fn at_the_limit_the_oldest_idle_set_makes_room_and_busy_sets_refuse() {
         let t0 = Instant::now();
         let mut s = Series::new(2, IDLE);
-        s.admit(&"old", [None, None], false, t0);
-        s.admit(&"busy", [None, None], true, t0);
-        let t1 = t0 + Duration::from_secs(1);
+        s.admit(&"old", [None, None], Purpose::Event, t0);
+        s.admit(&"busy", [None, None], Purpose::Open, t0);
+        // "old" closed only just: it keeps its place (its last counts are not yet scraped).
+        let soon = t0 + Duration::from_secs(1);
         assert_eq!(
-            s.admit(&"new", [None, None], true, t1),
+            s.admit(&"new", [None, None], Purpose::Open, soon),
+            Admission::Refused
+        );
+        let t1 = t0 + LIMIT_MIN_IDLE;
+        assert_eq!(
+            s.admit(&"new", [None, None], Purpose::Open, t1),
             Admission::CountedAfterEvicting("old")
         );
         assert_eq!(s.evicted(Eviction::Limit), 1);
         // Both remaining are open: refused, and the known ones still count.
         assert_eq!(
-            s.admit(&"newer", [None, None], false, t1),
+            s.admit(&"newer", [None, None], Purpose::Event, t1),
             Admission::Refused
         );
         assert_eq!(
-            s.admit(&"busy", [None, None], false, t1),
+            s.admit(&"busy", [None, None], Purpose::Event, t1),
             Admission::Counted
         );
-        assert_eq!((s.len(), s.refused()), (2, 1));
+        // The flagged close of a counted connection goes in past the bound.
+        assert_eq!(
+            s.admit(&"busy-denied", [None, None], Purpose::CloseOfCounted, t1),
+            Admission::Counted
+        );
+        assert_eq!((s.len(), s.refused()), (3, 2));
     }
 }

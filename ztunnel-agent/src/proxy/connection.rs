@@ -152,6 +152,7 @@ impl Connection {
     /// Marks the connection established (both ends connected): counted as opened, and from
     /// now on its bytes move the byte counters.
     pub fn established(&mut self) {
+        debug_assert!(self.opened.is_none(), "a connection is established once");
         let OpenedConnection {
             opened,
             sent,
