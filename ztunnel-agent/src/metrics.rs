@@ -142,7 +142,7 @@ impl ResponseFlag {
 /// was admitted (at the series limit a new set is not counted; see [`series`]).
 #[derive(Debug)]
 pub struct Opened {
-    labels: TcpLabels,
+    labels: Arc<TcpLabels>,
     counted: bool,
 }
 
@@ -710,6 +710,7 @@ impl Metrics {
         let labels = Self::labels(record, ResponseFlag::None);
         let mut series = self.series();
         let counted = self.admit(&mut series, &labels, record, Purpose::Open);
+        let labels = series.interned(&labels).unwrap_or_else(|| Arc::new(labels));
         let (sent, received) = if counted {
             self.opened.get_or_create(&labels).inc();
             (
@@ -743,7 +744,7 @@ impl Metrics {
         if flag == ResponseFlag::None {
             self.closed.get_or_create(&opened.labels).inc();
         } else {
-            let mut labels = opened.labels.clone();
+            let mut labels = TcpLabels::clone(&opened.labels);
             labels.response_flags = flag.as_str();
             if self.admit(&mut series, &labels, record, Purpose::CloseOfCounted) {
                 self.closed.get_or_create(&labels).inc();

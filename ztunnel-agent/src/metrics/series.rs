@@ -6,6 +6,7 @@
 //! every set is in use the new one is refused (counted, the connection itself unaffected).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why a label set left.
@@ -38,7 +39,9 @@ struct Entry {
 /// Label sets of type `K` and what keeps each alive.
 #[derive(Debug)]
 pub struct Series<K> {
-    entries: HashMap<K, Entry>,
+    /// Keyed by a shared copy: the connections counted under a set hold the same `Arc`
+    /// instead of a copy of its labels each.
+    entries: HashMap<Arc<K>, Entry>,
     limit: usize,
     idle: Duration,
     evicted_idle: u64,
@@ -68,7 +71,7 @@ pub enum Admission<K> {
     /// Known or added; count under it.
     Counted,
     /// Added after evicting this idle set (remove it from the families).
-    CountedAfterEvicting(K),
+    CountedAfterEvicting(Arc<K>),
     /// At the limit with every set in use: do not count.
     Refused,
 }
@@ -121,11 +124,17 @@ impl<K: std::hash::Hash + Eq + Clone> Series<K> {
                 }
             }
         }
-        let entry = self.entries.entry(key.clone()).or_insert_with(|| Entry {
-            open: 0,
-            last_active: now,
-            workloads: [None, None],
-        });
+        if !self.entries.contains_key(key) {
+            let fresh = Entry {
+                open: 0,
+                last_active: now,
+                workloads: [None, None],
+            };
+            self.entries.insert(Arc::new(key.clone()), fresh);
+        }
+        let Some(entry) = self.entries.get_mut(key) else {
+            return admission;
+        };
         entry.last_active = now;
         for (slot, uid) in entry.workloads.iter_mut().zip(workloads) {
             if let Some(uid) = uid {
@@ -150,9 +159,9 @@ impl<K: std::hash::Hash + Eq + Clone> Series<K> {
 
     /// Removes and returns the sets idle past the interval whose workloads no longer exist
     /// (`exists(uid)`); a set that never knew a workload goes on idleness alone.
-    pub fn evict_idle(&mut self, now: Instant, exists: impl Fn(&str) -> bool) -> Vec<K> {
+    pub fn evict_idle(&mut self, now: Instant, exists: impl Fn(&str) -> bool) -> Vec<Arc<K>> {
         let idle = self.idle;
-        let gone: Vec<K> = self
+        let gone: Vec<Arc<K>> = self
             .entries
             .iter()
             .filter(|(_, e)| {
@@ -174,6 +183,11 @@ impl<K: std::hash::Hash + Eq + Clone> Series<K> {
     pub fn configure(&mut self, limit: usize, idle: Duration) {
         self.limit = limit.max(1);
         self.idle = idle;
+    }
+
+    /// The shared copy of a live set.
+    pub fn interned(&self, key: &K) -> Option<Arc<K>> {
+        self.entries.get_key_value(key).map(|(k, _)| k.clone())
     }
 
     /// Live sets.
@@ -231,7 +245,7 @@ mod tests {
         assert!(s.evict_idle(t0 + IDLE + IDLE / 2, |_| false).is_empty());
         // Idle long enough, but the destination workload still exists.
         assert!(s.evict_idle(t0 + IDLE * 3, |uid| uid == "uid-b").is_empty());
-        assert_eq!(s.evict_idle(t0 + IDLE * 3, |_| false), vec!["a"]);
+        assert_eq!(s.evict_idle(t0 + IDLE * 3, |_| false), vec![Arc::new("a")]);
         assert_eq!((s.len(), s.evicted(Eviction::Idle)), (0, 1));
     }
 
@@ -241,7 +255,7 @@ mod tests {
         let mut s = Series::new(10, IDLE);
         s.admit(&"unknown", [None, None], Purpose::Event, t0);
         assert!(s.evict_idle(t0 + IDLE / 2, |_| true).is_empty());
-        assert_eq!(s.evict_idle(t0 + IDLE, |_| true), vec!["unknown"]);
+        assert_eq!(s.evict_idle(t0 + IDLE, |_| true), vec![Arc::new("unknown")]);
     }
 
     #[test]
@@ -259,7 +273,7 @@ mod tests {
         let t1 = t0 + LIMIT_MIN_IDLE;
         assert_eq!(
             s.admit(&"new", [None, None], Purpose::Open, t1),
-            Admission::CountedAfterEvicting("old")
+            Admission::CountedAfterEvicting(Arc::new("old"))
         );
         assert_eq!(s.evicted(Eviction::Limit), 1);
         // Both remaining are open: refused, and the known ones still count.
