@@ -184,22 +184,11 @@ pub struct HashServer {
 impl HashServer {
     /// Starts listening on `addr` inside `netns`.
     pub fn start(netns: &Path, addr: SocketAddr) -> Self {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        spawn_in_netns(netns, move || {
-            let listener = TcpListener::bind(addr).expect("bind hash server");
-            ready_tx.send(()).expect("signal ready");
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                std::thread::spawn(move || {
-                    let (len, hash) = drain_hash(&mut conn);
-                    let _ = conn.write_all(&len.to_be_bytes());
-                    let _ = conn.write_all(&hash.to_be_bytes());
-                });
-            }
+        serve_each(netns, addr, "hash server", |mut conn| {
+            let (len, hash) = drain_hash(&mut conn);
+            let _ = conn.write_all(&len.to_be_bytes());
+            let _ = conn.write_all(&hash.to_be_bytes());
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("hash server did not start");
         Self { addr }
     }
 }
@@ -277,25 +266,32 @@ pub struct StreamingServer {
 impl StreamingServer {
     /// Starts listening on `addr` inside `netns`.
     pub fn start(netns: &Path, addr: SocketAddr) -> Self {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        spawn_in_netns(netns, move || {
-            let listener = TcpListener::bind(addr).expect("bind streaming server");
-            ready_tx.send(()).expect("signal ready");
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                std::thread::spawn(move || {
-                    let buf = vec![0x5au8; 64 * 1024];
-                    while conn.write_all(&buf).is_ok() {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                });
+        serve_each(netns, addr, "streaming server", |mut conn| {
+            let buf = vec![0x5au8; 64 * 1024];
+            while conn.write_all(&buf).is_ok() {
+                std::thread::sleep(Duration::from_millis(2));
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("streaming server did not start");
         Self { addr }
     }
+}
+
+/// Listens on `addr` inside `netns` (returning once it listens) and runs `each` on its own
+/// thread for every accepted connection.
+fn serve_each(netns: &Path, addr: SocketAddr, what: &'static str, each: fn(TcpStream)) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    spawn_in_netns(netns, move || {
+        let listener =
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {what} on {addr}: {e}"));
+        ready_tx.send(()).expect("signal ready");
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            std::thread::spawn(move || each(conn));
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|_| panic!("{what} did not start"));
 }
 
 /// A long download from a [`StreamingServer`]: reads until stopped.

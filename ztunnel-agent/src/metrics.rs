@@ -570,7 +570,7 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one received xDS resource of `url` and its size.
+    /// Counts one received xDS response of `url` and its resources' payload bytes.
     pub fn xds_received(&self, url: &str, bytes: usize) {
         let labels = UrlLabels {
             url: url.to_string(),

@@ -400,7 +400,14 @@ impl XdsClient {
     /// Applies one response; returns its ACK or NACK.
     fn handle(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
         let type_url = response.type_url.clone();
-        crate::metrics::global().xds_received(&type_url, response.encoded_len());
+        // Upstream counts the resources' payload bytes (not the envelope) per response.
+        let payload: usize = response
+            .resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .map(|any| any.value.len())
+            .sum();
+        crate::metrics::global().xds_received(&type_url, payload);
         let mut errors = Vec::new();
         if !TYPES.contains(&type_url.as_str()) {
             errors.push(format!("type {type_url} was not subscribed to"));
