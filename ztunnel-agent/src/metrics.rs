@@ -731,16 +731,13 @@ impl Metrics {
     /// Counts an established connection that ended, with `flag` saying how. A clean close is
     /// counted under the labels it was opened with (the same set, not rebuilt).
     pub fn closed(&self, record: &ConnectionRecord, opened: &Opened, flag: ResponseFlag) {
-        let mut series = self.series();
-        let now = Instant::now();
-        if opened.counted {
-            series.closed(&opened.labels, now);
-        }
         // A connection not counted opened is not counted closed either: opened minus closed
         // stays the number of open connections.
         if !opened.counted {
             return;
         }
+        let mut series = self.series();
+        series.closed(&opened.labels, Instant::now());
         if flag == ResponseFlag::None {
             self.closed.get_or_create(&opened.labels).inc();
         } else {
