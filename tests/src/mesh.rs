@@ -1,7 +1,23 @@
 //! Local-config YAML for tests, the demo and the benchmark, and the troubleshooting guide's
 //! topology (its pods, service accounts and services).
 
-use crate::topology::Pod;
+use crate::topology::{Pod, Topology};
+
+/// The test's node with an enrolled client (10.244.1.10) and server (10.244.1.11), and the
+/// local config naming both as HBONE workloads.
+pub fn client_and_server() -> (Topology, Pod, Pod, String) {
+    let mut topo = Topology::for_test();
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let yaml = yaml(
+        &[
+            Workload::hbone(&client, "client", "node-1"),
+            Workload::hbone(&server, "server", "node-1"),
+        ],
+        &[],
+    );
+    (topo, client, server, yaml)
+}
 
 /// How a pod appears in the mesh config.
 #[derive(Clone, Debug)]

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -202,27 +203,59 @@ pub struct Transferred {
     pub echoed: (u64, u64),
 }
 
+/// A client thread in a pod that runs until told to stop, publishing a running count: the
+/// shape of [`Transfer`], [`Download`] and [`ConnectionStream`].
+struct Stoppable<T> {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Stoppable<T> {
+    /// Runs `work(stop, count)` on a thread inside `netns`.
+    fn spawn(
+        netns: &Path,
+        work: impl FnOnce(&AtomicBool, &AtomicU64) -> T + Send + 'static,
+    ) -> Self {
+        let (stop, count) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (flag, counter) = (stop.clone(), count.clone());
+        let thread = spawn_in_netns(netns, move || work(&flag, &counter));
+        Self {
+            stop,
+            count,
+            thread,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Tells the thread to stop and returns what it returned.
+    fn finish(self, what: &str) -> T {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| panic!("{what} thread panicked"))
+    }
+}
+
 /// A long transfer to a [`HashServer`]: sends a known pattern in paced chunks until told to
 /// finish, then half-closes and reads the server's count and hash.
-pub struct Transfer {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    thread: std::thread::JoinHandle<std::io::Result<Transferred>>,
-}
+pub struct Transfer(Stoppable<std::io::Result<Transferred>>);
 
 impl Transfer {
     /// Connects from inside `netns` to `dst` and starts sending.
     pub fn start(netns: &Path, dst: SocketAddr, seed: u8) -> Self {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let (stop_flag, progress) = (stop.clone(), sent.clone());
-        let thread = spawn_in_netns(netns, move || {
+        Self(Stoppable::spawn(netns, move |stop, progress| {
             let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
             let mut buf = vec![0u8; 64 * 1024];
             let (mut total, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
-            while !stop_flag.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 pattern(seed, total, &mut buf);
                 for b in &buf {
                     h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
@@ -240,19 +273,17 @@ impl Transfer {
                 sent: (total, h),
                 echoed: (word(&answer[..8]), word(&answer[8..])),
             })
-        });
-        Self { stop, sent, thread }
+        }))
     }
 
     /// Bytes sent so far.
     pub fn sent(&self) -> u64 {
-        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.count()
     }
 
     /// Stops sending, half-closes and returns what both ends counted.
     pub fn finish(self) -> std::io::Result<Transferred> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().expect("transfer thread panicked")
+        self.0.finish("transfer")
     }
 }
 
@@ -295,25 +326,17 @@ fn serve_each(netns: &Path, addr: SocketAddr, what: &'static str, each: fn(TcpSt
 }
 
 /// A long download from a [`StreamingServer`]: reads until stopped.
-pub struct Download {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    received: Arc<std::sync::atomic::AtomicU64>,
-    thread: std::thread::JoinHandle<std::io::Result<u64>>,
-}
+pub struct Download(Stoppable<std::io::Result<u64>>);
 
 impl Download {
     /// Connects from inside `netns` to `dst` and starts reading.
     pub fn start(netns: &Path, dst: SocketAddr) -> Self {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(AtomicU64::new(0));
-        let (stop_flag, progress) = (stop.clone(), received.clone());
-        let thread = spawn_in_netns(netns, move || {
+        Self(Stoppable::spawn(netns, move |stop, progress| {
             let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
             let mut buf = vec![0u8; 64 * 1024];
             let mut total = 0u64;
-            while !stop_flag.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let n = s.read(&mut buf)?;
                 if n == 0 {
                     return Err(std::io::Error::other("the download ended early"));
@@ -322,33 +345,23 @@ impl Download {
                 progress.store(total, Ordering::Relaxed);
             }
             Ok(total)
-        });
-        Self {
-            stop,
-            received,
-            thread,
-        }
+        }))
     }
 
     /// Bytes received so far.
     pub fn received(&self) -> u64 {
-        self.received.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.count()
     }
 
     /// Stops reading and closes; the total received.
     pub fn finish(self) -> std::io::Result<u64> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().expect("download thread panicked")
+        self.0.finish("download")
     }
 }
 
 /// A steady stream of new short connections from a pod to a [`Server`], each checked for
 /// the right answer, until stopped.
-pub struct ConnectionStream {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    ok: Arc<std::sync::atomic::AtomicU64>,
-    thread: std::thread::JoinHandle<StreamTally>,
-}
+pub struct ConnectionStream(Stoppable<StreamTally>);
 
 /// What a [`ConnectionStream`] saw.
 #[derive(Debug, Default)]
@@ -362,10 +375,12 @@ pub struct StreamTally {
 impl ConnectionStream {
     /// Starts connecting from inside `netns` to `dst`, one connection after the other.
     pub fn start(netns: &Path, dst: SocketAddr) -> Self {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (flag, answered) = (stop.clone(), ok.clone());
-        let thread = spawn_in_netns(netns, move || {
+        Self::paced(netns, dst, Duration::ZERO)
+    }
+
+    /// As [`ConnectionStream::start`], waiting `pause` after each connection.
+    pub fn paced(netns: &Path, dst: SocketAddr, pause: Duration) -> Self {
+        Self(Stoppable::spawn(netns, move |stop, answered| {
             let started = std::time::Instant::now();
             let mut tally = StreamTally::default();
             let one = |n: u64| -> std::io::Result<()> {
@@ -382,24 +397,26 @@ impl ConnectionStream {
                 Ok(())
             };
             let mut n = 0;
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 match one(n) {
                     Ok(()) => {
                         tally.ok += 1;
-                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        answered.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => tally.failed.push((started.elapsed(), e.to_string())),
                 }
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
             }
             tally
-        });
-        Self { stop, ok, thread }
+        }))
     }
 
     /// Waits until `n` more connections than now have been answered (panics after 20 s).
     pub fn wait_for_more(&self, n: u64) {
-        let count = || self.ok.load(std::sync::atomic::Ordering::Relaxed);
+        let count = || self.0.count();
         let target = count() + n;
         crate::wait_for(
             &format!("{n} more answered connections"),
@@ -410,7 +427,6 @@ impl ConnectionStream {
 
     /// Stops and returns the tally.
     pub fn stop(self) -> StreamTally {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().expect("connection stream panicked")
+        self.0.finish("connection stream")
     }
 }

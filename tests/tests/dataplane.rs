@@ -364,16 +364,7 @@ fn large_transfers_arrive_intact_both_ways_with_half_close() {
         return;
     }
     const LEN: u64 = 200 * 1024 * 1024;
-    let mut topo = Topology::for_test();
-    let client = topo.add_pod("client", 10);
-    let server = topo.add_pod("server", 11);
-    let yaml = mesh::yaml(
-        &[
-            Workload::hbone(&client, "client", "node-1"),
-            Workload::hbone(&server, "server", "node-1"),
-        ],
-        &[],
-    );
+    let (topo, client, server, yaml) = mesh::client_and_server();
     let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
 
     // The server reads until the client's half-close arrives (proving it propagated), then

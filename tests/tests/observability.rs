@@ -6,12 +6,10 @@
 //! agent's pod. Also: the profiling endpoints and the two metrics paths.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use ztunnel_e2e::prometheus::{Prometheus, Sample, Target};
-use ztunnel_e2e::traffic::{exchange, Download, StreamingServer};
+use ztunnel_e2e::traffic::{ConnectionStream, Download, StreamingServer};
 use ztunnel_e2e::xds_mesh::{settings, start_cp, start_mesh, XDS_PORT};
 use ztunnel_e2e::{require_root, sh, wait_for};
 
@@ -19,55 +17,17 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The agent pod's name in the xDS mesh harness.
 const POD: &str = "ztunnel-abc";
 
-/// A short connection through the mesh every 100 ms until dropped.
-struct Trickle {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Trickle {
-    fn start(netns: std::path::PathBuf, dst: SocketAddr) -> Self {
-        let (stop, ok) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let (flag, count) = (stop.clone(), ok.clone());
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok(e) = exchange(&netns, dst, "tick") {
-                    if e.response == "hello tick" {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        Self {
-            stop,
-            ok,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Trickle {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn only_pod(samples: &[Sample]) -> &Sample {
+/// Waits until a dashboard panel's `expr` has a sample `accept` takes, and checks the result
+/// is one series, the agent pod's (the panels sum by pod); returns it.
+fn pod_panel(prometheus: &Prometheus, expr: &str, accept: impl Fn(&Sample) -> bool) -> Sample {
+    let samples = prometheus.wait_query(expr, WAIT, accept);
     assert_eq!(
         samples.len(),
         1,
         "one series, for the agent's pod: {samples:?}"
     );
     assert_eq!(samples[0].label("pod"), POD, "{samples:?}");
-    &samples[0]
+    samples[0].clone()
 }
 
 #[test]
@@ -90,7 +50,12 @@ fn istios_ztunnel_dashboard_reads_the_agent_through_a_real_prometheus() {
     );
     let streaming =
         StreamingServer::start(&m.server.netns_path(), SocketAddr::new(m.server.ip4, 9091));
-    let trickle = Trickle::start(m.client.netns_path(), SocketAddr::new(m.server.ip4, 9080));
+    // A short connection through the mesh every 100 ms.
+    let trickle = ConnectionStream::paced(
+        &m.client.netns_path(),
+        SocketAddr::new(m.server.ip4, 9080),
+        Duration::from_millis(100),
+    );
     let download = Download::start(&m.client.netns_path(), streaming.addr);
     wait_for("the download to flow", WAIT, || {
         (download.received() > 1 << 20).then_some(())
@@ -106,25 +71,22 @@ fn istios_ztunnel_dashboard_reads_the_agent_through_a_real_prometheus() {
     assert_eq!(versions[0].label("tag"), env!("CARGO_PKG_VERSION"));
 
     // Row "Network": Connections (opened positive, closed drawn negative).
-    let opened = prometheus.wait_query(
+    pod_panel(
+        &prometheus,
         r#"sum by (pod) (rate(istio_tcp_connections_opened_total{pod=~"ztunnel-.*"}[5s]))"#,
-        WAIT,
         |s| s.value > 0.0,
     );
-    only_pod(&opened);
-    let closed = prometheus.wait_query(
+    pod_panel(
+        &prometheus,
         r#"-sum by (pod) (rate(istio_tcp_connections_closed_total{pod=~"ztunnel-.*"}[5s]))"#,
-        WAIT,
         |s| s.value < 0.0,
     );
-    only_pod(&closed);
     // Bytes Transmitted: the download is response bytes (sent), the requests received.
-    let sent = prometheus.wait_query(
+    pod_panel(
+        &prometheus,
         r#"sum by (pod) (rate(istio_tcp_sent_bytes_total{pod=~"ztunnel-.*"}[5s]))"#,
-        WAIT,
         |s| s.value > 1_000_000.0,
     );
-    only_pod(&sent);
     // Istio's meaning holds for the client's side too: the download is response bytes, so
     // `sent` (not `received`) moves under reporter="source".
     prometheus.wait_query(
@@ -132,12 +94,11 @@ fn istios_ztunnel_dashboard_reads_the_agent_through_a_real_prometheus() {
         WAIT,
         |s| s.value > 1_000_000.0,
     );
-    let received = prometheus.wait_query(
+    pod_panel(
+        &prometheus,
         r#"sum by (pod) (rate(istio_tcp_received_bytes_total{pod=~"ztunnel-.*"}[5s]))"#,
-        WAIT,
         |s| s.value > 0.0,
     );
-    only_pod(&received);
     // DNS Request: valid PromQL; its series come with the DNS proxy.
     prometheus.query(r#"sum by (pod) (rate(istio_dns_requests_total{pod=~"ztunnel-.*"}[5s]))"#);
 
@@ -145,12 +106,11 @@ fn istios_ztunnel_dashboard_reads_the_agent_through_a_real_prometheus() {
     // restarts, as istiod does on upgrade: both XDS panels see it.
     drop(cp);
     let _cp = start_cp(&m.topo, s);
-    let terminations = prometheus.wait_query(
+    pod_panel(
+        &prometheus,
         r#"sum by (pod) (rate(istio_xds_connection_terminations_total{pod=~"ztunnel-.*"}[5s]))"#,
-        WAIT,
         |s| s.value > 0.0,
     );
-    only_pod(&terminations);
     let pushes = prometheus.wait_query(
         r#"sum by (url) (irate(istio_xds_message_total{pod=~"ztunnel-.*"}[5s]))"#,
         WAIT,
@@ -166,44 +126,37 @@ fn istios_ztunnel_dashboard_reads_the_agent_through_a_real_prometheus() {
         ],
         "{pushes:?}"
     );
-    let active = prometheus.wait_query(
+    pod_panel(
+        &prometheus,
         r#"sum by (pod) (workload_manager_active_proxy_count{pod=~"ztunnel-.*"})"#,
-        WAIT,
         |s| s.value == 2.0,
     );
-    only_pod(&active);
-    let pending = prometheus.wait_query(
+    let pending = pod_panel(
+        &prometheus,
         r#"sum by (pod) (workload_manager_pending_proxy_count{pod=~"ztunnel-.*"})"#,
-        WAIT,
         |_| true,
     );
-    assert_eq!(only_pod(&pending).value, 0.0, "both pods are served");
+    assert_eq!(pending.value, 0.0, "both pods are served");
 
     // Row "Network Resources": the download is open on both sides of the node's agent.
-    let open = prometheus.wait_query(
+    pod_panel(
+        &prometheus,
         r#"sum by (pod) (istio_tcp_connections_opened_total{app="ztunnel"}) - sum by (pod) (istio_tcp_connections_closed_total{app="ztunnel"})"#,
-        WAIT,
         |s| s.value >= 2.0,
     );
-    only_pod(&open);
-    let fds = prometheus.wait_query(
+    pod_panel(
+        &prometheus,
         r#"sum by (pod) (process_open_fds{app="ztunnel"})"#,
-        WAIT,
         |s| s.value > 10.0,
     );
-    only_pod(&fds);
-    let sockets = prometheus.wait_query(
+    pod_panel(
+        &prometheus,
         r#"sum by (pod) (istio_tcp_sockets_open{app="ztunnel"})"#,
-        WAIT,
         |s| s.value >= 2.0,
     );
-    only_pod(&sockets);
 
-    assert!(
-        trickle.ok.load(Ordering::Relaxed) > 0,
-        "the trickle got answers"
-    );
-    drop(trickle);
+    let tally = trickle.stop();
+    assert!(tally.ok > 0, "the trickle got answers: {tally:?}");
     let total = download.finish().expect("the download ran to its end");
     assert!(total > 1 << 20, "{total}");
     // Once the download is closed, its client's socket is no longer open (the pooled HBONE

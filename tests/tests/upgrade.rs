@@ -9,25 +9,9 @@ use ztunnel_e2e::agent::Agent;
 use ztunnel_e2e::cni::CniServer;
 use ztunnel_e2e::mesh::{self, Workload};
 use ztunnel_e2e::one_hop::OneHop;
-use ztunnel_e2e::topology::{Pod, Topology};
+use ztunnel_e2e::topology::Topology;
 use ztunnel_e2e::traffic::{exchange, in_netns, ConnectionStream, HashServer, Server, Transfer};
 use ztunnel_e2e::{metric_sum, require_root, sh, wait_for};
-
-/// The test's node with an enrolled client (10.244.1.10) and server (10.244.1.11), and the
-/// local config naming both as HBONE workloads.
-fn client_and_server() -> (Topology, Pod, Pod, String) {
-    let mut topo = Topology::for_test();
-    let client = topo.add_pod("client", 10);
-    let server = topo.add_pod("server", 11);
-    let yaml = mesh::yaml(
-        &[
-            Workload::hbone(&client, "client", "node-1"),
-            Workload::hbone(&server, "server", "node-1"),
-        ],
-        &[],
-    );
-    (topo, client, server, yaml)
-}
 
 /// The readiness status code of `agent`.
 fn readiness(agent: &Agent) -> u16 {
@@ -39,7 +23,7 @@ fn overlapping_upgrade_cuts_and_refuses_nothing() {
     if !require_root() {
         return;
     }
-    let (mut topo, client, server, yaml) = client_and_server();
+    let (mut topo, client, server, yaml) = mesh::client_and_server();
     // Not enrolled: its connections reach the server's 15006 (inbound plaintext).
     let outsider = topo.add_pod("outsider", 12);
     let (mut old, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
@@ -366,7 +350,7 @@ fn a_client_reset_reaches_the_application_and_sockets_have_keepalive() {
     if !require_root() {
         return;
     }
-    let (mut topo, client, server, yaml) = client_and_server();
+    let (mut topo, client, server, yaml) = mesh::client_and_server();
     let plain = topo.add_pod("plain", 12);
     let (agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
 

@@ -813,6 +813,14 @@ mod tests {
         r
     }
 
+    /// A peer's workload as the mesh state knows it, by uid.
+    fn known_workload(uid: &str) -> Option<Arc<crate::state::workload::Workload>> {
+        Some(Arc::new(crate::state::workload::Workload {
+            uid: uid.into(),
+            ..Default::default()
+        }))
+    }
+
     fn samples(metrics: &Metrics, name: &str, workload: &str) -> Vec<String> {
         metrics
             .encode()
@@ -934,10 +942,7 @@ mod tests {
         let metrics = Metrics::new();
         // A sample in every labelled family.
         let mut known = record("fam");
-        known.dst.detail = Some(Arc::new(crate::state::workload::Workload {
-            uid: "uid-dst".into(),
-            ..Default::default()
-        }));
+        known.dst.detail = known_workload("uid-dst");
         let opened = metrics.opened(&known);
         metrics.closed(&known, &opened.opened, ResponseFlag::None);
         metrics.failed(&known, ResponseFlag::Connect);
@@ -1080,10 +1085,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.configure_series(100, Duration::ZERO);
         let mut gone = record("gone");
-        gone.src.detail = Some(Arc::new(crate::state::workload::Workload {
-            uid: "uid-gone".into(),
-            ..Default::default()
-        }));
+        gone.src.detail = known_workload("uid-gone");
         let opened = metrics.opened(&gone);
         opened.sent.inc_by(5);
         // Open: stays, even with its workload deleted.

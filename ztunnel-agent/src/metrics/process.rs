@@ -36,19 +36,30 @@ fn parse_stat(stat: &str, ticks: f64, page: i64, boot_time: f64) -> Option<Stat>
     })
 }
 
+/// What does not change while the process runs: clock ticks per second, page size, boot
+/// time (seconds since the epoch). Read once, on the first scrape (/proc/stat is long on
+/// a many-CPU node).
+fn constants() -> Option<(f64, i64, f64)> {
+    static CONSTANTS: std::sync::OnceLock<Option<(f64, i64, f64)>> = std::sync::OnceLock::new();
+    *CONSTANTS.get_or_init(|| {
+        use nix::unistd::{sysconf, SysconfVar};
+        let ticks = sysconf(SysconfVar::CLK_TCK).ok().flatten()?;
+        let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten()?;
+        let boot_time = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        Some((ticks.max(1) as f64, page.max(1), boot_time))
+    })
+}
+
 fn read_stat() -> Option<Stat> {
-    use nix::unistd::{sysconf, SysconfVar};
-    let ticks = sysconf(SysconfVar::CLK_TCK).ok().flatten()?;
-    let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten()?;
-    let boot_time = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse::<f64>()
-        .ok()?;
+    let (ticks, page, boot_time) = constants()?;
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    parse_stat(&stat, ticks.max(1) as f64, page.max(1), boot_time)
+    parse_stat(&stat, ticks, page, boot_time)
 }
 
 fn open_fds() -> Option<i64> {
