@@ -128,40 +128,93 @@ fn match_holds(m: &RbacMatch, conn: &Connection<'_>) -> bool {
         })
 }
 
-/// Whether `policy`'s rules match `conn` (a policy without rules matches nothing).
-pub fn matches(policy: &Authorization, conn: &Connection<'_>) -> bool {
-    policy.rules.iter().any(|rule| {
+/// The index of the first of `policy`'s rules that matches `conn` (a policy without rules
+/// matches nothing).
+pub fn matching_rule(policy: &Authorization, conn: &Connection<'_>) -> Option<usize> {
+    policy.rules.iter().position(|rule| {
         rule.iter()
             .all(|clause| clause.iter().any(|m| match_holds(m, conn)))
     })
 }
 
-/// Decides a connection to `workload`. Dry-run policies that would have changed the outcome
-/// are logged.
-pub fn check(state: &MeshState, workload: &Workload, conn: &Connection<'_>) -> Result<(), Denied> {
+/// Whether `policy`'s rules match `conn`.
+pub fn matches(policy: &Authorization, conn: &Connection<'_>) -> bool {
+    matching_rule(policy, conn).is_some()
+}
+
+/// A decision with its reasons, for the proxy (which needs the outcome) and `diagnose flow`
+/// (which shows why).
+#[derive(Debug)]
+pub struct Decision {
+    /// Allowed, or why not.
+    pub outcome: Result<(), Denied>,
+    /// The enforced policy and rule index that decided it (a DENY that matched, or the ALLOW
+    /// that allowed); none when no policy applies, or ALLOW policies apply and none matched.
+    pub decided_by: Option<(String, usize)>,
+    /// The enforced policies that apply to the workload, `namespace/name`.
+    pub applicable: Vec<String>,
+    /// A dry-run DENY policy that would have denied, and its rule.
+    pub dry_run_deny: Option<(String, usize)>,
+    /// Dry-run ALLOW policies exist and none would have allowed.
+    pub dry_run_not_allowed: bool,
+}
+
+/// Decides a connection to `workload`, with the policy and rule that decided it.
+pub fn evaluate(state: &MeshState, workload: &Workload, conn: &Connection<'_>) -> Decision {
     let applicable: Vec<_> = state.policies().filter(|p| applies(p, workload)).collect();
+    let mut decision = Decision {
+        outcome: Ok(()),
+        decided_by: None,
+        applicable: applicable
+            .iter()
+            .filter(|p| !p.dry_run)
+            .map(|p| p.key())
+            .collect(),
+        dry_run_deny: None,
+        dry_run_not_allowed: false,
+    };
     for p in applicable.iter().filter(|p| p.action == Action::Deny) {
-        if matches(p, conn) {
+        if let Some(rule) = matching_rule(p, conn) {
             if p.dry_run {
-                tracing::info!(policy = %p.key(), dst.addr = %conn.dst, "dry-run policy would deny this connection");
+                decision.dry_run_deny.get_or_insert((p.key(), rule));
                 continue;
             }
-            return Err(Denied::Explicit(p.key()));
+            decision.outcome = Err(Denied::Explicit(p.key()));
+            decision.decided_by = Some((p.key(), rule));
+            return decision;
         }
     }
     let allows: Vec<_> = applicable
         .iter()
         .filter(|p| p.action == Action::Allow)
         .collect();
+    decision.dry_run_not_allowed =
+        allows.iter().any(|p| p.dry_run) && !allows.iter().any(|p| p.dry_run && matches(p, conn));
     let enforced: Vec<_> = allows.iter().filter(|p| !p.dry_run).collect();
-    if allows.iter().any(|p| p.dry_run) && !allows.iter().any(|p| p.dry_run && matches(p, conn)) {
+    if enforced.is_empty() {
+        return decision;
+    }
+    match enforced
+        .iter()
+        .find_map(|p| matching_rule(p, conn).map(|rule| (p.key(), rule)))
+    {
+        Some(allowed_by) => decision.decided_by = Some(allowed_by),
+        None => decision.outcome = Err(Denied::NotAllowed),
+    }
+    decision
+}
+
+/// Decides a connection to `workload`. Dry-run policies that would have changed the outcome
+/// are logged.
+pub fn check(state: &MeshState, workload: &Workload, conn: &Connection<'_>) -> Result<(), Denied> {
+    let decision = evaluate(state, workload, conn);
+    if let Some((policy, _)) = &decision.dry_run_deny {
+        tracing::info!(policy = %policy, dst.addr = %conn.dst, "dry-run policy would deny this connection");
+    }
+    if decision.dry_run_not_allowed {
         tracing::info!(dst.addr = %conn.dst, "dry-run allow policies would not allow this connection");
     }
-    if enforced.is_empty() || enforced.iter().any(|p| matches(p, conn)) {
-        Ok(())
-    } else {
-        Err(Denied::NotAllowed)
-    }
+    decision.outcome
 }
 
 #[cfg(test)]
@@ -277,6 +330,42 @@ mod tests {
             Ok(()),
             "not selected by the workload"
         );
+    }
+
+    #[test]
+    fn the_deciding_policy_and_rule_are_named() {
+        let state = MeshState::build(
+            vec![],
+            vec![],
+            vec![
+                policy(ALLOW_NS_FRONT),
+                policy(DENY_CURL),
+                policy("name: two-rules\nnamespace: default\nscope: Namespace\naction: Allow\nrules:\n- - - namespaces: [{Exact: nope}]\n- - - namespaces: [{Exact: back}]\n"),
+            ],
+        )
+        .expect("state");
+        let decide = |identity: &Identity| {
+            let conn = Connection {
+                src: "10.244.2.7".parse().expect("ip"),
+                identity: Some(identity),
+                dst: "10.244.1.10:9080".parse().expect("addr"),
+            };
+            let d = evaluate(&state, &workload("default"), &conn);
+            (d.outcome.is_ok(), d.decided_by, d.applicable.len())
+        };
+        assert_eq!(
+            decide(&id("front", "curl")),
+            (false, Some(("default/deny-curl".to_string(), 0)), 3)
+        );
+        assert_eq!(
+            decide(&id("front", "web")),
+            (true, Some(("default/allow-front".to_string(), 0)), 3)
+        );
+        assert_eq!(
+            decide(&id("back", "web")),
+            (true, Some(("default/two-rules".to_string(), 1)), 3)
+        );
+        assert_eq!(decide(&id("elsewhere", "web")), (false, None, 3));
     }
 
     #[test]

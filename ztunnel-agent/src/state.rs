@@ -270,35 +270,124 @@ impl MeshState {
         self.services.get(key).cloned()
     }
 
-    /// Picks the next healthy endpoint of `entry` serving `port`, in strict round robin (the
-    /// guide's promise: per connection, in a fixed order, not configurable).
-    pub fn pick_endpoint(&self, entry: &ServiceEntry, port: u16) -> Option<Endpoint> {
+    /// Every endpoint of `entry` serving `port`, in round-robin order, with its health
+    /// (unhealthy ones are listed but never picked).
+    pub fn endpoints(&self, entry: &ServiceEntry, port: u16) -> Vec<(Endpoint, HealthStatus)> {
         let default_target = entry.service.ports.get(&port).copied();
-        let candidates: Vec<Endpoint> = entry
+        entry
             .endpoints
             .iter()
             .filter_map(|(uid, ports)| {
                 let workload = self.workload(uid)?;
-                if workload.status != HealthStatus::Healthy {
-                    return None;
-                }
                 let target = match ports.get(&port).copied().or(default_target)? {
                     0 => default_target.filter(|t| *t != 0).unwrap_or(port),
                     t => t,
                 };
-                Some(Endpoint {
-                    workload,
-                    port: target,
-                })
+                let status = workload.status;
+                Some((
+                    Endpoint {
+                        workload,
+                        port: target,
+                    },
+                    status,
+                ))
             })
-            .collect();
-        if candidates.is_empty() {
+            .collect()
+    }
+
+    /// The healthy endpoints of `entry` serving `port`, in round-robin order.
+    fn healthy_endpoints(&self, entry: &ServiceEntry, port: u16) -> Vec<Endpoint> {
+        self.endpoints(entry, port)
+            .into_iter()
+            .filter(|(_, status)| *status == HealthStatus::Healthy)
+            .map(|(endpoint, _)| endpoint)
+            .collect()
+    }
+
+    /// Picks the next healthy endpoint of `entry` serving `port`, in strict round robin (the
+    /// guide's promise: per connection, in a fixed order, not configurable).
+    pub fn pick_endpoint(&self, entry: &ServiceEntry, port: u16) -> Option<Endpoint> {
+        let healthy = self.healthy_endpoints(entry, port);
+        if healthy.is_empty() {
             return None;
         }
         let turn = entry.cursor.fetch_add(1, Ordering::Relaxed);
-        let n = candidates.len();
-        candidates.into_iter().nth(turn % n)
+        let n = healthy.len();
+        healthy.into_iter().nth(turn % n)
     }
+
+    /// The endpoint [`MeshState::pick_endpoint`] would pick next, without taking the turn.
+    pub fn peek_endpoint(&self, entry: &ServiceEntry, port: u16) -> Option<Endpoint> {
+        let healthy = self.healthy_endpoints(entry, port);
+        let n = healthy.len();
+        let turn = entry.cursor.load(Ordering::Relaxed);
+        healthy.into_iter().nth(turn % n.max(1))
+    }
+
+    /// Resolves `host` as a pod in `namespace` would under Kubernetes' DNS search rules
+    /// (`reviews`, `reviews.default`, `reviews.default.svc`, the full name; a trailing dot
+    /// means the name is already complete) to the mesh service with that hostname (its own
+    /// namespace's first), or a workload with that hostname.
+    pub fn resolve_host(&self, namespace: &str, host: &str) -> Option<ResolvedHost> {
+        let host = host.to_ascii_lowercase();
+        let candidates: Vec<String> = match host.strip_suffix('.') {
+            Some(full) => vec![full.to_string()],
+            None => {
+                let mut names: Vec<String> = [
+                    format!("{namespace}.svc.{DNS_DOMAIN}"),
+                    format!("svc.{DNS_DOMAIN}"),
+                    DNS_DOMAIN.to_string(),
+                ]
+                .iter()
+                .map(|search| format!("{host}.{search}"))
+                .collect();
+                names.push(host.clone());
+                names
+            }
+        };
+        candidates.into_iter().find_map(|name| {
+            let mut services: Vec<&Arc<ServiceEntry>> = self
+                .services
+                .values()
+                .filter(|s| s.service.hostname == name)
+                .collect();
+            services.sort_by_key(|s| s.service.namespace != namespace);
+            if let Some(entry) = services.first() {
+                return Some(ResolvedHost {
+                    hostname: name,
+                    service: Some((*entry).clone()),
+                    addresses: entry.service.vips.clone(),
+                });
+            }
+            let workload = self.workloads.values().find(|w| w.hostname == name)?;
+            Some(ResolvedHost {
+                hostname: name,
+                service: None,
+                addresses: workload
+                    .workload_ips
+                    .iter()
+                    .map(|ip| NetworkAddress {
+                        network: workload.network.clone(),
+                        address: *ip,
+                    })
+                    .collect(),
+            })
+        })
+    }
+}
+
+/// The cluster's DNS domain, as kubelet writes it into pods' search lists.
+pub const DNS_DOMAIN: &str = "cluster.local";
+
+/// A name resolved from the mesh state.
+#[derive(Clone, Debug)]
+pub struct ResolvedHost {
+    /// The full hostname that matched.
+    pub hostname: String,
+    /// The service it names, if it is a service.
+    pub service: Option<Arc<ServiceEntry>>,
+    /// Its addresses (a service's VIPs or a workload's IPs).
+    pub addresses: Vec<NetworkAddress>,
 }
 
 #[cfg(test)]
@@ -360,6 +449,100 @@ mod tests {
         }
         assert_eq!(picks[0..3], picks[3..6], "fixed order");
         assert!(state.pick_endpoint(&entry, 1234).is_none(), "no such port");
+        // Peeking names the next pick without taking it.
+        let next = state
+            .peek_endpoint(&entry, 9080)
+            .expect("peek")
+            .workload
+            .name
+            .clone();
+        assert_eq!(
+            next,
+            state
+                .peek_endpoint(&entry, 9080)
+                .expect("peek")
+                .workload
+                .name
+        );
+        assert_eq!(
+            next,
+            state
+                .pick_endpoint(&entry, 9080)
+                .expect("pick")
+                .workload
+                .name
+        );
+        let listed: Vec<(String, HealthStatus)> = state
+            .endpoints(&entry, 9080)
+            .into_iter()
+            .map(|(e, h)| (e.workload.name.clone(), h))
+            .collect();
+        assert_eq!(
+            listed.len(),
+            4,
+            "unhealthy endpoints are listed: {listed:?}"
+        );
+        assert_eq!(
+            listed[3],
+            ("reviews-v4".to_string(), HealthStatus::Unhealthy)
+        );
+    }
+
+    #[test]
+    fn hostnames_resolve_with_kubernetes_search_rules() {
+        let mut other_ns = reviews();
+        other_ns.namespace = "other".into();
+        other_ns.hostname = "reviews.other.svc.cluster.local".into();
+        other_ns.vips = vec!["/10.96.0.30".parse().expect("vip")];
+        let mut external = reviews();
+        external.name = "api".into();
+        external.hostname = "api.example.com".into();
+        external.vips = vec!["/240.240.0.1".parse().expect("vip")];
+        let state = MeshState::build(vec![], vec![reviews(), other_ns, external], vec![])
+            .expect("valid state");
+        let resolve = |ns: &str, host: &str| {
+            state.resolve_host(ns, host).map(|r| {
+                format!(
+                    "{} {}",
+                    r.hostname,
+                    r.addresses
+                        .iter()
+                        .map(|a| a.address.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            })
+        };
+        let own = Some("reviews.default.svc.cluster.local 10.96.0.20".to_string());
+        for name in [
+            "reviews",
+            "reviews.default",
+            "reviews.default.svc",
+            "reviews.default.svc.cluster.local",
+            "reviews.default.svc.cluster.local.",
+            "Reviews.Default",
+        ] {
+            assert_eq!(resolve("default", name), own, "{name}");
+        }
+        // The short name follows the asking pod's namespace.
+        assert_eq!(
+            resolve("other", "reviews"),
+            Some("reviews.other.svc.cluster.local 10.96.0.30".to_string())
+        );
+        assert_eq!(
+            resolve("default", "reviews.other"),
+            Some("reviews.other.svc.cluster.local 10.96.0.30".to_string())
+        );
+        // A ServiceEntry-style host, and names the mesh does not have.
+        assert_eq!(
+            resolve("default", "api.example.com"),
+            Some("api.example.com 240.240.0.1".to_string())
+        );
+        assert_eq!(
+            resolve("default", "reviews.default.svc.cluster.local.x."),
+            None
+        );
+        assert_eq!(resolve("default", "ratings"), None);
     }
 
     #[test]

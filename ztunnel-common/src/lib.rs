@@ -129,6 +129,69 @@ pub struct PodConfig {
     pub ip6: [u32; 4],
 }
 
+/// What `cgroup/connect4|6` does with an enrolled pod's TCP connect(), once the checks that
+/// need the socket itself (its type, the agent's mark) have passed. One function for the
+/// kernel program and for `ztunnel-agent diagnose flow`, so the explanation cannot drift from
+/// what the kernel does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboundDecision {
+    /// Sent to the pod's 15001 (`outbound_captured`).
+    Capture,
+    /// Left alone: the destination is loopback (`skipped_loopback`).
+    Loopback,
+    /// Left alone: the destination is one of the pod's own addresses (`skipped_own_address`).
+    OwnAddress,
+    /// Left alone: the destination port is excluded (`skipped_excluded_port`).
+    ExcludedPort,
+    /// Refused with EPERM: the pod has no address of the destination's family, so the proxy
+    /// cannot be reached (`refused_no_pod_address`).
+    NoPodAddress,
+}
+
+/// Whether `addr` of `family` is loopback (127.0.0.0/8, ::1).
+#[inline(always)]
+pub fn is_loopback(family: u32, addr: &[u32; 4]) -> bool {
+    if family == AF_INET {
+        // 127.0.0.0/8: first byte of the network-order word.
+        (u32::from_be(addr[0]) >> 24) == 127
+    } else {
+        addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 1u32.to_be()
+    }
+}
+
+/// The outbound capture decision for `pod` connecting to `family`/`addr`, `port` (host
+/// order), in the kernel's order. `own_address` says whether `POD_ADDRS` maps the destination
+/// to this pod, `excluded` whether the port is in `EXCLUDED_OUTBOUND_PORTS`; each is asked
+/// only when the decision gets that far, as the kernel program's map lookups are.
+#[inline(always)]
+pub fn outbound_decision(
+    pod: &PodConfig,
+    family: u32,
+    addr: &[u32; 4],
+    port: u16,
+    own_address: impl FnOnce() -> bool,
+    excluded: impl FnOnce(u16) -> bool,
+) -> OutboundDecision {
+    if is_loopback(family, addr) {
+        return OutboundDecision::Loopback;
+    }
+    if own_address() {
+        return OutboundDecision::OwnAddress;
+    }
+    if excluded(port) {
+        return OutboundDecision::ExcludedPort;
+    }
+    let needed = if family == AF_INET {
+        pod_flags::HAS_IPV4
+    } else {
+        pod_flags::HAS_IPV6
+    };
+    if pod.flags & needed == 0 {
+        return OutboundDecision::NoPodAddress;
+    }
+    OutboundDecision::Capture
+}
+
 /// An IP address as a map key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

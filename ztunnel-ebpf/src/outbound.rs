@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use ztunnel_common::{
-    pod_flags, IpKey, OrigDst, PodConfig, PortKey, AF_INET, AF_INET6, AGENT_SOCKET_MARK,
-    OUTBOUND_PORT,
+    outbound_decision, IpKey, OrigDst, OutboundDecision, PodConfig, PortKey, AF_INET, AF_INET6,
+    AGENT_SOCKET_MARK, OUTBOUND_PORT,
 };
 
 use crate::maps::{count, ENROLLED_PODS, EXCLUDED_OUTBOUND_PORTS, ORIG_DST_BY_SOCKET, POD_ADDRS};
@@ -79,16 +79,6 @@ fn destination(ctx: &SockAddrContext, ipv6_hook: bool) -> (u32, [u32; 4]) {
 }
 
 #[inline(always)]
-fn is_loopback(family: u32, addr: &[u32; 4]) -> bool {
-    if family == AF_INET {
-        // 127.0.0.0/8: first byte of the network-order word.
-        (u32::from_be(addr[0]) >> 24) == 127
-    } else {
-        addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 1u32.to_be()
-    }
-}
-
-#[inline(always)]
 fn try_connect(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
     // SAFETY: bpf_get_netns_cookie accepts this program type's context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -112,33 +102,40 @@ fn try_connect(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
     }
     let (family, addr) = destination(ctx, ipv6_hook);
     let port_be = sa.user_port as u16;
-    if is_loopback(family, &addr) {
-        count(netns, |c| c.skipped_loopback += 1);
-        return ALLOW;
-    }
-    // SAFETY: read-only lookup of a plain-old-data value.
-    if let Some(owner) = unsafe { POD_ADDRS.get(IpKey { family, addr }) } {
-        if owner.netns_cookie == netns {
+    let decision = outbound_decision(
+        &pod,
+        family,
+        &addr,
+        u16::from_be(port_be),
+        || {
+            // SAFETY: read-only lookup of a plain-old-data value.
+            unsafe { POD_ADDRS.get(IpKey { family, addr }) }
+                .is_some_and(|owner| owner.netns_cookie == netns)
+        },
+        |port| {
+            EXCLUDED_OUTBOUND_PORTS
+                .get_ptr(PortKey { port, _pad: 0 })
+                .is_some()
+        },
+    );
+    match decision {
+        OutboundDecision::Capture => {}
+        OutboundDecision::Loopback => {
+            count(netns, |c| c.skipped_loopback += 1);
+            return ALLOW;
+        }
+        OutboundDecision::OwnAddress => {
             count(netns, |c| c.skipped_own_address += 1);
             return ALLOW;
         }
-    }
-    let port_key = PortKey {
-        port: u16::from_be(port_be),
-        _pad: 0,
-    };
-    if EXCLUDED_OUTBOUND_PORTS.get_ptr(port_key).is_some() {
-        count(netns, |c| c.skipped_excluded_port += 1);
-        return ALLOW;
-    }
-    let needed = if family == AF_INET {
-        pod_flags::HAS_IPV4
-    } else {
-        pod_flags::HAS_IPV6
-    };
-    if pod.flags & needed == 0 {
-        count(netns, |c| c.refused_no_pod_address += 1);
-        return REFUSE;
+        OutboundDecision::ExcludedPort => {
+            count(netns, |c| c.skipped_excluded_port += 1);
+            return ALLOW;
+        }
+        OutboundDecision::NoPodAddress => {
+            count(netns, |c| c.refused_no_pod_address += 1);
+            return REFUSE;
+        }
     }
     // SAFETY: bpf_get_socket_cookie accepts this program type's context.
     let socket = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

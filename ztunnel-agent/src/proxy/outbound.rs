@@ -55,7 +55,19 @@ pub enum Route {
         workload: Arc<Workload>,
         /// Service hostname, when dialled through a VIP.
         service: Option<String>,
+        /// The waypoint the tunnel goes through, as the mesh names it (`network/IP`).
+        waypoint: Option<String>,
     },
+}
+
+/// Whether routing a service connection takes the round robin's turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// A real connection: the next endpoint, advancing the round robin.
+    Next,
+    /// An explanation (`diagnose flow`): the endpoint the next connection would get, leaving
+    /// the round robin where it is.
+    Peek,
 }
 
 /// The address of `w` in the same family as `like`, else its first.
@@ -71,18 +83,30 @@ fn address_of(w: &Workload, like: IpAddr) -> Option<IpAddr> {
 /// service VIP advances that service's round robin). A self-call to one of the agent's ports
 /// is refused.
 pub fn route(mesh: &MeshState, network: &str, dst: SocketAddr) -> Result<Route, RouteError> {
+    route_with(mesh, network, dst, Pick::Next)
+}
+
+/// [`route`], choosing whether a service VIP takes the round robin's turn.
+pub fn route_with(
+    mesh: &MeshState,
+    network: &str,
+    dst: SocketAddr,
+    pick: Pick,
+) -> Result<Route, RouteError> {
     if ILLEGAL_PORTS.contains(&dst.port()) {
         return Err(Error::SelfCall(dst).into());
     }
     let service = mesh.service_by_vip(network, dst.ip());
     let (workload, target) = match &service {
         Some(entry) => {
-            let endpoint =
-                mesh.pick_endpoint(entry, dst.port())
-                    .ok_or_else(|| RouteError::NoEndpoint {
-                        service: entry.service.hostname.clone(),
-                        port: dst.port(),
-                    })?;
+            let endpoint = match pick {
+                Pick::Next => mesh.pick_endpoint(entry, dst.port()),
+                Pick::Peek => mesh.peek_endpoint(entry, dst.port()),
+            };
+            let endpoint = endpoint.ok_or_else(|| RouteError::NoEndpoint {
+                service: entry.service.hostname.clone(),
+                port: dst.port(),
+            })?;
             let ip =
                 address_of(&endpoint.workload, dst.ip()).ok_or_else(|| RouteError::NoEndpoint {
                     service: entry.service.hostname.clone(),
@@ -124,6 +148,7 @@ pub fn route(mesh: &MeshState, network: &str, dst: SocketAddr) -> Result<Route, 
             expected,
             workload,
             service: service.map(|s| s.service.hostname.clone()),
+            waypoint: Some(wp.destination),
         });
     }
     Ok(Route::Hbone {
@@ -132,6 +157,7 @@ pub fn route(mesh: &MeshState, network: &str, dst: SocketAddr) -> Result<Route, 
         expected,
         workload,
         service: service.map(|s| s.service.hostname.clone()),
+        waypoint: None,
     })
 }
 
@@ -194,6 +220,7 @@ async fn proxy(
             expected,
             workload,
             service,
+            waypoint: _,
         } => {
             conn.record.src.identity = Some(pod.identity.clone());
             conn.record.dst_addr = hbone_addr;
@@ -282,6 +309,7 @@ services:
                 expected,
                 workload,
                 service,
+                waypoint: _,
             }) => {
                 let expected: Vec<String> =
                     expected.iter().map(|i| i.service_account.clone()).collect();

@@ -268,6 +268,40 @@ impl Redirect {
         }
     }
 
+    /// What the kernel's connect hook would do now with pod `cookie`'s TCP connection to
+    /// `dst`, read from the same maps with the same decision function (`None`: the pod is not
+    /// in `ENROLLED_PODS`, so its connections are left alone).
+    pub fn outbound_decision(
+        &self,
+        cookie: NetnsCookie,
+        dst: SocketAddr,
+    ) -> Option<ztunnel_common::OutboundDecision> {
+        let pod = self.enrolled.get(&cookie.0, 0).ok()?;
+        let key = ip_key(dst.ip());
+        // The exclusions as the kernel holds them (the pinned map), not as configured.
+        let excluded_path = self.config.pin_dir.join(maps::EXCLUDED_OUTBOUND_PORTS);
+        let excluded = |port: u16| {
+            MapData::from_pin(&excluded_path)
+                .ok()
+                .and_then(|data| {
+                    HashMap::<MapData, PortKey, u32>::try_from(aya::maps::Map::HashMap(data)).ok()
+                })
+                .is_some_and(|table| table.get(&PortKey { port, _pad: 0 }, 0).is_ok())
+        };
+        Some(ztunnel_common::outbound_decision(
+            &pod,
+            key.family,
+            &key.addr,
+            dst.port(),
+            || {
+                self.pod_addrs
+                    .get(&key, 0)
+                    .is_ok_and(|owner| owner.netns_cookie == cookie.0)
+            },
+            excluded,
+        ))
+    }
+
     /// A pod's capture counters, summed over CPUs.
     pub fn counters(&self, cookie: NetnsCookie) -> PodCounters {
         sum_counters(
