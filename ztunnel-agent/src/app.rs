@@ -181,6 +181,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         node: config.node_name.clone(),
         config_source,
     }));
+    admin.add_handler(Arc::new(crate::diagnose::flow::FlowHandler {
+        enrollment: enrollment.clone(),
+        node: config.node_name.clone(),
+    }));
     admin.add_handler(Arc::new(crate::profiling::CpuProfileHandler));
     admin.add_handler(Arc::new(crate::profiling::HeapProfileHandler));
     let admin = Arc::new(admin);

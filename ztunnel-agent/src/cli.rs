@@ -33,7 +33,8 @@ pub enum Command {
     /// Show a running agent's (or a saved) configuration, like `istioctl ztunnel-config`.
     Config(ConfigArgs),
     /// Is a pod's traffic going through the mesh, and if not, why (exit 0: healthy; 1: a
-    /// link is broken, named on the last line; 2: the agent could not be asked).
+    /// link is broken, named on the last line; 2: the agent could not be asked). `diagnose
+    /// flow <ns>/<pod> <host-or-ip>:<port>` explains one connection before it is sent.
     Diagnose(DiagnoseArgs),
     /// Inspect or remove the kernel redirect.
     Redirect {
@@ -80,7 +81,11 @@ pub struct ConfigArgs {
 
 /// `diagnose` arguments.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DiagnoseArgs {
+    /// A question other than "is this pod captured".
+    #[command(subcommand)]
+    pub question: Option<DiagnoseQuestion>,
     /// The pod, as `<namespace>/<pod>`; without it, a summary of the node.
     pub pod: Option<String>,
     /// The agent's admin endpoint.
@@ -90,6 +95,33 @@ pub struct DiagnoseArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=3000))]
     pub window_ms: u64,
     /// Print the agent's evidence as JSON instead of the verdict.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `diagnose` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DiagnoseQuestion {
+    /// What would happen to a connection from this pod to that destination, without sending
+    /// it: capture, name resolution, the endpoint the round robin picks next, the protocol
+    /// and `:authority`, the source certificate, the HBONE pool and the authorization verdict
+    /// (exit 0: it would flow; 1: it would fail or bypass the mesh's checks, the step named on
+    /// the last line; 2: the agent could not be asked).
+    Flow(FlowArgs),
+}
+
+/// `diagnose flow` arguments.
+#[derive(Debug, Args)]
+pub struct FlowArgs {
+    /// The source pod, as `<namespace>/<pod>`.
+    pub pod: String,
+    /// The destination, as the application would dial it: `reviews:9080`,
+    /// `reviews.default.svc.cluster.local:9080`, `10.96.0.14:9080`, `[fd00::1]:9080`.
+    pub destination: String,
+    /// The agent's admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_address: std::net::SocketAddr,
+    /// Print the explanation as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -14,6 +14,7 @@
 
 pub mod collect;
 pub mod evidence;
+pub mod flow;
 pub mod report;
 
 pub use evidence::{parse_pod_ref, Evidence};

@@ -141,6 +141,8 @@ pub struct PodFacts {
     pub kernel: redirect::PodKernelView,
     /// Whether the mesh state has its workload.
     pub workload_known: bool,
+    /// Its proxy (routing, policy subject).
+    pub proxy: Arc<PodProxy>,
 }
 
 /// A pod out of capture because its workload left the mesh state: its namespace is kept so
@@ -397,6 +399,7 @@ impl Enrollment {
                 workload_known: snapshot
                     .pod_workload(&p.spec.uid, &p.spec.namespace, &p.spec.name)
                     .is_some(),
+                proxy: p.proxy.clone(),
             })
             .collect()
     }

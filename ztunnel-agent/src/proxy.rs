@@ -186,17 +186,22 @@ impl PodProxy {
         workload: Option<&crate::state::workload::Workload>,
         conn: &crate::authz::Connection<'_>,
     ) -> Result<(), crate::authz::Denied> {
+        crate::authz::check(mesh, &self.policy_subject(workload), conn)
+    }
+
+    /// The workload policies are selected for: this pod's, or, for a pod the mesh state does
+    /// not know (yet), one with its name and namespace (its namespace still selects).
+    pub fn policy_subject<'a>(
+        &self,
+        workload: Option<&'a crate::state::workload::Workload>,
+    ) -> std::borrow::Cow<'a, crate::state::workload::Workload> {
         match workload {
-            Some(w) => crate::authz::check(mesh, w, conn),
-            // A pod the mesh state does not know (yet): its namespace still selects policies.
-            None => {
-                let w = crate::state::workload::Workload {
-                    name: self.name.clone(),
-                    namespace: self.namespace.clone(),
-                    ..Default::default()
-                };
-                crate::authz::check(mesh, &w, conn)
-            }
+            Some(w) => std::borrow::Cow::Borrowed(w),
+            None => std::borrow::Cow::Owned(crate::state::workload::Workload {
+                name: self.name.clone(),
+                namespace: self.namespace.clone(),
+                ..Default::default()
+            }),
         }
     }
 

@@ -9,7 +9,8 @@ use super::evidence::*;
 use crate::accesslog::Outcome;
 
 /// How one link of the chain stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Verdict {
     /// Holds.
     Ok,
@@ -30,10 +31,10 @@ impl Verdict {
 }
 
 /// One link of the chain, with its evidence.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Check {
     /// Which link.
-    pub name: &'static str,
+    pub name: String,
     /// How it stands.
     pub verdict: Verdict,
     /// One line.
@@ -43,16 +44,18 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &'static str, verdict: Verdict, summary: impl Into<String>) -> Self {
+    /// A link and how it stands.
+    pub fn new(name: &str, verdict: Verdict, summary: impl Into<String>) -> Self {
         Self {
-            name,
+            name: name.to_string(),
             verdict,
             summary: summary.into(),
             evidence: Vec::new(),
         }
     }
 
-    fn with(mut self, line: impl Into<String>) -> Self {
+    /// Adds a line of evidence.
+    pub fn with(mut self, line: impl Into<String>) -> Self {
         self.evidence.push(line.into());
         self
     }
@@ -78,18 +81,7 @@ impl Report {
     /// As printed.
     pub fn render(&self) -> String {
         let mut out = format!("diagnose {}\n", self.subject);
-        for c in &self.checks {
-            let _ = writeln!(
-                out,
-                "  {:<5} {:<14} {}",
-                c.verdict.label(),
-                c.name,
-                c.summary
-            );
-            for line in &c.evidence {
-                let _ = writeln!(out, "  {:<5} {:<14}   {line}", "", "");
-            }
-        }
+        out.push_str(&render_checks(&self.checks));
         if let Some(table) = &self.table {
             out.push('\n');
             out.push_str(table);
@@ -111,7 +103,26 @@ impl Report {
     }
 }
 
-fn rfc3339(t: SystemTime) -> String {
+/// The checks as printed, one line each with their evidence indented below.
+pub fn render_checks(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let _ = writeln!(
+            out,
+            "  {:<5} {:<14} {}",
+            c.verdict.label(),
+            c.name,
+            c.summary
+        );
+        for line in &c.evidence {
+            let _ = writeln!(out, "  {:<5} {:<14}   {line}", "", "");
+        }
+    }
+    out
+}
+
+/// A time as RFC 3339 UTC.
+pub fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -764,10 +775,10 @@ mod tests {
         }
     }
 
-    fn first(e: &Evidence) -> Option<(&'static str, String)> {
+    fn first(e: &Evidence) -> Option<(String, String)> {
         pod_report(e, "default", "app")
             .first_failure()
-            .map(|c| (c.name, c.summary.clone()))
+            .map(|c| (c.name.clone(), c.summary.clone()))
     }
 
     #[test]
@@ -785,7 +796,7 @@ mod tests {
             .checks
             .iter()
             .filter(|c| c.verdict == Verdict::Fail)
-            .map(|c| c.name)
+            .map(|c| c.name.as_str())
             .collect();
         assert_eq!(failed, ["programs"], "the pods themselves are healthy");
         let table = report.table.expect("pod table");

@@ -105,6 +105,18 @@ impl Pool {
         StreamGuard(active)
     }
 
+    /// The open streams on each live pooled connection for `key` (for `diagnose flow`).
+    pub fn streams(&self, key: &PoolKey) -> Vec<usize> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        conns.get(key).map_or_else(Vec::new, |list| {
+            list.iter()
+                .filter(|c| !c.expired(now, IDLE_TIMEOUT))
+                .map(|c| c.active.load(Ordering::Relaxed))
+                .collect()
+        })
+    }
+
     /// Closes connections idle for `idle` (or already closed); returns how many remain.
     pub fn evict_idle(&self, idle: Duration) -> usize {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
