@@ -3,6 +3,8 @@
 //! stopped, and no secret in it).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -11,6 +13,7 @@ use ztunnel_e2e::mesh::{self, guide, Workload};
 use ztunnel_e2e::require_root;
 use ztunnel_e2e::topology::Topology;
 use ztunnel_e2e::traffic::{exchange, Server};
+use ztunnel_e2e::xds_mesh::{hbone_exchange, settings, start_cp, start_mesh, TOKEN, XDS_PORT};
 
 /// `diagnose flow` as text and as JSON, each answering within the promised 2 seconds.
 fn flow(agent: &Agent, pod: &str, dst: &str) -> (i32, String, Value) {
@@ -274,4 +277,186 @@ fn diagnose_flow_explains_each_kind_of_destination_and_the_call_lands_as_explain
     let (code, _, err) = agent.cli_status(&["diagnose", "flow", "default/curl", "reviews"]);
     assert_eq!(code, 2);
     assert!(err.contains("<host-or-ip>:<port>"), "{err}");
+}
+
+/// Extracts a bug-report archive; its root directory and the files under it (relative).
+fn extract(archive: &Path, into: &Path) -> (PathBuf, Vec<String>) {
+    let _ = std::fs::remove_dir_all(into);
+    std::fs::create_dir_all(into).expect("extract dir");
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(into)
+        .status()
+        .expect("run tar");
+    assert!(status.success(), "the archive is a valid .tar.gz");
+    let roots: Vec<PathBuf> = std::fs::read_dir(into)
+        .expect("extracted")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(roots.len(), 1, "one root directory: {roots:?}");
+    let root = roots[0].clone();
+    assert!(
+        root.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ztunnel-bug-report-")),
+        "{root:?}"
+    );
+    let mut files = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(
+                    path.strip_prefix(&root)
+                        .expect("under root")
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    files.sort();
+    (root, files)
+}
+
+/// Runs `bug-report` in the agent's node; (exit code, stderr).
+fn bug_report(agent: &Agent, out: &Path) -> (i32, String) {
+    let started = Instant::now();
+    let out = out.display().to_string();
+    let pin_dir = agent.pin_dir().display().to_string();
+    let (code, stdout, stderr) =
+        agent.cli_status(&["bug-report", "-o", &out, "--pin-dir", &pin_dir]);
+    let took = started.elapsed();
+    println!("$ ztunnel-agent bug-report -o {out} ({took:?})\n{stdout}{stderr}");
+    assert!(took < Duration::from_secs(2), "bug-report took {took:?}");
+    (code, stderr)
+}
+
+#[test]
+fn bug_report_collects_with_the_agent_up_and_stopped_and_holds_no_secret() {
+    if !require_root() {
+        return;
+    }
+    let mut m = start_mesh("cp-bugrep", &format!("127.0.0.1:{XDS_PORT}"));
+    let _cp = start_cp(
+        &m.topo,
+        settings(&m.dir, &m.mesh_path, Duration::from_secs(3600)),
+    );
+    m.agent.wait_ready();
+    assert_eq!(hbone_exchange(&m, "report"), "hello report");
+
+    // With the agent up: every file, nothing missing.
+    let archive = m.dir.join("up.tar.gz");
+    let (code, stderr) = bug_report(&m.agent, &archive);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.is_empty(), "nothing missing: {stderr}");
+    let (root, files) = extract(&archive, &m.dir.join("up"));
+    let mut want: Vec<String> = [
+        "README.txt",
+        "version.txt",
+        "kernel-checks.txt",
+        "settings.json",
+        "config_dump.json",
+        "diagnose.json",
+        "diagnose.txt",
+        "control-plane.json",
+        "connections.json",
+        "logs.txt",
+        "metrics.txt",
+        "redirect-dump.txt",
+        "bpftool-links.txt",
+        "bpftool-programs.txt",
+    ]
+    .map(String::from)
+    .to_vec();
+    want.extend(
+        [
+            "ENROLLED_PODS",
+            "POD_ADDRS",
+            "EXCLUDED_OUTBOUND_PORTS",
+            "EXCLUDED_INBOUND_PORTS",
+            "ORIG_DST_BY_SOCKET",
+            "ORIG_DST",
+            "INBOUND_LISTENERS",
+            "POD_COUNTERS",
+        ]
+        .map(|m| format!("maps/{m}.json")),
+    );
+    want.sort();
+    assert_eq!(files, want);
+    let read = |name: &str| std::fs::read_to_string(root.join(name)).expect(name);
+    assert!(read("README.txt").contains("nothing is missing"));
+    assert!(read("version.txt").contains("kernel: Linux"));
+    assert!(read("kernel-checks.txt").contains("kernel version and capabilities: ok"));
+    let settings_json: Value = serde_json::from_str(&read("settings.json")).expect("JSON");
+    assert_eq!(settings_json["xdsAddress"], format!("127.0.0.1:{XDS_PORT}"));
+    assert!(
+        read("config_dump.json").contains("10.96.0.50"),
+        "the service"
+    );
+    assert!(read("diagnose.txt").contains("2 enrolled, all healthy"));
+    let control_plane: Value = serde_json::from_str(&read("control-plane.json")).expect("JSON");
+    assert!(
+        control_plane["certificates"]
+            .as_array()
+            .is_some_and(|c| c.iter().all(|c| c["state"] == "Available")),
+        "{control_plane}"
+    );
+    assert!(read("connections.json").contains("\"dst\": \"10.244.1.11:15008\""));
+    assert!(
+        read("logs.txt").contains("connection complete"),
+        "the access log"
+    );
+    assert!(read("metrics.txt").contains("istio_tcp_connections_opened_total"));
+    assert!(read("redirect-dump.txt").contains("pin directory"));
+    let enrolled: Value =
+        serde_json::from_str(&read("maps/ENROLLED_PODS.json")).expect("bpftool JSON");
+    assert_eq!(enrolled.as_array().map(Vec::len), Some(2), "{enrolled}");
+
+    // No secret: the token, the CA's private key, any private key at all.
+    let ca_key = std::fs::read_to_string(m.dir.join("cp-ca/root-key.pem")).expect("CA key");
+    let key_lines: Vec<&str> = ca_key.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(!key_lines.is_empty());
+    for name in &files {
+        let text = read(name);
+        assert!(!text.contains(TOKEN), "the token is in {name}");
+        assert!(!text.contains("PRIVATE KEY"), "a private key is in {name}");
+        for line in &key_lines {
+            assert!(!text.contains(line), "the CA key is in {name}");
+        }
+    }
+
+    // With the agent stopped: what the kernel still holds, and the rest named as missing.
+    m.agent.stop();
+    let archive = m.dir.join("down.tar.gz");
+    let (code, stderr) = bug_report(&m.agent, &archive);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("not collected: settings.json, config_dump.json, diagnose.json"),
+        "{stderr}"
+    );
+    let (root, files) = extract(&archive, &m.dir.join("down"));
+    let read = |name: &str| std::fs::read_to_string(root.join(name)).expect(name);
+    for gone in ["config_dump.json", "logs.txt", "metrics.txt"] {
+        assert!(!files.contains(&gone.to_string()), "{files:?}");
+    }
+    let readme = read("README.txt");
+    assert!(
+        readme.contains("missing (could not be collected):"),
+        "{readme}"
+    );
+    assert!(
+        readme.contains("cannot reach the agent's admin endpoint"),
+        "{readme}"
+    );
+    // The redirect outlives the agent: the pods are still captured, and the archive says so.
+    let enrolled: Value =
+        serde_json::from_str(&read("maps/ENROLLED_PODS.json")).expect("bpftool JSON");
+    assert_eq!(enrolled.as_array().map(Vec::len), Some(2), "{enrolled}");
+    assert!(read("redirect-dump.txt").contains("pin directory"));
 }

@@ -221,6 +221,15 @@ pub fn recent(namespace: &str, pod: &str, limit: usize) -> (Vec<Outcome>, Vec<Ou
     (pick(&recent.all), pick(&recent.failed))
 }
 
+/// Every pod's recent connections and recent failures (newest last).
+pub fn recent_all() -> (Vec<Outcome>, Vec<Outcome>) {
+    let recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+    (
+        recent.all.iter().cloned().collect(),
+        recent.failed.iter().cloned().collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;

@@ -59,6 +59,10 @@ impl Admin {
             "GET: the log filter; POST ?level=<RUST_LOG filter>: change it",
         ));
         list.push((
+            "/debug/logs",
+            "?lines=<n>: the agent's last log lines (at most 1000), oldest first",
+        ));
+        list.push((
             "/quitquitquit",
             "POST: drain and stop the agent, as SIGTERM does (kernel redirect stays pinned)",
         ));
@@ -109,6 +113,21 @@ impl Admin {
                     }
                 }
             },
+            (&Method::GET, "/debug/logs") => {
+                let lines = match query_param(&req, "lines").map(str::parse::<usize>) {
+                    None => crate::telemetry::RECENT_LOG_LINES,
+                    Some(Ok(n)) => n,
+                    Some(Err(_)) => {
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            "lines: expected a number of lines, e.g. lines=200\n",
+                        )
+                    }
+                };
+                let mut body = crate::telemetry::recent_log_lines(lines).join("\n");
+                body.push('\n');
+                text(StatusCode::OK, body)
+            }
             (&Method::POST, "/quitquitquit") => {
                 self.shutdown.cancel();
                 text(StatusCode::OK, "shutting down\n")

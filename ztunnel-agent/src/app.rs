@@ -135,6 +135,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "cgroupPath": config.redirect.cgroup,
         "excludeOutboundPorts": config.redirect.exclude_outbound_ports,
         "excludeInboundPorts": config.redirect.exclude_inbound_ports,
+        "trustDomain": config.trust_domain,
+        "caDir": config.ca_dir,
+        "certTtlSecs": config.cert_ttl.as_secs(),
+        "meshRootsPath": config.mesh_roots_path,
+        "adminAddr": config.admin_addr,
+        "metricsAddr": config.metrics_addr,
+        "readinessAddr": config.readiness_addr,
+        "logFilter": config.log_filter,
+        "logFormat": format!("{:?}", config.log_format),
+        "drainDeadlineMs": u64::try_from(config.drain_deadline.as_millis()).unwrap_or(u64::MAX),
+        "keepalive": config.keepalive.as_ref().map(|k| format!("{k:?}")),
+        "metricsMaxSeries": config.metrics_max_series,
+        "metricsSeriesIdleTimeoutSecs": config.metrics_series_idle_timeout.as_secs(),
+        "istioVersion": config.build_tag,
     });
     let config_source = match (&config.xds, &config.local_xds_path) {
         (Some(t), _) => format!("xDS from {}", t.authority),
@@ -185,6 +199,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         enrollment: enrollment.clone(),
         node: config.node_name.clone(),
     }));
+    admin.add_handler(Arc::new(crate::diagnose::collect::RecentConnectionsHandler));
     admin.add_handler(Arc::new(crate::profiling::CpuProfileHandler));
     admin.add_handler(Arc::new(crate::profiling::HeapProfileHandler));
     let admin = Arc::new(admin);

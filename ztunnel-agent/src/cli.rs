@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 pub use crate::telemetry::LogFormat;
 
 pub mod admin_client;
+pub mod bug_report;
 pub mod config;
 pub mod diagnose;
 pub mod redirect;
@@ -36,6 +37,10 @@ pub enum Command {
     /// link is broken, named on the last line; 2: the agent could not be asked). `diagnose
     /// flow <ns>/<pod> <host-or-ip>:<port>` explains one connection before it is sent.
     Diagnose(DiagnoseArgs),
+    /// Collect what a maintainer needs into one archive (settings with secrets cut,
+    /// config_dump, diagnose, metrics, recent logs and connections, the kernel's pinned
+    /// state); works with the agent down too, listing what it could not collect.
+    BugReport(bug_report::BugReportArgs),
     /// Inspect or remove the kernel redirect.
     Redirect {
         /// What to do with it.

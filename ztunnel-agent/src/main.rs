@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         }
         Command::Config(args) => cli::config::run(&args),
         Command::Diagnose(args) => cli::diagnose::run(&args),
+        Command::BugReport(args) => cli::bug_report::run(&args),
         Command::Redirect { action } => cli::redirect::run(&action),
     }
 }

@@ -71,7 +71,7 @@ pub fn init(filter: &str, format: LogFormat) {
         ($format:expr) => {{
             let builder = tracing_subscriber::fmt()
                 .with_env_filter(env_filter)
-                .with_writer(std::io::stdout)
+                .with_writer(|| RingTee)
                 .with_ansi(false)
                 .event_format($format)
                 .with_filter_reloading();
@@ -91,6 +91,59 @@ pub fn init(filter: &str, format: LogFormat) {
     let _ = FILTER.set((reload, std::sync::Mutex::new(text.to_string())));
     if let Some(e) = bad {
         tracing::warn!(filter, error = %e, "invalid RUST_LOG filter; using info");
+    }
+}
+
+/// Log lines kept in memory for `/debug/logs` and `ztunnel-agent bug-report`.
+pub const RECENT_LOG_LINES: usize = 1000;
+/// Longer lines are kept cut to this many bytes (the ring stays under about 2 MiB).
+const RECENT_LOG_LINE_BYTES: usize = 2048;
+
+static RECENT_LOGS: std::sync::Mutex<std::collections::VecDeque<String>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+/// The last `n` log lines the agent wrote (oldest first), at most [`RECENT_LOG_LINES`].
+pub fn recent_log_lines(n: usize) -> Vec<String> {
+    let ring = RECENT_LOGS.lock().unwrap_or_else(|p| p.into_inner());
+    ring.iter()
+        .skip(ring.len().saturating_sub(n))
+        .cloned()
+        .collect()
+}
+
+fn remember_log(bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    let mut ring = RECENT_LOGS.lock().unwrap_or_else(|p| p.into_inner());
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let mut line = line.to_string();
+        if line.len() > RECENT_LOG_LINE_BYTES {
+            let mut cut = RECENT_LOG_LINE_BYTES;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push_str(" [cut]");
+        }
+        if ring.len() == RECENT_LOG_LINES {
+            ring.pop_front();
+        }
+        ring.push_back(line);
+    }
+}
+
+/// Standard output, with each line also kept in the recent-lines ring. The formatter hands
+/// over each event whole in one write.
+struct RingTee;
+
+impl std::io::Write for RingTee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().lock().write_all(buf)?;
+        remember_log(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().lock().flush()
     }
 }
 

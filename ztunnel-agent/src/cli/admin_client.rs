@@ -43,6 +43,16 @@ pub enum Error {
 
 /// GETs `path` (JSON) from a running agent's admin endpoint.
 pub fn fetch_json(addr: SocketAddr, path: &str) -> Result<Value, Error> {
+    let body = fetch_text(addr, path)?;
+    serde_json::from_str(&body).map_err(|source| Error::NotJson {
+        addr,
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// GETs `path` from a running agent's HTTP endpoint (admin or metrics); the body.
+pub fn fetch_text(addr: SocketAddr, path: &str) -> Result<String, Error> {
     let err = |source| Error::Admin { addr, source };
     let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .map_err(err)?;
@@ -63,9 +73,5 @@ pub fn fetch_json(addr: SocketAddr, path: &str) -> Result<Value, Error> {
             answer: format!("{status} {}", body.trim()),
         });
     }
-    serde_json::from_str(body).map_err(|source| Error::NotJson {
-        addr,
-        path: path.to_string(),
-        source,
-    })
+    Ok(body.to_string())
 }

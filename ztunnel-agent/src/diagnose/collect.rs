@@ -70,6 +70,31 @@ impl AdminHandler for DiagnoseHandler {
     }
 }
 
+/// `/debug/connections` on the admin port: the node's recent connection outcomes (every
+/// pod's), newest last, and the recent failures apart.
+pub struct RecentConnectionsHandler;
+
+impl AdminHandler for RecentConnectionsHandler {
+    fn path(&self) -> &'static str {
+        "/debug/connections"
+    }
+
+    fn description(&self) -> &'static str {
+        "the node's recent connection outcomes, and recent failures (JSON)"
+    }
+
+    fn handle(&self, _req: Request<Incoming>) -> Responding<'_> {
+        Box::pin(async move {
+            let (recent, failed) = crate::accesslog::recent_all();
+            let body = serde_json::json!({ "recent": recent, "recentFailed": failed });
+            text(
+                StatusCode::OK,
+                serde_json::to_string_pretty(&body).unwrap_or_default(),
+            )
+        })
+    }
+}
+
 /// A pod's evidence from what enrollment knows: the listeners as the pod's own socket table
 /// shows them, the counters now, its recent connection outcomes.
 fn pod_evidence(p: PodFacts) -> PodEvidence {
