@@ -241,6 +241,19 @@ fn main() {
     heading("ztunnel-agent diagnose   (the node)");
     let (_, out, err) = agent.cli_status(&["diagnose"]);
     print!("{out}{err}");
+    heading("ztunnel-agent diagnose flow default/productpage-v1 reviews:9080   (what a connection would do, before it is sent)");
+    let (_, out, err) =
+        agent.cli_status(&["diagnose", "flow", "default/productpage-v1", "reviews:9080"]);
+    print!("{out}{err}");
+    let archive = std::env::temp_dir().join("ztunnel-demo-bug-report.tar.gz");
+    let archive_arg = archive.display().to_string();
+    heading(&format!("ztunnel-agent bug-report -o {archive_arg}   (everything a maintainer asks for, secrets cut)"));
+    let (_, out, err) = agent.cli_status(&["bug-report", "-o", &archive_arg, "--pin-dir", PIN_DIR]);
+    print!("{out}{err}");
+    for l in sh("tar", &["tzf", &archive_arg]).lines() {
+        println!("  {l}");
+    }
+    let _ = std::fs::remove_file(&archive);
 
     heading(&format!("ztunnel-agent redirect dump --pin-dir {PIN_DIR}"));
     print!("{}", agent.dump());
