@@ -81,6 +81,11 @@ pub fn start_cp(topo: &Topology, settings: Settings) -> ControlPlane {
 /// Starts topology, pods, CNI and agent; the control plane is the caller's (it may start
 /// later or serve the CA elsewhere). `ca` is the CA address.
 pub fn start_mesh(test: &str, ca: &str) -> Mesh {
+    start_mesh_with(test, ca, &[])
+}
+
+/// [`start_mesh`] with more agent arguments.
+pub fn start_mesh_with(test: &str, ca: &str, extra: &[&str]) -> Mesh {
     let mut topo = Topology::new(test);
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
@@ -119,7 +124,8 @@ pub fn start_mesh(test: &str, ca: &str) -> Mesh {
         "istio-system",
     ]
     .map(String::from);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
     let agent = Agent::start(&topo, &args);
     cni.accept_hello();
     assert_eq!(

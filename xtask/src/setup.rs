@@ -23,6 +23,8 @@ const APT_PACKAGES: &[&str] = &[
     // The privileged metrics test scrapes the agent with a real Prometheus and runs the
     // PromQL of Istio's ztunnel dashboard against it.
     "prometheus",
+    // The DNS proxy tests forward to a real DNS server in a test namespace.
+    "dnsmasq-base",
 ];
 /// The bpf-linker release known to work with LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -39,6 +39,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     kernel::check_cgroup(&config.redirect.cgroup)?;
     kernel::ensure_bpffs(&config.redirect.pin_dir)?;
     tracing::info!(config = ?config, "starting ztunnel-agent {}", env!("CARGO_PKG_VERSION"));
+    if let Some(problem) = &config.dns_problem {
+        tracing::warn!(error = %problem, "DNS capture is off: pods resolve names directly");
+    }
 
     let readiness = Readiness::default();
     readiness.block(BLOCK_EBPF);
@@ -85,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker: Arc::default(),
         drain: Drain::default(),
         keepalive: config.keepalive,
+        dns: config.dns.clone(),
     });
     tokio::spawn(mesh.pool.clone().run_eviction(shutdown.clone()));
     crate::metrics::global().configure_series(
@@ -149,6 +153,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "metricsMaxSeries": config.metrics_max_series,
         "metricsSeriesIdleTimeoutSecs": config.metrics_series_idle_timeout.as_secs(),
         "istioVersion": config.build_tag,
+        "dnsCapture": config.dns.capture,
+        "dnsResolvConf": config.dns_resolv_conf,
+        "dnsUpstreams": config.dns.upstreams,
     });
     let config_source = match (&config.xds, &config.local_xds_path) {
         (Some(t), _) => format!("xDS from {}", t.authority),

@@ -275,10 +275,32 @@ pub struct RunArgs {
     /// series without end.
     #[arg(long, env = "METRICS_SERIES_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub metrics_series_idle_timeout: std::time::Duration,
+    /// Capture enrolled pods' DNS (UDP and TCP port 53) into the agent's DNS proxy on
+    /// 127.0.0.1:15053 in each pod, which answers mesh names and forwards the rest (upstream's
+    /// DNS_CAPTURE proxy metadata; on by default, as upstream).
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
+    pub dns_capture: bool,
+    /// Where the DNS proxy finds the resolvers it forwards non-mesh names to (its
+    /// `nameserver` lines; upstream uses the agent's own /etc/resolv.conf too).
+    #[arg(
+        long,
+        env = "ZTUNNEL_DNS_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    pub dns_resolv_conf: PathBuf,
     /// The Istio version the chart deploys this agent as: the `tag` of `istio_build`, which
     /// Istio's dashboard groups by [default: this build's version].
     #[arg(long, env = "ISTIO_META_ISTIO_VERSION")]
     pub istio_version: Option<String>,
+}
+
+/// `true`/`false` in any case (upstream compares DNS_CAPTURE lowercased to "true").
+fn parse_bool_setting(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(format!("`{text}` is not a boolean: write true or false")),
+    }
 }
 
 fn parse_max_series(text: &str) -> Result<usize, String> {

@@ -92,6 +92,12 @@ pub struct Config {
     pub metrics_series_idle_timeout: std::time::Duration,
     /// `istio_build`'s `tag`.
     pub build_tag: String,
+    /// The DNS proxy (capture on or off, where it forwards).
+    pub dns: crate::dns::DnsSettings,
+    /// The resolver configuration it forwards with.
+    pub dns_resolv_conf: PathBuf,
+    /// Why DNS capture is off although asked for (logged at start).
+    pub dns_problem: Option<String>,
 }
 
 /// The drain deadline, with upstream ztunnel's rules: `CONNECTION_TERMINATION_DEADLINE` if
@@ -174,6 +180,16 @@ impl Config {
             }
             None => (None, Vec::new()),
         };
+        // Without a resolver to forward to, capturing DNS would break every non-mesh name:
+        // the pods keep resolving directly, and the start-up log says why.
+        let (dns, dns_problem) = if args.dns_capture {
+            match crate::dns::DnsSettings::from_resolv_conf(&args.dns_resolv_conf) {
+                Ok(dns) => (dns, None),
+                Err(e) => (crate::dns::DnsSettings::default(), Some(e.to_string())),
+            }
+        } else {
+            (crate::dns::DnsSettings::default(), None)
+        };
         let node = crate::xds::client::NodeInfo::new(
             args.pod_name.as_deref(),
             args.pod_namespace.as_deref(),
@@ -197,6 +213,9 @@ impl Config {
                 exclude_outbound_ports: args.exclude_outbound_ports.clone(),
                 exclude_inbound_ports: args.exclude_inbound_ports.clone(),
             },
+            dns,
+            dns_problem,
+            dns_resolv_conf: args.dns_resolv_conf.clone(),
             ca_dir: args.ca_dir.clone(),
             trust_domain: args.trust_domain.clone(),
             cert_ttl: std::time::Duration::from_secs(args.cert_ttl_secs),

@@ -175,6 +175,7 @@ fn workload_state(pods: &[PodStatus], tracker: &Tracker) -> Map<String, Value> {
                     "connections": {"inbound": inbound, "outbound": []},
                     "netnsCookie": p.netns_cookie,
                     "enrolledBy": p.source,
+                    "dnsCapture": p.dns_capture,
                 }),
             )
         })

@@ -99,6 +99,8 @@ struct EnrolledPod {
     listeners: Vec<(SocketAddr, u64)>,
     netns: PodNetns,
     proxy: Arc<PodProxy>,
+    /// Its DNS goes to the agent's DNS proxy.
+    dns_capture: bool,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -119,6 +121,8 @@ pub struct PodStatus {
     pub service_account: String,
     /// Netns cookie.
     pub netns_cookie: u64,
+    /// Its DNS goes to the agent's DNS proxy.
+    pub dns_capture: bool,
     /// Where the enrollment came from.
     pub source: Source,
 }
@@ -249,6 +253,8 @@ impl Enrollment {
             netns: netns.file(),
             ips: &ips,
             inbound_listeners: &[],
+            // Its DNS stays uncaptured: nothing would answer it.
+            dns_capture: false,
         });
         match fenced {
             Ok(()) => {
@@ -362,6 +368,7 @@ impl Enrollment {
                 ips: p.proxy.ips.clone(),
                 service_account: p.proxy.identity.service_account.clone(),
                 netns_cookie: p.netns.cookie().0,
+                dns_capture: p.dns_capture,
                 source: p.source,
             })
             .collect()
@@ -468,6 +475,23 @@ impl Enrollment {
             })?;
             listeners.push((addr, listener));
         }
+        // The DNS proxy's listeners; a pod whose listeners cannot be opened keeps its DNS
+        // uncaptured (said once, here) rather than losing it.
+        let dns_listeners = if self.mesh.dns.capture {
+            let opened = netns
+                .run(|| crate::dns::server::bind(true).or_else(|_| crate::dns::server::bind(false)))
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            match opened {
+                Ok(sockets) => Some(sockets),
+                Err(e) => {
+                    tracing::warn!(pod = %spec.name, namespace = %spec.namespace, error = %e, "DNS proxy listeners not opened in the pod (is something else on 127.0.0.1:15053?): its DNS is not captured");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let listener_inodes: Vec<(SocketAddr, u64)> = listeners
             .iter()
             .map(|(addr, l)| {
@@ -526,6 +550,7 @@ impl Enrollment {
             netns: netns.file(),
             ips: &ips,
             inbound_listeners: &inbound_fds,
+            dns_capture: dns_listeners.is_some(),
         })?;
         let proxy = Arc::new(PodProxy {
             uid: spec.uid.clone(),
@@ -569,11 +594,44 @@ impl Enrollment {
                 )),
             };
         }
+        let dns_capture = dns_listeners.is_some();
+        if let Some((udp, tcp)) = dns_listeners {
+            let dns = crate::dns::server::PodDns::new(proxy.clone());
+            for socket in udp {
+                match tokio::net::UdpSocket::from_std(socket) {
+                    Ok(socket) => {
+                        tasks.spawn(crate::dns::server::serve_udp(
+                            socket,
+                            dns.clone(),
+                            cancel.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %spec.name, error = %e, "DNS proxy UDP listener not served")
+                    }
+                }
+            }
+            for listener in tcp {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        tasks.spawn(crate::dns::server::serve_tcp(
+                            listener,
+                            dns.clone(),
+                            cancel.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %spec.name, error = %e, "DNS proxy TCP listener not served")
+                    }
+                }
+            }
+        }
         tracing::info!(
             pod = %spec.name,
             namespace = %spec.namespace,
             uid = %spec.uid,
             ips = ?ips,
+            dns_capture,
             netns_cookie = %netns.cookie(),
             "pod enrolled"
         );
@@ -585,6 +643,7 @@ impl Enrollment {
                 listeners: listener_inodes,
                 netns,
                 proxy,
+                dns_capture,
                 cancel,
                 tasks,
             },

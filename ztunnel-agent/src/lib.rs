@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod config_dump;
 pub mod diagnose;
+pub mod dns;
 pub mod drain;
 pub mod enroll;
 pub mod http;

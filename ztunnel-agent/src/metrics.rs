@@ -18,6 +18,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use ztunnel_common::PodCounters;
@@ -175,6 +176,35 @@ struct TerminationLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UrlLabels {
     url: String,
+}
+
+/// Why a DNS question was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DnsRejectedLabels {
+    reason: &'static str,
+}
+
+/// Labels of the `istio_dns_*` families (upstream's).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// `a`, `aaaa`, ... (`other` for types outside the usual set, `unknown` without one).
+    pub request_query_type: &'static str,
+    /// `udp` or `tcp`.
+    pub request_protocol: &'static str,
+    /// The asking workload's canonical service (`unknown` when not known).
+    pub source_canonical_service: String,
+    /// Its canonical revision.
+    pub source_canonical_revision: String,
+}
+
+/// The `istio_dns_*` families.
+#[derive(Debug)]
+struct DnsMetrics {
+    requests: Family<DnsLabels, Counter>,
+    upstream_requests: Family<DnsLabels, Counter>,
+    upstream_failures: Family<DnsLabels, Counter>,
+    upstream_duration: Family<DnsLabels, Histogram, fn() -> Histogram>,
+    rejected: Family<DnsRejectedLabels, Counter>,
 }
 
 /// Why an accept failed.
@@ -351,6 +381,7 @@ pub struct Metrics {
     xds_bytes: Family<UrlLabels, Counter>,
     workload_manager: WorkloadManager,
     accept_errors: Family<AcceptErrorLabels, Counter>,
+    dns: DnsMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -519,6 +550,43 @@ impl Metrics {
             "Failed accepts on the pods' listeners, by errno (EMFILE: the agent is out of file descriptors)",
             accept_errors.clone(),
         );
+        let dns_counter = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<DnsLabels, Counter>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let upstream_duration: Family<DnsLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new([0.0005, 0.001, 0.01, 0.1, 1.0, 5.0]));
+        let dns = DnsMetrics {
+            requests: dns_counter(
+                &mut registry,
+                "istio_dns_requests",
+                "Total number of DNS requests (unstable)",
+            ),
+            upstream_requests: dns_counter(
+                &mut registry,
+                "istio_dns_upstream_requests",
+                "Total number of DNS requests forwarded to upstream (unstable)",
+            ),
+            upstream_failures: dns_counter(
+                &mut registry,
+                "istio_dns_upstream_failures",
+                "Total number of DNS requests that failed to forward upstream (unstable)",
+            ),
+            upstream_duration: upstream_duration.clone(),
+            rejected: Family::default(),
+        };
+        registry.register_with_unit(
+            "istio_dns_upstream_request_duration",
+            "Total time in seconds Istio takes to get DNS response from upstream (unstable)",
+            Unit::Seconds,
+            upstream_duration,
+        );
+        registry.register(
+            "ztunnel_dns_rejected",
+            "DNS questions the proxy refused, by reason (malformed, not_a_query, truncated, too_many_in_flight, too_many_tcp_connections)",
+            dns.rejected.clone(),
+        );
         let series: TcpSeries = Arc::new(Mutex::new(Series::new(
             DEFAULT_MAX_SERIES,
             DEFAULT_SERIES_IDLE,
@@ -541,7 +609,39 @@ impl Metrics {
             xds_bytes,
             workload_manager,
             accept_errors,
+            dns,
         }
+    }
+
+    /// Counts a DNS question (`istio_dns_requests_total`).
+    pub fn dns_request(&self, labels: &DnsLabels) {
+        self.dns.requests.get_or_create(labels).inc();
+    }
+
+    /// Counts a DNS question forwarded to a resolver.
+    pub fn dns_upstream_request(&self, labels: &DnsLabels) {
+        self.dns.upstream_requests.get_or_create(labels).inc();
+    }
+
+    /// Counts a DNS question that could not be forwarded.
+    pub fn dns_upstream_failure(&self, labels: &DnsLabels) {
+        self.dns.upstream_failures.get_or_create(labels).inc();
+    }
+
+    /// Records how long a forwarded question took.
+    pub fn dns_upstream_duration(&self, labels: &DnsLabels, took: Duration) {
+        self.dns
+            .upstream_duration
+            .get_or_create(labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a refused DNS question.
+    pub fn dns_rejected(&self, reason: &'static str) {
+        self.dns
+            .rejected
+            .get_or_create(&DnsRejectedLabels { reason })
+            .inc();
     }
 
     /// Counts a failed accept (`EMFILE`, `ENFILE`, `ENOMEM`, `other`).
@@ -908,22 +1008,6 @@ mod tests {
             "istio_crl_untracked_connections",
             "certificate revocation lists are not implemented",
         ),
-        (
-            "istio_dns_requests",
-            "the DNS proxy lands with its own issue",
-        ),
-        (
-            "istio_dns_upstream_requests",
-            "the DNS proxy lands with its own issue",
-        ),
-        (
-            "istio_dns_upstream_failures",
-            "the DNS proxy lands with its own issue",
-        ),
-        (
-            "istio_dns_upstream_request_duration_seconds",
-            "the DNS proxy lands with its own issue",
-        ),
     ];
 
     /// Families of ours upstream does not have that are not under `ztunnel_`: the rest of
@@ -949,6 +1033,17 @@ mod tests {
         let _socket = metrics.socket_opened(Direction::Outbound);
         metrics.xds_received("type.googleapis.com/istio.workload.Address", 10);
         metrics.xds_terminated("Reconnect");
+        let dns = DnsLabels {
+            request_query_type: "a",
+            request_protocol: "udp",
+            source_canonical_service: "productpage".into(),
+            source_canonical_revision: "v1".into(),
+        };
+        metrics.dns_request(&dns);
+        metrics.dns_upstream_request(&dns);
+        metrics.dns_upstream_failure(&dns);
+        metrics.dns_upstream_duration(&dns, Duration::from_millis(3));
+        metrics.dns_rejected("malformed");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -989,10 +1084,11 @@ mod tests {
             if labels == "-" {
                 continue;
             }
-            let sample_name = if kind == "counter" {
-                format!("{name}_total{{")
-            } else {
-                format!("{name}{{")
+            let sample_name = match kind {
+                "counter" => format!("{name}_total{{"),
+                // A histogram's labels, read from its count sample.
+                "histogram" => format!("{name}_count{{"),
+                _ => format!("{name}{{"),
             };
             let line = text
                 .lines()

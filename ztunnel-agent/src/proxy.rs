@@ -81,6 +81,19 @@ pub trait PodSockets: Send + Sync {
     fn inbound_dst(&self, stream: &TcpStream) -> io::Result<OriginalDst> {
         stream.local_addr().map(OriginalDst)
     }
+
+    /// A UDP socket for talking to `dst` as the pod (the DNS proxy's forwarder); by default
+    /// unbound, in the agent's own namespace.
+    fn udp_socket(&self, dst: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+        let any: SocketAddr = if dst.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = std::net::UdpSocket::bind(any)?;
+        socket.set_nonblocking(true)?;
+        tokio::net::UdpSocket::from_std(socket)
+    }
 }
 
 /// What every pod's proxy shares: the mesh state, certificates and the HBONE pool.
@@ -98,6 +111,8 @@ pub struct MeshContext {
     pub drain: crate::drain::Drain,
     /// TCP keepalive on every accepted and dialled socket (None: off).
     pub keepalive: Option<crate::socket::Keepalive>,
+    /// The DNS proxy's settings.
+    pub dns: crate::dns::DnsSettings,
 }
 
 impl MeshContext {

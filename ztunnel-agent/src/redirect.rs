@@ -35,8 +35,8 @@ use aya::{Ebpf, EbpfLoader};
 use ztunnel_common::convert::pod_config;
 pub use ztunnel_common::convert::{ip_from_key, ip_key, orig_dst_addr, sum_counters};
 use ztunnel_common::{
-    maps, programs, ConnKey, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig, PodCounters, PortKey,
-    AF_INET, AF_INET6,
+    maps, programs, ConnKey, DnsCounters, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig,
+    PodCounters, PortKey, AF_INET, AF_INET6,
 };
 
 use crate::socket::NetnsCookie;
@@ -174,6 +174,7 @@ pub struct Redirect {
     orig_dst: Arc<OrigDstTable>,
     listeners: SockHash<MapData, ListenerKey>,
     counters: PerCpuHashMap<MapData, u64, PodCounters>,
+    dns_counters: PerCpuHashMap<MapData, u64, DnsCounters>,
     attachments: Vec<(&'static str, Attachment)>,
 }
 
@@ -229,6 +230,7 @@ impl Redirect {
             )?))),
             listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
             counters: take_map(&mut ebpf, maps::POD_COUNTERS)?,
+            dns_counters: take_map(&mut ebpf, maps::DNS_COUNTERS)?,
             attachments,
             ebpf,
             config,

@@ -345,33 +345,64 @@ impl MeshState {
                 names
             }
         };
-        candidates.into_iter().find_map(|name| {
-            let mut services: Vec<&Arc<ServiceEntry>> = self
-                .services
-                .values()
-                .filter(|s| s.service.hostname == name)
-                .collect();
-            services.sort_by_key(|s| s.service.namespace != namespace);
-            if let Some(entry) = services.first() {
-                return Some(ResolvedHost {
-                    hostname: name,
-                    service: Some((*entry).clone()),
-                    addresses: entry.service.vips.clone(),
-                });
-            }
-            let workload = self.workloads.values().find(|w| w.hostname == name)?;
-            Some(ResolvedHost {
-                hostname: name,
-                service: None,
-                addresses: workload
-                    .workload_ips
-                    .iter()
-                    .map(|ip| NetworkAddress {
-                        network: workload.network.clone(),
-                        address: *ip,
+        candidates
+            .into_iter()
+            .find_map(|name| self.find_hostname(namespace, &name))
+    }
+
+    /// The mesh service (the asking namespace's first) or workload whose hostname is exactly
+    /// `name` (lowercase, no trailing dot). A service without VIPs counts only inside the
+    /// cluster's `svc` domain, where it is headless: its endpoints' addresses answer.
+    pub fn find_hostname(&self, namespace: &str, name: &str) -> Option<ResolvedHost> {
+        let headless_domain = format!(".svc.{DNS_DOMAIN}");
+        let mut services: Vec<&Arc<ServiceEntry>> = self
+            .services
+            .values()
+            .filter(|s| s.service.hostname.eq_ignore_ascii_case(name))
+            .filter(|s| !s.service.vips.is_empty() || name.ends_with(&headless_domain))
+            .collect();
+        services.sort_by_key(|s| s.service.namespace != namespace);
+        if let Some(entry) = services.first() {
+            let addresses = if entry.service.vips.is_empty() {
+                entry
+                    .endpoints
+                    .keys()
+                    .filter_map(|uid| self.workload(uid))
+                    .flat_map(|w| {
+                        let network = w.network.clone();
+                        w.workload_ips
+                            .clone()
+                            .into_iter()
+                            .map(move |address| NetworkAddress {
+                                network: network.clone(),
+                                address,
+                            })
                     })
-                    .collect(),
-            })
+                    .collect()
+            } else {
+                entry.service.vips.clone()
+            };
+            return Some(ResolvedHost {
+                hostname: name.to_string(),
+                service: Some((*entry).clone()),
+                addresses,
+            });
+        }
+        let workload = self
+            .workloads
+            .values()
+            .find(|w| !w.hostname.is_empty() && w.hostname.eq_ignore_ascii_case(name))?;
+        Some(ResolvedHost {
+            hostname: name.to_string(),
+            service: None,
+            addresses: workload
+                .workload_ips
+                .iter()
+                .map(|ip| NetworkAddress {
+                    network: workload.network.clone(),
+                    address: *ip,
+                })
+                .collect(),
         })
     }
 }

@@ -158,6 +158,7 @@ impl Node {
             tracker: Arc::default(),
             drain: Default::default(),
             keepalive: Some(Default::default()),
+            dns: Default::default(),
         });
         Self {
             mesh,

@@ -14,6 +14,13 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Inbound HBONE listener; peers dial it directly, it is never redirected.
 pub const HBONE_PORT: u16 = 15008;
+/// DNS, the port captured DNS traffic was going to.
+pub const DNS_PORT: u16 = 53;
+/// The agent's DNS proxy (UDP and TCP) on the loopback of each enrolled pod whose DNS is
+/// captured.
+pub const DNS_PROXY_PORT: u16 = 15053;
+/// `127.0.0.1`, network-order word.
+pub const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
 /// The source istio-cni gives kubelet's health probes (it SNATs them on the node), IPv4.
 /// Inbound connections from it reach the application directly, as upstream's in-pod rules
@@ -67,10 +74,13 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// Per-CPU counters per pod: netns cookie (`u64`) -> [`crate::PodCounters`].
     pub const POD_COUNTERS: &str = "POD_COUNTERS";
+    /// Per-CPU hash: netns cookie -> [`crate::DnsCounters`] (a map of its own so that the
+    /// layout of `POD_COUNTERS`, pinned by earlier agents, stays as it was).
+    pub const DNS_COUNTERS: &str = "DNS_COUNTERS";
     /// aya-log's ring buffer.
     pub const AYA_LOGS: &str = "AYA_LOGS";
     /// Every map the agent pins, in a stable order.
-    pub const PINNED: [&str; 8] = [
+    pub const PINNED: [&str; 9] = [
         ENROLLED_PODS,
         POD_ADDRS,
         EXCLUDED_OUTBOUND_PORTS,
@@ -79,6 +89,7 @@ pub mod maps {
         ORIG_DST,
         INBOUND_LISTENERS,
         POD_COUNTERS,
+        DNS_COUNTERS,
     ];
 }
 
@@ -98,14 +109,27 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "ztunnel_getpeername6";
     /// `sk_lookup`: inbound plaintext steering to 15006, one link per pod netns.
     pub const INBOUND: &str = "ztunnel_inbound";
-    /// The programs attached once at the cgroup, in attach order.
-    pub const CGROUP: [&str; 6] = [
+    /// `cgroup/sendmsg4`: DNS capture of unconnected IPv4 UDP sends.
+    pub const SENDMSG4: &str = "ztunnel_sendmsg4";
+    /// `cgroup/sendmsg6`: DNS capture of unconnected IPv6 UDP sends.
+    pub const SENDMSG6: &str = "ztunnel_sendmsg6";
+    /// `cgroup/recvmsg4`: the resolver's address restored as a DNS reply's source, IPv4.
+    pub const RECVMSG4: &str = "ztunnel_recvmsg4";
+    /// `cgroup/recvmsg6`: the same for IPv6.
+    pub const RECVMSG6: &str = "ztunnel_recvmsg6";
+    /// The programs attached once at the cgroup, in attach order (the reply side of DNS
+    /// before the capture side, so no captured query's reply goes unrestored).
+    pub const CGROUP: [&str; 10] = [
         CONNECT4,
         CONNECT6,
         SOCKOPS,
         SOCK_RELEASE,
         GETPEERNAME4,
         GETPEERNAME6,
+        RECVMSG4,
+        RECVMSG6,
+        SENDMSG4,
+        SENDMSG6,
     ];
 }
 
@@ -115,6 +139,8 @@ pub mod pod_flags {
     pub const HAS_IPV4: u32 = 1;
     /// [`crate::PodConfig::ip6`] is set.
     pub const HAS_IPV6: u32 = 2;
+    /// The pod's DNS (port 53, UDP and TCP) goes to the agent's DNS proxy on 15053.
+    pub const DNS_CAPTURE: u32 = 4;
 }
 
 /// What the kernel needs to know about an enrolled pod (value of `ENROLLED_PODS`).
@@ -146,6 +172,9 @@ pub enum OutboundDecision {
     /// Refused with EPERM: the pod has no address of the destination's family, so the proxy
     /// cannot be reached (`refused_no_pod_address`).
     NoPodAddress,
+    /// DNS over TCP: sent to the agent's DNS proxy on the pod's loopback, port 15053
+    /// (`DnsCounters::captured_tcp`).
+    Dns,
 }
 
 /// Whether `addr` of `family` is loopback (127.0.0.0/8, ::1).
@@ -181,6 +210,9 @@ pub fn outbound_decision(
     if excluded(port) {
         return OutboundDecision::ExcludedPort;
     }
+    if port == DNS_PORT && pod.flags & pod_flags::DNS_CAPTURE != 0 {
+        return OutboundDecision::Dns;
+    }
     let needed = if family == AF_INET {
         pod_flags::HAS_IPV4
     } else {
@@ -190,6 +222,57 @@ pub fn outbound_decision(
         return OutboundDecision::NoPodAddress;
     }
     OutboundDecision::Capture
+}
+
+/// Whether an enrolled pod's UDP datagram to `family`/`addr`, `port` (host order) goes to
+/// the agent's DNS proxy: DNS (port 53) to anything but loopback, with the pod's DNS capture
+/// on. The kernel's `sendmsg` and `connect` hooks and `diagnose` ask the same question.
+#[inline(always)]
+pub fn dns_captured(pod: &PodConfig, family: u32, addr: &[u32; 4], port: u16) -> bool {
+    port == DNS_PORT && pod.flags & pod_flags::DNS_CAPTURE != 0 && !is_loopback(family, addr)
+}
+
+/// Per-pod DNS capture counters (value of the per-CPU `DNS_COUNTERS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsCounters {
+    /// UDP queries (unconnected sends and connected sockets) sent to the DNS proxy.
+    pub captured_udp: u64,
+    /// TCP connections to port 53 sent to the DNS proxy.
+    pub captured_tcp: u64,
+    /// Replies whose source was restored to the resolver the pod asked.
+    pub replies_restored: u64,
+    /// DNS left alone because the pod's DNS capture is off.
+    pub skipped_capture_off: u64,
+    /// UDP to a port other than 53, left alone.
+    pub skipped_not_dns: u64,
+    /// DNS refused (EPERM): the query's resolver could not be recorded, so its reply could
+    /// not be given the right source.
+    pub refused_map_full: u64,
+}
+
+impl DnsCounters {
+    /// Field names and values, in declaration order.
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
+        [
+            ("captured_udp", self.captured_udp),
+            ("captured_tcp", self.captured_tcp),
+            ("replies_restored", self.replies_restored),
+            ("skipped_capture_off", self.skipped_capture_off),
+            ("skipped_not_dns", self.skipped_not_dns),
+            ("refused_map_full", self.refused_map_full),
+        ]
+    }
+
+    /// Adds another CPU's counters to these.
+    pub fn add(&mut self, other: &DnsCounters) {
+        self.captured_udp += other.captured_udp;
+        self.captured_tcp += other.captured_tcp;
+        self.replies_restored += other.replies_restored;
+        self.skipped_capture_off += other.skipped_capture_off;
+        self.skipped_not_dns += other.skipped_not_dns;
+        self.refused_map_full += other.refused_map_full;
+    }
 }
 
 /// An IP address as a map key.
@@ -300,7 +383,7 @@ pod_counters! {
     skipped_excluded_port,
     /// Outbound: the socket carries the agent's mark (the agent's own connection).
     skipped_agent_socket,
-    /// Outbound: not a TCP socket (UDP is left alone until DNS capture exists).
+    /// Outbound: neither TCP nor UDP (UDP is counted in [`DnsCounters`]).
     skipped_not_tcp,
     /// Inbound: the HBONE port, served directly by the agent.
     skipped_hbone_port,
@@ -318,6 +401,7 @@ pod_counters! {
 
 // The kernel and the agent share these layouts: a change in size is a change of ABI.
 const _: () = assert!(core::mem::size_of::<PodConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<DnsCounters>() == 48);
 const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PodAddr>() == 8);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 4);
@@ -341,4 +425,6 @@ mod user {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::PodCounters {}
+    // SAFETY: as above: `#[repr(C)]`, u64 fields only, no padding.
+    unsafe impl aya::Pod for super::DnsCounters {}
 }

@@ -1,11 +1,13 @@
 //! ztunnel-agent's kernel programs: outbound capture (`cgroup/connect4|6`), original
-//! destination bookkeeping (`sockops`, `cgroup/sock_release`, `cgroup/getpeername4|6`) and
-//! inbound plaintext steering (`sk_lookup`). Each entry point is a thin wrapper that returns
+//! destination bookkeeping (`sockops`, `cgroup/sock_release`, `cgroup/getpeername4|6`),
+//! inbound plaintext steering (`sk_lookup`) and DNS capture (`cgroup/sendmsg4|6`,
+//! `cgroup/recvmsg4|6`, and port 53 in the connect hooks). Each entry point is a thin wrapper that returns
 //! the verdict its `try_*` helper computed.
 
 #![no_std]
 #![no_main]
 
+mod dns;
 mod inbound;
 mod maps;
 mod orig_dst;

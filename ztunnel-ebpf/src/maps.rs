@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use ztunnel_common::{
-    ConnKey, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig, PodCounters, PortKey,
+    ConnKey, DnsCounters, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig, PodCounters, PortKey,
 };
 
 /// Pods on this node a kubelet cannot exceed by much (default max-pods is 110).
@@ -37,6 +37,23 @@ pub static INBOUND_LISTENERS: SockHash<ListenerKey, { MAX_PODS * 2 }> = SockHash
 
 #[btf_map]
 pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, MAX_PODS> = PerCpuHashMap::new();
+
+#[btf_map]
+pub static DNS_COUNTERS: PerCpuHashMap<u64, DnsCounters, MAX_PODS> = PerCpuHashMap::new();
+
+/// Moves one DNS counter of a pod.
+#[inline(always)]
+pub fn count_dns(netns_cookie: u64, bump: impl FnOnce(&mut DnsCounters)) {
+    if DNS_COUNTERS.get_ptr_mut(netns_cookie).is_none() {
+        // BPF_NOEXIST: another CPU may have created it meanwhile; either way it exists now.
+        let _ = DNS_COUNTERS.insert(netns_cookie, DnsCounters::default(), 1);
+    }
+    if let Some(counters) = DNS_COUNTERS.get_ptr_mut(netns_cookie) {
+        // SAFETY: the pointer comes from a successful lookup of this CPU's slot, valid for
+        // the duration of the program; no other code on this CPU runs concurrently.
+        bump(unsafe { &mut *counters });
+    }
+}
 
 /// Moves one counter of a pod. Per-CPU values need no atomics.
 #[inline(always)]

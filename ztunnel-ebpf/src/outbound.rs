@@ -14,16 +14,19 @@ use ztunnel_common::{
     AGENT_SOCKET_MARK, OUTBOUND_PORT,
 };
 
-use crate::maps::{count, ENROLLED_PODS, EXCLUDED_OUTBOUND_PORTS, ORIG_DST_BY_SOCKET, POD_ADDRS};
+use crate::maps::{
+    count, count_dns, ENROLLED_PODS, EXCLUDED_OUTBOUND_PORTS, ORIG_DST_BY_SOCKET, POD_ADDRS,
+};
 
 /// Let the connect() proceed (possibly with a rewritten destination).
-const ALLOW: i32 = 1;
+pub const ALLOW: i32 = 1;
 /// Fail the connect() with EPERM: used when capture cannot be done safely, so an enrolled
 /// pod's traffic never bypasses the proxy.
-const REFUSE: i32 = 0;
+pub const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 /// `::ffff:0:0/96`, the IPv4-mapped prefix, third word in network order.
-const V4_MAPPED_WORD: u32 = 0xffff_u32.to_be();
+pub const V4_MAPPED_WORD: u32 = 0xffff_u32.to_be();
 
 #[cgroup_sock_addr(connect4)]
 pub fn ztunnel_connect4(ctx: SockAddrContext) -> i32 {
@@ -49,7 +52,7 @@ pub fn ztunnel_getpeername6(ctx: SockAddrContext) -> i32 {
 /// constant offset from the context pointer, and a 16-byte array store would be lowered to a
 /// copy through a derived pointer.
 #[inline(always)]
-fn set_user_ip6(ctx: &SockAddrContext, ip6: [u32; 4]) {
+pub fn set_user_ip6(ctx: &SockAddrContext, ip6: [u32; 4]) {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the kernel's bpf_sock_addr; connect and getpeername hooks may write
     // user_ip6, and each store is a single aligned u32 at a constant offset.
@@ -64,7 +67,7 @@ fn set_user_ip6(ctx: &SockAddrContext, ip6: [u32; 4]) {
 /// The destination of a connect() as (family, address words); IPv4-mapped IPv6 addresses are
 /// IPv4 on the wire, so they are treated as IPv4.
 #[inline(always)]
-fn destination(ctx: &SockAddrContext, ipv6_hook: bool) -> (u32, [u32; 4]) {
+pub fn destination(ctx: &SockAddrContext, ipv6_hook: bool) -> (u32, [u32; 4]) {
     // SAFETY: the context pointer is the kernel's bpf_sock_addr for this program type.
     let sa = unsafe { &*ctx.sock_addr };
     if !ipv6_hook {
@@ -90,6 +93,10 @@ fn try_connect(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
     };
     // SAFETY: the context pointer is the kernel's bpf_sock_addr for this program type.
     let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ == SOCK_DGRAM {
+        // A connected UDP socket: DNS goes to the proxy, the rest is left alone.
+        return crate::dns::try_udp(ctx, netns, &pod, ipv6_hook);
+    }
     if sa.type_ != SOCK_STREAM {
         count(netns, |c| c.skipped_not_tcp += 1);
         return ALLOW;
@@ -120,6 +127,14 @@ fn try_connect(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
     );
     match decision {
         OutboundDecision::Capture => {}
+        OutboundDecision::Dns => {
+            if !crate::dns::record_and_redirect(ctx, family, addr, port_be, ipv6_hook) {
+                count_dns(netns, |c| c.refused_map_full += 1);
+                return REFUSE;
+            }
+            count_dns(netns, |c| c.captured_tcp += 1);
+            return ALLOW;
+        }
         OutboundDecision::Loopback => {
             count(netns, |c| c.skipped_loopback += 1);
             return ALLOW;

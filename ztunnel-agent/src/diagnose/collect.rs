@@ -148,6 +148,14 @@ fn pod_evidence(p: PodFacts) -> PodEvidence {
         counters_after: counters,
         recent,
         recent_failed,
+        dns_capture: p.kernel.dns_capture,
+        dns_counters: p
+            .kernel
+            .dns_counters
+            .fields()
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), *v))
+            .collect(),
     }
 }
 

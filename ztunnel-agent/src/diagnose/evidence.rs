@@ -160,6 +160,12 @@ pub struct PodEvidence {
     pub recent: Vec<Outcome>,
     /// Recent failed connections, newest last.
     pub recent_failed: Vec<Outcome>,
+    /// Its `ENROLLED_PODS` entry has DNS capture on.
+    #[serde(default)]
+    pub dns_capture: bool,
+    /// Its DNS capture counters (kernel).
+    #[serde(default)]
+    pub dns_counters: BTreeMap<String, u64>,
 }
 
 /// The pod asked about.

@@ -401,6 +401,15 @@ pub fn explain(
                 format!("not captured: port {port} is excluded (ZTUNNEL_EXCLUDE_OUTBOUND_PORTS); the connection goes straight to {dialled}, without mTLS or policy"),
             ))
         }
+        Some(OutboundDecision::Dns) => {
+            flow.push(Check::new(
+                "capture",
+                Verdict::Ok,
+                format!("captured as DNS: connect() is redirected to the agent's DNS proxy on the pod's loopback port {}", ztunnel_common::DNS_PROXY_PORT),
+            ));
+            flow.verdict = "the connection would reach the agent's DNS proxy, which answers mesh names and forwards the rest".to_string();
+            return flow;
+        }
         Some(OutboundDecision::NoPodAddress) => {
             return flow.stop(Check::new(
                 "capture",

@@ -308,6 +308,7 @@ pub fn pod_report(e: &Evidence, namespace: &str, name: &str) -> Report {
         };
     };
     checks.extend(pod_checks(e, pod));
+    checks.push(dns_check(pod));
     checks.push(config_check(e));
     checks.push(recent_check(pod));
     Report {
@@ -452,6 +453,37 @@ fn listener_check(pod: &PodEvidence) -> Check {
                 "{}; the pod's traffic is refused or dropped: restart the agent (istio-cni re-adds the pod)",
                 problems.join("; ")
             ),
+        )
+    }
+}
+
+/// DNS capture: on or off, and the kernel's DNS counters.
+fn dns_check(pod: &PodEvidence) -> Check {
+    let counters: Vec<String> = pod
+        .dns_counters
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let counters = if counters.is_empty() {
+        "no DNS seen yet".to_string()
+    } else {
+        counters.join(" ")
+    };
+    if pod.dns_capture {
+        Check::new(
+            "dns",
+            Verdict::Ok,
+            format!(
+                "captured: port 53 goes to the agent's DNS proxy on 127.0.0.1:{}; {counters}",
+                ztunnel_common::DNS_PROXY_PORT
+            ),
+        )
+    } else {
+        Check::new(
+            "dns",
+            Verdict::Ok,
+            format!("not captured (DNS_CAPTURE off, or the proxy's listeners could not be opened): the pod's resolver is asked directly; {counters}"),
         )
     }
 }

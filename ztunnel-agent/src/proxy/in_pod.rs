@@ -45,6 +45,20 @@ impl PodSockets for InPodSockets {
         })
     }
 
+    fn udp_socket(&self, dst: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+        let socket = self
+            .netns
+            .run(|| -> io::Result<socket2::Socket> {
+                let domain = socket2::Domain::for_address(dst);
+                let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
+                set_agent_mark(&socket)?;
+                socket.set_nonblocking(true)?;
+                Ok(socket)
+            })
+            .map_err(io::Error::other)??;
+        tokio::net::UdpSocket::from_std(socket.into())
+    }
+
     fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> OriginalDst {
         if let Some(dst) = self.orig_dst.take(self.netns.cookie(), peer) {
             return OriginalDst(dst);

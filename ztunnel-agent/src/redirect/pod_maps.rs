@@ -15,6 +15,8 @@ pub struct PodRedirect<'a> {
     pub ips: &'a [IpAddr],
     /// Its 15006 listeners (IPv4 and, if it has IPv6, IPv6).
     pub inbound_listeners: &'a [(u32, std::os::fd::RawFd)],
+    /// Its DNS goes to the agent's DNS proxy.
+    pub dns_capture: bool,
 }
 
 /// A pod as the kernel maps hold it (for `diagnose`).
@@ -30,6 +32,10 @@ pub struct PodKernelView {
     pub inbound_link: io::Result<linkinfo::PinnedLinkInfo>,
     /// Its capture counters.
     pub counters: PodCounters,
+    /// Its `ENROLLED_PODS` entry has DNS capture on.
+    pub dns_capture: bool,
+    /// Its DNS capture counters.
+    pub dns_counters: DnsCounters,
 }
 
 /// The kernel's record of where captured connections were going, keyed by their client end.
@@ -142,8 +148,12 @@ impl Redirect {
                 })?;
         }
         self.attach_inbound(pod.netns_cookie, pod.netns)?;
+        let mut config = pod_config(pod.ips);
+        if pod.dns_capture {
+            config.flags |= ztunnel_common::pod_flags::DNS_CAPTURE;
+        }
         self.enrolled
-            .insert(cookie, pod_config(pod.ips), 0)
+            .insert(cookie, config, 0)
             .map_err(|source| Error::Map {
                 map: maps::ENROLLED_PODS,
                 what: format!("pod netns {cookie}"),
@@ -199,6 +209,11 @@ impl Redirect {
             what: format!("pod netns {c}"),
             source,
         })?;
+        ignore_missing(self.dns_counters.remove(&c)).map_err(|source| Error::Map {
+            map: maps::DNS_COUNTERS,
+            what: format!("pod netns {c}"),
+            source,
+        })?;
         Ok(())
     }
 
@@ -249,8 +264,12 @@ impl Redirect {
                     .any(|k| k.netns_cookie == c && k.family == *family)
             })
             .collect();
+        let config = self.enrolled.get(&c, 0).ok();
         PodKernelView {
-            enrolled: self.enrolled.get(&c, 0).is_ok(),
+            enrolled: config.is_some(),
+            dns_capture: config
+                .is_some_and(|p| p.flags & ztunnel_common::pod_flags::DNS_CAPTURE != 0),
+            dns_counters: self.dns_counters(cookie),
             addresses: ips
                 .iter()
                 .map(|ip| {
@@ -300,6 +319,17 @@ impl Redirect {
             },
             excluded,
         ))
+    }
+
+    /// A pod's DNS capture counters, summed over CPUs.
+    pub fn dns_counters(&self, cookie: NetnsCookie) -> DnsCounters {
+        let mut total = DnsCounters::default();
+        if let Ok(values) = self.dns_counters.get(&cookie.0, 0) {
+            for v in values.iter() {
+                total.add(v);
+            }
+        }
+        total
     }
 
     /// A pod's capture counters, summed over CPUs.
