@@ -120,7 +120,7 @@ fn diagnose_flow_explains_each_kind_of_destination_and_the_call_lands_as_explain
     assert!(step(&report, "route").contains("HBONE to "), "{report}");
     assert!(
         step(&report, "certificate")
-            .contains("spiffe://cluster.local/ns/default/sa/bookinfo-productpage: Available"),
+            .contains("spiffe://cluster.local/ns/default/sa/bookinfo-productpage: valid until"),
         "{report}"
     );
     assert!(
@@ -194,7 +194,12 @@ fn diagnose_flow_explains_each_kind_of_destination_and_the_call_lands_as_explain
     .expect("call details");
     let (_, report, _) = flow(&agent, "default/productpage-v1", &dst);
     assert!(
-        step(&report, "pool").contains("1 pooled connection(s)"),
+        step(&report, "pool").contains("1 pooled connection(s)")
+            && step(&report, "pool").contains("the connection reuses one"),
+        "{report}"
+    );
+    assert!(
+        step(&report, "certificate").contains("not needed now"),
         "{report}"
     );
 
@@ -221,7 +226,7 @@ fn diagnose_flow_explains_each_kind_of_destination_and_the_call_lands_as_explain
         "{report}"
     );
     assert!(
-        report.contains("verdict: the connection would bypass the mesh"),
+        report.contains("verdict: the connection is not captured"),
         "{report}"
     );
     assert_eq!(json["capture"], "ExcludedPort");
@@ -250,9 +255,23 @@ fn diagnose_flow_explains_each_kind_of_destination_and_the_call_lands_as_explain
         refused.is_err(),
         "the denied call fails, as explained: {refused:?}"
     );
-    // The same destination from another pod is allowed.
+    // ... by that policy, as the destination's recent failures say.
+    ztunnel_e2e::wait_for("the denial recorded", Duration::from_secs(5), || {
+        agent
+            .http_get(15000, "/debug/connections")
+            .contains("connection closed due to policy rejection: default/deny-curl-to-ratings")
+            .then_some(())
+    });
+    // The same destination from another pod is allowed, and the call goes through.
     let (code, report, _) = flow(&agent, "default/reviews-v1", "ratings:9080");
     assert_eq!(code, 0, "{report}");
+    let got = exchange(
+        &pod("reviews-v1").netns_path(),
+        "10.96.0.13:9080".parse().expect("vip"),
+        "allowed",
+    )
+    .expect("the allowed call");
+    assert_eq!(got.response, "hello allowed");
 
     // A pod the mesh knows that was never enrolled, and a pod nobody knows.
     let (code, report, _) = flow(&agent, "default/ghost", "reviews:9080");
@@ -384,6 +403,7 @@ fn bug_report_collects_with_the_agent_up_and_stopped_and_holds_no_secret() {
             "ORIG_DST",
             "INBOUND_LISTENERS",
             "POD_COUNTERS",
+            "DNS_COUNTERS",
         ]
         .map(|m| format!("maps/{m}.json")),
     );

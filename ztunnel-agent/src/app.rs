@@ -88,7 +88,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker: Arc::default(),
         drain: Drain::default(),
         keepalive: config.keepalive,
-        dns: config.dns.clone(),
     });
     tokio::spawn(mesh.pool.clone().run_eviction(shutdown.clone()));
     crate::metrics::global().configure_series(
@@ -100,6 +99,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(evict_idle_series(state.clone(), shutdown.clone()));
     let mut enrollment = Enrollment::new(redirect, host, mesh.clone());
     enrollment.set_readiness(readiness.clone());
+    enrollment.set_dns(&config.dns);
     let enrollment = Arc::new(Mutex::new(enrollment));
     let scrape = enrollment.clone();
     crate::metrics::global().set_pod_counters_source(Arc::new(move || {

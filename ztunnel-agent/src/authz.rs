@@ -6,6 +6,7 @@
 //! Dry-run policies are evaluated and logged, never enforced.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use crate::identity::Identity;
 use crate::state::policy::{Action, Authorization, RbacMatch, Scope, StringMatch};
@@ -150,11 +151,11 @@ pub struct Decision {
     pub outcome: Result<(), Denied>,
     /// The enforced policy and rule index that decided it (a DENY that matched, or the ALLOW
     /// that allowed); none when no policy applies, or ALLOW policies apply and none matched.
-    pub decided_by: Option<(String, usize)>,
-    /// The enforced policies that apply to the workload, `namespace/name`.
-    pub applicable: Vec<String>,
+    pub decided_by: Option<(Arc<Authorization>, usize)>,
+    /// The enforced policies that apply to the workload.
+    pub applicable: Vec<Arc<Authorization>>,
     /// A dry-run DENY policy that would have denied, and its rule.
-    pub dry_run_deny: Option<(String, usize)>,
+    pub dry_run_deny: Option<(Arc<Authorization>, usize)>,
     /// Dry-run ALLOW policies exist and none would have allowed.
     pub dry_run_not_allowed: bool,
 }
@@ -168,7 +169,7 @@ pub fn evaluate(state: &MeshState, workload: &Workload, conn: &Connection<'_>) -
         applicable: applicable
             .iter()
             .filter(|p| !p.dry_run)
-            .map(|p| p.key())
+            .map(|p| Arc::clone(p))
             .collect(),
         dry_run_deny: None,
         dry_run_not_allowed: false,
@@ -176,11 +177,11 @@ pub fn evaluate(state: &MeshState, workload: &Workload, conn: &Connection<'_>) -
     for p in applicable.iter().filter(|p| p.action == Action::Deny) {
         if let Some(rule) = matching_rule(p, conn) {
             if p.dry_run {
-                decision.dry_run_deny.get_or_insert((p.key(), rule));
+                decision.dry_run_deny.get_or_insert((Arc::clone(p), rule));
                 continue;
             }
             decision.outcome = Err(Denied::Explicit(p.key()));
-            decision.decided_by = Some((p.key(), rule));
+            decision.decided_by = Some((Arc::clone(p), rule));
             return decision;
         }
     }
@@ -196,7 +197,7 @@ pub fn evaluate(state: &MeshState, workload: &Workload, conn: &Connection<'_>) -
     }
     match enforced
         .iter()
-        .find_map(|p| matching_rule(p, conn).map(|rule| (p.key(), rule)))
+        .find_map(|p| matching_rule(p, conn).map(|rule| (Arc::clone(p), rule)))
     {
         Some(allowed_by) => decision.decided_by = Some(allowed_by),
         None => decision.outcome = Err(Denied::NotAllowed),
@@ -209,7 +210,7 @@ pub fn evaluate(state: &MeshState, workload: &Workload, conn: &Connection<'_>) -
 pub fn check(state: &MeshState, workload: &Workload, conn: &Connection<'_>) -> Result<(), Denied> {
     let decision = evaluate(state, workload, conn);
     if let Some((policy, _)) = &decision.dry_run_deny {
-        tracing::info!(policy = %policy, dst.addr = %conn.dst, "dry-run policy would deny this connection");
+        tracing::info!(policy = %policy.key(), dst.addr = %conn.dst, "dry-run policy would deny this connection");
     }
     if decision.dry_run_not_allowed {
         tracing::info!(dst.addr = %conn.dst, "dry-run allow policies would not allow this connection");
@@ -351,7 +352,11 @@ mod tests {
                 dst: "10.244.1.10:9080".parse().expect("addr"),
             };
             let d = evaluate(&state, &workload("default"), &conn);
-            (d.outcome.is_ok(), d.decided_by, d.applicable.len())
+            (
+                d.outcome.is_ok(),
+                d.decided_by.map(|(p, rule)| (p.key(), rule)),
+                d.applicable.len(),
+            )
         };
         assert_eq!(
             decide(&id("front", "curl")),

@@ -110,8 +110,8 @@ pub enum DiagnoseQuestion {
     /// What would happen to a connection from this pod to that destination, without sending
     /// it: capture, name resolution, the endpoint the round robin picks next, the protocol
     /// and `:authority`, the source certificate, the HBONE pool and the authorization verdict
-    /// (exit 0: it would flow; 1: it would fail or bypass the mesh's checks, the step named on
-    /// the last line; 2: the agent could not be asked).
+    /// (exit 0: it would flow, or is deliberately not captured (an excluded port, loopback);
+    /// 1: a step would fail, named on the last line; 2: the agent could not be asked).
     Flow(FlowArgs),
 }
 

@@ -179,6 +179,10 @@ pub struct Enrollment {
     readiness: Option<crate::readiness::Readiness>,
     /// The pods a source handed over that could not be served, by uid.
     unserved: BTreeMap<String, Unserved>,
+    /// Whether pods' DNS is captured (see [`Enrollment::set_dns`]).
+    dns_capture: bool,
+    /// Where their DNS proxies forward.
+    dns_resolvers: Arc<[SocketAddr]>,
 }
 
 impl Enrollment {
@@ -193,12 +197,22 @@ impl Enrollment {
             parked: BTreeMap::new(),
             readiness: None,
             unserved: BTreeMap::new(),
+            dns_capture: false,
+            dns_resolvers: Arc::from(Vec::new()),
         }
     }
 
     /// Reports pods that cannot be served as readiness blockers (`pod <ns>/<name> not
     /// served`): during an overlapping upgrade the new agent then stays unready, and the old
     /// one keeps serving, instead of the pod losing its proxy.
+    /// Captures pods' DNS into the agent's DNS proxy, forwarding as `dns` says (off until
+    /// called: enrollments from then on get it).
+    pub fn set_dns(&mut self, dns: &crate::dns::DnsSettings) {
+        self.dns_capture = dns.capture;
+        self.dns_resolvers = dns.upstreams.clone().into();
+    }
+
+    /// Sets the readiness blockers enrollment clears.
     pub fn set_readiness(&mut self, readiness: crate::readiness::Readiness) {
         self.readiness = Some(readiness);
     }
@@ -477,7 +491,7 @@ impl Enrollment {
         }
         // The DNS proxy's listeners; a pod whose listeners cannot be opened keeps its DNS
         // uncaptured (said once, here) rather than losing it.
-        let dns_listeners = if self.mesh.dns.capture {
+        let dns_listeners = if self.dns_capture {
             let opened = netns
                 .run(|| crate::dns::server::bind(true).or_else(|_| crate::dns::server::bind(false)))
                 .map_err(std::io::Error::other)
@@ -596,7 +610,7 @@ impl Enrollment {
         }
         let dns_capture = dns_listeners.is_some();
         if let Some((udp, tcp)) = dns_listeners {
-            let dns = crate::dns::server::PodDns::new(proxy.clone());
+            let dns = crate::dns::server::PodDns::new(proxy.clone(), self.dns_resolvers.clone());
             for socket in udp {
                 match tokio::net::UdpSocket::from_std(socket) {
                     Ok(socket) => {

@@ -111,8 +111,6 @@ pub struct MeshContext {
     pub drain: crate::drain::Drain,
     /// TCP keepalive on every accepted and dialled socket (None: off).
     pub keepalive: Option<crate::socket::Keepalive>,
-    /// The DNS proxy's settings.
-    pub dns: crate::dns::DnsSettings,
 }
 
 impl MeshContext {

@@ -279,10 +279,7 @@ impl MeshState {
             .iter()
             .filter_map(|(uid, ports)| {
                 let workload = self.workload(uid)?;
-                let target = match ports.get(&port).copied().or(default_target)? {
-                    0 => default_target.filter(|t| *t != 0).unwrap_or(port),
-                    t => t,
-                };
+                let target = endpoint_port(ports, default_target, port)?;
                 let status = workload.status;
                 Some((
                     Endpoint {
@@ -297,10 +294,18 @@ impl MeshState {
 
     /// The healthy endpoints of `entry` serving `port`, in round-robin order.
     fn healthy_endpoints(&self, entry: &ServiceEntry, port: u16) -> Vec<Endpoint> {
-        self.endpoints(entry, port)
-            .into_iter()
-            .filter(|(_, status)| *status == HealthStatus::Healthy)
-            .map(|(endpoint, _)| endpoint)
+        let default_target = entry.service.ports.get(&port).copied();
+        entry
+            .endpoints
+            .iter()
+            .filter_map(|(uid, ports)| {
+                let workload = self.workload(uid)?;
+                if workload.status != HealthStatus::Healthy {
+                    return None;
+                }
+                let port = endpoint_port(ports, default_target, port)?;
+                Some(Endpoint { workload, port })
+            })
             .collect()
     }
 
@@ -405,6 +410,19 @@ impl MeshState {
                 .collect(),
         })
     }
+}
+
+/// The port an endpoint with `ports` (service port -> target port) serves service port `port`
+/// on; `default_target` is the service's own mapping (0 means "the same port").
+fn endpoint_port(
+    ports: &BTreeMap<u16, u16>,
+    default_target: Option<u16>,
+    port: u16,
+) -> Option<u16> {
+    Some(match ports.get(&port).copied().or(default_target)? {
+        0 => default_target.filter(|t| *t != 0).unwrap_or(port),
+        t => t,
+    })
 }
 
 /// The cluster's DNS domain, as kubelet writes it into pods' search lists.

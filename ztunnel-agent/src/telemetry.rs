@@ -137,13 +137,14 @@ struct RingTee;
 
 impl std::io::Write for RingTee {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        std::io::stdout().lock().write_all(buf)?;
+        // Kept first: when stdout breaks, the ring still has what a bug report needs.
         remember_log(buf);
+        std::io::Write::write_all(&mut std::io::stdout().lock(), buf)?;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().lock().flush()
+        std::io::Write::flush(&mut std::io::stdout().lock())
     }
 }
 

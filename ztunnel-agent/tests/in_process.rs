@@ -158,7 +158,6 @@ impl Node {
             tracker: Arc::default(),
             drain: Default::default(),
             keepalive: Some(Default::default()),
-            dns: Default::default(),
         });
         Self {
             mesh,

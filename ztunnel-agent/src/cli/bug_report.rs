@@ -290,7 +290,19 @@ fn kernel_checks(pin_dir: &Path) -> String {
 
 /// `bpftool <args>`'s output (stderr appended when it complains).
 fn bpftool(args: &[&str]) -> Result<String, std::io::Error> {
-    let out = std::process::Command::new("bpftool").args(args).output()?;
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                std::io::Error::new(
+                    e.kind(),
+                    "bpftool is not in PATH: install bpftool (Debian: apt-get install bpftool) for the raw map contents",
+                )
+            } else {
+                e
+            }
+        })?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() || !out.stderr.is_empty() {
         text.push_str(&format!(
@@ -337,11 +349,12 @@ pub fn redact(text: &str) -> String {
 fn redact_bearer(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(at) = rest.find("Bearer ") {
+    // ASCII lowercase keeps byte offsets, so positions found in it hold in the original.
+    while let Some(at) = rest.to_ascii_lowercase().find("bearer ") {
         out.push_str(&rest[..at + 7]);
         let after = &rest[at + 7..];
         let end = after
-            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '\\')
             .unwrap_or(after.len());
         out.push_str("[redacted]");
         rest = &after[end..];
@@ -375,7 +388,17 @@ fn write_archive(
             readme.push_str(&format!("  {names}: {why}\n"));
         }
     }
-    let file = std::fs::File::create(output).map_err(err)?;
+    // Readable by its owner only: it describes the node's whole mesh.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(output)
+            .map_err(err)?
+    };
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
     let mut tar = tar::Builder::new(gz);
     let files =
@@ -421,6 +444,14 @@ mod tests {
             "{cut}"
         );
         assert!(cut.contains("Bearer [redacted]\n"), "{cut}");
+        assert_eq!(
+            redact("authorization: bearer abc"),
+            "authorization: bearer [redacted]"
+        );
+        assert_eq!(
+            redact(r#"{"h":"BEARER abc\"x"}"#),
+            r#"{"h":"BEARER [redacted]\"x"}"#
+        );
         assert!(cut.starts_with("a\n") && cut.contains(" c\n"), "{cut}");
         assert_eq!(redact("plain text"), "plain text");
     }

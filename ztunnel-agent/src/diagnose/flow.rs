@@ -136,7 +136,7 @@ impl Flow {
                 "the connection would FAIL at {}: {}",
                 check.name, check.summary
             ),
-            _ => format!("the connection would bypass the mesh: {}", check.summary),
+            _ => format!("the connection is not captured: {}", check.summary),
         };
         self.push(check);
         self
@@ -235,11 +235,12 @@ pub fn explain(
         destination: destination.to_string(),
         ..Default::default()
     };
-    let node = node.unwrap_or("(no node name)");
+    let node_text = node.map_or("this node".to_string(), |n| format!("node {n}"));
+    let node = node.unwrap_or_default();
     flow.push(Check::new(
         "agent",
         Verdict::Ok,
-        format!("ztunnel-agent {} on node {node}", env!("CARGO_PKG_VERSION")),
+        format!("ztunnel-agent {} on {node_text}", env!("CARGO_PKG_VERSION")),
     ));
     let mesh = enrollment.mesh().clone();
     let state = mesh.state.snapshot();
@@ -254,7 +255,7 @@ pub fn explain(
             Some(w) if !w.node.is_empty() && w.node != node => Check::new(
                 "source",
                 Verdict::Fail,
-                format!("{pod_ref} runs on node {}, not this one ({node}): ask that node's agent", w.node),
+                format!("{pod_ref} runs on node {}, not on {node_text}: ask that node's agent", w.node),
             ),
             Some(_) => Check::new(
                 "source",
@@ -363,9 +364,22 @@ pub fn explain(
     flow.dialled = Some(dialled);
 
     // The kernel's decision.
-    let decision = enrollment
+    let decision = match enrollment
         .redirect()
-        .outbound_decision(source.netns.cookie(), dialled);
+        .outbound_decision(source.netns.cookie(), dialled)
+    {
+        Ok(decision) => decision,
+        Err(e) => {
+            return flow.stop(Check::new(
+                "capture",
+                Verdict::Fail,
+                format!(
+                    "the kernel's capture state cannot be read: {} (`ztunnel-agent redirect dump` shows the pinned maps)",
+                    crate::telemetry::ErrorChain(&e)
+                ),
+            ))
+        }
+    };
     flow.capture = decision.map(|d| format!("{d:?}"));
     let capture = match decision {
         None => {
@@ -420,10 +434,18 @@ pub fn explain(
     };
     flow.push(capture);
 
+    // The route, by the proxy's own routing (peeking at the round robin, not taking its
+    // turn), computed once: the endpoint shown next is the one the route names.
+    let routed = route_with(&state, &proxy.network, dialled, Pick::Peek);
+    let routed_workload = match &routed {
+        Ok(Route::Hbone { workload, .. }) => Some(workload.clone()),
+        Ok(Route::Passthrough(_, workload)) => workload.clone(),
+        Err(_) => None,
+    };
     // The service's endpoints, with the round robin's next pick.
     if let Some(entry) = state.service_by_vip(&proxy.network, dialled.ip()) {
         flow.service = Some(entry.service.hostname.clone());
-        let next = state.peek_endpoint(&entry, port);
+        let next = routed_workload.clone();
         let endpoints = state.endpoints(&entry, port);
         flow.endpoints = endpoints
             .iter()
@@ -432,9 +454,7 @@ pub fn explain(
                 address: pod_address(&e.workload.workload_ips, dialled.ip())
                     .map(|ip| SocketAddr::new(ip, e.port)),
                 health: format!("{health:?}"),
-                next: next
-                    .as_ref()
-                    .is_some_and(|n| Arc::ptr_eq(&n.workload, &e.workload)),
+                next: next.as_ref().is_some_and(|n| Arc::ptr_eq(n, &e.workload)),
             })
             .collect();
         let healthy = endpoints
@@ -446,11 +466,11 @@ pub fn explain(
                 "endpoints",
                 if healthy < endpoints.len() { Verdict::Warn } else { Verdict::Ok },
                 format!(
-                    "service {}: {healthy} of {} endpoints healthy for port {port}; next in round robin: {}/{}",
+                    "service {}: {healthy} of {} endpoints healthy for port {port}; the round robin (shared by every pod on this node) gives the next connection to {}/{}",
                     entry.service.hostname,
                     endpoints.len(),
-                    n.workload.namespace,
-                    n.workload.name
+                    n.namespace,
+                    n.name
                 ),
             ),
             None => Check::new(
@@ -473,14 +493,19 @@ pub fn explain(
                 if e.next { "  <- next" } else { "" }
             ));
         }
+        if let Some(wp) = &entry.service.waypoint {
+            check = check.with(format!(
+                "through the service's waypoint {}, which may pick the endpoint itself",
+                wp.destination
+            ));
+        }
         if next.is_none() {
             return flow.stop(check);
         }
         flow.push(check);
     }
 
-    // The route, by the proxy's own routing.
-    let route = match route_with(&state, &proxy.network, dialled, Pick::Peek) {
+    let route = match routed {
         Ok(route) => route,
         Err(e) => {
             return flow.stop(Check::new(
@@ -490,6 +515,8 @@ pub fn explain(
             ))
         }
     };
+    // The pod's address of the destination's family (capture refused the connection above
+    // when it has none).
     let src_ip = pod_address(&source.ips, dialled.ip()).unwrap_or(dialled.ip());
     let (destination, identity, authz_dst) = match route {
         Route::Passthrough(target, workload) => {
@@ -548,29 +575,45 @@ pub fn explain(
                 check = check.with("the waypoint applies L7 policy; the destination's agent sees the waypoint's identity");
             }
             flow.push(check);
-            let certificate =
-                certificate_check(&mesh, &source.identity, &mut flow.source_certificate);
-            flow.push(certificate);
             let key = PoolKey {
                 source: source.identity.clone(),
                 expected,
                 dst: hbone_addr,
                 src_ip,
             };
-            let streams = mesh.pool.streams(&key);
+            let (streams, reuses) = mesh.pool.streams(&key);
             flow.push(Check::new(
                 "pool",
                 Verdict::Ok,
-                if streams.is_empty() {
-                    format!("no pooled connection to {hbone_addr}: the connection opens one (TCP and TLS handshake)")
-                } else {
-                    format!(
+                match (streams.is_empty(), reuses) {
+                    (true, _) => format!("no pooled connection to {hbone_addr}: the connection opens one (TCP and TLS handshake)"),
+                    (false, true) => format!(
                         "{} pooled connection(s) to {hbone_addr} ({} streams open): the connection reuses one",
                         streams.len(),
                         streams.iter().sum::<usize>()
-                    )
+                    ),
+                    (false, false) => format!(
+                        "{} pooled connection(s) to {hbone_addr}, every one at its stream limit ({} streams open): the connection opens another",
+                        streams.len(),
+                        streams.iter().sum::<usize>()
+                    ),
                 },
             ));
+            // A reused connection needs no certificate now; a new one needs the pod's.
+            let certificate = if reuses {
+                flow.source_certificate = Some("not needed: a pooled connection is reused".into());
+                Check::new(
+                    "certificate",
+                    Verdict::Ok,
+                    format!(
+                        "{}: not needed now, the pooled connection's handshake is done",
+                        source.identity
+                    ),
+                )
+            } else {
+                certificate_check(&mesh, &source.identity, &mut flow.source_certificate)
+            };
+            flow.push(certificate);
             flow.pooled_streams = Some(streams);
             (Some(workload), Some(source.identity.clone()), authority)
         }
@@ -607,39 +650,54 @@ fn certificate_check(
     identity: &crate::identity::Identity,
     state_out: &mut Option<String>,
 ) -> Check {
-    let held = mesh
-        .certs
-        .all()
-        .into_iter()
-        .find(|(id, _, _)| id == identity);
-    let Some((_, state, cert)) = held else {
-        *state_out = Some("not requested".into());
-        return Check::new(
-            "certificate",
-            Verdict::Warn,
-            format!("no certificate requested yet for {identity}: the connection waits for one"),
-        );
-    };
-    *state_out = Some(state.to_string());
-    let expiry = cert.map_or(String::new(), |c| {
-        format!(", expires {}", rfc3339(c.not_after))
-    });
-    match state {
-        CertState::Available => Check::new(
-            "certificate",
-            Verdict::Ok,
-            format!("{identity}: Available{expiry}"),
-        ),
-        CertState::Initializing => Check::new(
-            "certificate",
-            Verdict::Warn,
-            format!("{identity}: being issued, the connection waits for it"),
-        ),
-        CertState::Unavailable(why) => Check::new(
-            "certificate",
-            Verdict::Fail,
-            format!("{identity}: Unavailable ({why}){expiry}"),
-        ),
+    // What the TLS client would get from the certificate manager, without issuing anything.
+    match mesh.certs.usable(identity) {
+        Ok(Some(cert)) => {
+            let state = mesh
+                .certs
+                .all()
+                .into_iter()
+                .find(|(id, _, _)| id == identity)
+                .map_or(CertState::Available, |(_, state, _)| state);
+            *state_out = Some(state.to_string());
+            let renewal = match &state {
+                CertState::Unavailable(why) => {
+                    format!(" (renewal failing: {why}; this one serves until it expires)")
+                }
+                _ => String::new(),
+            };
+            Check::new(
+                "certificate",
+                if renewal.is_empty() {
+                    Verdict::Ok
+                } else {
+                    Verdict::Warn
+                },
+                format!(
+                    "{identity}: valid until {}{renewal}",
+                    rfc3339(cert.not_after)
+                ),
+            )
+        }
+        Ok(None) => {
+            *state_out = Some("issued on demand".into());
+            Check::new(
+                "certificate",
+                Verdict::Ok,
+                format!("{identity}: the local CA issues it at the connection's handshake"),
+            )
+        }
+        Err(e) => {
+            *state_out = Some(e.to_string());
+            Check::new(
+                "certificate",
+                Verdict::Fail,
+                format!(
+                    "the connection's TLS handshake would fail: {}",
+                    crate::telemetry::ErrorChain(&e)
+                ),
+            )
+        }
     }
 }
 
@@ -654,13 +712,6 @@ fn authorization_check(
     via_waypoint: bool,
     out: &mut Option<FlowAuthorization>,
 ) -> Check {
-    let Some(workload) = workload else {
-        return Check::new(
-            "authorization",
-            Verdict::Ok,
-            "none: the destination is outside the mesh, no mesh policy applies",
-        );
-    };
     if via_waypoint {
         return Check::new(
             "authorization",
@@ -668,11 +719,34 @@ fn authorization_check(
             "decided by the waypoint, then by the destination's agent for the waypoint's identity",
         );
     }
+    // The destination pod's own proxy, when this agent serves it, judges with the workload it
+    // looks up itself (as its 15008 and 15006 do), whatever the route knew.
     let local = pods.iter().find(|p| p.ips.contains(&dst.ip()));
-    let subject = match local {
-        Some(p) => p.proxy.policy_subject(Some(workload)),
-        None => std::borrow::Cow::Borrowed(workload),
+    let local_workload = local.and_then(|p| p.proxy.workload(state));
+    let subject = match (local, workload) {
+        (Some(p), _) => p.proxy.policy_subject(local_workload.as_deref()),
+        (None, Some(w)) if w.protocol == crate::state::workload::Protocol::HBONE => {
+            std::borrow::Cow::Borrowed(w)
+        }
+        (None, Some(w)) => {
+            return Check::new(
+                "authorization",
+                Verdict::Warn,
+                format!(
+                    "not enforced: {}/{} speaks plain TCP and is not captured by an agent, so no mesh policy is applied to it",
+                    w.namespace, w.name
+                ),
+            )
+        }
+        (None, None) => {
+            return Check::new(
+                "authorization",
+                Verdict::Ok,
+                "none: the destination is outside the mesh, no mesh policy applies",
+            )
+        }
     };
+    let workload = &*subject;
     let conn = crate::authz::Connection { src, identity, dst };
     let decision = crate::authz::evaluate(state, &subject, &conn);
     let as_whom = match identity {
@@ -681,7 +755,10 @@ fn authorization_check(
     };
     let summary = match (&decision.outcome, &decision.decided_by) {
         (Ok(()), Some((policy, rule))) => {
-            format!("allowed by ALLOW policy {policy} (rules[{rule}]) {as_whom}")
+            format!(
+                "allowed by ALLOW policy {} (rules[{rule}]) {as_whom}",
+                policy.key()
+            )
         }
         (Ok(()), None) if decision.applicable.is_empty() => format!(
             "allowed: no policy applies to {}/{} {as_whom}",
@@ -691,11 +768,20 @@ fn authorization_check(
             format!("allowed: no DENY policy matches and no ALLOW policy applies {as_whom}")
         }
         (Err(_), Some((policy, rule))) => {
-            format!("denied by DENY policy {policy} (rules[{rule}]) {as_whom}")
+            format!(
+                "denied by DENY policy {} (rules[{rule}]) {as_whom}",
+                policy.key()
+            )
         }
         (Err(_), None) => format!(
             "denied: ALLOW policies apply ({}) and none matches {as_whom}",
-            decision.applicable.join(", ")
+            decision
+                .applicable
+                .iter()
+                .filter(|p| p.action == crate::state::policy::Action::Allow)
+                .map(|p| p.key())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     let summary =
@@ -715,22 +801,24 @@ fn authorization_check(
         },
         summary,
     );
-    if !decision.applicable.is_empty() {
-        check = check.with(format!(
-            "policies that apply: {}",
-            decision.applicable.join(", ")
-        ));
+    let applicable: Vec<String> = decision.applicable.iter().map(|p| p.key()).collect();
+    if !applicable.is_empty() {
+        check = check.with(format!("policies that apply: {}", applicable.join(", ")));
     }
     if let Some((policy, rule)) = &decision.dry_run_deny {
         check = check.with(format!(
-            "dry-run DENY policy {policy} (rules[{rule}]) would deny it"
+            "dry-run DENY policy {} (rules[{rule}]) would deny it",
+            policy.key()
         ));
+    }
+    if decision.dry_run_not_allowed {
+        check = check.with("dry-run ALLOW policies would not allow it");
     }
     *out = Some(FlowAuthorization {
         allowed: decision.outcome.is_ok(),
-        policy: decision.decided_by.as_ref().map(|(p, _)| p.clone()),
+        policy: decision.decided_by.as_ref().map(|(p, _)| p.key()),
         rule: decision.decided_by.as_ref().map(|(_, r)| *r),
-        applicable: decision.applicable.clone(),
+        applicable,
         on_this_node: local.is_some(),
     });
     check

@@ -47,18 +47,20 @@ impl Protocol {
     }
 }
 
-/// A pod's DNS proxy state: its in-flight bound.
+/// A pod's DNS proxy: where it forwards, and its bounds.
 pub struct PodDns {
     pod: Arc<PodProxy>,
+    resolvers: Arc<[SocketAddr]>,
     in_flight: Arc<Semaphore>,
     tcp_connections: Arc<Semaphore>,
 }
 
 impl PodDns {
-    /// The DNS proxy of `pod`.
-    pub fn new(pod: Arc<PodProxy>) -> Arc<Self> {
+    /// The DNS proxy of `pod`, forwarding to `resolvers`.
+    pub fn new(pod: Arc<PodProxy>, resolvers: Arc<[SocketAddr]>) -> Arc<Self> {
         Arc::new(Self {
             pod,
+            resolvers,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             tcp_connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
         })
@@ -122,7 +124,7 @@ pub async fn serve_udp(socket: UdpSocket, dns: Arc<PodDns>, cancel: Cancellation
         let (socket, dns) = (socket.clone(), dns.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Some(answer) = handle(&dns.pod, &question, Protocol::Udp).await {
+            if let Some(answer) = handle(&dns, &question, Protocol::Udp).await {
                 if let Err(e) = socket.send_to(&answer, peer).await {
                     tracing::debug!(pod = %dns.pod.name, error = %e, "DNS proxy: UDP answer not sent");
                 }
@@ -191,7 +193,7 @@ async fn serve_connection(mut stream: TcpStream, dns: &PodDns) {
             );
             return;
         };
-        let Some(answer) = handle(&dns.pod, &question, Protocol::Tcp).await else {
+        let Some(answer) = handle(dns, &question, Protocol::Tcp).await else {
             return;
         };
         let Ok(len) = u16::try_from(answer.len()) else {
@@ -235,8 +237,9 @@ fn query_type_label(request: &Message) -> &'static str {
     }
 }
 
-/// Answers one question from `pod` (`None`: nothing to send back).
-pub async fn handle(pod: &PodProxy, question: &[u8], protocol: Protocol) -> Option<Vec<u8>> {
+/// Answers one question from the pod (`None`: nothing to send back).
+pub async fn handle(dns: &PodDns, question: &[u8], protocol: Protocol) -> Option<Vec<u8>> {
+    let pod = &*dns.pod;
     let request = match Message::from_vec(question) {
         Ok(m) => m,
         Err(e) => {
@@ -288,14 +291,8 @@ pub async fn handle(pod: &PodProxy, question: &[u8], protocol: Protocol) -> Opti
     }
     metrics.dns_upstream_request(&labels);
     let started = Instant::now();
-    let forwarded = super::forward::forward(
-        pod,
-        &pod.mesh.dns.upstreams,
-        question,
-        id,
-        protocol == Protocol::Tcp,
-    )
-    .await;
+    let forwarded =
+        super::forward::forward(pod, &dns.resolvers, question, id, protocol == Protocol::Tcp).await;
     metrics.dns_upstream_duration(&labels, started.elapsed());
     match forwarded {
         Ok(answer) => Some(answer),

@@ -278,17 +278,23 @@ impl CertManager {
                 self.store(identity, Some(cert.clone()), CertState::Available);
                 Ok(cert)
             }
-            CertSource::Istiod(_) => match held {
-                Some((Some(cert), _)) if !cert.expired(now) => Ok(cert),
-                Some((_, state)) => Err(Error::NotReady {
-                    identity: identity.to_string(),
-                    state,
-                }),
-                None => Err(Error::NotReady {
-                    identity: identity.to_string(),
-                    state: CertState::Unavailable("never requested".into()),
-                }),
-            },
+            CertSource::Istiod(_) => held_certificate(identity, held, now),
+        }
+    }
+
+    /// What [`CertManager::fetch`] would give a connection now, without issuing anything:
+    /// the held certificate, `Ok(None)` when the local CA would issue one on demand, or why a
+    /// connection would fail (for `diagnose flow`).
+    pub fn usable(&self, identity: &Identity) -> Result<Option<Arc<WorkloadCert>>, Error> {
+        let now = SystemTime::now();
+        let held = lock(&self.slots)
+            .get(identity)
+            .map(|s| (s.cert.clone(), s.state.clone()));
+        match &self.source {
+            CertSource::Local(_) => Ok(held
+                .and_then(|(cert, _)| cert)
+                .filter(|cert| !cert.expired(now))),
+            CertSource::Istiod(_) => held_certificate(identity, held, now).map(Some),
         }
     }
 
@@ -448,5 +454,25 @@ impl crate::tls::CertStore for CertManager {
 
     fn roots_generation(&self) -> u64 {
         CertManager::roots_generation(self)
+    }
+}
+
+/// A held certificate still valid (an older one keeps serving through a failed renewal), or
+/// why a connection cannot have one.
+fn held_certificate(
+    identity: &Identity,
+    held: Option<(Option<Arc<WorkloadCert>>, CertState)>,
+    now: SystemTime,
+) -> Result<Arc<WorkloadCert>, Error> {
+    match held {
+        Some((Some(cert), _)) if !cert.expired(now) => Ok(cert),
+        Some((_, state)) => Err(Error::NotReady {
+            identity: identity.to_string(),
+            state,
+        }),
+        None => Err(Error::NotReady {
+            identity: identity.to_string(),
+            state: CertState::Unavailable("never requested".into()),
+        }),
     }
 }

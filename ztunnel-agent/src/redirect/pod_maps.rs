@@ -288,26 +288,39 @@ impl Redirect {
     }
 
     /// What the kernel's connect hook would do now with pod `cookie`'s TCP connection to
-    /// `dst`, read from the same maps with the same decision function (`None`: the pod is not
-    /// in `ENROLLED_PODS`, so its connections are left alone).
+    /// `dst`, read from the same maps with the same decision function (`Ok(None)`: the pod is
+    /// not in `ENROLLED_PODS`, so its connections are left alone). A map that cannot be read
+    /// is an error, never a guess.
     pub fn outbound_decision(
         &self,
         cookie: NetnsCookie,
         dst: SocketAddr,
-    ) -> Option<ztunnel_common::OutboundDecision> {
-        let pod = self.enrolled.get(&cookie.0, 0).ok()?;
-        let key = ip_key(dst.ip());
-        // The exclusions as the kernel holds them (the pinned map), not as configured.
-        let excluded_path = self.config.pin_dir.join(maps::EXCLUDED_OUTBOUND_PORTS);
-        let excluded = |port: u16| {
-            MapData::from_pin(&excluded_path)
-                .ok()
-                .and_then(|data| {
-                    HashMap::<MapData, PortKey, u32>::try_from(aya::maps::Map::HashMap(data)).ok()
+    ) -> Result<Option<ztunnel_common::OutboundDecision>, Error> {
+        let c = cookie.0;
+        let pod = match self.enrolled.get(&c, 0) {
+            Ok(pod) => pod,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(source) => {
+                return Err(Error::Map {
+                    map: maps::ENROLLED_PODS,
+                    what: format!("reading pod netns {c}"),
+                    source,
                 })
-                .is_some_and(|table| table.get(&PortKey { port, _pad: 0 }, 0).is_ok())
+            }
         };
-        Some(ztunnel_common::outbound_decision(
+        // The exclusions as the kernel holds them (the pinned map), not as configured.
+        let map_err = |source| Error::Map {
+            map: maps::EXCLUDED_OUTBOUND_PORTS,
+            what: "reading".to_string(),
+            source,
+        };
+        let excluded: HashMap<MapData, PortKey, u32> = HashMap::try_from(aya::maps::Map::HashMap(
+            MapData::from_pin(self.config.pin_dir.join(maps::EXCLUDED_OUTBOUND_PORTS))
+                .map_err(map_err)?,
+        ))
+        .map_err(map_err)?;
+        let key = ip_key(dst.ip());
+        Ok(Some(ztunnel_common::outbound_decision(
             &pod,
             key.family,
             &key.addr,
@@ -315,10 +328,10 @@ impl Redirect {
             || {
                 self.pod_addrs
                     .get(&key, 0)
-                    .is_ok_and(|owner| owner.netns_cookie == cookie.0)
+                    .is_ok_and(|owner| owner.netns_cookie == c)
             },
-            excluded,
-        ))
+            |port| excluded.get(&PortKey { port, _pad: 0 }, 0).is_ok(),
+        )))
     }
 
     /// A pod's DNS capture counters, summed over CPUs.

@@ -35,6 +35,17 @@ struct Pooled {
 }
 
 impl Pooled {
+    /// Whether another stream fits: the peer advertises 100 (upstream and ours); past that,
+    /// a new connection.
+    fn has_free_stream(&self) -> bool {
+        let limit = self
+            .conn
+            .sender
+            .current_max_send_streams()
+            .min(MAX_STREAMS as usize);
+        self.active.load(Ordering::Relaxed) < limit
+    }
+
     /// Closed, or idle past the timeout (dropping the last sender closes the connection).
     fn expired(&self, now: std::time::Instant, idle: Duration) -> bool {
         self.conn.closed.load(Ordering::Relaxed)
@@ -79,14 +90,7 @@ impl Pool {
         let now = std::time::Instant::now();
         list.retain(|c| !c.expired(now, IDLE_TIMEOUT));
         list.iter_mut().find_map(|c| {
-            // The peer advertises 100 (upstream and ours); a new connection past that.
-            let limit = c
-                .conn
-                .sender
-                .current_max_send_streams()
-                .min(MAX_STREAMS as usize);
-            let active = c.active.load(Ordering::Relaxed);
-            (active < limit).then(|| {
+            c.has_free_stream().then(|| {
                 c.active.fetch_add(1, Ordering::Relaxed);
                 c.last_used = now;
                 (c.conn.clone(), StreamGuard(c.active.clone()))
@@ -105,16 +109,22 @@ impl Pool {
         StreamGuard(active)
     }
 
-    /// The open streams on each live pooled connection for `key` (for `diagnose flow`).
-    pub fn streams(&self, key: &PoolKey) -> Vec<usize> {
+    /// The open streams on each live pooled connection for `key`, and whether a new tunnel
+    /// would reuse one (one has a free stream), for `diagnose flow`.
+    pub fn streams(&self, key: &PoolKey) -> (Vec<usize>, bool) {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        conns.get(key).map_or_else(Vec::new, |list| {
+        let live: Vec<&Pooled> = conns.get(key).map_or_else(Vec::new, |list| {
             list.iter()
                 .filter(|c| !c.expired(now, IDLE_TIMEOUT))
-                .map(|c| c.active.load(Ordering::Relaxed))
                 .collect()
-        })
+        });
+        (
+            live.iter()
+                .map(|c| c.active.load(Ordering::Relaxed))
+                .collect(),
+            live.iter().any(|c| c.has_free_stream()),
+        )
     }
 
     /// Closes connections idle for `idle` (or already closed); returns how many remain.
