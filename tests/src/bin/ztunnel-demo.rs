@@ -16,6 +16,7 @@ use ztunnel_e2e::mesh::guide;
 use ztunnel_e2e::prometheus::{Prometheus, Target};
 use ztunnel_e2e::sh;
 use ztunnel_e2e::topology::{Pod, Topology};
+use ztunnel_e2e::traffic::in_netns;
 
 const PIN_DIR: &str = "/sys/fs/bpf/ztunnel";
 
@@ -245,6 +246,44 @@ fn main() {
     let (_, out, err) =
         agent.cli_status(&["diagnose", "flow", "default/productpage-v1", "reviews:9080"]);
     print!("{out}{err}");
+    heading("DNS from curl: reviews.default.svc.cluster.local A, sent to the cluster DNS address (captured to the agent's DNS proxy on the pod's 127.0.0.1:15053)");
+    let curl_pod = pods
+        .iter()
+        .find(|p| p.name == "curl")
+        .expect("the guide's curl pod");
+    let answer = in_netns(&curl_pod.netns_path(), || -> std::io::Result<String> {
+        use hickory_proto::op::{Message, MessageType, OpCode, Query};
+        use hickory_proto::rr::{Name, RecordType};
+        let mut q = Message::new(1, MessageType::Query, OpCode::Query);
+        q.metadata.recursion_desired = true;
+        let name = Name::from_ascii("reviews.default.svc.cluster.local.")
+            .map_err(std::io::Error::other)?;
+        q.add_query(Query::query(name, RecordType::A));
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        let resolver: std::net::SocketAddr =
+            "10.96.0.10:53".parse().map_err(std::io::Error::other)?;
+        socket.send_to(&q.to_vec().map_err(std::io::Error::other)?, resolver)?;
+        let mut buf = [0u8; 1024];
+        let (n, from) = socket.recv_from(&mut buf)?;
+        let answer = Message::from_vec(&buf[..n]).map_err(std::io::Error::other)?;
+        let records: Vec<String> = answer
+            .answers
+            .iter()
+            .map(|r| format!("{} {} {}", r.name, r.ttl, r.data))
+            .collect();
+        Ok(format!(
+            "  answer from {from} ({:?}, authoritative: {}): {}",
+            answer.metadata.response_code,
+            answer.metadata.authoritative,
+            records.join(", ")
+        ))
+    });
+    match answer {
+        Ok(line) => println!("{line}"),
+        Err(e) => println!("  no answer: {e}"),
+    }
+
     let archive = std::env::temp_dir().join("ztunnel-demo-bug-report.tar.gz");
     let archive_arg = archive.display().to_string();
     heading(&format!("ztunnel-agent bug-report -o {archive_arg}   (everything a maintainer asks for, secrets cut)"));
