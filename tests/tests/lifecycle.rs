@@ -130,7 +130,9 @@ fn restart_reuses_pinned_state() {
     );
     agent.wait_ready();
     let first = attached(&cgroup_arg);
-    assert_eq!(first.len(), 6, "six programs at the cgroup: {first:?}");
+    // Capture (connect4|6), original destination (sockops, sock_release, getpeername4|6)
+    // and DNS (sendmsg4|6, recvmsg4|6).
+    assert_eq!(first.len(), 10, "ten programs at the cgroup: {first:?}");
     let _server = Server::start(
         server_pod.netns_path(),
         SocketAddr::new(server_pod.ip4, 9080),
@@ -166,7 +168,7 @@ fn restart_reuses_pinned_state() {
     for line in agent.lines_with(&["eBPF program"]) {
         assert!(line.contains("state=Reused"), "{line}");
     }
-    assert_eq!(agent.lines_with(&["state=Reused"]).len(), 6);
+    assert_eq!(agent.lines_with(&["state=Reused"]).len(), 10);
     assert_eq!(
         attached(&cgroup_arg),
         first,
