@@ -16,8 +16,8 @@ use ztunnel_common::{
     DNS_PROXY_PORT, LOOPBACK_V4_BE,
 };
 
-use crate::maps::{count, count_dns, ENROLLED_PODS, ORIG_DST_BY_SOCKET};
-use crate::outbound::{destination, set_user_ip6, ALLOW, REFUSE, V4_MAPPED_WORD};
+use crate::maps::{count, count_dns, ORIG_DST_BY_SOCKET};
+use crate::outbound::{destination, enrolled_pod, set_user_ip6, ALLOW, REFUSE, V4_MAPPED_WORD};
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn ztunnel_sendmsg4(ctx: SockAddrContext) -> i32 {
@@ -44,13 +44,9 @@ pub fn ztunnel_recvmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn try_sendmsg(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
-    // SAFETY: bpf_get_netns_cookie accepts this program type's context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only lookup of a plain-old-data value.
-    let pod: PodConfig = match unsafe { ENROLLED_PODS.get(netns) } {
-        Some(pod) => *pod,
-        // Not an enrolled pod: never touched, not even counted.
-        None => return ALLOW,
+    // Not an enrolled pod: never touched, not even counted.
+    let Some((netns, pod)) = enrolled_pod(ctx) else {
+        return ALLOW;
     };
     try_udp(ctx, netns, &pod, ipv6_hook)
 }

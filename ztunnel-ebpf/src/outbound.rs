@@ -81,15 +81,20 @@ pub fn destination(ctx: &SockAddrContext, ipv6_hook: bool) -> (u32, [u32; 4]) {
     }
 }
 
+/// The calling socket's netns cookie and, when that netns is an enrolled pod's, its entry.
 #[inline(always)]
-fn try_connect(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
+pub fn enrolled_pod(ctx: &SockAddrContext) -> Option<(u64, PodConfig)> {
     // SAFETY: bpf_get_netns_cookie accepts this program type's context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup of a plain-old-data value.
-    let pod: PodConfig = match unsafe { ENROLLED_PODS.get(netns) } {
-        Some(pod) => *pod,
-        // Not an enrolled pod: never touched, not even counted.
-        None => return ALLOW,
+    unsafe { ENROLLED_PODS.get(netns) }.map(|pod| (netns, *pod))
+}
+
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
+    // Not an enrolled pod: never touched, not even counted.
+    let Some((netns, pod)) = enrolled_pod(ctx) else {
+        return ALLOW;
     };
     // SAFETY: the context pointer is the kernel's bpf_sock_addr for this program type.
     let sa = unsafe { &*ctx.sock_addr };
