@@ -482,10 +482,11 @@ fn dns_is_captured_answered_from_the_mesh_forwarded_and_left_alone_for_others() 
             && dns_line.contains("replies_restored="),
         "{report}"
     );
-    let dump = m.agent.http_get(15000, "/config_dump");
-    assert!(
-        dump.contains("\"dnsCapture\":true") || dump.contains("\"dnsCapture\": true"),
-        "{dump}"
+    let dump: serde_json::Value =
+        serde_json::from_str(&m.agent.http_get(15000, "/config_dump")).expect("config_dump JSON");
+    assert_eq!(
+        dump["workloadState"]["uid-client"]["dnsCapture"], true,
+        "the pod's own DNS capture state: {dump}"
     );
 
     // Query latency through the proxy and directly, one run.

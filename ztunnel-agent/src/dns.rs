@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The resolver configuration cannot be read.
-    #[error("cannot read the DNS proxy's resolver configuration {path}: the proxy forwards non-mesh names to its `nameserver` lines (set ZTUNNEL_DNS_RESOLV_CONF, or DNS_CAPTURE=false to turn the proxy off)")]
+    #[error("cannot read the DNS proxy's resolver configuration {path}: the proxy forwards non-mesh names to its `nameserver` lines (set ZTUNNEL_DNS_RESOLV_CONF, or ISTIO_META_DNS_CAPTURE=false to turn the proxy off)")]
     ResolvConf {
         /// The file.
         path: PathBuf,
@@ -27,7 +27,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// It names no resolver.
-    #[error("{path} has no usable `nameserver` line: the DNS proxy would have nowhere to forward non-mesh names (set ZTUNNEL_DNS_RESOLV_CONF to a file naming the cluster's DNS service, or DNS_CAPTURE=false)")]
+    #[error("{path} has no usable `nameserver` line: the DNS proxy would have nowhere to forward non-mesh names (set ZTUNNEL_DNS_RESOLV_CONF to a file naming the cluster's DNS service, or ISTIO_META_DNS_CAPTURE=false)")]
     NoNameserver {
         /// The file.
         path: PathBuf,

@@ -202,9 +202,6 @@ impl Enrollment {
         }
     }
 
-    /// Reports pods that cannot be served as readiness blockers (`pod <ns>/<name> not
-    /// served`): during an overlapping upgrade the new agent then stays unready, and the old
-    /// one keeps serving, instead of the pod losing its proxy.
     /// Captures pods' DNS into the agent's DNS proxy, forwarding as `dns` says (off until
     /// called: enrollments from then on get it).
     pub fn set_dns(&mut self, dns: &crate::dns::DnsSettings) {
@@ -212,7 +209,9 @@ impl Enrollment {
         self.dns_resolvers = dns.upstreams.clone().into();
     }
 
-    /// Sets the readiness blockers enrollment clears.
+    /// Reports pods that cannot be served as readiness blockers (`pod <ns>/<name> not
+    /// served`): during an overlapping upgrade the new agent then stays unready, and the old
+    /// one keeps serving, instead of the pod losing its proxy.
     pub fn set_readiness(&mut self, readiness: crate::readiness::Readiness) {
         self.readiness = Some(readiness);
     }

@@ -126,6 +126,10 @@ pub struct MeshState {
     by_pod_name: HashMap<(String, String), String>,
     services: BTreeMap<String, Arc<ServiceEntry>>,
     by_vip: HashMap<NetworkAddress, String>,
+    /// Lowercase hostname -> service keys, and workloads' hostnames -> uid: a DNS question
+    /// costs a few hash probes, not a scan of the mesh.
+    by_hostname: HashMap<String, Vec<String>>,
+    by_workload_hostname: HashMap<String, String>,
     policies: BTreeMap<String, Arc<Authorization>>,
 }
 
@@ -151,6 +155,12 @@ impl MeshState {
                         second: uid,
                     });
                 }
+            }
+            if !w.hostname.is_empty() {
+                state
+                    .by_workload_hostname
+                    .entry(w.hostname.to_ascii_lowercase())
+                    .or_insert_with(|| uid.clone());
             }
             if !w.name.is_empty() {
                 state
@@ -178,6 +188,11 @@ impl MeshState {
                 }
                 state.by_vip.insert(vip.clone(), key.clone());
             }
+            state
+                .by_hostname
+                .entry(s.hostname.to_ascii_lowercase())
+                .or_default()
+                .push(key.clone());
             let endpoints = state
                 .workloads
                 .iter()
@@ -356,15 +371,18 @@ impl MeshState {
     }
 
     /// The mesh service (the asking namespace's first) or workload whose hostname is exactly
-    /// `name` (lowercase, no trailing dot). A service without VIPs counts only inside the
+    /// `name` (lowercase, no trailing dot), by index. A service without VIPs counts only inside the
     /// cluster's `svc` domain, where it is headless: its endpoints' addresses answer.
     pub fn find_hostname(&self, namespace: &str, name: &str) -> Option<ResolvedHost> {
-        let headless_domain = format!(".svc.{DNS_DOMAIN}");
+        let headless =
+            name.ends_with(DNS_DOMAIN) && name[..name.len() - DNS_DOMAIN.len()].ends_with(".svc.");
         let mut services: Vec<&Arc<ServiceEntry>> = self
-            .services
-            .values()
-            .filter(|s| s.service.hostname.eq_ignore_ascii_case(name))
-            .filter(|s| !s.service.vips.is_empty() || name.ends_with(&headless_domain))
+            .by_hostname
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.services.get(key))
+            .filter(|s| !s.service.vips.is_empty() || headless)
             .collect();
         services.sort_by_key(|s| s.service.namespace != namespace);
         if let Some(entry) = services.first() {
@@ -394,9 +412,9 @@ impl MeshState {
             });
         }
         let workload = self
-            .workloads
-            .values()
-            .find(|w| !w.hostname.is_empty() && w.hostname.eq_ignore_ascii_case(name))?;
+            .by_workload_hostname
+            .get(name)
+            .and_then(|uid| self.workload(uid))?;
         Some(ResolvedHost {
             hostname: name.to_string(),
             service: None,

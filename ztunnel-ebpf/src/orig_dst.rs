@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::{SockContext, SockOpsContext},
     EbpfContext,
 };
-use ztunnel_common::{ConnKey, AF_INET, AF_INET6};
+use ztunnel_common::{ConnKey, AF_INET, AF_INET6, LOOPBACK_V4_BE};
 
 use crate::maps::{count, ORIG_DST, ORIG_DST_BY_SOCKET};
 
@@ -48,6 +48,21 @@ fn try_sockops(ctx: &SockOpsContext) {
     let Some(orig) = (unsafe { ORIG_DST_BY_SOCKET.get(socket) }).copied() else {
         return;
     };
+    // A TCP DNS connection sent to the DNS proxy on the pod's loopback: the proxy never
+    // looks it up, so it must not take room in the node-wide table (15001 capture always
+    // goes to the pod's own address, never loopback).
+    let to_loopback = if ctx.family() == AF_INET {
+        ctx.remote_ip4() == LOOPBACK_V4_BE
+    } else {
+        let ip6 = ctx.remote_ip6();
+        ip6[0] == 0
+            && ip6[1] == 0
+            && ((ip6[2] == 0 && ip6[3] == 1u32.to_be())
+                || (ip6[2] == V4_MAPPED_WORD && ip6[3] == LOOPBACK_V4_BE))
+    };
+    if to_loopback {
+        return;
+    }
     // SAFETY: bpf_get_netns_cookie accepts this program type's context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let (family, addr) = if ctx.family() == AF_INET {

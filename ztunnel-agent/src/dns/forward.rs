@@ -63,13 +63,15 @@ pub enum Attempt {
     Mismatch(SocketAddr),
 }
 
-/// Forwards `query` (its id is `id`) for `pod`; the resolver's answer, unchanged.
+/// Forwards `query` (its id is `id`) for `pod`; the resolver's answer, unchanged. A UDP
+/// answer is read into `max_udp` bytes (the question's EDNS payload size, at least 512).
 pub async fn forward(
     pod: &PodProxy,
     resolvers: &[SocketAddr],
     query: &[u8],
     id: u16,
     over_tcp: bool,
+    max_udp: usize,
 ) -> Result<Vec<u8>, Error> {
     if resolvers.is_empty() {
         return Err(Error::NoResolver);
@@ -83,7 +85,7 @@ pub async fn forward(
                 if over_tcp {
                     ask_tcp(pod, resolver, query).await
                 } else {
-                    ask_udp(pod, resolver, query).await
+                    ask_udp(pod, resolver, query, max_udp).await
                 }
             };
             let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
@@ -111,12 +113,17 @@ pub async fn forward(
     })
 }
 
-async fn ask_udp(pod: &PodProxy, resolver: SocketAddr, query: &[u8]) -> Result<Vec<u8>, Attempt> {
+async fn ask_udp(
+    pod: &PodProxy,
+    resolver: SocketAddr,
+    query: &[u8],
+    max_udp: usize,
+) -> Result<Vec<u8>, Attempt> {
     let io = |source| Attempt::Io { resolver, source };
     let socket = pod.sockets.udp_socket(resolver).map_err(io)?;
     socket.connect(resolver).await.map_err(io)?;
     socket.send(query).await.map_err(io)?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut buf = vec![0u8; max_udp.clamp(512, MAX_MESSAGE)];
     let n = socket.recv(&mut buf).await.map_err(io)?;
     buf.truncate(n);
     Ok(buf)

@@ -208,10 +208,23 @@ async fn serve_connection(mut stream: TcpStream, dns: &PodDns) {
     }
 }
 
-/// An error answer to `question`, when it has at least an id.
+/// An error answer to `question`, when it has at least an id. When it parses, the answer
+/// repeats its question, RD bit and EDNS: resolver libraries (glibc) ignore an answer whose
+/// question does not match theirs, and would wait out their timeout instead of moving on.
 fn error_answer(question: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
     let id = u16::from_be_bytes([*question.first()?, *question.get(1)?]);
-    Message::error_msg(id, OpCode::Query, code).to_vec().ok()
+    let mut answer = Message::error_msg(id, OpCode::Query, code);
+    if let Ok(request) = Message::from_vec(question) {
+        answer.metadata.recursion_desired = request.metadata.recursion_desired;
+        answer.metadata.recursion_available = true;
+        answer.add_queries(request.queries.iter().take(1).cloned());
+        if let Some(edns) = &request.edns {
+            let mut ours = hickory_proto::op::Edns::new();
+            ours.set_max_payload(edns.max_payload().max(512));
+            answer.set_edns(ours);
+        }
+    }
+    answer.to_vec().ok()
 }
 
 /// The `request_query_type` label: the usual types by name, anything else `other` (an
@@ -291,8 +304,15 @@ pub async fn handle(dns: &PodDns, question: &[u8], protocol: Protocol) -> Option
     }
     metrics.dns_upstream_request(&labels);
     let started = Instant::now();
-    let forwarded =
-        super::forward::forward(pod, &dns.resolvers, question, id, protocol == Protocol::Tcp).await;
+    let forwarded = super::forward::forward(
+        pod,
+        &dns.resolvers,
+        question,
+        id,
+        protocol == Protocol::Tcp,
+        usize::from(request.max_payload()),
+    )
+    .await;
     metrics.dns_upstream_duration(&labels, started.elapsed());
     match forwarded {
         Ok(answer) => Some(answer),
