@@ -446,6 +446,11 @@ fn bug_report_collects_with_the_agent_up_and_stopped_and_holds_no_secret() {
         let text = read(name);
         assert!(!text.contains(TOKEN), "the token is in {name}");
         assert!(!text.contains("PRIVATE KEY"), "a private key is in {name}");
+        // Nothing had to be cut either: no collector picked up key material at all.
+        assert!(
+            !text.contains("[private key redacted]"),
+            "a private key reached {name} (cut by redaction)"
+        );
         for line in &key_lines {
             assert!(!text.contains(line), "the CA key is in {name}");
         }

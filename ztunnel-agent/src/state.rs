@@ -285,42 +285,32 @@ impl MeshState {
         self.services.get(key).cloned()
     }
 
+    /// Every endpoint of `entry` serving `port`, in round-robin order, with its health.
+    fn endpoint_iter<'a>(
+        &'a self,
+        entry: &'a ServiceEntry,
+        port: u16,
+    ) -> impl Iterator<Item = (Endpoint, HealthStatus)> + 'a {
+        let default_target = entry.service.ports.get(&port).copied();
+        entry.endpoints.iter().filter_map(move |(uid, ports)| {
+            let workload = self.workload(uid)?;
+            let port = endpoint_port(ports, default_target, port)?;
+            let status = workload.status;
+            Some((Endpoint { workload, port }, status))
+        })
+    }
+
     /// Every endpoint of `entry` serving `port`, in round-robin order, with its health
     /// (unhealthy ones are listed but never picked).
     pub fn endpoints(&self, entry: &ServiceEntry, port: u16) -> Vec<(Endpoint, HealthStatus)> {
-        let default_target = entry.service.ports.get(&port).copied();
-        entry
-            .endpoints
-            .iter()
-            .filter_map(|(uid, ports)| {
-                let workload = self.workload(uid)?;
-                let target = endpoint_port(ports, default_target, port)?;
-                let status = workload.status;
-                Some((
-                    Endpoint {
-                        workload,
-                        port: target,
-                    },
-                    status,
-                ))
-            })
-            .collect()
+        self.endpoint_iter(entry, port).collect()
     }
 
     /// The healthy endpoints of `entry` serving `port`, in round-robin order.
     fn healthy_endpoints(&self, entry: &ServiceEntry, port: u16) -> Vec<Endpoint> {
-        let default_target = entry.service.ports.get(&port).copied();
-        entry
-            .endpoints
-            .iter()
-            .filter_map(|(uid, ports)| {
-                let workload = self.workload(uid)?;
-                if workload.status != HealthStatus::Healthy {
-                    return None;
-                }
-                let port = endpoint_port(ports, default_target, port)?;
-                Some(Endpoint { workload, port })
-            })
+        self.endpoint_iter(entry, port)
+            .filter(|(_, status)| *status == HealthStatus::Healthy)
+            .map(|(endpoint, _)| endpoint)
             .collect()
     }
 

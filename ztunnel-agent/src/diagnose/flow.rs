@@ -213,14 +213,6 @@ pub fn split_destination(text: &str) -> Option<(String, u16)> {
     valid.then(|| (host.to_string(), port))
 }
 
-/// The pod's address of `like`'s family, else its first.
-fn pod_address(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
-    ips.iter()
-        .find(|ip| ip.is_ipv4() == like.is_ipv4())
-        .or_else(|| ips.first())
-        .copied()
-}
-
 /// The explanation, from the agent's state now.
 pub fn explain(
     enrollment: &Enrollment,
@@ -451,8 +443,11 @@ pub fn explain(
             .iter()
             .map(|(e, health)| FlowEndpoint {
                 workload: format!("{}/{}", e.workload.namespace, e.workload.name),
-                address: pod_address(&e.workload.workload_ips, dialled.ip())
-                    .map(|ip| SocketAddr::new(ip, e.port)),
+                address: crate::state::workload::address_like(
+                    &e.workload.workload_ips,
+                    dialled.ip(),
+                )
+                .map(|ip| SocketAddr::new(ip, e.port)),
                 health: format!("{health:?}"),
                 next: next.as_ref().is_some_and(|n| Arc::ptr_eq(n, &e.workload)),
             })
@@ -517,7 +512,8 @@ pub fn explain(
     };
     // The pod's address of the destination's family (capture refused the connection above
     // when it has none).
-    let src_ip = pod_address(&source.ips, dialled.ip()).unwrap_or(dialled.ip());
+    let src_ip =
+        crate::state::workload::address_like(&source.ips, dialled.ip()).unwrap_or(dialled.ip());
     let (destination, identity, authz_dst) = match route {
         Route::Passthrough(target, workload) => {
             flow.protocol = Some("passthrough".into());

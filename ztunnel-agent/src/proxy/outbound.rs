@@ -72,11 +72,7 @@ pub enum Pick {
 
 /// The address of `w` in the same family as `like`, else its first.
 fn address_of(w: &Workload, like: IpAddr) -> Option<IpAddr> {
-    w.workload_ips
-        .iter()
-        .find(|ip| ip.is_ipv4() == like.is_ipv4())
-        .or_else(|| w.workload_ips.first())
-        .copied()
+    crate::state::workload::address_like(&w.workload_ips, like)
 }
 
 /// Where a connection from a pod on `network` to `dst` goes, from the mesh state alone (a

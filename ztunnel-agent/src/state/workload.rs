@@ -223,3 +223,11 @@ fn or_default(value: &str, default: &str) -> String {
         value.to_string()
     }
 }
+
+/// The address among `ips` of the same family as `like`, else the first.
+pub fn address_like(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == like.is_ipv4())
+        .or_else(|| ips.first())
+        .copied()
+}
