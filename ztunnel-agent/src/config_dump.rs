@@ -122,6 +122,7 @@ fn services(state: &MeshState) -> Vec<Value> {
                 "endpoints": endpoints,
                 "subjectAltNames": s.subject_alt_names,
                 "waypoint": s.waypoint,
+                "loadBalancer": s.load_balancer,
             })
         })
         .collect();

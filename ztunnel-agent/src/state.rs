@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use self::policy::Authorization;
-use self::service::Service;
-use self::workload::{HealthStatus, NetworkAddress, Workload};
+use self::service::{HealthPolicy, LoadBalancerMode, Scope, Service};
+use self::workload::{HealthStatus, Locality, NetworkAddress, Workload};
 
 /// A pod named the way operators name it, `<namespace>/<pod>` (and xDS and istio-cni agree
 /// on: a Kubernetes UID or an xDS uid is a different key, see `MeshState::pod_workload`).
@@ -306,32 +306,74 @@ impl MeshState {
         self.endpoint_iter(entry, port).collect()
     }
 
-    /// The healthy endpoints of `entry` serving `port`, in round-robin order.
-    fn healthy_endpoints(&self, entry: &ServiceEntry, port: u16) -> Vec<Endpoint> {
-        self.endpoint_iter(entry, port)
-            .filter(|(_, status)| *status == HealthStatus::Healthy)
-            .map(|(endpoint, _)| endpoint)
+    /// The endpoints of `entry` serving `port` that a connection from `src` may get, in
+    /// round-robin order: healthy ones (or all, under `AllowAll`), and under `Strict` or
+    /// `Failover` only those matching the most of the service's routing preferences
+    /// (upstream's ranking: preferences in order, stopping at the first mismatch).
+    fn eligible_endpoints(&self, entry: &ServiceEntry, port: u16, src: &Workload) -> Vec<Endpoint> {
+        let lb = entry.service.load_balancer.as_ref();
+        let allow_all = lb.is_some_and(|lb| lb.health_policy == HealthPolicy::AllowAll);
+        let endpoints = self
+            .endpoint_iter(entry, port)
+            .filter(|(_, status)| allow_all || *status == HealthStatus::Healthy)
+            .map(|(endpoint, _)| endpoint);
+        let Some(lb) = lb.filter(|lb| {
+            matches!(
+                lb.mode,
+                LoadBalancerMode::Strict | LoadBalancerMode::Failover
+            )
+        }) else {
+            return endpoints.collect();
+        };
+        let wanted = lb.routing_preferences.len();
+        let ranked: Vec<(usize, Endpoint)> = endpoints
+            .map(|e| (locality_rank(&lb.routing_preferences, src, &e.workload), e))
+            .filter(|(rank, _)| lb.mode != LoadBalancerMode::Strict || *rank >= wanted)
+            .collect();
+        let best = ranked.iter().map(|(rank, _)| *rank).max().unwrap_or(0);
+        ranked
+            .into_iter()
+            .filter(|(rank, _)| *rank == best)
+            .map(|(_, e)| e)
             .collect()
     }
 
-    /// Picks the next healthy endpoint of `entry` serving `port`, in strict round robin (the
-    /// guide's promise: per connection, in a fixed order, not configurable).
-    pub fn pick_endpoint(&self, entry: &ServiceEntry, port: u16) -> Option<Endpoint> {
-        let healthy = self.healthy_endpoints(entry, port);
-        if healthy.is_empty() {
+    /// Picks the next endpoint of `entry` serving `port` for a connection from `src`, in
+    /// strict round robin over the eligible ones (the guide's promise: per connection, in a
+    /// fixed order; the service's load-balancing settings only narrow who takes turns).
+    pub fn pick_endpoint(
+        &self,
+        entry: &ServiceEntry,
+        port: u16,
+        src: &Workload,
+    ) -> Option<Endpoint> {
+        let eligible = self.eligible_endpoints(entry, port, src);
+        if eligible.is_empty() {
             return None;
         }
         let turn = entry.cursor.fetch_add(1, Ordering::Relaxed);
-        let n = healthy.len();
-        healthy.into_iter().nth(turn % n)
+        let n = eligible.len();
+        eligible.into_iter().nth(turn % n)
     }
 
     /// The endpoint [`MeshState::pick_endpoint`] would pick next, without taking the turn.
-    pub fn peek_endpoint(&self, entry: &ServiceEntry, port: u16) -> Option<Endpoint> {
-        let healthy = self.healthy_endpoints(entry, port);
-        let n = healthy.len();
+    pub fn peek_endpoint(
+        &self,
+        entry: &ServiceEntry,
+        port: u16,
+        src: &Workload,
+    ) -> Option<Endpoint> {
+        let eligible = self.eligible_endpoints(entry, port, src);
+        let n = eligible.len();
         let turn = entry.cursor.load(Ordering::Relaxed);
-        healthy.into_iter().nth(turn % n.max(1))
+        eligible.into_iter().nth(turn % n.max(1))
+    }
+
+    /// The workload whose hostname is `name` (lowercase, no trailing dot).
+    pub fn workload_by_hostname(&self, name: &str) -> Option<Arc<Workload>> {
+        self.by_workload_hostname
+            .get(name)
+            .and_then(|uid| self.workload(uid))
     }
 
     /// Resolves `host` as a pod in `namespace` would under Kubernetes' DNS search rules
@@ -433,6 +475,43 @@ fn endpoint_port(
     })
 }
 
+/// How many of `preferences`, in order, `endpoint` shares with `src` (upstream's rank: the
+/// count stops at the first mismatch; a matching `Network` first counts as every preference,
+/// and a mismatching one is skipped so the others still rank).
+pub(crate) fn locality_rank(preferences: &[Scope], src: &Workload, endpoint: &Workload) -> usize {
+    let none = Locality::default();
+    let (a, b) = (
+        src.locality.as_ref().unwrap_or(&none),
+        endpoint.locality.as_ref().unwrap_or(&none),
+    );
+    let network_first = preferences.first() == Some(&Scope::Network);
+    let (mut rank, mut bonus) = (0, 0);
+    for scope in preferences {
+        let same = match scope {
+            Scope::Region => a.region == b.region,
+            Scope::Zone => a.zone == b.zone,
+            Scope::Subzone => a.subzone == b.subzone,
+            Scope::Node => src.node == endpoint.node,
+            Scope::Cluster => src.cluster_id == endpoint.cluster_id,
+            Scope::Network => {
+                let same = src.network == endpoint.network;
+                if network_first {
+                    if !same {
+                        continue;
+                    }
+                    bonus = preferences.len() - 1;
+                }
+                same
+            }
+        };
+        if !same {
+            break;
+        }
+        rank += 1;
+    }
+    rank + bonus
+}
+
 /// The cluster's DNS domain, as kubelet writes it into pods' search lists.
 pub const DNS_DOMAIN: &str = "cluster.local";
 
@@ -494,7 +573,7 @@ mod tests {
         let picks: Vec<String> = (0..9)
             .map(|_| {
                 state
-                    .pick_endpoint(&entry, 9080)
+                    .pick_endpoint(&entry, 9080, &Workload::default())
                     .expect("endpoint")
                     .workload
                     .name
@@ -505,10 +584,15 @@ mod tests {
             assert_eq!(picks.iter().filter(|p| *p == name).count(), 3, "{picks:?}");
         }
         assert_eq!(picks[0..3], picks[3..6], "fixed order");
-        assert!(state.pick_endpoint(&entry, 1234).is_none(), "no such port");
+        assert!(
+            state
+                .pick_endpoint(&entry, 1234, &Workload::default())
+                .is_none(),
+            "no such port"
+        );
         // Peeking names the next pick without taking it.
         let next = state
-            .peek_endpoint(&entry, 9080)
+            .peek_endpoint(&entry, 9080, &Workload::default())
             .expect("peek")
             .workload
             .name
@@ -516,7 +600,7 @@ mod tests {
         assert_eq!(
             next,
             state
-                .peek_endpoint(&entry, 9080)
+                .peek_endpoint(&entry, 9080, &Workload::default())
                 .expect("peek")
                 .workload
                 .name
@@ -524,7 +608,7 @@ mod tests {
         assert_eq!(
             next,
             state
-                .pick_endpoint(&entry, 9080)
+                .pick_endpoint(&entry, 9080, &Workload::default())
                 .expect("pick")
                 .workload
                 .name

@@ -135,18 +135,27 @@ fn keep_namespace(filter: &Filter, ns: &str) -> bool {
     filter.namespace.as_deref().is_none_or(|want| want == ns)
 }
 
-/// The waypoint column: the service name of a `ns/hostname` destination, the address of a
-/// `network/ip` one, else None.
-fn waypoint(v: &Value) -> String {
+/// The waypoint column, as istioctl fills it: the name of the service the waypoint names (by
+/// `namespace/hostname` or by one of its VIPs); for a waypoint given by a pod's address, that
+/// pod's name; `None` without a waypoint and `NA` for a waypoint the dump does not know.
+fn waypoint(v: &Value, dump: &Value) -> String {
     let dest = s(&v["waypoint"]["destination"]);
     if dest.is_empty() {
         return "None".into();
     }
-    match dest.split_once('/') {
-        Some((_, rest)) if rest.parse::<std::net::IpAddr>().is_ok() => rest.to_string(),
-        Some((_, host)) => host.split('.').next().unwrap_or(host).to_string(),
-        None => dest,
+    let services = items(&dump["services"]);
+    let by_service = services.iter().find(|svc| {
+        format!("{}/{}", s(&svc["namespace"]), s(&svc["hostname"])) == dest
+            || array(&svc["vips"]).iter().any(|vip| s(vip) == dest)
+    });
+    if let Some(svc) = by_service {
+        return s(&svc["name"]);
     }
+    let ip = dest.rsplit_once('/').map_or(dest.as_str(), |(_, ip)| ip);
+    items(&dump["workloads"])
+        .into_iter()
+        .find(|w| array(&w["workloadIps"]).iter().any(|a| s(a) == ip))
+        .map_or_else(|| "NA".to_string(), |w| s(&w["name"]))
 }
 
 fn workloads(dump: &Value, filter: &Filter) -> String {
@@ -184,7 +193,7 @@ fn workloads(dump: &Value, filter: &Filter) -> String {
             s(&w["name"]),
             ip,
             s(&w["node"]),
-            waypoint(w),
+            waypoint(w, dump),
             s(&w["protocol"]),
         ]);
     }
@@ -227,7 +236,7 @@ fn services(dump: &Value, filter: &Filter) -> String {
             s(&v["namespace"]),
             s(&v["name"]),
             vips.join(","),
-            waypoint(v),
+            waypoint(v, dump),
             format!("{healthy}/{total}"),
         ]);
     }
@@ -446,15 +455,27 @@ mod tests {
                 {"namespace": "default", "name": "productpage-v1", "workloadIps": ["10.244.1.10"], "node": "ambient-worker", "protocol": "HBONE"},
                 {"namespace": "default", "name": "curl", "workloadIps": ["10.244.1.12"], "node": "ambient-worker", "protocol": "HBONE",
                  "waypoint": {"destination": "default/waypoint.default.svc.cluster.local", "hboneMtlsPort": 15008}},
+                {"namespace": "default", "name": "ratings-v1", "workloadIps": ["10.244.1.13"], "node": "ambient-worker", "protocol": "HBONE",
+                 "waypoint": {"destination": "/10.96.0.99", "hboneMtlsPort": 15008}},
+                {"namespace": "default", "name": "reviews-v1", "workloadIps": ["10.244.1.14"], "node": "ambient-worker", "protocol": "HBONE",
+                 "waypoint": {"destination": "/10.244.1.12", "hboneMtlsPort": 15008}},
+                {"namespace": "default", "name": "reviews-v2", "workloadIps": ["10.244.1.15"], "node": "ambient-worker", "protocol": "HBONE",
+                 "waypoint": {"destination": "/10.9.9.9", "hboneMtlsPort": 15008}},
+            ],
+            "services": [
+                {"namespace": "default", "name": "bookinfo-wp", "hostname": "waypoint.default.svc.cluster.local", "vips": ["/10.96.0.99"]},
             ]
         });
         let out =
             render(&dump, Section::Workloads, Output::Short, &Filter::default()).expect("table");
         assert_eq!(
             out,
-            "NAMESPACE POD NAME       IP          NODE           WAYPOINT PROTOCOL\n\
-             default   curl           10.244.1.12 ambient-worker waypoint HBONE\n\
-             default   productpage-v1 10.244.1.10 ambient-worker None     HBONE\n"
+            "NAMESPACE POD NAME       IP          NODE           WAYPOINT    PROTOCOL\n\
+             default   curl           10.244.1.12 ambient-worker bookinfo-wp HBONE\n\
+             default   productpage-v1 10.244.1.10 ambient-worker None        HBONE\n\
+             default   ratings-v1     10.244.1.13 ambient-worker bookinfo-wp HBONE\n\
+             default   reviews-v1     10.244.1.14 ambient-worker curl        HBONE\n\
+             default   reviews-v2     10.244.1.15 ambient-worker NA          HBONE\n"
         );
         let only = Filter {
             workload_name: Some("curl".into()),

@@ -22,7 +22,7 @@ use crate::enroll::{Enrollment, PodFacts};
 use crate::http::text;
 use crate::identity::manager::CertState;
 use crate::proxy::hbone::PoolKey;
-use crate::proxy::outbound::{route_with, Pick, Route};
+use crate::proxy::outbound::{route_with, Pick, Route, Source};
 use crate::state::workload::HealthStatus;
 use crate::state::{MeshState, PodRef};
 
@@ -428,7 +428,15 @@ pub fn explain(
 
     // The route, by the proxy's own routing (peeking at the round robin, not taking its
     // turn), computed once: the endpoint shown next is the one the route names.
-    let routed = route_with(&state, &proxy.network, dialled, Pick::Peek);
+    let own = proxy.workload(&state);
+    let subject = proxy.policy_subject(own.as_deref());
+    let from = Source {
+        network: &proxy.network,
+        workload: &subject,
+        identity: &proxy.identity,
+        ip: crate::state::workload::address_like(&source.ips, dialled.ip()).unwrap_or(dialled.ip()),
+    };
+    let routed = route_with(&state, &from, dialled, Pick::Peek);
     let routed_workload = match &routed {
         Ok(Route::Hbone { workload, .. }) => Some(workload.clone()),
         Ok(Route::Passthrough(_, workload)) => workload.clone(),
@@ -512,8 +520,7 @@ pub fn explain(
     };
     // The pod's address of the destination's family (capture refused the connection above
     // when it has none).
-    let src_ip =
-        crate::state::workload::address_like(&source.ips, dialled.ip()).unwrap_or(dialled.ip());
+    let src_ip = from.ip;
     let (destination, identity, authz_dst) = match route {
         Route::Passthrough(target, workload) => {
             flow.protocol = Some("passthrough".into());

@@ -29,9 +29,10 @@ pub struct Service {
     /// Waypoint serving this service.
     #[serde(default)]
     pub waypoint: Option<GatewayAddress>,
-    /// Load-balancing settings (accepted; the guide promises plain round robin).
+    /// Locality-aware endpoint selection, as istiod derives it from the Service's
+    /// `trafficDistribution` or `networking.istio.io/traffic-distribution`.
     #[serde(default)]
-    pub load_balancer: Option<serde_yaml_ng::Value>,
+    pub load_balancer: Option<LoadBalancer>,
     /// IP families.
     #[serde(default)]
     pub ip_families: Option<String>,
@@ -42,4 +43,62 @@ impl Service {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
     }
+}
+
+/// How a service's endpoints are chosen (upstream's `LoadBalancing`). Within the endpoints
+/// left, the pick is the guide's strict round robin.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// Locality dimensions to keep traffic within, most important first.
+    #[serde(default)]
+    pub routing_preferences: Vec<Scope>,
+    /// How the preferences apply.
+    #[serde(default)]
+    pub mode: LoadBalancerMode,
+    /// Whether unhealthy endpoints may be picked.
+    #[serde(default)]
+    pub health_policy: HealthPolicy,
+}
+
+/// How routing preferences apply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum LoadBalancerMode {
+    /// Preferences are ignored: every endpoint takes its turn.
+    #[default]
+    Standard,
+    /// Only endpoints matching every preference; none left refuses the connection.
+    Strict,
+    /// Endpoints matching the most preferences (in order) first; the next level when a
+    /// level empties.
+    Failover,
+    /// No endpoint selection: the connection goes to the address dialled.
+    Passthrough,
+}
+
+/// A locality dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Scope {
+    /// Same region.
+    Region,
+    /// Same zone.
+    Zone,
+    /// Same subzone.
+    Subzone,
+    /// Same node.
+    Node,
+    /// Same cluster.
+    Cluster,
+    /// Same network.
+    Network,
+}
+
+/// Which endpoints may be picked by health.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum HealthPolicy {
+    /// Healthy endpoints only.
+    #[default]
+    OnlyHealthy,
+    /// Unhealthy endpoints too.
+    AllowAll,
 }

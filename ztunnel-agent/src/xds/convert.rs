@@ -11,7 +11,9 @@ use crate::proto::workload as pb;
 use crate::state::policy::{
     Action, Authorization, RbacMatch, Scope, ServiceAccountMatch, StringMatch,
 };
-use crate::state::service::Service;
+use crate::state::service::{
+    HealthPolicy, LoadBalancer, LoadBalancerMode, Scope as LbScope, Service,
+};
 use crate::state::workload::{
     ApplicationTunnel, GatewayAddress, HealthStatus, Locality, NetworkAddress, Protocol, Workload,
 };
@@ -301,9 +303,86 @@ pub fn service(s: &pb::Service) -> Result<Service, Invalid> {
             .as_ref()
             .map(|g| gateway("waypoint", g))
             .transpose()?,
-        load_balancer: None,
+        load_balancer: s.load_balancing.as_ref().map(load_balancer).transpose()?,
         ip_families: None,
     })
+}
+
+/// A service's load balancing from xDS (unknown enum values are refused, naming the field).
+fn load_balancer(lb: &pb::LoadBalancing) -> Result<LoadBalancer, Invalid> {
+    use pb::load_balancing::{HealthPolicy as PbHealth, Mode, Scope as PbScope};
+    let routing_preferences = lb
+        .routing_preference
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match PbScope::try_from(*v) {
+            Ok(PbScope::Region) => Ok(LbScope::Region),
+            Ok(PbScope::Zone) => Ok(LbScope::Zone),
+            Ok(PbScope::Subzone) => Ok(LbScope::Subzone),
+            Ok(PbScope::Node) => Ok(LbScope::Node),
+            Ok(PbScope::Cluster) => Ok(LbScope::Cluster),
+            Ok(PbScope::Network) => Ok(LbScope::Network),
+            _ => Err(invalid(format!(
+                "loadBalancing.routingPreference[{i}] is {v}, not one of REGION, ZONE, SUBZONE, NODE, CLUSTER, NETWORK"
+            ))),
+        })
+        .collect::<Result<Vec<_>, Invalid>>()?;
+    let mode = match Mode::try_from(lb.mode) {
+        Ok(Mode::UnspecifiedMode) => LoadBalancerMode::Standard,
+        Ok(Mode::Strict) => LoadBalancerMode::Strict,
+        Ok(Mode::Failover) => LoadBalancerMode::Failover,
+        Ok(Mode::Passthrough) => LoadBalancerMode::Passthrough,
+        Err(_) => return Err(invalid(format!(
+            "loadBalancing.mode is {}, not one of UNSPECIFIED_MODE, STRICT, FAILOVER, PASSTHROUGH",
+            lb.mode
+        ))),
+    };
+    let health_policy = match PbHealth::try_from(lb.health_policy) {
+        Ok(PbHealth::OnlyHealthy) => HealthPolicy::OnlyHealthy,
+        Ok(PbHealth::AllowAll) => HealthPolicy::AllowAll,
+        Err(_) => {
+            return Err(invalid(format!(
+                "loadBalancing.healthPolicy is {}, not one of ONLY_HEALTHY, ALLOW_ALL",
+                lb.health_policy
+            )))
+        }
+    };
+    Ok(LoadBalancer {
+        routing_preferences,
+        mode,
+        health_policy,
+    })
+}
+
+fn load_balancer_to_proto(lb: &LoadBalancer) -> pb::LoadBalancing {
+    use pb::load_balancing::{HealthPolicy as PbHealth, Mode, Scope as PbScope};
+    pb::LoadBalancing {
+        routing_preference: lb
+            .routing_preferences
+            .iter()
+            .map(|s| {
+                (match s {
+                    LbScope::Region => PbScope::Region,
+                    LbScope::Zone => PbScope::Zone,
+                    LbScope::Subzone => PbScope::Subzone,
+                    LbScope::Node => PbScope::Node,
+                    LbScope::Cluster => PbScope::Cluster,
+                    LbScope::Network => PbScope::Network,
+                }) as i32
+            })
+            .collect(),
+        mode: (match lb.mode {
+            LoadBalancerMode::Standard => Mode::UnspecifiedMode,
+            LoadBalancerMode::Strict => Mode::Strict,
+            LoadBalancerMode::Failover => Mode::Failover,
+            LoadBalancerMode::Passthrough => Mode::Passthrough,
+        }) as i32,
+        health_policy: (match lb.health_policy {
+            HealthPolicy::OnlyHealthy => PbHealth::OnlyHealthy,
+            HealthPolicy::AllowAll => PbHealth::AllowAll,
+        }) as i32,
+        ..Default::default()
+    }
 }
 
 /// A service as xDS carries it.
@@ -331,6 +410,7 @@ pub fn service_to_proto(s: &Service) -> pb::Service {
             .collect(),
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: s.waypoint.as_ref().map(gateway_to_proto),
+        load_balancing: s.load_balancer.as_ref().map(load_balancer_to_proto),
         ..Default::default()
     }
 }
@@ -544,7 +624,6 @@ mod tests {
         for s in &config.services {
             let mut expected = s.clone();
             expected.endpoints.clear();
-            expected.load_balancer = None;
             expected.ip_families = None;
             assert_eq!(service(&service_to_proto(s)).expect("valid"), expected);
         }
