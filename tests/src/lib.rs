@@ -10,6 +10,7 @@ pub mod one_hop;
 pub mod prometheus;
 pub mod topology;
 pub mod traffic;
+pub mod waypoint;
 pub mod xds_mesh;
 
 use std::time::{Duration, Instant};

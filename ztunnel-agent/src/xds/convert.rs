@@ -332,10 +332,12 @@ fn load_balancer(lb: &pb::LoadBalancing) -> Result<LoadBalancer, Invalid> {
         Ok(Mode::Strict) => LoadBalancerMode::Strict,
         Ok(Mode::Failover) => LoadBalancerMode::Failover,
         Ok(Mode::Passthrough) => LoadBalancerMode::Passthrough,
-        Err(_) => return Err(invalid(format!(
+        Err(_) => {
+            return Err(invalid(format!(
             "loadBalancing.mode is {}, not one of UNSPECIFIED_MODE, STRICT, FAILOVER, PASSTHROUGH",
             lb.mode
-        ))),
+        )))
+        }
     };
     let health_policy = match PbHealth::try_from(lb.health_policy) {
         Ok(PbHealth::OnlyHealthy) => HealthPolicy::OnlyHealthy,
