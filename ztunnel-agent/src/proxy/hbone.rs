@@ -81,7 +81,7 @@ pub enum Error {
         status: StatusCode,
     },
     /// The authority is not this pod's.
-    #[error("authority {authority} is not an address of pod {pod}")]
+    #[error("authority {authority} is not an address of pod {pod}, nor a service or workload whose waypoint is this pod")]
     WrongAuthority {
         /// Requested.
         authority: String,

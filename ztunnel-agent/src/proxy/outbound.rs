@@ -227,7 +227,7 @@ fn waypoint_ref(destination: &str) -> WaypointRef<'_> {
 }
 
 /// The waypoint's service (when it is one) or its workload.
-fn waypoint_target(
+pub(crate) fn waypoint_target(
     mesh: &MeshState,
     gw: &GatewayAddress,
 ) -> Option<Result<Arc<ServiceEntry>, Arc<Workload>>> {

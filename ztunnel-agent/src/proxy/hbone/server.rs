@@ -1,7 +1,7 @@
 //! The 15008 server in each pod: TLS with the pod's certificate, client certificate
 //! required; each CONNECT stream is one inbound connection.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,6 +17,8 @@ use crate::identity::Identity;
 use crate::metrics::OpenSocket;
 use crate::proxy::connection::{Connection, ConnectionError};
 use crate::proxy::{PodProxy, ILLEGAL_PORTS};
+use crate::state::workload::Workload;
+use crate::state::MeshState;
 use crate::telemetry::ErrorChain;
 
 /// Serves one connection accepted on a pod's 15008.
@@ -65,6 +67,7 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
                     tokio::spawn(drain.track(handle_connect(
                         pod.clone(),
                         peer,
+                        local.ip(),
                         client_identity.clone(),
                         req,
                         respond,
@@ -125,10 +128,42 @@ impl Refusal {
     }
 }
 
+/// Where a CONNECT for `authority`, accepted on this pod's `local` address, goes (upstream's
+/// inbound checks): the authority itself when it is one of the pod's addresses; on a pod that
+/// is a waypoint (the "sandwich"), the pod's own address at the authority's port when the
+/// authority is a service VIP or a workload address whose waypoint is this pod. Anything else
+/// is refused: a peer cannot use a pod's 15008 to reach another destination.
+pub fn inbound_target(
+    mesh: &MeshState,
+    network: &str,
+    pod_ips: &[IpAddr],
+    local: IpAddr,
+    workload: Option<&Workload>,
+    authority: SocketAddr,
+) -> Option<SocketAddr> {
+    if pod_ips.contains(&authority.ip()) {
+        return Some(authority);
+    }
+    let me = workload?;
+    let waypoint = match mesh.service_by_vip(network, authority.ip()) {
+        Some(entry) => entry.service.waypoint.clone(),
+        None => mesh
+            .workload_by_ip(network, authority.ip())?
+            .waypoint
+            .clone(),
+    }?;
+    let this_pod = match crate::proxy::outbound::waypoint_target(mesh, &waypoint)? {
+        Ok(service) => service.endpoints.contains_key(&me.key()),
+        Err(w) => w.workload_ips.contains(&local),
+    };
+    this_pod.then(|| SocketAddr::new(local, authority.port()))
+}
+
 /// Serves one CONNECT stream: one inbound connection.
 async fn handle_connect(
     pod: Arc<PodProxy>,
     peer: SocketAddr,
+    local: IpAddr,
     client: Identity,
     req: Request<RecvStream>,
     mut answer: SendResponse<Bytes>,
@@ -138,7 +173,7 @@ async fn handle_connect(
     // src.addr is the tunnel's peer, as upstream (and the guide) report it.
     let mut conn = Connection::new(Direction::Inbound, peer, target.unwrap_or(peer));
     let span = conn.span();
-    let accepted = accept_connect(&pod, client, &req, authority, target, &mut conn)
+    let accepted = accept_connect(&pod, local, client, &req, authority, target, &mut conn)
         .instrument(span.clone())
         .await;
     let (app, target) = match accepted {
@@ -194,6 +229,7 @@ async fn relay(
 /// returns the application's socket and address.
 async fn accept_connect(
     pod: &Arc<PodProxy>,
+    local: IpAddr,
     client: Identity,
     req: &Request<RecvStream>,
     authority: Option<String>,
@@ -217,13 +253,17 @@ async fn accept_connect(
         let e = Error::NotConnect(req.method().clone());
         return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
     }
-    let Some(target) = target.filter(|t| pod.ips.contains(&t.ip())) else {
+    let workload = conn.record.dst.detail.clone();
+    let inbound = target
+        .and_then(|t| inbound_target(&mesh, &pod.network, &pod.ips, local, workload.as_deref(), t));
+    let Some(target) = inbound else {
         let e = Error::WrongAuthority {
             authority: authority.unwrap_or_default(),
             pod: pod.name.clone(),
         };
         return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
     };
+    conn.record.dst_addr = target;
     if ILLEGAL_PORTS.contains(&target.port()) {
         let e = crate::proxy::Error::SelfCall(target);
         return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
@@ -240,4 +280,140 @@ async fn accept_connect(
         .await
         .map_err(|e| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
     Ok((app, target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: &str = "10.0.0.1";
+    const SERVER: &str = "10.0.0.2";
+    const SERVER_VIP: &str = "10.96.0.2";
+    const WAYPOINT: &str = "10.0.0.3";
+    const WAYPOINT_VIP: &str = "10.96.0.3";
+
+    /// Upstream's inbound test state: a client, a server behind `server`, and a waypoint pod
+    /// behind `waypoint`; `server_waypoint` attaches the waypoint (by pod address or VIP) to
+    /// the server's workload (`workload`) or service (`service`).
+    fn state(attach: &str, by: &str) -> MeshState {
+        let wp = format!("waypoint: {{destination: \"/{by}\", hboneMtlsPort: 15008}}");
+        let (on_workload, on_service) = match attach {
+            "workload" => (format!(", {wp}"), String::new()),
+            "service" => (String::new(), format!(", {wp}")),
+            _ => (String::new(), String::new()),
+        };
+        let yaml = format!(
+            r#"
+workloads:
+- {{uid: c, name: client, namespace: default, protocol: HBONE, workloadIps: [{CLIENT}]}}
+- {{uid: s, name: server, namespace: default, protocol: HBONE, workloadIps: [{SERVER}],
+   services: {{"default/server.default.svc.cluster.local": {{80: 8080}}}}{on_workload}}}
+- {{uid: w, name: waypoint, namespace: default, protocol: HBONE, workloadIps: [{WAYPOINT}],
+   services: {{"default/waypoint.default.svc.cluster.local": {{15008: 15008}}}}}}
+services:
+- {{name: server, namespace: default, hostname: server.default.svc.cluster.local,
+   vips: ["/{SERVER_VIP}"], ports: {{80: 8080}}{on_service}}}
+- {{name: waypoint, namespace: default, hostname: waypoint.default.svc.cluster.local,
+   vips: ["/{WAYPOINT_VIP}"], ports: {{15008: 15008}}}}
+"#
+        );
+        crate::xds::local::load_state(std::path::Path::new("inbound.yaml"), &yaml)
+            .expect("parses")
+            .0
+    }
+
+    /// Name, attachment, waypoint given by, connection to, authority IP, expected target IP.
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str, Option<&'a str>);
+
+    /// Upstream's `test_find_inbound_upstream` cases (src/proxy/inbound.rs) without an
+    /// application tunnel (PROXY) or a hostname authority, which this agent does not take:
+    /// (attachment, waypoint given by, connection to, authority IP, expected target IP).
+    #[test]
+    fn inbound_targets_follow_upstreams_sandwich_checks() {
+        let cases: &[Case] = &[
+            (
+                "to workload no waypoint",
+                "none",
+                "",
+                SERVER,
+                SERVER,
+                Some(SERVER),
+            ),
+            (
+                "to workload with waypoint referenced by pod",
+                "workload",
+                WAYPOINT,
+                WAYPOINT,
+                SERVER,
+                Some(WAYPOINT),
+            ),
+            (
+                "to workload with waypoint referenced by vip",
+                "workload",
+                WAYPOINT_VIP,
+                WAYPOINT,
+                SERVER,
+                Some(WAYPOINT),
+            ),
+            (
+                "to service with waypoint referenced by pod",
+                "service",
+                WAYPOINT,
+                WAYPOINT,
+                SERVER_VIP,
+                Some(WAYPOINT),
+            ),
+            (
+                "to service with waypoint referenced by vip",
+                "service",
+                WAYPOINT_VIP,
+                WAYPOINT,
+                SERVER_VIP,
+                Some(WAYPOINT),
+            ),
+            ("to server ip mismatch", "none", "", SERVER, CLIENT, None),
+            (
+                "to waypoint without attachment",
+                "none",
+                "",
+                WAYPOINT,
+                CLIENT,
+                None,
+            ),
+            (
+                "to workload via waypoint with wrong attachment",
+                "service",
+                WAYPOINT,
+                WAYPOINT,
+                SERVER,
+                None,
+            ),
+            (
+                "to service via waypoint with wrong attachment",
+                "workload",
+                WAYPOINT,
+                WAYPOINT,
+                SERVER_VIP,
+                None,
+            ),
+            // Not upstream's: the server itself cannot be asked for its service's VIP.
+            (
+                "to the server for its own service's VIP",
+                "service",
+                WAYPOINT,
+                SERVER,
+                SERVER_VIP,
+                None,
+            ),
+        ];
+        for (name, attach, by, conn_to, authority, want) in cases {
+            let mesh = state(attach, by);
+            let local: IpAddr = conn_to.parse().expect("ip");
+            let me = mesh.workload_by_ip("", local).expect("the pod");
+            let authority = SocketAddr::new(authority.parse().expect("ip"), 8080);
+            let got = inbound_target(&mesh, "", &me.workload_ips, local, Some(&me), authority);
+            let want = want.map(|ip| SocketAddr::new(ip.parse().expect("ip"), 8080));
+            assert_eq!(got, want, "{name}");
+        }
+    }
 }
