@@ -78,6 +78,7 @@ impl Waypoint {
                 ready_tx.send(()).expect("ready");
                 loop {
                     let Ok((tcp, _)) = listener.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     };
                     let (acceptor, certs, me, log, resolve) = (

@@ -144,12 +144,13 @@ fn traffic_goes_through_the_waypoint_istiod_names() {
     };
 
     // 1. The service's waypoint, named by the waypoint service's VIP.
+    let mark = agent.log_mark();
     assert_eq!(through("via-vip", vip), "hello via-vip");
     let seen = waypoint.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].authority, format!("{SERVICE_VIP}:9080"));
     assert_eq!(seen[0].identity, id("client"));
-    let out = agent.wait_log(&["direction=\"outbound\"", "bytes_recv=13"]);
+    let out = agent.wait_log_after(mark, &["direction=\"outbound\"", "bytes_recv=13"]);
     for field in [
         format!("dst.addr={}:15008", wp.ip4),
         format!("dst.hbone_addr=\"{SERVICE_VIP}:9080\""),
@@ -160,11 +161,26 @@ fn traffic_goes_through_the_waypoint_istiod_names() {
         assert!(out.contains(&field), "{field} in {out}");
     }
     // The server's agent sees the waypoint, not the client.
-    let inbound = agent.wait_log(&["direction=\"inbound\"", "dst.workload=\"server\""]);
+    let inbound = agent.wait_log_after(mark, &["direction=\"inbound\"", "dst.workload=\"server\""]);
     assert!(
         inbound.contains(&format!("src.identity=\"{}\"", id("waypoint"))),
         "{inbound}"
     );
+
+    // `diagnose flow` explains the same route before any connection is made.
+    let vip_arg = vip.to_string();
+    let (code, flow, err) = agent.cli_status(&["diagnose", "flow", "default/client", &vip_arg]);
+    assert_eq!(code, 0, "{flow}{err}");
+    for part in [
+        format!("the service's waypoint /{WAYPOINT_VIP} picks the endpoint"),
+        format!(
+            "HBONE through waypoint /{WAYPOINT_VIP} at {}:15008, :authority {vip}",
+            wp.ip4
+        ),
+        "waypoint workload default/waypoint".to_string(),
+    ] {
+        assert!(flow.contains(&part), "{part} in\n{flow}");
+    }
 
     // 2. The same waypoint named by hostname.
     rewrite(
@@ -172,7 +188,13 @@ fn traffic_goes_through_the_waypoint_istiod_names() {
         &config,
         &mesh_yaml(&pods, "default/waypoint.default.svc.cluster.local", true),
     );
+    let mark = agent.log_mark();
     assert_eq!(through("via-name", vip), "hello via-name");
+    let out = agent.wait_log_after(
+        mark,
+        &["direction=\"outbound\"", "dst.workload=\"waypoint\""],
+    );
+    assert!(out.contains(&format!("dst.addr={}:15008", wp.ip4)), "{out}");
     let seen = waypoint.seen();
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[1].authority, format!("{SERVICE_VIP}:9080"));
@@ -180,24 +202,27 @@ fn traffic_goes_through_the_waypoint_istiod_names() {
 
     // 3. Workload-addressed traffic to a pod whose waypoint is the waypoint pod's address.
     let backend_addr = SocketAddr::new(backend.ip4, 9080);
+    let mark = agent.log_mark();
     assert_eq!(through("to-pod", backend_addr), "hello to-pod");
     let seen = waypoint.seen();
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(seen[2].authority, backend_addr.to_string());
     assert_eq!(seen[2].identity, id("client"));
-    let inbound = agent.wait_log(&["direction=\"inbound\"", "dst.workload=\"backend\""]);
+    let inbound =
+        agent.wait_log_after(mark, &["direction=\"inbound\"", "dst.workload=\"backend\""]);
     assert!(
         inbound.contains(&format!("src.identity=\"{}\"", id("waypoint"))),
         "{inbound}"
     );
 
     // 4. A destination without a waypoint is reached directly, as the client.
+    let mark = agent.log_mark();
     assert_eq!(
         through("direct", SocketAddr::new(plain.ip4, 9080)),
         "hello direct"
     );
     assert_eq!(waypoint.seen().len(), 3, "the waypoint saw nothing more");
-    let inbound = agent.wait_log(&["direction=\"inbound\"", "dst.workload=\"plain\""]);
+    let inbound = agent.wait_log_after(mark, &["direction=\"inbound\"", "dst.workload=\"plain\""]);
     assert!(
         inbound.contains(&format!("src.identity=\"{}\"", id("client"))),
         "{inbound}"
@@ -223,5 +248,11 @@ fn traffic_goes_through_the_waypoint_istiod_names() {
         "{line}"
     );
     assert_eq!(waypoint.seen().len(), 3, "nothing reached the waypoint");
+    let (code, flow, _) = agent.cli_status(&["diagnose", "flow", "default/client", &vip_arg]);
+    assert_eq!(code, 1, "{flow}");
+    assert!(
+        flow.contains("no healthy waypoint for service server.default.svc.cluster.local"),
+        "{flow}"
+    );
     let _ = std::fs::remove_dir_all(&ca);
 }

@@ -218,6 +218,20 @@ impl PodProxy {
         }
     }
 
+    /// This pod as routing sees it (its locality for load balancing, and whether it is a
+    /// waypoint): its workload, or, unknown to the mesh state yet, one with its name,
+    /// namespace and network.
+    pub fn routing_workload(&self, mesh: &MeshState) -> Arc<crate::state::workload::Workload> {
+        self.workload(mesh).unwrap_or_else(|| {
+            Arc::new(crate::state::workload::Workload {
+                name: self.name.clone(),
+                namespace: self.namespace.clone(),
+                network: self.network.clone(),
+                ..Default::default()
+            })
+        })
+    }
+
     /// The hostname of a service `workload` (this pod's) backs on `target_port`.
     pub fn service_of(
         workload: Option<&crate::state::workload::Workload>,

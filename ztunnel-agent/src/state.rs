@@ -327,8 +327,11 @@ impl MeshState {
         };
         let wanted = lb.routing_preferences.len();
         let ranked: Vec<(usize, Endpoint)> = endpoints
-            .map(|e| (locality_rank(&lb.routing_preferences, src, &e.workload), e))
-            .filter(|(rank, _)| lb.mode != LoadBalancerMode::Strict || *rank >= wanted)
+            .filter_map(|e| {
+                let (matched, bonus) = locality_rank(&lb.routing_preferences, src, &e.workload);
+                let strict_miss = lb.mode == LoadBalancerMode::Strict && matched < wanted;
+                (!strict_miss).then_some((matched + bonus, e))
+            })
             .collect();
         let best = ranked.iter().map(|(rank, _)| *rank).max().unwrap_or(0);
         ranked
@@ -475,10 +478,15 @@ fn endpoint_port(
     })
 }
 
-/// How many of `preferences`, in order, `endpoint` shares with `src` (upstream's rank: the
-/// count stops at the first mismatch; a matching `Network` first counts as every preference,
-/// and a mismatching one is skipped so the others still rank).
-pub(crate) fn locality_rank(preferences: &[Scope], src: &Workload, endpoint: &Workload) -> usize {
+/// How many of `preferences`, in order, `endpoint` shares with `src`, and a bonus (upstream's
+/// rank: the count stops at the first mismatch; a matching `Network` first is worth every
+/// other preference more, and a mismatching one is skipped so the others still rank). Strict
+/// mode needs the count alone to cover every preference; endpoints rank by the sum.
+pub(crate) fn locality_rank(
+    preferences: &[Scope],
+    src: &Workload,
+    endpoint: &Workload,
+) -> (usize, usize) {
     let none = Locality::default();
     let (a, b) = (
         src.locality.as_ref().unwrap_or(&none),
@@ -509,7 +517,7 @@ pub(crate) fn locality_rank(preferences: &[Scope], src: &Workload, endpoint: &Wo
         }
         rank += 1;
     }
-    rank + bonus
+    (rank, bonus)
 }
 
 /// The cluster's DNS domain, as kubelet writes it into pods' search lists.

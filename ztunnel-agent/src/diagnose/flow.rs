@@ -22,7 +22,8 @@ use crate::enroll::{Enrollment, PodFacts};
 use crate::http::text;
 use crate::identity::manager::CertState;
 use crate::proxy::hbone::PoolKey;
-use crate::proxy::outbound::{route_with, Pick, Route, Source};
+use crate::proxy::outbound::{route_with, Pick, Route, RouteError, Source};
+use crate::state::service::LoadBalancerMode;
 use crate::state::workload::HealthStatus;
 use crate::state::{MeshState, PodRef};
 
@@ -428,11 +429,10 @@ pub fn explain(
 
     // The route, by the proxy's own routing (peeking at the round robin, not taking its
     // turn), computed once: the endpoint shown next is the one the route names.
-    let own = proxy.workload(&state);
-    let subject = proxy.policy_subject(own.as_deref());
+    let me = proxy.routing_workload(&state);
     let from = Source {
         network: &proxy.network,
-        workload: &subject,
+        workload: &me,
         identity: &proxy.identity,
         ip: crate::state::workload::address_like(&source.ips, dialled.ip()).unwrap_or(dialled.ip()),
     };
@@ -445,7 +445,22 @@ pub fn explain(
     // The service's endpoints, with the round robin's next pick.
     if let Some(entry) = state.service_by_vip(&proxy.network, dialled.ip()) {
         flow.service = Some(entry.service.hostname.clone());
-        let next = routed_workload.clone();
+        // Through the service's waypoint, or with PASSTHROUGH load balancing, this agent
+        // picks no endpoint: the listing is for information.
+        let through_waypoint = matches!(
+            &routed,
+            Ok(Route::Hbone {
+                waypoint: Some(_),
+                ..
+            }) | Err(RouteError::UnknownWaypoint { .. } | RouteError::NoHealthyWaypoint { .. })
+        );
+        let lb = entry.service.load_balancer.as_ref();
+        let passthrough = lb.is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough);
+        let next = if through_waypoint || passthrough {
+            None
+        } else {
+            routed_workload.clone()
+        };
         let endpoints = state.endpoints(&entry, port);
         flow.endpoints = endpoints
             .iter()
@@ -464,28 +479,66 @@ pub fn explain(
             .iter()
             .filter(|(_, h)| *h == HealthStatus::Healthy)
             .count();
-        let mut check = match &next {
-            Some(n) => Check::new(
+        let health = if healthy < endpoints.len() {
+            Verdict::Warn
+        } else {
+            Verdict::Ok
+        };
+        let summary = format!(
+            "service {}: {healthy} of {} endpoints healthy for port {port}",
+            entry.service.hostname,
+            endpoints.len()
+        );
+        let mut check = match (&next, &entry.service.waypoint) {
+            (_, Some(wp)) if through_waypoint => Check::new(
                 "endpoints",
-                if healthy < endpoints.len() { Verdict::Warn } else { Verdict::Ok },
+                health,
                 format!(
-                    "service {}: {healthy} of {} endpoints healthy for port {port}; the round robin (shared by every pod on this node) gives the next connection to {}/{}",
-                    entry.service.hostname,
-                    endpoints.len(),
-                    n.namespace,
-                    n.name
+                    "{summary}; the service's waypoint {} picks the endpoint (this agent sends the connection to the waypoint)",
+                    wp.destination
                 ),
             ),
-            None => Check::new(
+            _ if passthrough => Check::new(
+                "endpoints",
+                Verdict::Ok,
+                format!("{summary}; loadBalancing mode PASSTHROUGH: no endpoint is picked, the connection goes to {dialled} as dialled"),
+            ),
+            (Some(n), _) => Check::new(
+                "endpoints",
+                health,
+                format!(
+                    "{summary}; the round robin (shared by every pod on this node) gives the next connection to {}/{}",
+                    n.namespace, n.name
+                ),
+            ),
+            (None, _) => Check::new(
                 "endpoints",
                 Verdict::Fail,
-                format!(
-                    "service {} has no healthy endpoint for port {port} ({} listed)",
-                    entry.service.hostname,
-                    endpoints.len()
-                ),
+                match &routed {
+                    Err(e) => crate::telemetry::ErrorChain(e).to_string(),
+                    Ok(_) => format!(
+                        "service {} has no healthy endpoint for port {port} ({} listed)",
+                        entry.service.hostname,
+                        endpoints.len()
+                    ),
+                },
             ),
         };
+        if let Some(lb) = lb.filter(|lb| {
+            matches!(
+                lb.mode,
+                LoadBalancerMode::Strict | LoadBalancerMode::Failover
+            )
+        }) {
+            check = check.with(format!(
+                "loadBalancing {:?} by {:?}: only the endpoints sharing the most of these with {}/{} take turns{}",
+                lb.mode,
+                lb.routing_preferences,
+                proxy.namespace,
+                proxy.name,
+                if lb.mode == LoadBalancerMode::Strict { " (all of them, or none)" } else { "" }
+            ));
+        }
         for e in &flow.endpoints {
             check = check.with(format!(
                 "{} {} {}{}",
@@ -496,13 +549,7 @@ pub fn explain(
                 if e.next { "  <- next" } else { "" }
             ));
         }
-        if let Some(wp) = &entry.service.waypoint {
-            check = check.with(format!(
-                "through the service's waypoint {}, which may pick the endpoint itself",
-                wp.destination
-            ));
-        }
-        if next.is_none() {
+        if next.is_none() && !through_waypoint && !passthrough {
             return flow.stop(check);
         }
         flow.push(check);
@@ -530,7 +577,12 @@ pub fn explain(
                     "workload {}/{} speaks plain TCP ({:?})",
                     w.namespace, w.name, w.protocol
                 ),
-                None => "the destination is outside the mesh".to_string(),
+                None => match &flow.service {
+                    Some(service) => {
+                        format!("service {service} has loadBalancing mode PASSTHROUGH")
+                    }
+                    None => "the destination is outside the mesh".to_string(),
+                },
             };
             flow.workload = workload
                 .as_ref()
@@ -567,8 +619,14 @@ pub fn explain(
                 },
             )
             .with(format!(
-                "destination workload {}/{}",
-                workload.namespace, workload.name
+                "{} {}/{}",
+                if waypoint.is_some() {
+                    "waypoint workload"
+                } else {
+                    "destination workload"
+                },
+                workload.namespace,
+                workload.name
             ))
             .with(format!(
                 "the server must present one of: {}",

@@ -144,10 +144,8 @@ pub fn route_with(
     let service = mesh.service_by_vip(src.network, dst.ip());
     let (workload, target) = match &service {
         Some(entry) => {
-            let lb = entry.service.load_balancer.as_ref();
-            if lb.is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough) {
-                return Ok(Route::Passthrough(dst, None));
-            }
+            // Unlike upstream, the waypoint's own connections to its service are not sent
+            // back to it (upstream relies on waypoints not being captured).
             if let Some(gw) = entry
                 .service
                 .waypoint
@@ -156,6 +154,10 @@ pub fn route_with(
             {
                 let whose = format!("service {}", entry.service.hostname);
                 return through_waypoint(mesh, src, gw, &whose, dst, how, Some(entry));
+            }
+            let lb = entry.service.load_balancer.as_ref();
+            if lb.is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough) {
+                return Ok(Route::Passthrough(dst, None));
             }
             let no_endpoint = || RouteError::NoEndpoint {
                 service: entry.service.hostname.clone(),
@@ -268,8 +270,8 @@ fn from_waypoint(mesh: &MeshState, gw: &GatewayAddress, src: &Source<'_>) -> boo
 /// A tunnel to one of waypoint `gw`'s workloads for a connection to `dst`: to a healthy
 /// endpoint of the waypoint's service (round robin, at the port the service maps
 /// `hboneMtlsPort` to) or to the waypoint workload at `hboneMtlsPort`; `:authority` is what
-/// the application dialled; the server must present the waypoint's identity or one of its
-/// services' subjectAltNames. A waypoint given by address keeps that address's family; one
+/// the application dialled; the server must present the waypoint's identity or the
+/// subjectAltNames of the waypoint service it was reached through. A waypoint given by address keeps that address's family; one
 /// given by hostname follows the dialled address's.
 fn through_waypoint(
     mesh: &MeshState,
@@ -288,7 +290,7 @@ fn through_waypoint(
         whose: whose.to_string(),
         waypoint: gw.destination.clone(),
     };
-    let (workload, port) =
+    let (workload, port, sans) =
         match waypoint_target(mesh, gw).ok_or_else(unknown)? {
             Ok(entry) => {
                 let endpoint = pick(mesh, &entry, gw.hbone_mtls_port, src.workload, how)
@@ -297,20 +299,23 @@ fn through_waypoint(
                         waypoint: entry.service.hostname.clone(),
                         port: gw.hbone_mtls_port,
                     })?;
-                (endpoint.workload, endpoint.port)
+                let sans = entry.service.subject_alt_names.clone();
+                (endpoint.workload, endpoint.port, sans)
             }
-            Err(workload) => (workload, gw.hbone_mtls_port),
+            Err(workload) => (workload, gw.hbone_mtls_port, Vec::new()),
         };
-    let ip = address_of(&workload, like).ok_or_else(unknown)?;
+    let ip = address_of(&workload, like).ok_or_else(|| RouteError::NoHealthyWaypoint {
+        whose: whose.to_string(),
+        waypoint: format!(
+            "{} (workload {}/{} has no address)",
+            gw.destination, workload.namespace, workload.name
+        ),
+        port: gw.hbone_mtls_port,
+    })?;
+    // As upstream: the waypoint workload's identity, and the subjectAltNames of the waypoint
+    // service it was reached through (none for a waypoint given by a pod's address).
     let mut expected = vec![workload.identity()];
-    expected.extend(
-        workload
-            .services
-            .keys()
-            .filter_map(|key| mesh.service(key))
-            .flat_map(|s| s.service.subject_alt_names.clone())
-            .filter_map(|san| san.parse().ok()),
-    );
+    expected.extend(sans.iter().filter_map(|san| san.parse().ok()));
     Ok(Route::Hbone {
         hbone_addr: SocketAddr::new(ip, port),
         authority: dst,
@@ -362,11 +367,10 @@ async fn proxy(
     );
     let mesh = pod.mesh.state.snapshot();
     conn.record.src = pod.as_peer(&mesh, None);
-    let own = pod.workload(&mesh);
-    let subject = pod.policy_subject(own.as_deref());
+    let me = pod.routing_workload(&mesh);
     let src = Source {
         network: &pod.network,
-        workload: &subject,
+        workload: &me,
         identity: &pod.identity,
         ip: peer.ip(),
     };
@@ -568,10 +572,10 @@ services:
             // Workload-addressed traffic to a workload with a waypoint given by the waypoint
             // pod's address: the tunnel goes to that pod's hboneMtlsPort, :authority as
             // dialled, and only the waypoint (its identity or its service's SAN) is accepted.
-            ("client", "10.0.0.99", "10.0.0.31:9080", "hbone 10.0.0.41:15008 authority=10.0.0.31:9080 waypoint-0 expect=[waypoint,waypoint-san] waypoint /10.0.0.41"),
-            ("client", "10.0.0.99", "10.0.0.11:9081", "hbone 10.0.0.41:15008 authority=10.0.0.11:9081 waypoint-0 expect=[waypoint,waypoint-san] waypoint /10.0.0.41"),
+            ("client", "10.0.0.99", "10.0.0.31:9080", "hbone 10.0.0.41:15008 authority=10.0.0.31:9080 waypoint-0 expect=[waypoint] waypoint /10.0.0.41"),
+            ("client", "10.0.0.99", "10.0.0.11:9081", "hbone 10.0.0.41:15008 authority=10.0.0.11:9081 waypoint-0 expect=[waypoint] waypoint /10.0.0.41"),
             // Over IPv6 to the same pod: the waypoint given by an IPv4 address stays IPv4.
-            ("client", "fd00::99", "[fd00::11]:9081", "hbone 10.0.0.41:15008 authority=[fd00::11]:9081 waypoint-0 expect=[waypoint,waypoint-san] waypoint /10.0.0.41"),
+            ("client", "fd00::99", "[fd00::11]:9081", "hbone 10.0.0.41:15008 authority=[fd00::11]:9081 waypoint-0 expect=[waypoint] waypoint /10.0.0.41"),
             // A TCP workload whose waypoint is the waypoint service's VIP: HBONE to one of the
             // service's endpoints (round robin), at the port the service maps 15008 to.
             ("client", "10.0.0.99", "10.0.0.32:5432", "hbone 10.0.0.41:15008 authority=10.0.0.32:5432 waypoint-0 expect=[waypoint,waypoint-san] waypoint /10.96.0.99"),
@@ -581,10 +585,10 @@ services:
             ("waypoint", "10.0.0.41", "10.0.0.31:9080", "hbone 10.0.0.31:15008 authority=10.0.0.31:9080 ratings-v1 expect=[ratings]"),
             ("waypoint", "10.0.0.42", "10.0.0.32:5432", "tcp 10.0.0.32:5432 old-v1"),
             // The waypoint's address with another identity is not the waypoint.
-            ("ratings", "10.0.0.41", "10.0.0.31:9080", "hbone 10.0.0.41:15008 authority=10.0.0.31:9080 waypoint-0 expect=[waypoint,waypoint-san] waypoint /10.0.0.41"),
+            ("ratings", "10.0.0.41", "10.0.0.31:9080", "hbone 10.0.0.41:15008 authority=10.0.0.31:9080 waypoint-0 expect=[waypoint] waypoint /10.0.0.41"),
             // Service-addressed traffic to a service with a waypoint: the service's
             // waypoint, :authority the VIP and port, no endpoint picked here.
-            ("client", "10.0.0.99", "10.96.0.30:9080", "hbone 10.0.0.41:15008 authority=10.96.0.30:9080 waypoint-0 expect=[waypoint,waypoint-san] via productpage.default.svc.cluster.local waypoint /10.0.0.41"),
+            ("client", "10.0.0.99", "10.96.0.30:9080", "hbone 10.0.0.41:15008 authority=10.96.0.30:9080 waypoint-0 expect=[waypoint] via productpage.default.svc.cluster.local waypoint /10.0.0.41"),
             // A waypoint given by hostname: the waypoint service's endpoints in turn, in the
             // dialled address's family.
             ("client", "10.0.0.99", "10.96.0.40:80", "hbone 10.0.0.41:15008 authority=10.96.0.40:80 waypoint-0 expect=[waypoint,waypoint-san] via named.default.svc.cluster.local waypoint default/waypoint.default.svc.cluster.local"),
@@ -728,6 +732,14 @@ services:
             picks(&locality_mesh(passthrough), 1),
             ["tcp 10.96.1.1:80 (unknown)"]
         );
+        // ... unless the service has a waypoint: the waypoint comes first, never bypassed.
+        let with_waypoint = locality_mesh(
+            "{mode: Passthrough}, waypoint: {destination: \"/10.1.0.11\", hboneMtlsPort: 15008}",
+        );
+        assert_eq!(
+            picks(&with_waypoint, 1),
+            ["hbone 10.1.0.11:15008 authority=10.96.1.1:80 same-zone-1 expect=[default] via api.default.svc.cluster.local waypoint /10.1.0.11"]
+        );
     }
 
     #[test]
@@ -756,9 +768,15 @@ services:
             crate::state::service::Scope::Zone,
         ];
         let rank = |w: &Workload| crate::state::locality_rank(&prefs, &src, w);
-        // Same network alone outranks another network's same region and zone.
-        assert!(rank(&at("n1", "r9")) > rank(&at("n2", "r1")));
-        assert_eq!(rank(&at("n1", "r1")), 4);
-        assert_eq!(rank(&at("n2", "r1")), 1);
+        let sum = |w: &Workload| {
+            let (matched, bonus) = rank(w);
+            matched + bonus
+        };
+        // Same network alone outranks another network's same region and zone...
+        assert!(sum(&at("n1", "r9")) > sum(&at("n2", "r1")));
+        assert_eq!(rank(&at("n1", "r1")), (2, 2));
+        assert_eq!(rank(&at("n2", "r1")), (1, 0));
+        // ... but for STRICT only what matched counts: same network, other region misses.
+        assert_eq!(rank(&at("n1", "r9")), (1, 2));
     }
 }

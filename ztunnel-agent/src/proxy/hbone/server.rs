@@ -144,6 +144,9 @@ pub fn inbound_target(
     if pod_ips.contains(&authority.ip()) {
         return Some(authority);
     }
+    if !pod_ips.contains(&local) {
+        return None;
+    }
     let me = workload?;
     let waypoint = match mesh.service_by_vip(network, authority.ip()) {
         Some(entry) => entry.service.waypoint.clone(),
@@ -264,6 +267,14 @@ async fn accept_connect(
         return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
     };
     conn.record.dst_addr = target;
+    if Some(target) != conn.record.dst_hbone_addr {
+        // A sandwiched waypoint: the service is the one the authority names.
+        conn.record.dst_service = conn
+            .record
+            .dst_hbone_addr
+            .and_then(|a| mesh.service_by_vip(&pod.network, a.ip()))
+            .map(|s| s.service.hostname.clone());
+    }
     if ILLEGAL_PORTS.contains(&target.port()) {
         let e = crate::proxy::Error::SelfCall(target);
         return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
@@ -296,7 +307,12 @@ mod tests {
     /// behind `waypoint`; `server_waypoint` attaches the waypoint (by pod address or VIP) to
     /// the server's workload (`workload`) or service (`service`).
     fn state(attach: &str, by: &str) -> MeshState {
-        let wp = format!("waypoint: {{destination: \"/{by}\", hboneMtlsPort: 15008}}");
+        let by = if by.contains('/') {
+            by.to_string()
+        } else {
+            format!("/{by}")
+        };
+        let wp = format!("waypoint: {{destination: \"{by}\", hboneMtlsPort: 15008}}");
         let (on_workload, on_service) = match attach {
             "workload" => (format!(", {wp}"), String::new()),
             "service" => (String::new(), format!(", {wp}")),
@@ -405,6 +421,22 @@ services:
                 SERVER_VIP,
                 None,
             ),
+            (
+                "to service with waypoint referenced by hostname",
+                "service",
+                "default/waypoint.default.svc.cluster.local",
+                WAYPOINT,
+                SERVER_VIP,
+                Some(WAYPOINT),
+            ),
+            (
+                "to workload with waypoint referenced by hostname",
+                "workload",
+                "default/waypoint.default.svc.cluster.local",
+                WAYPOINT,
+                SERVER,
+                Some(WAYPOINT),
+            ),
         ];
         for (name, attach, by, conn_to, authority, want) in cases {
             let mesh = state(attach, by);
@@ -415,5 +447,17 @@ services:
             let want = want.map(|ip| SocketAddr::new(ip.parse().expect("ip"), 8080));
             assert_eq!(got, want, "{name}");
         }
+        // A pod the mesh state does not know, or a connection to an address not the pod's
+        // (the listener's loopback), is never a waypoint.
+        let mesh = state("service", WAYPOINT);
+        let me = mesh
+            .workload_by_ip("", WAYPOINT.parse().expect("ip"))
+            .expect("waypoint");
+        let vip = SocketAddr::new(SERVER_VIP.parse().expect("ip"), 8080);
+        let local: IpAddr = WAYPOINT.parse().expect("ip");
+        let ips = &me.workload_ips;
+        assert_eq!(inbound_target(&mesh, "", ips, local, None, vip), None);
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert_eq!(inbound_target(&mesh, "", ips, lo, Some(&me), vip), None);
     }
 }
