@@ -246,6 +246,7 @@ pub(crate) fn waypoint_target(
             .map(Ok)
             .or_else(|| {
                 mesh.workload_by_hostname(&hostname.to_ascii_lowercase())
+                    .filter(|w| w.namespace == namespace)
                     .map(Err)
             }),
     }
@@ -304,14 +305,18 @@ fn through_waypoint(
             }
             Err(workload) => (workload, gw.hbone_mtls_port, Vec::new()),
         };
-    let ip = address_of(&workload, like).ok_or_else(|| RouteError::NoHealthyWaypoint {
-        whose: whose.to_string(),
-        waypoint: format!(
-            "{} (workload {}/{} has no address)",
-            gw.destination, workload.namespace, workload.name
-        ),
-        port: gw.hbone_mtls_port,
-    })?;
+    // The exact address a waypoint was given by, when it is the workload's (upstream's rule).
+    let exact = workload.workload_ips.contains(&like).then_some(like);
+    let ip = exact
+        .or_else(|| address_of(&workload, like))
+        .ok_or_else(|| RouteError::NoHealthyWaypoint {
+            whose: whose.to_string(),
+            waypoint: format!(
+                "{} (workload {}/{} has no address)",
+                gw.destination, workload.namespace, workload.name
+            ),
+            port: gw.hbone_mtls_port,
+        })?;
     // As upstream: the waypoint workload's identity, and the subjectAltNames of the waypoint
     // service it was reached through (none for a waypoint given by a pod's address).
     let mut expected = vec![workload.identity()];
@@ -453,6 +458,12 @@ workloads:
    workloadIps: [10.0.0.51], services: {"default/productpage.default.svc.cluster.local": {9080: 9080}}}
 - {uid: wp0, name: waypoint-0, namespace: default, serviceAccount: waypoint, protocol: HBONE,
    workloadIps: [10.0.0.41, "fd00::41"], services: {"default/waypoint.default.svc.cluster.local": {15008: 15008}}}
+- {uid: two, name: two-v1, namespace: default, serviceAccount: two, protocol: HBONE,
+   workloadIps: [10.0.0.71], waypoint: {destination: "/10.0.0.82", hboneMtlsPort: 15008}}
+- {uid: wp2, name: waypoint-2, namespace: default, serviceAccount: waypoint, protocol: HBONE,
+   workloadIps: [10.0.0.81, 10.0.0.82]}
+- {uid: vm, name: vm-waypoint, namespace: other, serviceAccount: waypoint, protocol: HBONE,
+   workloadIps: [10.0.0.91], hostname: vm-waypoint.example}
 - {uid: wp1, name: waypoint-1, namespace: default, serviceAccount: waypoint, protocol: HBONE,
    workloadIps: [10.0.0.42, "fd00::42"], services: {"default/waypoint.default.svc.cluster.local": {15008: 15008}}}
 services:
@@ -473,6 +484,9 @@ services:
 - {name: lost, namespace: default, hostname: lost.default.svc.cluster.local,
    vips: ["/10.96.0.60"], ports: {80: 80},
    waypoint: {destination: "/10.96.0.98", hboneMtlsPort: 15008}}
+- {name: elsewhere, namespace: default, hostname: elsewhere.default.svc.cluster.local,
+   vips: ["/10.96.0.63"], ports: {80: 80},
+   waypoint: {destination: "default/vm-waypoint.example", hboneMtlsPort: 15008}}
 - {name: gone, namespace: default, hostname: gone.default.svc.cluster.local,
    vips: ["/10.96.0.61"], ports: {15008: 15008}}
 - {name: stranded, namespace: default, hostname: stranded.default.svc.cluster.local,
@@ -597,6 +611,10 @@ services:
             // never a silent bypass.
             ("client", "10.0.0.99", "10.96.0.60:80", "error: no healthy waypoint for service lost.default.svc.cluster.local: waypoint /10.96.0.98 is not in the mesh state (no service or workload has that address or hostname; is the waypoint deployed, and does istiod send it?)"),
             ("client", "10.0.0.99", "10.96.0.62:80", "error: no healthy waypoint for service stranded.default.svc.cluster.local: waypoint service gone.default.svc.cluster.local has no healthy endpoint on port 15008"),
+            // A waypoint pod given by its second address is reached on that address.
+            ("client", "10.0.0.99", "10.0.0.71:80", "hbone 10.0.0.82:15008 authority=10.0.0.71:80 waypoint-2 expect=[waypoint] waypoint /10.0.0.82"),
+            // A hostname names a workload only in the namespace it gives.
+            ("client", "10.0.0.99", "10.96.0.63:80", "error: no healthy waypoint for service elsewhere.default.svc.cluster.local: waypoint default/vm-waypoint.example is not in the mesh state (no service or workload has that address or hostname; is the waypoint deployed, and does istiod send it?)"),
             // Self-calls to the agent's ports are refused, whatever the address.
             ("client", "10.0.0.99", "10.0.0.12:15001", "error: refused self-call to 10.0.0.12:15001: the destination is one of the agent's ports (15001, 15006, 15008)"),
             ("client", "10.0.0.99", "10.96.0.10:15006", "error: refused self-call to 10.96.0.10:15006: the destination is one of the agent's ports (15001, 15006, 15008)"),

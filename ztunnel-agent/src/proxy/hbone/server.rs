@@ -304,8 +304,8 @@ mod tests {
     const WAYPOINT_VIP: &str = "10.96.0.3";
 
     /// Upstream's inbound test state: a client, a server behind `server`, and a waypoint pod
-    /// behind `waypoint`; `server_waypoint` attaches the waypoint (by pod address or VIP) to
-    /// the server's workload (`workload`) or service (`service`).
+    /// behind `waypoint`; `attach` attaches the waypoint, given `by` pod address, VIP or
+    /// `namespace/hostname`, to the server's workload (`workload`) or service (`service`).
     fn state(attach: &str, by: &str) -> MeshState {
         let by = if by.contains('/') {
             by.to_string()
