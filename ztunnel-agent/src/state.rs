@@ -341,35 +341,29 @@ impl MeshState {
             .collect()
     }
 
-    /// Picks the next endpoint of `entry` serving `port` for a connection from `src`, in
-    /// strict round robin over the eligible ones (the guide's promise: per connection, in a
-    /// fixed order; the service's load-balancing settings only narrow who takes turns).
-    pub fn pick_endpoint(
+    /// The next endpoint of `entry` serving `port` for a connection from `src`, in strict
+    /// round robin over the eligible ones (the guide's promise: per connection, in a fixed
+    /// order; the service's load-balancing settings only narrow who takes turns). `take_turn`
+    /// advances the round robin (a real connection); without it the pick is only named
+    /// (`diagnose flow`).
+    pub fn next_endpoint(
         &self,
         entry: &ServiceEntry,
         port: u16,
         src: &Workload,
+        take_turn: bool,
     ) -> Option<Endpoint> {
         let eligible = self.eligible_endpoints(entry, port, src);
         if eligible.is_empty() {
             return None;
         }
-        let turn = entry.cursor.fetch_add(1, Ordering::Relaxed);
+        let turn = if take_turn {
+            entry.cursor.fetch_add(1, Ordering::Relaxed)
+        } else {
+            entry.cursor.load(Ordering::Relaxed)
+        };
         let n = eligible.len();
         eligible.into_iter().nth(turn % n)
-    }
-
-    /// The endpoint [`MeshState::pick_endpoint`] would pick next, without taking the turn.
-    pub fn peek_endpoint(
-        &self,
-        entry: &ServiceEntry,
-        port: u16,
-        src: &Workload,
-    ) -> Option<Endpoint> {
-        let eligible = self.eligible_endpoints(entry, port, src);
-        let n = eligible.len();
-        let turn = entry.cursor.load(Ordering::Relaxed);
-        eligible.into_iter().nth(turn % n.max(1))
     }
 
     /// The workload whose hostname is `name` (lowercase, no trailing dot).
@@ -581,7 +575,7 @@ mod tests {
         let picks: Vec<String> = (0..9)
             .map(|_| {
                 state
-                    .pick_endpoint(&entry, 9080, &Workload::default())
+                    .next_endpoint(&entry, 9080, &Workload::default(), true)
                     .expect("endpoint")
                     .workload
                     .name
@@ -594,13 +588,13 @@ mod tests {
         assert_eq!(picks[0..3], picks[3..6], "fixed order");
         assert!(
             state
-                .pick_endpoint(&entry, 1234, &Workload::default())
+                .next_endpoint(&entry, 1234, &Workload::default(), true)
                 .is_none(),
             "no such port"
         );
         // Peeking names the next pick without taking it.
         let next = state
-            .peek_endpoint(&entry, 9080, &Workload::default())
+            .next_endpoint(&entry, 9080, &Workload::default(), false)
             .expect("peek")
             .workload
             .name
@@ -608,7 +602,7 @@ mod tests {
         assert_eq!(
             next,
             state
-                .peek_endpoint(&entry, 9080, &Workload::default())
+                .next_endpoint(&entry, 9080, &Workload::default(), false)
                 .expect("peek")
                 .workload
                 .name
@@ -616,7 +610,7 @@ mod tests {
         assert_eq!(
             next,
             state
-                .pick_endpoint(&entry, 9080, &Workload::default())
+                .next_endpoint(&entry, 9080, &Workload::default(), true)
                 .expect("pick")
                 .workload
                 .name

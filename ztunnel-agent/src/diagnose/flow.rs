@@ -455,7 +455,8 @@ pub fn explain(
             }) | Err(RouteError::UnknownWaypoint { .. } | RouteError::NoHealthyWaypoint { .. })
         );
         let lb = entry.service.load_balancer.as_ref();
-        let passthrough = lb.is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough);
+        // A service VIP routed as passthrough without a workload: loadBalancing PASSTHROUGH.
+        let passthrough = matches!(&routed, Ok(Route::Passthrough(_, None)));
         let next = if through_waypoint || passthrough {
             None
         } else {

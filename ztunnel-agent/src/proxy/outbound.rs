@@ -122,10 +122,7 @@ fn pick(
     src: &Workload,
     how: Pick,
 ) -> Option<Endpoint> {
-    match how {
-        Pick::Next => mesh.pick_endpoint(entry, port, src),
-        Pick::Peek => mesh.peek_endpoint(entry, port, src),
-    }
+    mesh.next_endpoint(entry, port, src, how == Pick::Next)
 }
 
 /// [`route`], choosing whether a service VIP takes the round robin's turn. Upstream's order:
@@ -229,7 +226,7 @@ fn waypoint_ref(destination: &str) -> WaypointRef<'_> {
 }
 
 /// The waypoint's service (when it is one) or its workload.
-pub(crate) fn waypoint_target(
+fn waypoint_target(
     mesh: &MeshState,
     gw: &GatewayAddress,
 ) -> Option<Result<Arc<ServiceEntry>, Arc<Workload>>> {
@@ -252,20 +249,30 @@ pub(crate) fn waypoint_target(
     }
 }
 
-/// Whether `src` is one of the workloads making up waypoint `gw` (its identity and address
-/// both match): its traffic goes straight to the destination, never back to itself.
-fn from_waypoint(mesh: &MeshState, gw: &GatewayAddress, src: &Source<'_>) -> bool {
-    let is_source =
-        |w: &Workload| w.identity() == *src.identity && w.workload_ips.contains(&src.ip);
+/// Whether one of the workloads making up waypoint `gw` (its service's endpoints, or the
+/// workload it names) satisfies `is`.
+pub(crate) fn waypoint_has(
+    mesh: &MeshState,
+    gw: &GatewayAddress,
+    is: impl Fn(&Workload) -> bool,
+) -> bool {
     match waypoint_target(mesh, gw) {
         Some(Ok(entry)) => entry
             .endpoints
             .keys()
             .filter_map(|uid| mesh.workload(uid))
-            .any(|w| is_source(&w)),
-        Some(Err(w)) => is_source(&w),
+            .any(|w| is(&w)),
+        Some(Err(w)) => is(&w),
         None => false,
     }
+}
+
+/// Whether `src` is one of the workloads making up waypoint `gw` (its identity and address
+/// both match): its traffic goes straight to the destination, never back to itself.
+fn from_waypoint(mesh: &MeshState, gw: &GatewayAddress, src: &Source<'_>) -> bool {
+    waypoint_has(mesh, gw, |w| {
+        w.identity() == *src.identity && w.workload_ips.contains(&src.ip)
+    })
 }
 
 /// A tunnel to one of waypoint `gw`'s workloads for a connection to `dst`: to a healthy

@@ -155,10 +155,10 @@ pub fn inbound_target(
             .waypoint
             .clone(),
     }?;
-    let this_pod = match crate::proxy::outbound::waypoint_target(mesh, &waypoint)? {
-        Ok(service) => service.endpoints.contains_key(&me.key()),
-        Err(w) => w.workload_ips.contains(&local),
-    };
+    // `local` is one of this pod's addresses (checked above): the waypoint must include
+    // this pod's workload.
+    let key = me.key();
+    let this_pod = crate::proxy::outbound::waypoint_has(mesh, &waypoint, |w| w.key() == key);
     this_pod.then(|| SocketAddr::new(local, authority.port()))
 }
 
