@@ -131,6 +131,7 @@ fn inbound_plaintext_lands_on_15006_with_original_destination() {
     let (mut agent, _) = start_agent(&topo, &[&server_pod]);
     let (server, server6) = servers_on_9080(&server_pod);
 
+    let mut clients = Vec::new();
     for ip in [server_pod.ip4, server_pod.ip6] {
         let dst = addr(ip, 9080);
         let got = exchange(&client.netns_path(), dst, "in").expect("inbound connection");
@@ -141,19 +142,24 @@ fn inbound_plaintext_lands_on_15006_with_original_destination() {
             &format!("src.addr={}", got.local),
         ]);
         assert!(line.contains(&format!("original_dst={dst}")), "{line}");
+        clients.push(got.local);
     }
-    // The application saw the agent's connection (from the pod itself), not the client's:
-    // the client's connection ended on 15006.
+    // The client's connection ended on 15006; the application saw the agent's connection,
+    // from the client's address (source-address preservation) with a port of the agent's
+    // choosing below the ephemeral range (the client's own stays with the 15006 socket).
     let accepted: Vec<_> = server
         .accepted()
         .into_iter()
         .chain(server6.accepted())
         .collect();
     assert_eq!(accepted.len(), 2);
-    assert!(
-        accepted.iter().all(|a| a.peer.ip() == a.local.ip()),
-        "{accepted:?}"
-    );
+    for (seen, client) in accepted.iter().zip(&clients) {
+        assert_eq!(seen.peer.ip(), client.ip(), "{accepted:?}");
+        assert!(
+            seen.peer.port() != client.port() && seen.peer.port() < 32768,
+            "{accepted:?}"
+        );
+    }
 
     // Steering does not depend on the application listening: a port nobody serves is still
     // accepted by 15006 (whose local address is the original destination), and the agent
@@ -326,16 +332,15 @@ fn kubelet_probes_reach_the_application_directly() {
         );
     }
     // The same node, from its ordinary address: captured, so the application sees the
-    // agent's connection from the pod itself.
+    // agent's connection (from the node's address, preserved).
     let node_ip: IpAddr = "10.244.1.1".parse().expect("ip");
+    let before = server.accepted().len();
     assert_eq!(
         exchange_from(&topo, node_ip, addr(server_pod.ip4, 9080), "kubelet"),
         "hello kubelet"
     );
-    assert_eq!(
-        server.accepted().last().map(|a| a.peer.ip()),
-        Some(server_pod.ip4)
-    );
+    assert_eq!(server.accepted().len(), before + 1);
+    assert_eq!(server.accepted().last().map(|a| a.peer.ip()), Some(node_ip));
     agent.wait_log(&[
         "captured connection",
         "direction=\"inbound\"",

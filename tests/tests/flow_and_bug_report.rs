@@ -404,6 +404,7 @@ fn bug_report_collects_with_the_agent_up_and_stopped_and_holds_no_secret() {
             "INBOUND_LISTENERS",
             "POD_COUNTERS",
             "DNS_COUNTERS",
+            "AGENT_DIALS",
         ]
         .map(|m| format!("maps/{m}.json")),
     );

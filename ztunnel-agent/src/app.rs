@@ -100,6 +100,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut enrollment = Enrollment::new(redirect, host, mesh.clone());
     enrollment.set_readiness(readiness.clone());
     enrollment.set_dns(&config.dns);
+    enrollment.set_preserve_source(config.preserve_source_address);
     let enrollment = Arc::new(Mutex::new(enrollment));
     let scrape = enrollment.clone();
     crate::metrics::global().set_pod_counters_source(Arc::new(move || {

@@ -280,6 +280,12 @@ pub struct RunArgs {
     /// DNS_CAPTURE proxy metadata; on by default, as upstream).
     #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
     pub dns_capture: bool,
+    /// Connect to each pod's application from the client's address (its pod IP and port
+    /// over HBONE, the peer's IP for plaintext), so the application's logs, allow-lists and
+    /// rate limits see the client; off, the application sees its own pod's address.
+    /// Upstream's ENABLE_ORIG_SRC; on by default. A pod whose kernel refuses falls back.
+    #[arg(long, env = "ENABLE_ORIG_SRC", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
+    pub preserve_source_address: bool,
     /// Where the DNS proxy finds the resolvers it forwards non-mesh names to (its
     /// `nameserver` lines; upstream uses the agent's own /etc/resolv.conf too).
     #[arg(

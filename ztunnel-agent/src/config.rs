@@ -86,6 +86,8 @@ pub struct Config {
     pub drain_deadline: std::time::Duration,
     /// TCP keepalive on accepted and dialled sockets (None: off).
     pub keepalive: Option<crate::socket::Keepalive>,
+    /// Connections to a pod's application carry the client's address.
+    pub preserve_source_address: bool,
     /// Bound on the `istio_tcp_*` label sets.
     pub metrics_max_series: usize,
     /// Idle time after which a label set of deleted workloads is evicted.
@@ -228,6 +230,7 @@ impl Config {
                 args.connection_termination_deadline,
                 args.termination_grace_period_seconds,
             ),
+            preserve_source_address: args.preserve_source_address,
             keepalive: args.keepalive_enabled.then_some(crate::socket::Keepalive {
                 time: args.keepalive_time,
                 interval: args.keepalive_interval,

@@ -177,6 +177,7 @@ fn workload_state(pods: &[PodStatus], tracker: &Tracker) -> Map<String, Value> {
                     "netnsCookie": p.netns_cookie,
                     "enrolledBy": p.source,
                     "dnsCapture": p.dns_capture,
+                    "sourceAddress": p.source_address,
                 }),
             )
         })

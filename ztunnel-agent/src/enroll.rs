@@ -3,6 +3,7 @@
 //! registers the pod with the kernel programs. Removal does the reverse.
 
 pub mod local;
+pub mod source_route;
 pub mod zds;
 
 use std::collections::BTreeMap;
@@ -101,6 +102,8 @@ struct EnrolledPod {
     proxy: Arc<PodProxy>,
     /// Its DNS goes to the agent's DNS proxy.
     dns_capture: bool,
+    /// Whether its application sees its clients' addresses.
+    source_address: proxy::in_pod::SourceState,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -123,6 +126,9 @@ pub struct PodStatus {
     pub netns_cookie: u64,
     /// Its DNS goes to the agent's DNS proxy.
     pub dns_capture: bool,
+    /// Whether its application sees its clients' addresses: `preserved`, `off`, or
+    /// `unavailable: <why>`.
+    pub source_address: String,
     /// Where the enrollment came from.
     pub source: Source,
 }
@@ -183,6 +189,9 @@ pub struct Enrollment {
     dns_capture: bool,
     /// Where their DNS proxies forward.
     dns_resolvers: Arc<[SocketAddr]>,
+    /// Whether pods' applications see their clients' addresses (see
+    /// [`Enrollment::set_preserve_source`]).
+    preserve_source: bool,
 }
 
 impl Enrollment {
@@ -199,7 +208,14 @@ impl Enrollment {
             unserved: BTreeMap::new(),
             dns_capture: false,
             dns_resolvers: Arc::from(Vec::new()),
+            preserve_source: true,
         }
+    }
+
+    /// Whether enrollments from now on connect to the pod's application from the client's
+    /// address (on by default).
+    pub fn set_preserve_source(&mut self, on: bool) {
+        self.preserve_source = on;
     }
 
     /// Captures pods' DNS into the agent's DNS proxy, forwarding as `dns` says (off until
@@ -382,6 +398,7 @@ impl Enrollment {
                 service_account: p.proxy.identity.service_account.clone(),
                 netns_cookie: p.netns.cookie().0,
                 dns_capture: p.dns_capture,
+                source_address: p.source_address.to_string(),
                 source: p.source,
             })
             .collect()
@@ -565,6 +582,7 @@ impl Enrollment {
             inbound_listeners: &inbound_fds,
             dns_capture: dns_listeners.is_some(),
         })?;
+        let source_address = self.source_routing(&netns, &spec, has_v6);
         let proxy = Arc::new(PodProxy {
             uid: spec.uid.clone(),
             name: spec.name.clone(),
@@ -575,6 +593,16 @@ impl Enrollment {
             sockets: Arc::new(proxy::in_pod::InPodSockets::new(
                 netns.clone(),
                 self.redirect.orig_dst_table(),
+                proxy::in_pod::SourceAddress {
+                    dials: self.redirect.dial_table(),
+                    pod_ips: ips.clone(),
+                    state: source_address.clone(),
+                    pod: (spec.name.clone(), spec.namespace.clone()),
+                    // A refusal at enrollment was just said.
+                    warned: std::sync::atomic::AtomicBool::new(
+                        source_address != proxy::in_pod::SourceState::On,
+                    ),
+                },
             )),
             mesh: self.mesh.clone(),
             hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
@@ -645,6 +673,7 @@ impl Enrollment {
             uid = %spec.uid,
             ips = ?ips,
             dns_capture,
+            source_address = %source_address,
             netns_cookie = %netns.cookie(),
             "pod enrolled"
         );
@@ -657,12 +686,39 @@ impl Enrollment {
                 netns,
                 proxy,
                 dns_capture,
+                source_address,
                 cancel,
                 tasks,
             },
         );
         crate::metrics::global().proxy_started();
         Ok(())
+    }
+
+    /// Sets the pod's namespace up so its application's replies to connections from a
+    /// client's address come back to the agent (see [`source_route`]); a refusal is said
+    /// once, here, and the pod keeps its own address.
+    fn source_routing(
+        &self,
+        netns: &PodNetns,
+        spec: &PodSpec,
+        ipv6: bool,
+    ) -> proxy::in_pod::SourceState {
+        use proxy::in_pod::SourceState;
+        if !self.preserve_source {
+            return SourceState::Off;
+        }
+        let installed = netns
+            .run(|| source_route::install(ipv6))
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match installed {
+            Ok(()) => SourceState::On,
+            Err(why) => {
+                tracing::warn!(pod = %spec.name, namespace = %spec.namespace, reason = %why, "the pod's application will see the pod's own address instead of its clients' (source-address preservation unavailable; counted in ztunnel_source_address_fallbacks_total)");
+                SourceState::Refused(why)
+            }
+        }
     }
 
     /// Removes a pod: capture stops, then its listeners close. Returns whether it was

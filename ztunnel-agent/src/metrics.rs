@@ -213,6 +213,13 @@ struct AcceptErrorLabels {
     error: &'static str,
 }
 
+/// The pod whose application saw its own address instead of a client's.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    pod: String,
+    namespace: String,
+}
+
 /// `istio_tcp_sockets_open`'s one label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SocketLabels {
@@ -381,6 +388,7 @@ pub struct Metrics {
     xds_bytes: Family<UrlLabels, Counter>,
     workload_manager: WorkloadManager,
     accept_errors: Family<AcceptErrorLabels, Counter>,
+    source_fallbacks: Family<PodLabels, Counter>,
     dns: DnsMetrics,
 }
 
@@ -550,6 +558,12 @@ impl Metrics {
             "Failed accepts on the pods' listeners, by errno (EMFILE: the agent is out of file descriptors)",
             accept_errors.clone(),
         );
+        let source_fallbacks = Family::<PodLabels, Counter>::default();
+        registry.register(
+            "ztunnel_source_address_fallbacks",
+            "Connections to a pod's application that carry the pod's own address instead of the client's, because the kernel refused (the agent's log says why, once per pod)",
+            source_fallbacks.clone(),
+        );
         let dns_counter = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<DnsLabels, Counter>::default();
             registry.register(name, help, family.clone());
@@ -609,6 +623,7 @@ impl Metrics {
             xds_bytes,
             workload_manager,
             accept_errors,
+            source_fallbacks,
             dns,
         }
     }
@@ -648,6 +663,16 @@ impl Metrics {
     pub fn accept_failed(&self, error: &'static str) {
         self.accept_errors
             .get_or_create(&AcceptErrorLabels { error })
+            .inc();
+    }
+
+    /// Counts a connection to `pod`'s application that could not carry its client's address.
+    pub fn source_address_fallback(&self, pod: &str, namespace: &str) {
+        self.source_fallbacks
+            .get_or_create(&PodLabels {
+                pod: pod.to_string(),
+                namespace: namespace.to_string(),
+            })
             .inc();
     }
 

@@ -63,6 +63,33 @@ impl Classify for Error {}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OriginalDst(pub SocketAddr);
 
+/// The client address a connection to the pod's application carries (source-address
+/// preservation), as far as it is known and trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAddr {
+    /// The client's exact address (HBONE: what the client's agent forwarded, verified
+    /// against the peer's identity).
+    Exact(SocketAddr),
+    /// The client's address with a port of the agent's choosing, never `busy` (plaintext: the
+    /// agent's own accepted socket holds the client's real port for the same address pair).
+    Ip {
+        /// The client's address.
+        ip: IpAddr,
+        /// A port that must not be used.
+        busy: Option<u16>,
+    },
+}
+
+impl ClientAddr {
+    /// The client's address.
+    pub fn ip(&self) -> IpAddr {
+        match self {
+            ClientAddr::Exact(addr) => addr.ip(),
+            ClientAddr::Ip { ip, .. } => *ip,
+        }
+    }
+}
+
 /// A connection being opened (boxed: [`PodSockets`] is used as a trait object).
 pub type Connecting<'a> = Pin<Box<dyn Future<Output = Result<TcpStream, Error>> + Send + 'a>>;
 
@@ -72,6 +99,14 @@ pub type Connecting<'a> = Pin<Box<dyn Future<Output = Result<TcpStream, Error>> 
 pub trait PodSockets: Send + Sync {
     /// Opens a TCP connection to `dst` as the pod, never captured again by the agent.
     fn connect(&self, dst: SocketAddr) -> Connecting<'_>;
+
+    /// Opens a TCP connection to the pod's application at `dst` that the application sees
+    /// coming from `client`; by default (and wherever the kernel refuses) from the pod's own
+    /// address, as [`Self::connect`].
+    fn connect_from(&self, client: ClientAddr, dst: SocketAddr) -> Connecting<'_> {
+        let _ = client;
+        self.connect(dst)
+    }
 
     /// Where an outbound connection accepted on 15001 from `peer` was meant to go.
     fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> OriginalDst;
@@ -171,6 +206,18 @@ impl PodProxy {
     /// Opens a TCP connection to `dst` as the pod (see [`PodSockets::connect`]).
     pub async fn connect(&self, dst: SocketAddr) -> Result<TcpStream, Error> {
         let stream = self.sockets.connect(dst).await?;
+        self.mesh.socket_options(&stream);
+        Ok(stream)
+    }
+
+    /// Opens a TCP connection to the pod's application that it sees coming from `client`
+    /// (see [`PodSockets::connect_from`]).
+    pub async fn connect_from(
+        &self,
+        client: ClientAddr,
+        dst: SocketAddr,
+    ) -> Result<TcpStream, Error> {
+        let stream = self.sockets.connect_from(client, dst).await?;
         self.mesh.socket_options(&stream);
         Ok(stream)
     }

@@ -19,7 +19,7 @@ pub mod linkinfo;
 mod log_drain;
 mod pod_maps;
 
-pub use pod_maps::{OrigDstTable, PodKernelView, PodRedirect};
+pub use pod_maps::{DialTable, OrigDstTable, PodKernelView, PodRedirect};
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -35,7 +35,7 @@ use aya::{Ebpf, EbpfLoader};
 use ztunnel_common::convert::pod_config;
 pub use ztunnel_common::convert::{ip_from_key, ip_key, orig_dst_addr, sum_counters};
 use ztunnel_common::{
-    maps, programs, ConnKey, DnsCounters, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig,
+    maps, programs, ConnKey, DialKey, DnsCounters, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig,
     PodCounters, PortKey, AF_INET, AF_INET6,
 };
 
@@ -172,6 +172,7 @@ pub struct Redirect {
     enrolled: HashMap<MapData, u64, PodConfig>,
     pod_addrs: HashMap<MapData, IpKey, PodAddr>,
     orig_dst: Arc<OrigDstTable>,
+    dials: Arc<DialTable>,
     listeners: SockHash<MapData, ListenerKey>,
     counters: PerCpuHashMap<MapData, u64, PodCounters>,
     dns_counters: PerCpuHashMap<MapData, u64, DnsCounters>,
@@ -228,6 +229,10 @@ impl Redirect {
                 &mut ebpf,
                 maps::ORIG_DST,
             )?))),
+            dials: Arc::new(DialTable(Mutex::new(take_map(
+                &mut ebpf,
+                maps::AGENT_DIALS,
+            )?))),
             listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
             counters: take_map(&mut ebpf, maps::POD_COUNTERS)?,
             dns_counters: take_map(&mut ebpf, maps::DNS_COUNTERS)?,
@@ -258,18 +263,18 @@ impl Redirect {
         if path.exists() {
             // Same netns, same maps: the pinned link from before a restart still steers, as
             // long as it is still attached there (not detached behind the agent's back).
+            // It must also run this agent's program: an older agent's would steer this
+            // agent's source-preserving connections to the application back to 15006.
             let netns_ino = netns.metadata().map(|m| m.ino()).ok();
-            let attached = linkinfo::read(&path)
-                .ok()
-                .is_some_and(|i| Some(i.target) == netns_ino.map(linkinfo::Target::Netns));
+            let ours = self.inbound_tag();
+            let attached = linkinfo::read(&path).ok().is_some_and(|i| {
+                Some(i.target) == netns_ino.map(linkinfo::Target::Netns)
+                    && ours.is_some()
+                    && program_tag(i.program_id) == ours
+            });
             if attached {
                 return Ok(());
             }
-            std::fs::remove_file(&path).map_err(|source| Error::Pin {
-                path: path.clone(),
-                dir: dir.clone(),
-                source,
-            })?;
         }
         let inbound: &mut SkLookup = program(&mut self.ebpf, programs::INBOUND)?;
         let attach_err = |source| Error::Program {
@@ -280,8 +285,23 @@ impl Redirect {
         let id = inbound.attach(netns).map_err(attach_err)?;
         let link = inbound.take_link(id).map_err(attach_err)?;
         let link: FdLink = link.into();
+        // The pinned link it replaces goes only now that the new one steers: no gap in
+        // which the pod's plaintext would reach the application around the proxy.
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| Error::Pin {
+                path: path.clone(),
+                dir: dir.clone(),
+                source,
+            })?;
+        }
         pin_link(link, &path, &dir)?;
         Ok(())
+    }
+
+    /// The tag (a hash of the instructions) of this agent's `sk_lookup` program.
+    fn inbound_tag(&mut self) -> Option<u64> {
+        let inbound: &mut SkLookup = program(&mut self.ebpf, programs::INBOUND).ok()?;
+        inbound.info().ok().map(|info| info.tag())
     }
 
     /// Settings in use.
@@ -302,6 +322,19 @@ impl Redirect {
     pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
         self.orig_dst.clone()
     }
+
+    /// The table connections to an application from a client's address register in.
+    pub fn dial_table(&self) -> Arc<DialTable> {
+        self.dials.clone()
+    }
+}
+
+/// The tag of the loaded program with this id, if it is still loaded.
+fn program_tag(id: u32) -> Option<u64> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| p.tag())
 }
 
 /// Refuses pinned maps whose key size, value size or capacity differ from this agent's: the

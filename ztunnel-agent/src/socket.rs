@@ -5,7 +5,7 @@ use std::mem::size_of;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use ztunnel_common::AGENT_SOCKET_MARK;
+use ztunnel_common::{AGENT_SOCKET_MARK, AGENT_TRANSPARENT_MARK};
 
 /// The network namespace cookie the kernel programs see (`bpf_get_netns_cookie`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,6 +44,43 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
 /// Marks a socket as the agent's own so outbound capture never loops it back.
 pub fn set_agent_mark(socket: &socket2::Socket) -> io::Result<()> {
     socket.set_mark(AGENT_SOCKET_MARK)
+}
+
+/// A TCP socket that may bind an address the namespace does not have (the client's, for
+/// source-address preservation): `IP_TRANSPARENT` / `IPV6_TRANSPARENT` (CAP_NET_ADMIN), the
+/// mark the pod's reply rule matches, and `SO_REUSEADDR` so a port a closed connection of the
+/// same client still holds in TIME_WAIT can be bound again (connect() still refuses an
+/// address pair in use). Create it inside the pod's namespace.
+pub fn transparent_socket(ipv6: bool) -> io::Result<socket2::Socket> {
+    let domain = if ipv6 {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    if ipv6 {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket fd; `on` is a readable c_int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_IPV6,
+                libc::IPV6_TRANSPARENT,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    } else {
+        socket.set_ip_transparent(true)?;
+    }
+    socket.set_mark(AGENT_TRANSPARENT_MARK)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    Ok(socket)
 }
 
 /// The destination iptables' REDIRECT recorded, when capture was done that way

@@ -3,7 +3,7 @@
 
 use core::net::{IpAddr, SocketAddr};
 
-use crate::{pod_flags, IpKey, OrigDst, PodConfig, PodCounters, AF_INET, AF_INET6};
+use crate::{pod_flags, DialKey, IpKey, OrigDst, PodConfig, PodCounters, AF_INET, AF_INET6};
 
 /// The map key of an address (an IPv4-mapped IPv6 address is keyed as the IPv4 one).
 pub fn ip_key(ip: IpAddr) -> IpKey {
@@ -23,6 +23,19 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
                 }
             }
         },
+    }
+}
+
+/// The `AGENT_DIALS` key of a connection from `client` to `app` (both of one family), as
+/// `sk_lookup` sees its SYN.
+pub fn dial_key(client: SocketAddr, app: SocketAddr) -> DialKey {
+    let (local, remote) = (ip_key(app.ip()), ip_key(client.ip()));
+    DialKey {
+        family: local.family,
+        local_port: app.port(),
+        remote_port: client.port(),
+        local: local.addr,
+        remote: remote.addr,
     }
 }
 

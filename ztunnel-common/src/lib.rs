@@ -50,6 +50,15 @@ pub const fn addr_words(bytes: &[u8]) -> [u32; 4] {
 /// (1337, the mark upstream ztunnel uses for the same purpose).
 pub const AGENT_SOCKET_MARK: u32 = 0x539;
 
+/// `SO_MARK` of the agent's connections to a pod's application that carry the client's
+/// address (transparent sockets): a policy-routing rule in the pod's namespace sends the
+/// application's replies for this mark back to the agent (0x111, the mark upstream's in-pod
+/// set-up uses for the same replies). Matched under [`AGENT_TRANSPARENT_MASK`].
+pub const AGENT_TRANSPARENT_MARK: u32 = 0x111;
+
+/// The bits of the mark [`AGENT_TRANSPARENT_MARK`] is matched under.
+pub const AGENT_TRANSPARENT_MASK: u32 = 0xfff;
+
 /// `AF_INET`, as the kernel reports it in program contexts.
 pub const AF_INET: u32 = 2;
 /// `AF_INET6`, as the kernel reports it in program contexts.
@@ -77,10 +86,13 @@ pub mod maps {
     /// Per-CPU hash: netns cookie -> [`crate::DnsCounters`] (a map of its own so that the
     /// layout of `POD_COUNTERS`, pinned by earlier agents, stays as it was).
     pub const DNS_COUNTERS: &str = "DNS_COUNTERS";
+    /// Connections the agent is opening to a pod's application from the client's address:
+    /// [`crate::DialKey`] -> `u32` (unused); `sk_lookup` leaves them to the application.
+    pub const AGENT_DIALS: &str = "AGENT_DIALS";
     /// aya-log's ring buffer.
     pub const AYA_LOGS: &str = "AYA_LOGS";
     /// Every map the agent pins, in a stable order.
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 10] = [
         ENROLLED_PODS,
         POD_ADDRS,
         EXCLUDED_OUTBOUND_PORTS,
@@ -90,6 +102,7 @@ pub mod maps {
         INBOUND_LISTENERS,
         POD_COUNTERS,
         DNS_COUNTERS,
+        AGENT_DIALS,
     ];
 }
 
@@ -329,6 +342,23 @@ pub struct ConnKey {
     pub addr: [u32; 4],
 }
 
+/// Key of `AGENT_DIALS`: a connection the agent opens inside a pod's namespace from a client's
+/// address (transparent) to the pod's application, as `sk_lookup` sees its SYN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DialKey {
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u32,
+    /// The application's port, host order.
+    pub local_port: u16,
+    /// The client's port, host order.
+    pub remote_port: u16,
+    /// The application's (the pod's) address, network-order words; IPv4 in `[0]`.
+    pub local: [u32; 4],
+    /// The client's address, network-order words; IPv4 in `[0]`.
+    pub remote: [u32; 4],
+}
+
 /// Key of `INBOUND_LISTENERS`: a pod's 15006 listener for one address family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -408,6 +438,7 @@ const _: () = assert!(core::mem::size_of::<PortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 20);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 32);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
+const _: () = assert!(core::mem::size_of::<DialKey>() == 40);
 const _: () = assert!(core::mem::size_of::<PodCounters>() == 13 * 8);
 
 #[cfg(feature = "user")]
@@ -424,6 +455,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::DialKey {}
     unsafe impl aya::Pod for super::PodCounters {}
     // SAFETY: as above: `#[repr(C)]`, u64 fields only, no padding.
     unsafe impl aya::Pod for super::DnsCounters {}

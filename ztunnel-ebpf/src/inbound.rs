@@ -4,10 +4,11 @@
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use ztunnel_common::{
-    addr_words, IpKey, ListenerKey, PortKey, AF_INET, HBONE_PORT, PROBE_SOURCE_V4, PROBE_SOURCE_V6,
+    addr_words, DialKey, IpKey, ListenerKey, PortKey, AF_INET, HBONE_PORT, PROBE_SOURCE_V4,
+    PROBE_SOURCE_V6,
 };
 
-use crate::maps::{count, EXCLUDED_INBOUND_PORTS, INBOUND_LISTENERS, POD_ADDRS};
+use crate::maps::{count, AGENT_DIALS, EXCLUDED_INBOUND_PORTS, INBOUND_LISTENERS, POD_ADDRS};
 
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
@@ -74,6 +75,24 @@ fn try_inbound(ctx: &SkLookupContext) -> u32 {
     if local == remote {
         return SK_PASS;
     }
+    let port = ctx_u32!(ctx, local_port) as u16;
+    // The agent's connections to the application from the client's address (source-address
+    // preservation), registered just before their connect(): the application's listener
+    // takes them. Nothing else can be in the map: the agent writes every entry.
+    // SAFETY: the context pointer is the kernel's bpf_sk_lookup; `remote_port` is a __be16
+    // the verifier allows a 2-byte load of (Linux 5.19+).
+    let remote_port_be =
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.lookup).remote_port)) };
+    let dial = DialKey {
+        family,
+        local_port: port,
+        remote_port: u16::from_be(remote_port_be),
+        local,
+        remote,
+    };
+    if AGENT_DIALS.get_ptr(dial).is_some() {
+        return SK_PASS;
+    }
     // kubelet's probes (SNATed by istio-cni) reach the application directly.
     let probe = if family == AF_INET {
         PROBE_V4
@@ -84,7 +103,6 @@ fn try_inbound(ctx: &SkLookupContext) -> u32 {
         count(owner.netns_cookie, |c| c.skipped_probe += 1);
         return SK_PASS;
     }
-    let port = ctx_u32!(ctx, local_port) as u16;
     if port == HBONE_PORT {
         count(owner.netns_cookie, |c| c.skipped_hbone_port += 1);
         return SK_PASS;

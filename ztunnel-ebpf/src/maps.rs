@@ -5,7 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use ztunnel_common::{
-    ConnKey, DnsCounters, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig, PodCounters, PortKey,
+    ConnKey, DialKey, DnsCounters, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig, PodCounters,
+    PortKey,
 };
 
 /// Pods on this node a kubelet cannot exceed by much (default max-pods is 110).
@@ -31,6 +32,11 @@ pub static ORIG_DST_BY_SOCKET: LruHashMap<u64, OrigDst, MAX_IN_FLIGHT> = LruHash
 
 #[btf_map]
 pub static ORIG_DST: LruHashMap<ConnKey, OrigDst, MAX_IN_FLIGHT> = LruHashMap::new();
+
+/// Connections the agent is opening from a client's address to a pod's application (LRU: an
+/// entry the agent failed to delete is evicted, never blocks a new one).
+#[btf_map]
+pub static AGENT_DIALS: LruHashMap<DialKey, u32, MAX_IN_FLIGHT> = LruHashMap::new();
 
 #[btf_map]
 pub static INBOUND_LISTENERS: SockHash<ListenerKey, { MAX_PODS * 2 }> = SockHash::new();

@@ -1,47 +1,202 @@
 //! The agent's [`PodSockets`]: sockets opened inside the pod's network namespace, marked as
 //! the agent's own so capture does not loop them back; original destinations from the eBPF
 //! map, then `SO_ORIGINAL_DST` (an iptables set-up), then the local address (which for 15001
-//! is a self-call and is refused).
+//! is a self-call and is refused). Connections to the pod's application carry the client's
+//! address where the pod's namespace was set up for it (see `enroll::source_route`).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{Connecting, Error, OriginalDst, PodSockets, CONNECT_TIMEOUT};
+use super::{ClientAddr, Connecting, Error, OriginalDst, PodSockets, CONNECT_TIMEOUT};
 use crate::netns::PodNetns;
-use crate::redirect::OrigDstTable;
-use crate::socket::{set_agent_mark, so_original_dst};
+use crate::redirect::{DialTable, OrigDstTable};
+use crate::socket::{set_agent_mark, so_original_dst, transparent_socket};
 
 /// A pod's network namespace and the kernel's original-destination table.
 #[derive(Debug)]
 pub struct InPodSockets {
     netns: PodNetns,
     orig_dst: Arc<OrigDstTable>,
+    source: SourceAddress,
+}
+
+/// Whether the pod's application sees its clients' addresses.
+#[derive(Debug)]
+pub struct SourceAddress {
+    /// Where connections from a client's address register so `sk_lookup` leaves them to the
+    /// application.
+    pub dials: Arc<DialTable>,
+    /// The pod's own addresses (a client among them is connected from as usual).
+    pub pod_ips: Vec<IpAddr>,
+    /// Whether the pod's namespace is set up for it.
+    pub state: SourceState,
+    /// For the metric and the one warning: the pod's name and namespace.
+    pub pod: (String, String),
+    /// The one warning about this pod's fallback was given (at enrollment, or at the first
+    /// refused connection).
+    pub warned: AtomicBool,
+}
+
+/// Whether a pod's connections to its application carry the client's address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceState {
+    /// They do.
+    On,
+    /// Turned off by the setting (`ENABLE_ORIG_SRC=false`): the pod's own address, uncounted.
+    Off,
+    /// The kernel refused to set the pod's namespace up (why): the pod's own address, each
+    /// connection counted.
+    Refused(String),
+}
+
+impl std::fmt::Display for SourceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceState::On => f.write_str("preserved"),
+            SourceState::Off => f.write_str("off"),
+            SourceState::Refused(why) => write!(f, "unavailable: {why}"),
+        }
+    }
 }
 
 impl InPodSockets {
     /// The network of the pod in `netns`.
-    pub fn new(netns: PodNetns, orig_dst: Arc<OrigDstTable>) -> Self {
-        Self { netns, orig_dst }
+    pub fn new(netns: PodNetns, orig_dst: Arc<OrigDstTable>, source: SourceAddress) -> Self {
+        Self {
+            netns,
+            orig_dst,
+            source,
+        }
+    }
+
+    /// A socket inside the pod, marked as the agent's, not yet connected.
+    fn plain_socket(&self, dst: SocketAddr) -> Result<tokio::net::TcpSocket, Error> {
+        let socket = self.netns.run(|| -> io::Result<socket2::Socket> {
+            let domain = socket2::Domain::for_address(dst);
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+            set_agent_mark(&socket)?;
+            socket.set_nonblocking(true)?;
+            socket.set_nodelay(true)?;
+            Ok(socket)
+        })?;
+        let socket = socket.map_err(|source| Error::Connect { dst, source })?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// Connects to `dst` from `client` with a transparent socket. `Ok(None)`: the kernel
+    /// refused the socket or every address tried (the caller falls back); `Err`: the
+    /// application's side failed, as any connect can.
+    async fn connect_transparent(
+        &self,
+        client: ClientAddr,
+        dst: SocketAddr,
+    ) -> Result<Result<TcpStream, String>, Error> {
+        let mut port = match client {
+            ClientAddr::Exact(addr) if addr.port() != 0 => addr.port(),
+            ClientAddr::Exact(_) => pick_port(None),
+            ClientAddr::Ip { busy, .. } => pick_port(busy),
+        };
+        let ip = client.ip();
+        let mut last = String::new();
+        for _ in 0..PORT_TRIES {
+            let from = SocketAddr::new(ip, port);
+            let socket = match self.netns.run(|| transparent_socket(dst.is_ipv6()))? {
+                Ok(socket) => socket,
+                Err(e) => return Ok(Err(format!("transparent socket refused: {e}"))),
+            };
+            if let Err(e) = socket.bind(&from.into()) {
+                // In use by another of the agent's connections from this client (or the
+                // kernel refuses the address): another port.
+                last = format!("binding {from}: {e}");
+                port = pick_port(match client {
+                    ClientAddr::Ip { busy, .. } => busy,
+                    ClientAddr::Exact(_) => None,
+                });
+                continue;
+            }
+            let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+            if let Err(e) = self.source.dials.register(from, dst) {
+                return Ok(Err(format!("AGENT_DIALS not updated: {e}")));
+            }
+            let connected = connect_with_timeout(socket, dst).await;
+            self.source.dials.forget(from, dst);
+            match connected {
+                Ok(stream) => return Ok(Ok(stream)),
+                Err(Error::Connect { source, .. })
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+                    ) =>
+                {
+                    // That address pair is in use (the same client reached this application
+                    // through two services from one port): another port.
+                    last = format!("connecting from {from}: {source}");
+                    port = pick_port(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Err(format!(
+            "no free port after {PORT_TRIES} tries ({last})"
+        )))
+    }
+
+    /// Counts a connection that could not carry its client's address, and warns once per
+    /// pod with the reason.
+    fn fell_back(&self, why: &str) {
+        let (pod, namespace) = &self.source.pod;
+        crate::metrics::global().source_address_fallback(pod, namespace);
+        if !self.source.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(pod = %pod, namespace = %namespace, reason = %why, "the pod's application sees the pod's own address instead of its clients' (source-address preservation unavailable; counted in ztunnel_source_address_fallbacks_total)");
+        }
+    }
+}
+
+/// Connect attempts from different ports before falling back.
+const PORT_TRIES: usize = 8;
+
+/// A port for a connection from a client's address: below Linux's ephemeral range (32768 and
+/// up), so the client's own kernel, which picks its ports from there, does not pick it for a
+/// new connection to the same application while this one lives; never `busy`.
+fn pick_port(busy: Option<u16>) -> u16 {
+    const FIRST: u16 = 1024;
+    const COUNT: u16 = 32768 - FIRST;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    loop {
+        // A large odd step walks every port of the range before repeating.
+        let n = NEXT.fetch_add(7919, Ordering::Relaxed) % COUNT;
+        let port = FIRST + n;
+        if Some(port) != busy {
+            return port;
+        }
     }
 }
 
 impl PodSockets for InPodSockets {
     fn connect(&self, dst: SocketAddr) -> Connecting<'_> {
+        Box::pin(async move { connect_with_timeout(self.plain_socket(dst)?, dst).await })
+    }
+
+    fn connect_from(&self, client: ClientAddr, dst: SocketAddr) -> Connecting<'_> {
         Box::pin(async move {
-            let socket = self.netns.run(|| -> io::Result<socket2::Socket> {
-                let domain = socket2::Domain::for_address(dst);
-                let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-                set_agent_mark(&socket)?;
-                socket.set_nonblocking(true)?;
-                socket.set_nodelay(true)?;
-                Ok(socket)
-            })?;
-            let socket = socket.map_err(|source| Error::Connect { dst, source })?;
-            connect_with_timeout(tokio::net::TcpSocket::from_std_stream(socket.into()), dst).await
+            // A client of the other family, or the pod calling itself, is connected from the
+            // pod's own address (as upstream does).
+            let possible = client.ip().is_ipv6() == dst.is_ipv6()
+                && !self.source.pod_ips.contains(&client.ip());
+            match &self.source.state {
+                SourceState::On if possible => match self.connect_transparent(client, dst).await? {
+                    Ok(stream) => return Ok(stream),
+                    Err(why) => self.fell_back(&why),
+                },
+                SourceState::Refused(why) if possible => self.fell_back(why),
+                _ => {}
+            }
+            connect_with_timeout(self.plain_socket(dst)?, dst).await
         })
     }
 

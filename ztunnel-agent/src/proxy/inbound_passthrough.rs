@@ -70,7 +70,13 @@ async fn proxy(
         dst,
     };
     pod.authorize(&mesh, conn.record.dst.detail.as_deref(), &authz)?;
-    let upstream = pod.connect(dst).await?;
+    // From the peer's address; its port stays with the agent's own accepted socket (the same
+    // pair of addresses), so the application sees another.
+    let from = super::ClientAddr::Ip {
+        ip: peer.ip(),
+        busy: Some(peer.port()),
+    };
+    let upstream = pod.connect_from(from, dst).await?;
     conn.established();
     let tracked = pod.mesh.tracker.track(pod.clone(), peer.ip(), None, dst);
     // Inbound: the reporting side sends what the application answers.

@@ -66,6 +66,35 @@ impl OrigDstTable {
     }
 }
 
+/// The connections the agent is opening from a client's address to a pod's application
+/// (`AGENT_DIALS`): registered just before connect() so `sk_lookup` leaves them to the
+/// application instead of steering them back to 15006, and forgotten once connect() returns
+/// (only a SYN looks a listener up).
+pub struct DialTable(pub(super) Mutex<HashMap<MapData, DialKey, u32>>);
+
+impl std::fmt::Debug for DialTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DialTable")
+    }
+}
+
+impl DialTable {
+    /// Registers a connection from `client` to `app` about to be opened.
+    pub fn register(&self, client: SocketAddr, app: SocketAddr) -> Result<(), MapError> {
+        let key = ztunnel_common::convert::dial_key(client, app);
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        table.insert(key, 0, 0)
+    }
+
+    /// Forgets a connection registered with [`Self::register`] (a failed delete leaves an
+    /// entry LRU eviction reclaims).
+    pub fn forget(&self, client: SocketAddr, app: SocketAddr) {
+        let key = ztunnel_common::convert::dial_key(client, app);
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = table.remove(&key);
+    }
+}
+
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),

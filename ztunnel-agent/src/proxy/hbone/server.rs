@@ -286,16 +286,172 @@ async fn accept_connect(
     };
     pod.authorize(&mesh, conn.record.dst.detail.as_deref(), &authz)
         .map_err(|denied| Refusal::new(StatusCode::UNAUTHORIZED, denied))?;
+    let forwarded = req
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_for);
+    let client = client_addr(
+        &mesh,
+        &pod.network,
+        peer,
+        conn.record.src.identity.as_ref(),
+        forwarded,
+    );
     let app = pod
-        .connect(target)
+        .connect_from(client, target)
         .await
         .map_err(|e| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
     Ok((app, target))
 }
 
+/// The client address the application sees: the one the client's agent forwarded when it
+/// is the tunnel's peer address or an address of a workload with the peer's identity (an
+/// agent may only speak for its own pods); otherwise the tunnel peer's address with a port of
+/// the agent's choosing (a waypoint's or gateway's tunnel: upstream's choice too).
+pub fn client_addr(
+    mesh: &MeshState,
+    network: &str,
+    peer: SocketAddr,
+    identity: Option<&Identity>,
+    forwarded: Option<SocketAddr>,
+) -> crate::proxy::ClientAddr {
+    use crate::proxy::ClientAddr;
+    let trusted = forwarded.filter(|f| {
+        f.ip() == peer.ip()
+            || identity.is_some_and(|id| {
+                mesh.workload_by_ip(network, f.ip())
+                    .is_some_and(|w| w.identity() == *id)
+            })
+    });
+    match trusted {
+        Some(addr) => ClientAddr::Exact(addr),
+        None => ClientAddr::Ip {
+            ip: peer.ip(),
+            busy: None,
+        },
+    }
+}
+
+/// The first `for=` of a `forwarded` header (RFC 7239): `for="10.0.0.1:4000"`,
+/// `for="[fd00::1]:4000"`, or an address without a port (port 0).
+pub fn forwarded_for(value: &str) -> Option<SocketAddr> {
+    let first = value.split(',').next()?;
+    let node = first.split(';').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        key.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| value.trim().trim_matches('"'))
+    })?;
+    if let Ok(addr) = node.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    let bare = node.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_for_reads_the_first_node_in_each_spelling() {
+        let cases: &[(&str, Option<&str>)] = &[
+            (r#"for="10.0.0.1:4000""#, Some("10.0.0.1:4000")),
+            (r#"for="[fd00::1]:4000""#, Some("[fd00::1]:4000")),
+            (
+                r#"for="10.0.0.1:4000";host=reviews.default.svc.cluster.local"#,
+                Some("10.0.0.1:4000"),
+            ),
+            (
+                r#"by=x; For="10.0.0.1:4000", for="10.9.9.9:1""#,
+                Some("10.0.0.1:4000"),
+            ),
+            ("for=10.0.0.1", Some("10.0.0.1:0")),
+            (r#"for="[fd00::1]""#, Some("[fd00::1]:0")),
+            ("for=unknown", None),
+            (r#"for="_hidden""#, None),
+            ("host=example.com", None),
+            ("", None),
+        ];
+        for (header, want) in cases {
+            let want = want.map(|w| w.parse::<SocketAddr>().expect("addr"));
+            assert_eq!(forwarded_for(header), want, "{header}");
+        }
+    }
+
+    /// The forwarded address is used only when the peer may speak for it.
+    #[test]
+    fn the_forwarded_client_is_trusted_only_from_its_own_identity() {
+        use crate::proxy::ClientAddr;
+        let mesh = state("none", WAYPOINT);
+        let client_id = mesh
+            .workload_by_ip("", CLIENT.parse().expect("ip"))
+            .expect("workload")
+            .identity();
+        // The fixture's pods share the default service account; the waypoint's own.
+        let waypoint_id = Identity {
+            service_account: "waypoint".to_string(),
+            ..client_id.clone()
+        };
+        let at = |ip: &str, port| SocketAddr::new(ip.parse().expect("ip"), port);
+        // The client's agent: its own pod's address, as forwarded, port included.
+        let got = client_addr(
+            &mesh,
+            "",
+            at(CLIENT, 55000),
+            Some(&client_id),
+            Some(at(CLIENT, 40000)),
+        );
+        assert_eq!(got, ClientAddr::Exact(at(CLIENT, 40000)));
+        // Another address of a workload with the peer's identity.
+        let got = client_addr(
+            &mesh,
+            "",
+            at("10.1.1.1", 55000),
+            Some(&client_id),
+            Some(at(CLIENT, 40000)),
+        );
+        assert_eq!(got, ClientAddr::Exact(at(CLIENT, 40000)));
+        // A waypoint forwarding the client's address: not its to speak for; its own.
+        let got = client_addr(
+            &mesh,
+            "",
+            at(WAYPOINT, 55000),
+            Some(&waypoint_id),
+            Some(at(CLIENT, 40000)),
+        );
+        assert_eq!(
+            got,
+            ClientAddr::Ip {
+                ip: WAYPOINT.parse().expect("ip"),
+                busy: None
+            }
+        );
+        // Nothing forwarded, or an unknown address.
+        let got = client_addr(&mesh, "", at(CLIENT, 55000), Some(&client_id), None);
+        assert_eq!(
+            got,
+            ClientAddr::Ip {
+                ip: CLIENT.parse().expect("ip"),
+                busy: None
+            }
+        );
+        let got = client_addr(
+            &mesh,
+            "",
+            at(CLIENT, 55000),
+            Some(&client_id),
+            Some(at("10.7.7.7", 1)),
+        );
+        assert_eq!(
+            got,
+            ClientAddr::Ip {
+                ip: CLIENT.parse().expect("ip"),
+                busy: None
+            }
+        );
+    }
 
     const CLIENT: &str = "10.0.0.1";
     const SERVER: &str = "10.0.0.2";
