@@ -83,12 +83,7 @@ impl Node {
 
     /// What the config dump says about the server pod's source addresses.
     fn source_address(&self) -> String {
-        let dump: serde_json::Value =
-            serde_json::from_str(&self.agent.http_get(15000, "/config_dump")).expect("JSON");
-        dump["workloadState"]["cluster1//v1/Pod/default/server"]["sourceAddress"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        node_source_address(&self.agent)
     }
 }
 
@@ -177,4 +172,84 @@ fn turned_off_the_application_sees_the_pods_own_address() {
         assert_eq!(seen.ip(), node.server.ip4, "from {}", from.name);
     }
     assert_eq!(node.source_address(), "off");
+}
+
+#[test]
+fn where_the_kernel_refuses_the_pod_keeps_its_own_address_counted_and_said_once() {
+    if !require_root() {
+        return;
+    }
+    // Something else owns table 100 in the server pod: marked replies would be dropped, so
+    // the agent must not preserve addresses there (and must say so), while the client pod is
+    // unaffected.
+    let mut topo = Topology::for_test();
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let plain = topo.add_pod("plain", 12);
+    ztunnel_e2e::sh(
+        "ip",
+        &[
+            "-n",
+            &server.netns,
+            "route",
+            "add",
+            "unreachable",
+            "default",
+            "table",
+            "100",
+        ],
+    );
+    let app = Server::start(server.netns_path(), addr(server.ip4, 9080));
+    let workloads = [
+        Workload::hbone(&client, "client", NODE),
+        Workload::hbone(&server, "server", NODE),
+    ];
+    let (mut agent, _) = Agent::start_local(&topo, NODE, &mesh::yaml(&workloads, &[]), &[]);
+    let line = agent.wait_log(&["pod enrolled", "pod=server", "source_address=unavailable"]);
+    assert!(line.contains("unreachable"), "{line}");
+    agent.wait_log(&["pod enrolled", "pod=client", "source_address=preserved"]);
+
+    for from in [&client, &plain, &client] {
+        let got = exchange(&from.netns_path(), addr(server.ip4, 9080), "x").expect("exchange");
+        assert_eq!(got.response, "hello x", "the connection still works");
+        let seen = app.accepted();
+        assert_eq!(
+            seen.last().map(|a| a.peer.ip()),
+            Some(server.ip4),
+            "from {}",
+            from.name
+        );
+    }
+    let metrics = agent.scrape_metrics();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "ztunnel_source_address_fallbacks_total",
+            &["pod=\"server\""]
+        ),
+        3,
+        "{metrics}"
+    );
+    let said: Vec<_> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("source-address preservation unavailable"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(said.len(), 1, "said once: {said:?}");
+    assert!(
+        said[0].contains("pod=server") && said[0].contains("table 100"),
+        "{said:?}"
+    );
+    assert!(node_source_address(&agent).starts_with("unavailable: "));
+}
+
+/// The server pod's `sourceAddress` in the config dump.
+fn node_source_address(agent: &Agent) -> String {
+    let dump: serde_json::Value =
+        serde_json::from_str(&agent.http_get(15000, "/config_dump")).expect("JSON");
+    dump["workloadState"]["cluster1//v1/Pod/default/server"]["sourceAddress"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }

@@ -596,6 +596,7 @@ impl Enrollment {
                 proxy::in_pod::SourceAddress {
                     dials: self.redirect.dial_table(),
                     pod_ips: ips.clone(),
+                    plaintext_peers: Default::default(),
                     state: source_address.clone(),
                     pod: (spec.name.clone(), spec.namespace.clone()),
                     // A refusal at enrollment was just said.
@@ -738,6 +739,8 @@ impl Enrollment {
         // returns (connections already accepted finish on their own).
         while pod.tasks.join_next().await.is_some() {}
         crate::metrics::global().proxy_stopped();
+        crate::metrics::global()
+            .forget_source_address_fallbacks(&pod.spec.name, &pod.spec.namespace);
         self.report_proxies();
         tracing::info!(pod = %pod.spec.name, namespace = %pod.spec.namespace, uid = %uid, "pod removed");
         result?;

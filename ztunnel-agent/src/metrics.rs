@@ -676,6 +676,14 @@ impl Metrics {
             .inc();
     }
 
+    /// Forgets a pod's fallback count (the pod left this agent).
+    pub fn forget_source_address_fallbacks(&self, pod: &str, namespace: &str) {
+        self.source_fallbacks.remove(&PodLabels {
+            pod: pod.to_string(),
+            namespace: namespace.to_string(),
+        });
+    }
+
     /// Counts a socket a pod's listener accepted, until the returned guard is dropped.
     pub fn socket_opened(&self, direction: Direction) -> OpenSocket {
         let gauge = self

@@ -90,6 +90,14 @@ impl ClientAddr {
     }
 }
 
+/// What a connection to the pod's application holds for as long as it lives (kernel map
+/// entries, reservations), released when dropped.
+pub type Held = Option<Box<dyn Send>>;
+
+/// A connection to the pod's application being opened, with what it holds.
+pub type ConnectingApp<'a> =
+    Pin<Box<dyn Future<Output = Result<(TcpStream, Held), Error>> + Send + 'a>>;
+
 /// A connection being opened (boxed: [`PodSockets`] is used as a trait object).
 pub type Connecting<'a> = Pin<Box<dyn Future<Output = Result<TcpStream, Error>> + Send + 'a>>;
 
@@ -103,9 +111,9 @@ pub trait PodSockets: Send + Sync {
     /// Opens a TCP connection to the pod's application at `dst` that the application sees
     /// coming from `client`; by default (and wherever the kernel refuses) from the pod's own
     /// address, as [`Self::connect`].
-    fn connect_from(&self, client: ClientAddr, dst: SocketAddr) -> Connecting<'_> {
+    fn connect_from(&self, client: ClientAddr, dst: SocketAddr) -> ConnectingApp<'_> {
         let _ = client;
-        self.connect(dst)
+        Box::pin(async move { Ok((self.connect(dst).await?, None)) })
     }
 
     /// Where an outbound connection accepted on 15001 from `peer` was meant to go.
@@ -212,14 +220,15 @@ impl PodProxy {
 
     /// Opens a TCP connection to the pod's application that it sees coming from `client`
     /// (see [`PodSockets::connect_from`]).
+    /// Keep what it holds for as long as the connection lives.
     pub async fn connect_from(
         &self,
         client: ClientAddr,
         dst: SocketAddr,
-    ) -> Result<TcpStream, Error> {
-        let stream = self.sockets.connect_from(client, dst).await?;
+    ) -> Result<(TcpStream, Held), Error> {
+        let (stream, held) = self.sockets.connect_from(client, dst).await?;
         self.mesh.socket_options(&stream);
-        Ok(stream)
+        Ok((stream, held))
     }
 
     /// This pod's workload in `mesh` (by uid, else by namespace and name: istio-cni names

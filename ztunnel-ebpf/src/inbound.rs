@@ -79,8 +79,8 @@ fn try_inbound(ctx: &SkLookupContext) -> u32 {
     // The agent's connections to the application from the client's address (source-address
     // preservation), registered just before their connect(): the application's listener
     // takes them. Nothing else can be in the map: the agent writes every entry.
-    // SAFETY: the context pointer is the kernel's bpf_sk_lookup; `remote_port` is a __be16
-    // the verifier allows a 2-byte load of (Linux 5.19+).
+    // SAFETY: the context pointer is the kernel's bpf_sk_lookup; `remote_port` is a
+    // network-order 16-bit field the verifier allows a 2-byte load of.
     let remote_port_be =
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.lookup).remote_port)) };
     let dial = DialKey {

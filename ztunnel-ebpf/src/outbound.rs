@@ -11,7 +11,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use ztunnel_common::{
     outbound_decision, IpKey, OrigDst, OutboundDecision, PodConfig, PortKey, AF_INET, AF_INET6,
-    AGENT_SOCKET_MARK, OUTBOUND_PORT,
+    AGENT_SOCKET_MARK, AGENT_TRANSPARENT_MARK, OUTBOUND_PORT,
 };
 
 use crate::maps::{
@@ -108,7 +108,9 @@ fn try_connect(ctx: &SockAddrContext, ipv6_hook: bool) -> i32 {
     }
     // SAFETY: `sk` is always set for connect hooks; the verifier allows reading `mark`.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-    if mark == AGENT_SOCKET_MARK {
+    // The agent's own sockets: forwarding ones, and the transparent ones that carry a
+    // client's address to the application.
+    if mark == AGENT_SOCKET_MARK || mark == AGENT_TRANSPARENT_MARK {
         count(netns, |c| c.skipped_agent_socket += 1);
         return ALLOW;
     }

@@ -26,7 +26,7 @@ use netlink_packet_core::{
     NLM_F_REQUEST,
 };
 use netlink_packet_route::route::{
-    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -55,8 +55,11 @@ pub enum Error {
     /// No netlink socket in the namespace.
     #[error("no netlink socket: {0}")]
     Socket(io::Error),
+    /// A marked packet to a foreign address is not delivered locally.
+    #[error("a packet marked 0x111 to a foreign address takes a `{kind}` route, not `local` (ip {family}): something else holds table 100 or a rule before priority 32764 takes the mark; see `ip {family} rule` and `ip {family} route show table 100` in the pod")]
+    NotLocal { family: &'static str, kind: String },
     /// A netlink request failed.
-    #[error("{what} not added (ip {family}): {source}")]
+    #[error("{what} failed (ip {family}): {source}")]
     Netlink {
         what: &'static str,
         family: &'static str,
@@ -100,8 +103,61 @@ pub fn install(ipv6: bool) -> Result<(), Error> {
             RouteNetlinkMessage::NewRule(mark_rule(*family)),
         )
         .map_err(failed("rule `fwmark 0x111/0xfff lookup 100`"))?;
+        // What exists already was kept: check that the whole set-up does its job, a marked
+        // packet to a foreign address is delivered locally (table 100 may hold another
+        // default route, or a rule before ours may take marked packets elsewhere).
+        let kind = match marked_route(&mut socket, *family) {
+            Ok(RouteType::Local) => continue,
+            Ok(kind) => format!("{kind:?}").to_lowercase(),
+            // What the kernel answers a lookup that ends on such a route.
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EHOSTUNREACH | libc::ENETUNREACH) => "unreachable".to_string(),
+                Some(libc::EINVAL) => "blackhole".to_string(),
+                Some(libc::EACCES) => "prohibit".to_string(),
+                _ => {
+                    return Err(Error::Netlink {
+                        what: "route lookup `ip route get <foreign address> mark 0x111`",
+                        family: name,
+                        source: e,
+                    })
+                }
+            },
+        };
+        return Err(Error::NotLocal { family: name, kind });
     }
     Ok(())
+}
+
+/// The type of the route a packet marked as the agent's, to a foreign address, takes
+/// (`ip route get 192.0.2.1 mark 0x111`; 2001:db8::1 for IPv6).
+fn marked_route(socket: &mut Socket, family: AddressFamily) -> io::Result<RouteType> {
+    let foreign = if family == AddressFamily::Inet6 {
+        RouteAddress::Inet6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))
+    } else {
+        RouteAddress::Inet(std::net::Ipv4Addr::new(192, 0, 2, 1))
+    };
+    let mut query = RouteMessage::default();
+    query.header.address_family = family;
+    query.header.destination_prefix_length = if family == AddressFamily::Inet6 {
+        128
+    } else {
+        32
+    };
+    query.attributes = vec![
+        RouteAttribute::Destination(foreign),
+        RouteAttribute::Mark(AGENT_TRANSPARENT_MARK),
+    ];
+    match exchange(socket, RouteNetlinkMessage::GetRoute(query), NLM_F_REQUEST)? {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => Ok(route.header.kind),
+        NetlinkPayload::Error(e) => Err(match e.code {
+            Some(code) => io::Error::from_raw_os_error(-code.get()),
+            None => io::Error::new(io::ErrorKind::InvalidData, "an ACK instead of a route"),
+        }),
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected netlink answer type {}", other.message_type()),
+        )),
+    }
 }
 
 fn open() -> io::Result<Socket> {
@@ -142,21 +198,31 @@ fn mark_rule(family: AddressFamily) -> RuleMessage {
     rule
 }
 
-/// Sends one request that creates something and waits for the kernel's answer; "already
-/// exists" is success.
-fn request(socket: &mut Socket, message: RouteNetlinkMessage) -> io::Result<()> {
+/// Sends one request and returns the kernel's first answer.
+fn exchange(
+    socket: &mut Socket,
+    message: RouteNetlinkMessage,
+    flags: u16,
+) -> io::Result<NetlinkPayload<RouteNetlinkMessage>> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    header.flags = flags;
     let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
     packet.finalize();
     let mut buf = vec![0u8; packet.buffer_len()];
     packet.serialize(&mut buf);
     socket.send(&buf, 0)?;
-    let mut answer = Vec::with_capacity(4096);
+    let mut answer = Vec::with_capacity(8192);
     socket.recv(&mut answer, 0)?;
     let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    match reply.payload {
+    Ok(reply.payload)
+}
+
+/// Sends one request that creates something and waits for the kernel's answer; "already
+/// exists" is success.
+fn request(socket: &mut Socket, message: RouteNetlinkMessage) -> io::Result<()> {
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    match exchange(socket, message, flags)? {
         NetlinkPayload::Error(e) => match e.code {
             None => Ok(()),
             Some(code) if -code.get() == libc::EEXIST => Ok(()),

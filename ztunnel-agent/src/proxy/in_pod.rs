@@ -4,15 +4,18 @@
 //! is a self-call and is refused). Connections to the pod's application carry the client's
 //! address where the pod's namespace was set up for it (see `enroll::source_route`).
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
 
-use super::{ClientAddr, Connecting, Error, OriginalDst, PodSockets, CONNECT_TIMEOUT};
+use super::{
+    ClientAddr, Connecting, ConnectingApp, Error, OriginalDst, PodSockets, CONNECT_TIMEOUT,
+};
 use crate::netns::PodNetns;
 use crate::redirect::{DialTable, OrigDstTable};
 use crate::socket::{set_agent_mark, so_original_dst, transparent_socket};
@@ -33,6 +36,11 @@ pub struct SourceAddress {
     pub dials: Arc<DialTable>,
     /// The pod's own addresses (a client among them is connected from as usual).
     pub pod_ips: Vec<IpAddr>,
+    /// Live plaintext connections to the application, by (peer, application) addresses: the
+    /// agent's accepted socket on 15006 holds that pair, so a connection from the peer's
+    /// address must not pick the peer's port for the same application (its SYN would reach
+    /// the agent's socket).
+    pub plaintext_peers: Arc<PeerSet>,
     /// Whether the pod's namespace is set up for it.
     pub state: SourceState,
     /// For the metric and the one warning: the pod's name and namespace.
@@ -88,20 +96,37 @@ impl InPodSockets {
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
 
-    /// Connects to `dst` from `client` with a transparent socket. `Ok(None)`: the kernel
-    /// refused the socket or every address tried (the caller falls back); `Err`: the
-    /// application's side failed, as any connect can.
+    /// Connects to `dst` from `client` with a transparent socket. `Ok(Err(why))`: the kernel
+    /// refused the socket or every address tried, or the connect timed out (the caller falls
+    /// back); `Err`: the application's side failed, as any connect can.
     async fn connect_transparent(
         &self,
         client: ClientAddr,
         dst: SocketAddr,
-    ) -> Result<Result<TcpStream, String>, Error> {
+    ) -> Result<Result<(TcpStream, Hold), String>, Error> {
+        let ip = client.ip();
+        let mut hold = Hold::default();
+        let busy = match client {
+            ClientAddr::Ip {
+                busy: Some(port), ..
+            } => {
+                // The peer's own connection holds this pair of addresses on the agent's side
+                // for as long as this one lives: no other of its connections picks it.
+                let peer = (SocketAddr::new(ip, port), dst);
+                lock(&self.source.plaintext_peers).insert(peer);
+                hold.peer = Some((self.source.plaintext_peers.clone(), peer));
+                Some(port)
+            }
+            _ => None,
+        };
+        let free = |port: u16| {
+            Some(port) != busy
+                && !lock(&self.source.plaintext_peers).contains(&(SocketAddr::new(ip, port), dst))
+        };
         let mut port = match client {
             ClientAddr::Exact(addr) if addr.port() != 0 => addr.port(),
-            ClientAddr::Exact(_) => pick_port(None),
-            ClientAddr::Ip { busy, .. } => pick_port(busy),
+            _ => pick_port(free),
         };
-        let ip = client.ip();
         let mut last = String::new();
         for _ in 0..PORT_TRIES {
             let from = SocketAddr::new(ip, port);
@@ -110,39 +135,51 @@ impl InPodSockets {
                 Err(e) => return Ok(Err(format!("transparent socket refused: {e}"))),
             };
             if let Err(e) = socket.bind(&from.into()) {
-                // In use by another of the agent's connections from this client (or the
-                // kernel refuses the address): another port.
+                // The kernel refuses the address, or the port is taken: another port.
                 last = format!("binding {from}: {e}");
-                port = pick_port(match client {
-                    ClientAddr::Ip { busy, .. } => busy,
-                    ClientAddr::Exact(_) => None,
-                });
+                port = pick_port(free);
                 continue;
             }
             let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
             if let Err(e) = self.source.dials.register(from, dst) {
                 return Ok(Err(format!("AGENT_DIALS not updated: {e}")));
             }
-            let connected = connect_with_timeout(socket, dst).await;
-            self.source.dials.forget(from, dst);
-            match connected {
-                Ok(stream) => return Ok(Ok(stream)),
+            // Kept for the connection's life (see [`Hold`]); forgotten as soon as this attempt
+            // fails or this future is dropped mid-connect (a drain deadline, say).
+            let mut attempt = Hold {
+                dial: Some((self.source.dials.clone(), from, dst)),
+                peer: None,
+            };
+            match connect_with_timeout(socket, dst).await {
+                Ok(stream) => {
+                    hold.dial = attempt.dial.take();
+                    return Ok(Ok((stream, hold)));
+                }
                 Err(Error::Connect { source, .. })
                     if matches!(
                         source.raw_os_error(),
                         Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
                     ) =>
                 {
+                    drop(attempt);
                     // That address pair is in use (the same client reached this application
                     // through two services from one port): another port.
                     last = format!("connecting from {from}: {source}");
-                    port = pick_port(None);
+                    port = pick_port(free);
+                }
+                Err(Error::ConnectTimeout(_)) => {
+                    // A connection to the application in its own namespace does not time out
+                    // unless the replies went astray (the pod's routing changed since
+                    // enrollment): said, and retried from the pod's own address.
+                    return Ok(Err(format!(
+                        "the connection from {from} timed out (are the rule `fwmark 0x111/0xfff lookup 100` and table 100 still in the pod?)"
+                    )));
                 }
                 Err(e) => return Err(e),
             }
         }
         Ok(Err(format!(
-            "no free port after {PORT_TRIES} tries ({last})"
+            "no usable source port after {PORT_TRIES} tries ({last})"
         )))
     }
 
@@ -157,24 +194,55 @@ impl InPodSockets {
     }
 }
 
+/// What a connection to the application from a client's address holds until it ends:
+/// - its `AGENT_DIALS` entry: kept for the connection's life, not only until connect()
+///   returns, because with SYN cookies the handshake's last ACK looks a listener up too; while
+///   the connection lives its pair of addresses is taken, so no one else's SYN can match it;
+/// - a plaintext peer's reservation of its pair of addresses (see `plaintext_peers`).
+#[derive(Default)]
+struct Hold {
+    dial: Option<(Arc<DialTable>, SocketAddr, SocketAddr)>,
+    peer: Option<(Arc<PeerSet>, (SocketAddr, SocketAddr))>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some((table, from, to)) = self.dial.take() {
+            table.forget(from, to);
+        }
+        if let Some((peers, peer)) = self.peer.take() {
+            lock(&peers).remove(&peer);
+        }
+    }
+}
+
+/// Live plaintext connections to the pod's application: (peer, application) address pairs.
+pub type PeerSet = Mutex<HashSet<(SocketAddr, SocketAddr)>>;
+
+fn lock(peers: &PeerSet) -> std::sync::MutexGuard<'_, HashSet<(SocketAddr, SocketAddr)>> {
+    peers.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Connect attempts from different ports before falling back.
 const PORT_TRIES: usize = 8;
 
-/// A port for a connection from a client's address: below Linux's ephemeral range (32768 and
-/// up), so the client's own kernel, which picks its ports from there, does not pick it for a
-/// new connection to the same application while this one lives; never `busy`.
-fn pick_port(busy: Option<u16>) -> u16 {
+/// A random port for a connection from a client's address, for which `free` holds: below
+/// Linux's ephemeral range (32768 and up), so the client's own kernel, which picks its ports
+/// from there, does not pick it for a new connection to the same application while this one
+/// lives.
+fn pick_port(free: impl Fn(u16) -> bool) -> u16 {
     const FIRST: u16 = 1024;
     const COUNT: u16 = 32768 - FIRST;
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    loop {
-        // A large odd step walks every port of the range before repeating.
-        let n = NEXT.fetch_add(7919, Ordering::Relaxed) % COUNT;
-        let port = FIRST + n;
-        if Some(port) != busy {
-            return port;
+    let mut port = FIRST;
+    for _ in 0..16 {
+        let mut bytes = [0u8; 2];
+        let _ = crate::tls::provider().secure_random.fill(&mut bytes);
+        port = FIRST + u16::from_ne_bytes(bytes) % COUNT;
+        if free(port) {
+            break;
         }
     }
+    port
 }
 
 impl PodSockets for InPodSockets {
@@ -182,7 +250,7 @@ impl PodSockets for InPodSockets {
         Box::pin(async move { connect_with_timeout(self.plain_socket(dst)?, dst).await })
     }
 
-    fn connect_from(&self, client: ClientAddr, dst: SocketAddr) -> Connecting<'_> {
+    fn connect_from(&self, client: ClientAddr, dst: SocketAddr) -> ConnectingApp<'_> {
         Box::pin(async move {
             // A client of the other family, or the pod calling itself, is connected from the
             // pod's own address (as upstream does).
@@ -190,13 +258,18 @@ impl PodSockets for InPodSockets {
                 && !self.source.pod_ips.contains(&client.ip());
             match &self.source.state {
                 SourceState::On if possible => match self.connect_transparent(client, dst).await? {
-                    Ok(stream) => return Ok(stream),
+                    Ok((stream, hold)) => {
+                        return Ok((stream, Some(Box::new(hold) as Box<dyn Send>)))
+                    }
                     Err(why) => self.fell_back(&why),
                 },
                 SourceState::Refused(why) if possible => self.fell_back(why),
                 _ => {}
             }
-            connect_with_timeout(self.plain_socket(dst)?, dst).await
+            Ok((
+                connect_with_timeout(self.plain_socket(dst)?, dst).await?,
+                None,
+            ))
         })
     }
 

@@ -76,7 +76,7 @@ async fn proxy(
         ip: peer.ip(),
         busy: Some(peer.port()),
     };
-    let upstream = pod.connect_from(from, dst).await?;
+    let (upstream, _held) = pod.connect_from(from, dst).await?;
     conn.established();
     let tracked = pod.mesh.tracker.track(pod.clone(), peer.ip(), None, dst);
     // Inbound: the reporting side sends what the application answers.

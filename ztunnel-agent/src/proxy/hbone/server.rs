@@ -179,7 +179,7 @@ async fn handle_connect(
     let accepted = accept_connect(&pod, local, client, &req, authority, target, &mut conn)
         .instrument(span.clone())
         .await;
-    let (app, target) = match accepted {
+    let (app, _held, target) = match accepted {
         Ok(accepted) => accepted,
         Err(refusal) => {
             // Logged before the answer, so the line exists once the client sees the status.
@@ -229,7 +229,7 @@ async fn relay(
 }
 
 /// Checks a CONNECT (method, authority, self-call, policy) and connects to the application;
-/// returns the application's socket and address.
+/// returns the application's socket, what it holds, and its address.
 async fn accept_connect(
     pod: &Arc<PodProxy>,
     local: IpAddr,
@@ -238,7 +238,7 @@ async fn accept_connect(
     authority: Option<String>,
     target: Option<SocketAddr>,
     conn: &mut Connection,
-) -> Result<(TcpStream, SocketAddr), Refusal> {
+) -> Result<(TcpStream, crate::proxy::Held, SocketAddr), Refusal> {
     let peer = conn.record.src_addr;
     conn.record.dst_hbone_addr = target;
     let mesh = pod.mesh.state.snapshot();
@@ -298,16 +298,16 @@ async fn accept_connect(
         conn.record.src.identity.as_ref(),
         forwarded,
     );
-    let app = pod
+    let (app, held) = pod
         .connect_from(client, target)
         .await
         .map_err(|e| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
-    Ok((app, target))
+    Ok((app, held, target))
 }
 
 /// The client address the application sees: the one the client's agent forwarded when it
-/// is the tunnel's peer address or an address of a workload with the peer's identity (an
-/// agent may only speak for its own pods); otherwise the tunnel peer's address with a port of
+/// is the tunnel's peer address or an address of a workload with the peer's identity (a peer
+/// may speak only for workloads with its own identity); otherwise the tunnel peer's address with a port of
 /// the agent's choosing (a waypoint's or gateway's tunnel: upstream's choice too).
 pub fn client_addr(
     mesh: &MeshState,
@@ -317,6 +317,22 @@ pub fn client_addr(
     forwarded: Option<SocketAddr>,
 ) -> crate::proxy::ClientAddr {
     use crate::proxy::ClientAddr;
+    // An address no client can have (loopback, unspecified, multicast, link-local) is never
+    // taken from the header.
+    let usable = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback() || v4.is_unspecified() || v4.is_multicast() || v4.is_link_local())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local())
+        }
+    };
+    let forwarded = forwarded
+        .map(|f| SocketAddr::new(f.ip().to_canonical(), f.port()))
+        .filter(|f| usable(f.ip()));
     let trusted = forwarded.filter(|f| {
         f.ip() == peer.ip()
             || identity.is_some_and(|id| {
