@@ -86,6 +86,75 @@ impl ConnectionRecord {
     }
 }
 
+/// Access-log lines of connections refused before the peer was authenticated (a failed or
+/// abandoned TLS handshake on 15008) an agent writes per second at most: anyone who can reach
+/// the port can cause them, and a flood of them must not flood the log. The rest are counted
+/// (metrics, `diagnose`) and summed up in one warning when lines are written again.
+pub const UNAUTHENTICATED_LINES_PER_SECOND: u32 = 10;
+
+/// The budget of [`UNAUTHENTICATED_LINES_PER_SECOND`]: the current one-second window, lines
+/// written in it, and lines left out since the last one written.
+struct Budget {
+    window: Option<Instant>,
+    written: u32,
+    left_out: u64,
+    left_out_since: Option<Instant>,
+}
+
+static UNAUTHENTICATED: std::sync::Mutex<Budget> = std::sync::Mutex::new(Budget {
+    window: None,
+    written: 0,
+    left_out: 0,
+    left_out_since: None,
+});
+
+/// [`write`] for a connection refused before its peer was authenticated: the line is written
+/// within the budget of [`UNAUTHENTICATED_LINES_PER_SECOND`], else left out (the outcome is
+/// still kept); the first line written after some were left out is preceded by a warning
+/// saying how many, since when.
+pub fn write_unauthenticated(
+    record: &ConnectionRecord,
+    error: Option<&(dyn std::error::Error + 'static)>,
+) {
+    let now = Instant::now();
+    let left_out = {
+        let mut budget = UNAUTHENTICATED.lock().unwrap_or_else(|p| p.into_inner());
+        if budget
+            .window
+            .is_none_or(|start| now.duration_since(start) >= std::time::Duration::from_secs(1))
+        {
+            budget.window = Some(now);
+            budget.written = 0;
+        }
+        if budget.written >= UNAUTHENTICATED_LINES_PER_SECOND {
+            budget.left_out += 1;
+            budget.left_out_since.get_or_insert(now);
+            None
+        } else {
+            budget.written += 1;
+            let since = budget.left_out_since.take();
+            Some((std::mem::take(&mut budget.left_out), since))
+        }
+    };
+    match left_out {
+        None => {
+            let identity = None;
+            remember(
+                record,
+                identity,
+                error.map(|e| crate::telemetry::ErrorChain(e).to_string()),
+            );
+        }
+        Some((count, since)) => {
+            if count > 0 {
+                let secs = since.map_or(0, |s| now.duration_since(s).as_secs());
+                tracing::warn!(target: "access", left_out = count, "{count} access-log lines of connections refused before authentication (failed or abandoned TLS handshakes) were left out in the last {secs}s: at most {UNAUTHENTICATED_LINES_PER_SECOND} a second are written; all are counted in istio_tcp_connections_failed_total and kept for diagnose");
+            }
+            write(record, error);
+        }
+    }
+}
+
 /// Emits the one `connection complete` event for `record` (level error when `error` is set)
 /// and keeps its outcome for `diagnose`. Called once per connection, by the connection's
 /// owner (`proxy::connection`), which also updates the metrics from the same record.

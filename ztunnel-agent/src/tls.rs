@@ -36,11 +36,9 @@ pub enum Error {
     /// The peer presented no certificate.
     #[error("the peer presented no certificate")]
     NoPeerCert,
-    /// The peer's certificate has no usable SPIFFE id.
-    #[error(
-        "the peer certificate has no SPIFFE URI SAN of the form spiffe://<td>/ns/<ns>/sa/<sa>"
-    )]
-    NoIdentity,
+    /// The peer's certificate has no usable SPIFFE id (what it presented instead).
+    #[error("the peer certificate has no usable SPIFFE identity: {0}")]
+    NoIdentity(String),
     /// The peer is in another trust domain.
     #[error("peer identity {0} is not in trust domain {1}")]
     TrustDomain(Identity, String),
@@ -93,12 +91,57 @@ fn root_store(certs: &dyn CertStore) -> RootCertStore {
 
 /// The SPIFFE identity of a leaf certificate.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => uri.parse().ok(),
-        _ => None,
-    })
+    spiffe_identity(cert).ok()
+}
+
+/// The SPIFFE identity of a leaf certificate, or what the certificate presented instead, so a
+/// refusal names it (`its URI SAN "spiffe:///ns/default/sa/x" is not of the form ...`, not
+/// only "no SPIFFE identity"). Presented strings are quoted and cut to 200 characters.
+pub fn spiffe_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
+    use x509_parser::extensions::GeneralName;
+    let shown = |text: &str| {
+        let cut: String = text.chars().take(200).collect();
+        format!("{cut:?}")
+    };
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("it is not a readable X.509 certificate ({e})"))?;
+    let san = match parsed.subject_alternative_name() {
+        Ok(Some(san)) => san,
+        Ok(None) => {
+            return Err(format!(
+                "it has no subjectAltName (subject {})",
+                shown(&parsed.subject().to_string())
+            ))
+        }
+        Err(e) => return Err(format!("its subjectAltName is not readable ({e})")),
+    };
+    let mut uris = Vec::new();
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name {
+            match uri.parse::<Identity>() {
+                Ok(id) => return Ok(id),
+                Err(_) => uris.push(shown(uri)),
+            }
+        }
+    }
+    if uris.is_empty() {
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .take(8)
+            .map(|n| shown(&n.to_string()))
+            .collect();
+        return Err(format!(
+            "its subjectAltName has no URI, only [{}]",
+            names.join(", ")
+        ));
+    }
+    uris.truncate(8);
+    Err(format!(
+        "its URI SAN {} is not of the form spiffe://<trust domain>/ns/<namespace>/sa/<service account>",
+        uris.join(", ")
+    ))
 }
 
 /// The peer identity of an established connection, checked against the trust domain.
@@ -107,7 +150,7 @@ pub fn peer_identity(
     trust_domain: &str,
 ) -> Result<Identity, Error> {
     let leaf = certs.and_then(|c| c.first()).ok_or(Error::NoPeerCert)?;
-    let id = identity_of(leaf).ok_or(Error::NoIdentity)?;
+    let id = spiffe_identity(leaf).map_err(Error::NoIdentity)?;
     if id.trust_domain != trust_domain {
         return Err(Error::TrustDomain(id, trust_domain.to_string()));
     }
@@ -250,8 +293,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let id = identity_of(end_entity).ok_or_else(|| {
-            rustls::Error::General("server certificate has no SPIFFE identity".into())
+        let id = spiffe_identity(end_entity).map_err(|presented| {
+            rustls::Error::General(format!(
+                "server certificate has no usable SPIFFE identity: {presented}"
+            ))
         })?;
         if self.expected.contains(&id) {
             Ok(ServerCertVerified::assertion())
@@ -462,6 +507,91 @@ mod tests {
         fn has_certs(&self) -> bool {
             false
         }
+    }
+
+    /// A self-signed certificate with these subjectAltNames (None: no extension at all).
+    fn cert_with_sans(sans: Option<Vec<rcgen::SanType>>) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans.unwrap_or_default();
+        params.self_signed(&key).expect("cert").der().clone()
+    }
+
+    /// Each refusal names what the certificate presented instead of a SPIFFE id.
+    #[test]
+    fn missing_or_malformed_spiffe_ids_are_named_as_presented() {
+        use rcgen::SanType;
+        let uri = |u: &str| SanType::URI(u.try_into().expect("ia5"));
+        let cases: Vec<(Option<Vec<SanType>>, &[&str])> = vec![
+            (
+                Some(vec![uri("spiffe:///ns/default/sa/x")]),
+                &[
+                    "\"spiffe:///ns/default/sa/x\"",
+                    "not of the form spiffe://<trust domain>",
+                ],
+            ),
+            (
+                Some(vec![uri("https://example.com/x"), uri("spiffe://td/ns/a")]),
+                &["\"https://example.com/x\"", "\"spiffe://td/ns/a\""],
+            ),
+            (
+                Some(vec![SanType::DnsName(
+                    "reviews.default.svc".try_into().expect("ia5"),
+                )]),
+                &["no URI", "reviews.default.svc"],
+            ),
+            (None, &["no subjectAltName"]),
+        ];
+        for (sans, want) in cases {
+            let err = spiffe_identity(&cert_with_sans(sans)).expect_err("refused");
+            for part in want {
+                assert!(err.contains(part), "{part} in {err}");
+            }
+        }
+        let good = cert_with_sans(Some(vec![
+            SanType::DnsName("x".try_into().expect("ia5")),
+            uri("spiffe://cluster.local/ns/default/sa/curl"),
+        ]));
+        assert_eq!(spiffe_identity(&good).expect("id"), id("curl"));
+        let peer = cert_with_sans(Some(vec![uri("spiffe:///ns/default/sa/x")]));
+        let err = peer_identity(Some(&[peer]), "cluster.local").expect_err("refused");
+        assert!(
+            err.to_string().contains("spiffe:///ns/default/sa/x"),
+            "{err}"
+        );
+        let other = cert_with_sans(Some(vec![uri("spiffe://other.td/ns/default/sa/curl")]));
+        let err = peer_identity(Some(&[other]), "cluster.local").expect_err("refused");
+        assert!(
+            err.to_string().contains("other.td") && err.to_string().contains("cluster.local"),
+            "{err}"
+        );
+    }
+
+    /// An expired server certificate is refused, and the error says so with the times.
+    #[test]
+    fn an_expired_server_certificate_is_refused_with_its_times() {
+        let certs = manager(&temp_dir("expired"));
+        let leaf = certs.certified_key(&id("productpage")).expect("cert");
+        let verifier = SpiffeServerVerifier {
+            roots: root_store(certs.as_ref()),
+            expected: vec![id("productpage")],
+            provider: provider(),
+        };
+        let name = ServerName::try_from("10.244.1.10").expect("ip name");
+        let now = UnixTime::now();
+        verifier
+            .verify_server_cert(&leaf.cert[0], &leaf.cert[1..], &name, &[], now)
+            .expect("valid now");
+        // The manager issues for an hour.
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs() + 2 * 3600));
+        let err = verifier
+            .verify_server_cert(&leaf.cert[0], &leaf.cert[1..], &name, &[], later)
+            .expect_err("expired");
+        let err = err.to_string();
+        assert!(
+            err.contains("expired") && err.contains("not valid after"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub struct Connection {
     opened: Option<Opened>,
     span: tracing::Span,
     finished: bool,
+    /// Refused before its peer was authenticated: its line is rate-limited.
+    unauthenticated: bool,
 }
 
 impl Connection {
@@ -141,6 +143,7 @@ impl Connection {
             opened: None,
             span,
             finished: false,
+            unauthenticated: false,
         }
     }
 
@@ -180,6 +183,14 @@ impl Connection {
         }
     }
 
+    /// Ends a connection refused before its peer was authenticated (a failed or abandoned
+    /// TLS handshake): as [`Self::finish`], but anyone who can reach the port can cause these,
+    /// so the access-log line is rate-limited (`accesslog::write_unauthenticated`).
+    pub fn finish_unauthenticated(mut self, error: ConnectionError) {
+        self.unauthenticated = true;
+        self.finish(Err(error));
+    }
+
     fn end(&mut self, error: Option<(&(dyn StdError + 'static), ResponseFlag)>) {
         self.finished = true;
         let _entered = self.span.enter();
@@ -190,7 +201,11 @@ impl Connection {
             Some(opened) => crate::metrics::global().closed(&self.record, opened, flag),
             None => crate::metrics::global().failed(&self.record, flag),
         }
-        crate::accesslog::write(&self.record, error.map(|(e, _)| e));
+        if self.unauthenticated {
+            crate::accesslog::write_unauthenticated(&self.record, error.map(|(e, _)| e));
+        } else {
+            crate::accesslog::write(&self.record, error.map(|(e, _)| e));
+        }
     }
 }
 

@@ -27,25 +27,33 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    // A connection that fails before any CONNECT is logged as one inbound connection.
-    let fail = |e: Error| {
+    // A connection that fails before any CONNECT is logged as one inbound connection, timed
+    // from its accept; before the peer is authenticated, its line is rate-limited.
+    let started = std::time::Instant::now();
+    let end = |e: Error, authenticated: bool| {
         let mut conn = Connection::new(Direction::Inbound, peer, local);
+        conn.record.started = started;
         conn.record.dst = pod.as_peer(&pod.mesh.state.snapshot(), None);
-        conn.finish(Err(e.into()));
+        if authenticated {
+            conn.finish(Err(e.into()));
+        } else {
+            conn.finish_unauthenticated(e.into());
+        }
     };
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, pod.hbone_tls.accept(stream)).await;
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
-        Ok(Err(source)) => return fail(Error::Tls { peer, source }),
-        Err(_) => return fail(Error::HandshakeTimeout(peer)),
+        Ok(Err(source)) => return end(Error::Tls { peer, source }, false),
+        Err(_) => return end(Error::HandshakeTimeout(peer), false),
     };
     let client_identity = match crate::tls::peer_identity(
         tls.get_ref().1.peer_certificates(),
         pod.mesh.certs.trust_domain(),
     ) {
         Ok(id) => id,
-        Err(e) => return fail(Error::PeerIdentity(e)),
+        Err(e) => return end(Error::PeerIdentity(e), false),
     };
+    let fail = |e: Error| end(e, true);
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

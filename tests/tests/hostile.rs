@@ -1,0 +1,92 @@
+//! Hostile peers on 15008: connections that never authenticate cost the log a bounded number
+//! of lines, each with its real duration, and every one is still accounted for.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use ztunnel_e2e::one_hop::OneHop;
+use ztunnel_e2e::traffic::in_netns;
+use ztunnel_e2e::{require_root, wait_for};
+
+/// The agent writes at most this many refusal lines a second (the agent's constant).
+const LINES_PER_SECOND: usize = 10;
+
+fn duration_ms(line: &str) -> u64 {
+    line.split("duration=\"")
+        .nth(1)
+        .and_then(|rest| rest.split("ms\"").next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {line}"))
+}
+
+/// The `left_out=N` of a warning line.
+fn left_out(line: &str) -> usize {
+    line.split("left_out=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no left_out in {line}"))
+}
+
+#[test]
+fn unauthenticated_refusals_are_rate_limited_and_timed() {
+    if !require_root() {
+        return;
+    }
+    let mut hop = OneHop::start(true, &[]);
+    let stranger = hop.topo.add_pod("stranger", 12);
+    let hbone: SocketAddr = SocketAddr::new(hop.server.ip4, 15008);
+    let refused = format!("dst.addr={hbone}");
+
+    // A peer that connects and says nothing for 1.5 s: its line has the real duration.
+    in_netns(&stranger.netns_path(), move || {
+        let s = TcpStream::connect_timeout(&hbone, Duration::from_secs(5)).expect("connect");
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(s);
+    });
+    let line = hop.agent.wait_log(&["connection complete", &refused]);
+    assert!(line.contains("\terror\taccess\t"), "{line}");
+    assert!(duration_ms(&line) >= 1500, "{line}");
+
+    // A flood of peers sending garbage instead of a TLS ClientHello.
+    const FLOOD: usize = 60;
+    in_netns(&stranger.netns_path(), move || {
+        for _ in 0..FLOOD {
+            let mut s =
+                TcpStream::connect_timeout(&hbone, Duration::from_secs(5)).expect("connect");
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        }
+    });
+    // Past the one-second window, one more: written, after the count of what was left out.
+    std::thread::sleep(Duration::from_millis(1200));
+    in_netns(&stranger.netns_path(), move || {
+        let mut s = TcpStream::connect_timeout(&hbone, Duration::from_secs(5)).expect("connect");
+        let _ = s.write_all(b"garbage");
+    });
+    // Every refusal is either written or counted as left out (the flood may span two
+    // one-second windows: one warning each).
+    let total = 1 + FLOOD + 1;
+    let (written, warnings) = wait_for(
+        "every refusal accounted for",
+        Duration::from_secs(10),
+        || {
+            let written = hop
+                .agent
+                .lines_with(&["connection complete", &refused])
+                .len();
+            let warnings = hop.agent.lines_with(&["were left out", "left_out="]);
+            let left: usize = warnings.iter().map(|w| left_out(w)).sum();
+            (written + left == total).then_some((written, warnings))
+        },
+    );
+    assert!(!warnings.is_empty());
+    assert!(
+        written <= 1 + 2 * LINES_PER_SECOND + 1,
+        "{written} lines for {total} refusals: {warnings:?}"
+    );
+    // The server's own traffic is unaffected.
+    let got = ztunnel_e2e::traffic::exchange(&hop.client.netns_path(), hop.dst(), "still")
+        .expect("exchange");
+    assert_eq!(got.response, "hello still");
+}
