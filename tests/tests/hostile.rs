@@ -90,3 +90,94 @@ fn unauthenticated_refusals_are_rate_limited_and_timed() {
         .expect("exchange");
     assert_eq!(got.response, "hello still");
 }
+
+/// Opens `n` connections to `dst` from inside `pod` that say nothing, held until the
+/// returned sender is dropped; returns once all are connected.
+fn stall(
+    pod: &ztunnel_e2e::topology::Pod,
+    dst: SocketAddr,
+    n: usize,
+) -> std::sync::mpsc::Sender<()> {
+    let (hold, released) = std::sync::mpsc::channel::<()>();
+    let (ready, connected) = std::sync::mpsc::channel();
+    let netns = pod.netns_path();
+    std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            let held: Vec<TcpStream> = (0..n)
+                .map(|_| TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect"))
+                .collect();
+            let _ = ready.send(());
+            let _ = released.recv();
+            drop(held);
+        })
+    });
+    connected
+        .recv_timeout(Duration::from_secs(10))
+        .expect("stalled connections open");
+    hold
+}
+
+#[test]
+fn limits_refuse_new_work_by_name_and_spare_everyone_else() {
+    if !require_root() {
+        return;
+    }
+    let mut hop = OneHop::start(
+        true,
+        &[
+            "--max-handshakes-per-peer",
+            "2",
+            "--max-connections-per-pod",
+            "4",
+        ],
+    );
+    let stranger = hop.topo.add_pod("stranger", 12);
+    let other = hop.topo.add_pod("other", 13);
+    let hbone = SocketAddr::new(hop.server.ip4, 15008);
+
+    // A peer stalling two handshakes may not start a third; the refusal names the limit.
+    let stalled = stall(&stranger, hbone, 2);
+    let third = stall(&stranger, hbone, 1);
+    let line = hop
+        .agent
+        .wait_log(&["connection complete", "limit handshakes_per_peer"]);
+    assert!(
+        line.contains("pod default/server") && line.contains("ZTUNNEL_MAX_HANDSHAKES_PER_PEER"),
+        "{line}"
+    );
+    drop(third);
+    // Another peer (the client pod over HBONE) is not affected.
+    let got = ztunnel_e2e::traffic::exchange(&hop.client.netns_path(), hop.dst(), "ok")
+        .expect("exchange during the stall");
+    assert_eq!(got.response, "hello ok");
+
+    // The server pod holds 2 stalled + 1 pooled HBONE connection: one more fits, the next
+    // is over its connection limit.
+    let fourth = stall(&other, hbone, 1);
+    let fifth = stall(&other, hbone, 1);
+    let line = hop
+        .agent
+        .wait_log(&["connection complete", "limit connections_per_pod"]);
+    assert!(line.contains("4 inbound connections"), "{line}");
+    drop((fourth, fifth));
+
+    let metrics = hop.agent.scrape_metrics();
+    for limit in ["connections_per_pod", "handshakes_per_peer"] {
+        assert!(
+            ztunnel_e2e::metric_sum(
+                &metrics,
+                "ztunnel_limit_refusals_total",
+                &[&format!("limit=\"{limit}\"")]
+            ) >= 1,
+            "{limit}: {metrics}"
+        );
+    }
+    // Once the stalls end, the pod takes connections again.
+    drop(stalled);
+    let got = wait_for(
+        "a connection after the stalls",
+        Duration::from_secs(10),
+        || ztunnel_e2e::traffic::exchange(&other.netns_path(), hop.dst(), "again").ok(),
+    );
+    assert_eq!(got.response, "hello again");
+}

@@ -88,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker: Arc::default(),
         drain: Drain::default(),
         keepalive: config.keepalive,
+        limits: config.limits,
     });
     tokio::spawn(mesh.pool.clone().run_eviction(shutdown.clone()));
     crate::metrics::global().configure_series(
@@ -157,6 +158,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "dnsCapture": config.dns.capture,
         "dnsResolvConf": config.dns_resolv_conf,
         "dnsUpstreams": config.dns.upstreams,
+        "preserveSourceAddress": config.preserve_source_address,
+        "maxConnectionsPerPod": config.limits.connections_per_pod,
+        "maxHandshakesPerPeer": config.limits.handshakes_per_peer,
+        "hboneHandshakeTimeoutMs": u64::try_from(config.limits.handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+        "hboneMaxHeaderBytes": config.limits.max_header_bytes,
     });
     let config_source = match (&config.xds, &config.local_xds_path) {
         (Some(t), _) => format!("xDS from {}", t.authority),

@@ -280,6 +280,21 @@ pub struct RunArgs {
     /// DNS_CAPTURE proxy metadata; on by default, as upstream).
     #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
     pub dns_capture: bool,
+    /// Connections one pod's listeners may hold at once, each way (outbound on 15001;
+    /// inbound on 15006 and 15008 together): past it new ones are reset, so one pod cannot
+    /// use up the agent's file descriptors for all.
+    #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_POD", default_value_t = 32768, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections_per_pod: usize,
+    /// TLS and HTTP/2 handshakes one peer address may have in progress on a pod's 15008: a
+    /// peer that connects and stalls costs a bounded amount, and other peers go on.
+    #[arg(long, env = "ZTUNNEL_MAX_HANDSHAKES_PER_PEER", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_handshakes_per_peer: usize,
+    /// How long a handshake on 15008 may take (e.g. `10s`).
+    #[arg(long, env = "ZTUNNEL_HBONE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub hbone_handshake_timeout: std::time::Duration,
+    /// The largest header block an HBONE CONNECT may carry, in bytes.
+    #[arg(long, env = "ZTUNNEL_HBONE_MAX_HEADER_BYTES", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub hbone_max_header_bytes: u32,
     /// Connect to each pod's application from the client's address (its pod IP and port
     /// over HBONE, the peer's IP for plaintext), so the application's logs, allow-lists and
     /// rate limits see the client; off, the application sees its own pod's address.

@@ -88,6 +88,8 @@ pub struct Config {
     pub keepalive: Option<crate::socket::Keepalive>,
     /// Connections to a pod's application carry the client's address.
     pub preserve_source_address: bool,
+    /// What one pod can make the agent hold.
+    pub limits: crate::proxy::Limits,
     /// Bound on the `istio_tcp_*` label sets.
     pub metrics_max_series: usize,
     /// Idle time after which a label set of deleted workloads is evicted.
@@ -231,6 +233,12 @@ impl Config {
                 args.termination_grace_period_seconds,
             ),
             preserve_source_address: args.preserve_source_address,
+            limits: crate::proxy::Limits {
+                connections_per_pod: args.max_connections_per_pod,
+                handshakes_per_peer: args.max_handshakes_per_peer,
+                handshake_timeout: args.hbone_handshake_timeout,
+                max_header_bytes: args.hbone_max_header_bytes,
+            },
             keepalive: args.keepalive_enabled.then_some(crate::socket::Keepalive {
                 time: args.keepalive_time,
                 interval: args.keepalive_interval,

@@ -607,6 +607,7 @@ impl Enrollment {
             )),
             mesh: self.mesh.clone(),
             hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            load: Default::default(),
         });
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();

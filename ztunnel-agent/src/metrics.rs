@@ -213,6 +213,12 @@ struct AcceptErrorLabels {
     error: &'static str,
 }
 
+/// A limit that refused work.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
 /// The pod whose application saw its own address instead of a client's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PodLabels {
@@ -389,6 +395,7 @@ pub struct Metrics {
     workload_manager: WorkloadManager,
     accept_errors: Family<AcceptErrorLabels, Counter>,
     source_fallbacks: Family<PodLabels, Counter>,
+    limit_refusals: Family<LimitLabels, Counter>,
     dns: DnsMetrics,
 }
 
@@ -558,6 +565,15 @@ impl Metrics {
             "Failed accepts on the pods' listeners, by errno (EMFILE: the agent is out of file descriptors)",
             accept_errors.clone(),
         );
+        let limit_refusals = Family::<LimitLabels, Counter>::default();
+        for limit in ["connections_per_pod", "handshakes_per_peer"] {
+            drop(limit_refusals.get_or_create(&LimitLabels { limit }));
+        }
+        registry.register(
+            "ztunnel_limit_refusals",
+            "Connections refused because a pod reached a limit, by limit (connections_per_pod, handshakes_per_peer); the access log names the pod",
+            limit_refusals.clone(),
+        );
         let source_fallbacks = Family::<PodLabels, Counter>::default();
         registry.register(
             "ztunnel_source_address_fallbacks",
@@ -624,6 +640,7 @@ impl Metrics {
             workload_manager,
             accept_errors,
             source_fallbacks,
+            limit_refusals,
             dns,
         }
     }
@@ -673,6 +690,13 @@ impl Metrics {
                 pod: pod.to_string(),
                 namespace: namespace.to_string(),
             })
+            .inc();
+    }
+
+    /// Counts a connection a limit refused.
+    pub fn limit_refusal(&self, limit: &'static str) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels { limit })
             .inc();
     }
 

@@ -54,6 +54,129 @@ pub enum Error {
     /// The pod's namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] crate::netns::Error),
+    /// A limit refused the connection.
+    #[error(transparent)]
+    Limit(#[from] LimitReached),
+}
+
+/// Bounds on what one pod can make the agent hold at once: hitting one refuses the new
+/// connection (an access-log error naming the limit, `ztunnel_limit_refusals_total{limit}`)
+/// and touches nothing else: other pods, and the pod's established connections, go on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections one pod's listeners hold at once, each way (15001 outbound; 15006 and
+    /// 15008 inbound together).
+    pub connections_per_pod: usize,
+    /// TLS and HTTP/2 handshakes one peer address may have in progress on one pod's 15008
+    /// (a peer that stalls its handshakes costs a bounded amount, and other peers go on).
+    pub handshakes_per_peer: usize,
+    /// How long a handshake on 15008 may take before the connection is dropped.
+    pub handshake_timeout: Duration,
+    /// Largest header block an HBONE CONNECT may carry, in bytes.
+    pub max_header_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections_per_pod: 32768,
+            handshakes_per_peer: 64,
+            handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// A limit that refused a connection.
+#[derive(Debug, thiserror::Error)]
+#[error("refused: pod {namespace}/{pod} already holds {value} {what} (limit {limit}; set with {setting})")]
+pub struct LimitReached {
+    /// The limit's name (the metric's `limit` label).
+    pub limit: &'static str,
+    /// What it counts.
+    pub what: &'static str,
+    /// Its value.
+    pub value: usize,
+    /// The setting that sets it.
+    pub setting: &'static str,
+    /// The pod.
+    pub pod: String,
+    /// Its namespace.
+    pub namespace: String,
+}
+
+impl Classify for LimitReached {}
+
+/// What one pod holds now, counted against [`Limits`].
+#[derive(Debug, Default)]
+pub struct PodLoad {
+    /// Connections accepted on 15001.
+    pub outbound: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections accepted on 15006 and 15008.
+    pub inbound: Arc<std::sync::atomic::AtomicUsize>,
+    /// Handshakes in progress on 15008, by peer address.
+    pub handshakes: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+}
+
+/// One handshake of a peer counted in [`PodLoad::handshakes`], given back when dropped.
+#[derive(Debug)]
+pub struct PeerSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    peer: IpAddr,
+}
+
+impl PeerSlot {
+    /// Takes one handshake of `peer` if it has fewer than `limit` in progress.
+    pub fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+        peer: IpAddr,
+        limit: usize,
+    ) -> Option<PeerSlot> {
+        let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(peer).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: counts.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// One unit of a [`PodLoad`] count, given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slot {
+    /// Takes one unit of `count` if fewer than `limit` are taken.
+    pub fn take(count: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        if count.fetch_add(1, Ordering::AcqRel) >= limit {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Classify for Error {}
@@ -154,6 +277,8 @@ pub struct MeshContext {
     pub drain: crate::drain::Drain,
     /// TCP keepalive on every accepted and dialled socket (None: off).
     pub keepalive: Option<crate::socket::Keepalive>,
+    /// What one pod can make the agent hold.
+    pub limits: Limits,
 }
 
 impl MeshContext {
@@ -202,6 +327,8 @@ pub struct PodProxy {
     pub mesh: Arc<MeshContext>,
     /// TLS server for 15008 with the pod's certificate.
     pub hbone_tls: tokio_rustls::TlsAcceptor,
+    /// What it holds now, against [`MeshContext::limits`].
+    pub load: PodLoad,
 }
 
 impl std::fmt::Debug for PodProxy {
@@ -229,6 +356,26 @@ impl PodProxy {
         let (stream, held) = self.sockets.connect_from(client, dst).await?;
         self.mesh.socket_options(&stream);
         Ok((stream, held))
+    }
+
+    /// A limit this pod reached: counted (`ztunnel_limit_refusals_total{limit}`) and
+    /// described for the access log.
+    pub fn limit_reached(
+        &self,
+        limit: &'static str,
+        what: &'static str,
+        value: usize,
+        setting: &'static str,
+    ) -> LimitReached {
+        crate::metrics::global().limit_refusal(limit);
+        LimitReached {
+            limit,
+            what,
+            value,
+            setting,
+            pod: self.name.clone(),
+            namespace: self.namespace.clone(),
+        }
     }
 
     /// This pod's workload in `mesh` (by uid, else by namespace and name: istio-cni names
@@ -336,9 +483,21 @@ pub async fn accept_loop<F, Fut>(
             _ = drain.started() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let count = match reporter {
+                        Direction::Outbound => &pod.load.outbound,
+                        Direction::Inbound => &pod.load.inbound,
+                    };
+                    let Some(slot) = Slot::take(count, pod.mesh.limits.connections_per_pod) else {
+                        refuse_over_limit(&pod, stream, peer, reporter);
+                        continue;
+                    };
                     pod.mesh.socket_options(&stream);
                     let open = crate::metrics::global().socket_opened(reporter);
-                    tokio::spawn(drain.track(handle(pod.clone(), stream, peer, open)));
+                    let handled = handle(pod.clone(), stream, peer, open);
+                    tokio::spawn(drain.track(async move {
+                        let _slot = slot;
+                        handled.await
+                    }));
                 }
                 // The socket stopped listening (shut down behind the agent's back, or its
                 // namespace torn down): accepting again would fail forever.
@@ -369,6 +528,29 @@ pub async fn accept_loop<F, Fut>(
             }
         }
     }
+}
+
+/// Refuses a connection over [`Limits::connections_per_pod`]: reset at once, a (rate-limited)
+/// access-log error naming the limit, and the limit's counter.
+fn refuse_over_limit(pod: &PodProxy, stream: TcpStream, peer: SocketAddr, reporter: Direction) {
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    reset_on_close(&stream);
+    drop(stream);
+    let what = match reporter {
+        Direction::Outbound => "outbound connections",
+        Direction::Inbound => "inbound connections",
+    };
+    let reached = pod.limit_reached(
+        "connections_per_pod",
+        what,
+        pod.mesh.limits.connections_per_pod,
+        "ZTUNNEL_MAX_CONNECTIONS_PER_POD",
+    );
+    let mut conn = connection::Connection::new(reporter, peer, local);
+    conn.record.dst = pod.as_peer(&pod.mesh.state.snapshot(), None);
+    conn.finish_unauthenticated(Error::from(reached).into());
 }
 
 /// Wait after a failed accept before the next try.

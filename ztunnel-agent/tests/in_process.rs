@@ -158,6 +158,7 @@ impl Node {
             tracker: Arc::default(),
             drain: Default::default(),
             keepalive: Some(Default::default()),
+            limits: Default::default(),
         });
         Self {
             mesh,
@@ -187,6 +188,7 @@ impl Node {
             sockets: sockets.clone(),
             mesh: self.mesh.clone(),
             hbone_tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            load: Default::default(),
         });
         let bind = || async {
             TcpListener::bind("127.0.0.1:0")

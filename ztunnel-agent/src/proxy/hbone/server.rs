@@ -40,7 +40,22 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
             conn.finish_unauthenticated(e.into());
         }
     };
-    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, pod.hbone_tls.accept(stream)).await;
+    let limits = pod.mesh.limits;
+    let Some(handshaking) =
+        crate::proxy::PeerSlot::take(&pod.load.handshakes, peer.ip(), limits.handshakes_per_peer)
+    else {
+        crate::proxy::reset_on_close(&stream);
+        drop(stream);
+        let reached = pod.limit_reached(
+            "handshakes_per_peer",
+            "handshakes in progress from this peer",
+            limits.handshakes_per_peer,
+            "ZTUNNEL_MAX_HANDSHAKES_PER_PEER",
+        );
+        return end(Error::Connect(reached.into()), false);
+    };
+    let accepted =
+        tokio::time::timeout(limits.handshake_timeout, pod.hbone_tls.accept(stream)).await;
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(source)) => return end(Error::Tls { peer, source }, false),
@@ -59,12 +74,14 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(limits.max_header_bytes)
         .handshake::<_, Bytes>(tls);
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let mut conn = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(source)) => return fail(Error::H2 { peer, source }),
         Err(_) => return fail(Error::HandshakeTimeout(peer)),
     };
+    drop(handshaking);
     let mut keepalive = std::pin::pin!(keepalive(conn.ping_pong()));
     let drain = pod.mesh.drain.clone();
     let mut draining = false;
