@@ -1,6 +1,7 @@
-//! Developer tasks: `cargo xtask setup|demo|test|run`.
+//! Developer tasks: `cargo xtask setup|demo|test|bench|soak|fuzz|run`.
 
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::path::PathBuf;
@@ -40,6 +41,19 @@ enum Task {
     /// 10,000 idle tunnels, reset storms (release build; not a test, about 4 minutes once built).
     /// Writes target/soak-results.md.
     Soak,
+    /// Fuzz every parser of outside input (cargo fuzz, libFuzzer, nightly) for a bounded time
+    /// each, from the seeds in fuzz/corpus/. Writes target/fuzz-results.md.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Debug build (quicker to build, slower to run).
+        #[arg(long)]
+        dev: bool,
+    },
     /// Build the agent and run it with the given arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -64,6 +78,11 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Bench => harness(&root, "ztunnel-bench"),
         Task::Soak => harness(&root, "ztunnel-soak"),
+        Task::Fuzz {
+            seconds,
+            target,
+            dev,
+        } => fuzz::run(&root, seconds, target.as_deref(), dev),
         Task::Run { args } => {
             build_agent()?;
             setup::run_cmd(Command::new(agent_binary(&root)).args(args))

@@ -142,9 +142,12 @@ impl Admin {
 
 /// The query parameter `name`, if present.
 pub fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
-    req.uri()
-        .query()
-        .unwrap_or_default()
+    query_value(req.uri().query().unwrap_or_default(), name)
+}
+
+/// The value of `name` in a query string (`a=1&b=2`), if present.
+pub fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
         .split('&')
         .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
 }

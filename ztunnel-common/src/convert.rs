@@ -88,3 +88,27 @@ pub fn pod_config(ips: &[IpAddr]) -> PodConfig {
     }
     config
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `map_values` fuzz target: per-CPU values a map may hold (garbage in a
+    /// pinned map, or counters near the top) summed with overflow panicked in debug builds
+    /// and wrapped in release ones; the sum saturates.
+    #[test]
+    fn per_cpu_counters_sum_without_overflow() {
+        let near_top = PodCounters {
+            outbound_captured: u64::MAX - 1,
+            ..Default::default()
+        };
+        let more = PodCounters {
+            outbound_captured: 5,
+            inbound_captured: 3,
+            ..Default::default()
+        };
+        let total = sum_counters(Some(&[near_top, more]));
+        assert_eq!(total.outbound_captured, u64::MAX);
+        assert_eq!(total.inbound_captured, 3);
+    }
+}

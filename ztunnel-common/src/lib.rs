@@ -279,12 +279,14 @@ impl DnsCounters {
 
     /// Adds another CPU's counters to these.
     pub fn add(&mut self, other: &DnsCounters) {
-        self.captured_udp += other.captured_udp;
-        self.captured_tcp += other.captured_tcp;
-        self.replies_restored += other.replies_restored;
-        self.skipped_capture_off += other.skipped_capture_off;
-        self.skipped_not_dns += other.skipped_not_dns;
-        self.refused_map_full += other.refused_map_full;
+        self.captured_udp = self.captured_udp.saturating_add(other.captured_udp);
+        self.captured_tcp = self.captured_tcp.saturating_add(other.captured_tcp);
+        self.replies_restored = self.replies_restored.saturating_add(other.replies_restored);
+        self.skipped_capture_off = self
+            .skipped_capture_off
+            .saturating_add(other.skipped_capture_off);
+        self.skipped_not_dns = self.skipped_not_dns.saturating_add(other.skipped_not_dns);
+        self.refused_map_full = self.refused_map_full.saturating_add(other.refused_map_full);
     }
 }
 
@@ -394,7 +396,7 @@ macro_rules! pod_counters {
 
             /// Adds another CPU's counters to these.
             pub fn add(&mut self, other: &PodCounters) {
-                $(self.$name += other.$name;)*
+                $(self.$name = self.$name.saturating_add(other.$name);)*
             }
         }
     };

@@ -135,50 +135,54 @@ async fn session(
 }
 
 /// Applies one request; returns the NACK reason, or None for success.
-async fn handle(
-    datagram: Datagram,
-    enrollment: &Mutex<Enrollment>,
-    synced: &Notify,
-    snapshot: &mut Vec<String>,
-) -> Option<String> {
-    if datagram.truncated {
-        return Some(format!(
+/// A ZDS request, checked: what istio-cni asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ZdsRequest {
+    /// Enroll this pod (its namespace fd came with it).
+    Add(PodSpec),
+    /// The pod is still there (during the snapshot).
+    Keep(String),
+    /// The pod is gone.
+    Del(String),
+    /// The snapshot is complete: pods not named since are gone.
+    SnapshotSent,
+}
+
+/// Checks one datagram from istio-cni: its bytes (`truncated` when larger than the buffer)
+/// and how many file descriptors came with it. `Err` is the answer's error text (the fuzz
+/// targets' entry).
+pub fn parse_request(bytes: &[u8], truncated: bool, fds: usize) -> Result<ZdsRequest, String> {
+    if truncated {
+        return Err(format!(
             "message larger than {MAX_MESSAGE} bytes: not a ZDS WorkloadRequest"
         ));
     }
-    let request = match WorkloadRequest::decode(datagram.bytes.as_slice()) {
-        Ok(r) => r,
-        Err(e) => return Some(format!("malformed WorkloadRequest: {e}")),
-    };
-    let mut fds = datagram.fds.into_iter();
-    let netns_fd = fds.next();
-    if fds.next().is_some() {
-        return Some("request carried more than one file descriptor".to_string());
+    let request =
+        WorkloadRequest::decode(bytes).map_err(|e| format!("malformed WorkloadRequest: {e}"))?;
+    if fds > 1 {
+        return Err("request carried more than one file descriptor".to_string());
     }
     let is_add = matches!(request.payload, Some(workload_request::Payload::Add(_)));
-    if netns_fd.is_some() && !is_add {
+    if fds == 1 && !is_add {
         // Upstream refuses it too: only `add` carries a namespace.
-        return Some(
-            "unexpected file descriptor: only add carries a network namespace".to_string(),
-        );
+        return Err("unexpected file descriptor: only add carries a network namespace".to_string());
     }
     match request.payload {
-        None => Some(
+        None => Err(
             "WorkloadRequest without payload: expected add, keep, del or snapshot_sent".to_string(),
         ),
         Some(workload_request::Payload::Add(add)) => {
             if add.uid.is_empty() {
-                return Some("add without uid".to_string());
+                return Err("add without uid".to_string());
             }
-            let Some(netns_fd) = netns_fd else {
-                return Some(format!(
+            if fds == 0 {
+                return Err(format!(
                     "add for pod {} carried no network namespace fd (SCM_RIGHTS)",
                     add.uid
                 ));
-            };
+            }
             let info = add.workload_info.unwrap_or_default();
-            snapshot.push(add.uid.clone());
-            let spec = PodSpec {
+            Ok(ZdsRequest::Add(PodSpec {
                 uid: add.uid.clone(),
                 name: if info.name.is_empty() {
                     add.uid.clone()
@@ -188,7 +192,38 @@ async fn handle(
                 namespace: info.namespace,
                 service_account: info.service_account,
                 ips: Vec::new(),
+            }))
+        }
+        Some(workload_request::Payload::Keep(keep)) => Ok(ZdsRequest::Keep(keep.uid)),
+        Some(workload_request::Payload::Del(del)) => Ok(ZdsRequest::Del(del.uid)),
+        Some(workload_request::Payload::SnapshotSent(_)) => Ok(ZdsRequest::SnapshotSent),
+    }
+}
+
+async fn handle(
+    datagram: Datagram,
+    enrollment: &Mutex<Enrollment>,
+    synced: &Notify,
+    snapshot: &mut Vec<String>,
+) -> Option<String> {
+    let request = match parse_request(
+        datagram.bytes.as_slice(),
+        datagram.truncated,
+        datagram.fds.len(),
+    ) {
+        Ok(request) => request,
+        Err(e) => return Some(e),
+    };
+    let netns_fd = datagram.fds.into_iter().next();
+    match request {
+        ZdsRequest::Add(spec) => {
+            let Some(netns_fd) = netns_fd else {
+                return Some(format!(
+                    "add for pod {} carried no network namespace fd",
+                    spec.uid
+                ));
             };
+            snapshot.push(spec.uid.clone());
             let mut enrollment = enrollment.lock().await;
             let what = format!("netns fd of pod {}/{}", spec.namespace, spec.name);
             let netns = match PodNetns::from_file(File::from(netns_fd), what, enrollment.host()) {
@@ -201,23 +236,23 @@ async fn handle(
                 .err()
                 .map(|e| ErrorChain(&e).to_string())
         }
-        Some(workload_request::Payload::Keep(keep)) => {
-            snapshot.push(keep.uid);
+        ZdsRequest::Keep(uid) => {
+            snapshot.push(uid);
             None
         }
-        Some(workload_request::Payload::Del(del)) => {
+        ZdsRequest::Del(uid) => {
             let mut enrollment = enrollment.lock().await;
-            match enrollment.unenroll(&del.uid).await {
+            match enrollment.unenroll(&uid).await {
                 Ok(true) => None,
                 // Deleting an unknown pod is not an error for the CNI: the state converges.
                 Ok(false) => {
-                    tracing::debug!(uid = %del.uid, "ZDS del for a pod not enrolled");
+                    tracing::debug!(uid = %uid, "ZDS del for a pod not enrolled");
                     None
                 }
                 Err(e) => Some(ErrorChain(&e).to_string()),
             }
         }
-        Some(workload_request::Payload::SnapshotSent(_)) => {
+        ZdsRequest::SnapshotSent => {
             let mut enrollment = enrollment.lock().await;
             let result = enrollment.retain(Source::Zds, snapshot).await;
             synced.notify_one();

@@ -117,43 +117,68 @@ impl CaClient {
                 status: Box::new(status),
             })?
             .into_inner();
-        let unusable = |problem: String| Error::Unusable {
-            identity: name.clone(),
-            problem,
-        };
-        let mut chain: Vec<CertificateDer<'static>> = response
-            .cert_chain
-            .iter()
-            .flat_map(|pem| crate::tls::pem::parse_pem_certs(pem.as_bytes()))
-            .collect();
-        let leaf = chain
-            .first()
-            .cloned()
-            .ok_or_else(|| unusable("the certificate chain is empty".into()))?;
-        let (not_before, not_after, sans) = leaf_facts(&leaf)
-            .ok_or_else(|| unusable("the leaf certificate does not parse".into()))?;
-        if sans != [name.clone()] {
-            return Err(unusable(format!(
-                "the leaf certificate is for [{}], not {name}: is the CA issuing for the right workload?",
-                sans.join(", ")
-            )));
-        }
-        // istiod appends its root to the chain; a chain of one is the leaf alone.
-        let roots = if chain.len() > 1 {
-            chain.pop().into_iter().collect()
-        } else {
-            Vec::new()
-        };
+        let checked =
+            check_chain(&response.cert_chain, &name).map_err(|problem| Error::Unusable {
+                identity: name.clone(),
+                problem,
+            })?;
         Ok(Response {
             issued: Issued {
-                chain,
+                chain: checked.chain,
                 key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-                not_before,
-                not_after,
+                not_before: checked.not_before,
+                not_after: checked.not_after,
             },
-            roots,
+            roots: checked.roots,
         })
     }
+}
+
+/// A CA's answer, checked: the chain (leaf first), the root istiod appended, the leaf's
+/// validity.
+#[derive(Debug)]
+pub struct CheckedChain {
+    /// Leaf first, without the appended root.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The root the CA appended (empty for a chain of one).
+    pub roots: Vec<CertificateDer<'static>>,
+    /// The leaf's validity start.
+    pub not_before: SystemTime,
+    /// The leaf's validity end.
+    pub not_after: SystemTime,
+}
+
+/// Checks the PEM certificates of a CA's answer for the identity `name` (the fuzz targets'
+/// entry): `Err` says what makes it unusable.
+pub fn check_chain(cert_chain: &[String], name: &str) -> Result<CheckedChain, String> {
+    let mut chain: Vec<CertificateDer<'static>> = cert_chain
+        .iter()
+        .flat_map(|pem| crate::tls::pem::parse_pem_certs(pem.as_bytes()))
+        .collect();
+    let leaf = chain
+        .first()
+        .cloned()
+        .ok_or_else(|| "the certificate chain is empty".to_string())?;
+    let (not_before, not_after, sans) =
+        leaf_facts(&leaf).ok_or_else(|| "the leaf certificate does not parse".to_string())?;
+    if sans != [name] {
+        return Err(format!(
+            "the leaf certificate is for [{}], not {name}: is the CA issuing for the right workload?",
+            sans.join(", ")
+        ));
+    }
+    // istiod appends its root to the chain; a chain of one is the leaf alone.
+    let roots = if chain.len() > 1 {
+        chain.pop().into_iter().collect()
+    } else {
+        Vec::new()
+    };
+    Ok(CheckedChain {
+        chain,
+        roots,
+        not_before,
+        not_after,
+    })
 }
 
 /// Validity and URI SANs of a leaf.

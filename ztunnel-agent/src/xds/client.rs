@@ -185,6 +185,19 @@ impl Store {
     }
 }
 
+/// Decodes and converts one resource body of `type_url` as a subscription response would (the
+/// fuzz targets' entry): `Err` says what is wrong, as the NACK would.
+pub fn check_resource(type_url: &str, body: &[u8]) -> Result<(), String> {
+    let resource = Resource {
+        resource: Some(prost_types::Any {
+            type_url: type_url.to_string(),
+            value: body.to_vec(),
+        }),
+        ..Default::default()
+    };
+    decode(type_url, &resource).map(|_| ())
+}
+
 fn decode(type_url: &str, resource: &Resource) -> Result<Item, String> {
     let any = resource
         .resource
