@@ -30,7 +30,7 @@ fn mesh() -> &'static MeshState {
     MESH_STATE.get_or_init(|| {
         ztunnel_agent::xds::local::load_state(std::path::Path::new("mesh.yaml"), MESH)
             .map(|(state, _)| state)
-            .unwrap_or_default()
+            .expect("the target's mesh loads")
     })
 }
 

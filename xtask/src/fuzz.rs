@@ -26,6 +26,7 @@ pub fn run(root: &Path, seconds: u64, only: Option<&str>, dev: bool) -> Result<(
     let mut targets: Vec<String> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "rs"))
         .filter_map(|e| {
             e.path()
                 .file_stem()

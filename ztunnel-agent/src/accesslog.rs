@@ -137,18 +137,13 @@ pub fn write_unauthenticated(
         }
     };
     match left_out {
-        None => {
-            let identity = None;
-            remember(
-                record,
-                identity,
-                error.map(|e| crate::telemetry::ErrorChain(e).to_string()),
-            );
-        }
+        // Counted in the metrics only: kept out of `diagnose`'s recent failures too, so a
+        // flood does not push the pods' real failures out.
+        None => {}
         Some((count, since)) => {
             if count > 0 {
                 let secs = since.map_or(0, |s| now.duration_since(s).as_secs());
-                tracing::warn!(target: "access", left_out = count, "{count} access-log lines of connections refused before authentication (failed or abandoned TLS handshakes) were left out in the last {secs}s: at most {UNAUTHENTICATED_LINES_PER_SECOND} a second are written; all are counted in istio_tcp_connections_failed_total and kept for diagnose");
+                tracing::warn!(target: "access", left_out = count, "{count} access-log lines of refused connections (failed or abandoned TLS handshakes, limit refusals) were left out in the last {secs}s: at most {UNAUTHENTICATED_LINES_PER_SECOND} a second are written; all are counted in istio_tcp_connections_failed_total");
             }
             write(record, error);
         }

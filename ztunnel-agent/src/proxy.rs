@@ -549,7 +549,13 @@ fn refuse_over_limit(pod: &PodProxy, stream: TcpStream, peer: SocketAddr, report
         "ZTUNNEL_MAX_CONNECTIONS_PER_POD",
     );
     let mut conn = connection::Connection::new(reporter, peer, local);
-    conn.record.dst = pod.as_peer(&pod.mesh.state.snapshot(), None);
+    // The reporting pod is the source outbound, the destination inbound.
+    let me = pod.as_peer(&pod.mesh.state.snapshot(), None);
+    match reporter {
+        Direction::Outbound => conn.record.src = me,
+        Direction::Inbound => conn.record.dst = me,
+    }
+    // Rate-limited like refusals before authentication: a flood past a limit is one too.
     conn.finish_unauthenticated(Error::from(reached).into());
 }
 
