@@ -165,11 +165,14 @@ impl Slot {
     /// Takes one unit of `count` if fewer than `limit` are taken.
     pub fn take(count: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Slot> {
         use std::sync::atomic::Ordering;
-        if count.fetch_add(1, Ordering::AcqRel) >= limit {
-            count.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Slot(count.clone()))
+        // Never over the limit, not even for an instant (a concurrent take near the limit
+        // would otherwise be refused by this one's passing increment).
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(count.clone()))
     }
 }
 

@@ -134,7 +134,6 @@ async fn session(
     }
 }
 
-/// Applies one request; returns the NACK reason, or None for success.
 /// A ZDS request, checked: what istio-cni asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ZdsRequest {
@@ -200,6 +199,7 @@ pub fn parse_request(bytes: &[u8], truncated: bool, fds: usize) -> Result<ZdsReq
     }
 }
 
+/// Applies one request; returns the NACK reason, or None for success.
 async fn handle(
     datagram: Datagram,
     enrollment: &Mutex<Enrollment>,
@@ -219,7 +219,7 @@ async fn handle(
         ZdsRequest::Add(spec) => {
             let Some(netns_fd) = netns_fd else {
                 return Some(format!(
-                    "add for pod {} carried no network namespace fd",
+                    "add for pod {} carried no network namespace fd (SCM_RIGHTS)",
                     spec.uid
                 ));
             };

@@ -41,6 +41,8 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
         }
     };
     let limits = pod.mesh.limits;
+    // One deadline for the TLS and the HTTP/2 handshakes together, as the setting says.
+    let handshake_deadline = tokio::time::Instant::from_std(started) + limits.handshake_timeout;
     let Some(handshaking) =
         crate::proxy::PeerSlot::take(&pod.load.handshakes, peer.ip(), limits.handshakes_per_peer)
     else {
@@ -54,8 +56,7 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
         );
         return end(Error::Connect(reached.into()), false);
     };
-    let accepted =
-        tokio::time::timeout(limits.handshake_timeout, pod.hbone_tls.accept(stream)).await;
+    let accepted = tokio::time::timeout_at(handshake_deadline, pod.hbone_tls.accept(stream)).await;
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(source)) => return end(Error::Tls { peer, source }, false),
@@ -77,7 +78,7 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(limits.max_header_bytes)
         .handshake::<_, Bytes>(tls);
-    let mut conn = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+    let mut conn = match tokio::time::timeout_at(handshake_deadline, handshake).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(source)) => return fail(Error::H2 { peer, source }),
         Err(_) => return fail(Error::HandshakeTimeout(peer)),
