@@ -8,6 +8,7 @@ pub mod control_plane;
 pub mod mesh;
 pub mod one_hop;
 pub mod prometheus;
+pub mod raw_h2;
 pub mod topology;
 pub mod traffic;
 pub mod waypoint;

@@ -218,3 +218,165 @@ fn limits_refuse_new_work_by_name_and_spare_everyone_else() {
     );
     assert_eq!(got.response, "hello again");
 }
+
+/// A listener in `netns` on `addr` with a backlog of one that never accepts: connections to
+/// it past the first wait in SYN_SENT (the application has stopped accepting).
+fn stuck_listener(netns: &std::path::Path, addr: SocketAddr) -> socket2::Socket {
+    in_netns(netns, move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.bind(&addr.into()).expect("bind");
+        s.listen(0).expect("listen");
+        s
+    })
+}
+
+#[test]
+fn hbone_peer_breaking_stream_limits_is_refused_and_spares_the_rest() {
+    use ztunnel_e2e::raw_h2::{Outcome, RawHbone, REFUSED_STREAM};
+    if !require_root() {
+        return;
+    }
+    const PER_PEER: usize = 30;
+    const PENDING: usize = 4;
+    let mut hop = OneHop::start(
+        true,
+        &[
+            "--hbone-max-streams-per-peer",
+            &PER_PEER.to_string(),
+            "--hbone-max-pending-connects-per-peer",
+            &PENDING.to_string(),
+        ],
+    );
+    let stranger = hop.topo.add_pod("stranger", 12);
+    let other = hop.topo.add_pod("other", 13);
+    let hbone = SocketAddr::new(hop.server.ip4, 15008);
+    let ca_dir = hop.agent.dir().join("ca");
+    let app = hop.dst().to_string();
+    let _stuck = stuck_listener(
+        &hop.server.netns_path(),
+        SocketAddr::new(hop.server.ip4, 9999),
+    );
+    let server_id = "spiffe://cluster.local/ns/default/sa/server";
+
+    // One connection: an oversized header block, then a flood of CONNECTs far past both the
+    // per-connection (100) and the per-peer (30) stream limits, all left open.
+    let ca = ca_dir.clone();
+    let (flooding, (big, flood, goaway)) = in_netns(&stranger.netns_path(), move || {
+        let rt = ztunnel_e2e::traffic::runtime();
+        let (raw, outcomes) = rt.block_on(async move {
+            let id = "spiffe://cluster.local/ns/default/sa/stranger";
+            let mut raw = RawHbone::connect(&ca, id, hbone, server_id)
+                .await
+                .expect("mTLS to 15008");
+            let big_value = "x".repeat(20_000);
+            let big = raw
+                .open(&app, &[("x-big", &big_value)])
+                .await
+                .expect("open");
+            let big = raw
+                .outcomes(&[big], Duration::from_secs(5))
+                .await
+                .expect("read")[&big];
+            let mut ids = Vec::new();
+            for _ in 0..150 {
+                ids.push(raw.open(&app, &[]).await.expect("open"));
+            }
+            let got = raw
+                .outcomes(&ids, Duration::from_secs(10))
+                .await
+                .expect("read");
+            let flood: Vec<Option<Outcome>> = ids.iter().map(|id| got.get(id).copied()).collect();
+            let goaway = raw.goaway;
+            (raw, (big, flood, goaway))
+        });
+        // The connection (and its runtime) stays open, streams and all, until dropped.
+        ((rt, raw), outcomes)
+    });
+    assert!(
+        matches!(big, Outcome::Refused | Outcome::Reset(_)),
+        "a 20 KB header block: {big:?}"
+    );
+    assert_eq!(goaway, None, "the connection itself is kept");
+    assert!(
+        flood.iter().all(Option::is_some),
+        "every stream is answered: {flood:?}"
+    );
+    let count = |want: fn(&Outcome) -> bool| flood.iter().flatten().filter(|o| want(o)).count();
+    let open = count(|o| *o == Outcome::Open);
+    let refused = count(|o| *o == Outcome::Refused);
+    let reset = count(|o| *o == Outcome::Reset(REFUSED_STREAM));
+    assert_eq!(open, PER_PEER, "{flood:?}");
+    assert_eq!(open + refused + reset, 150, "{flood:?}");
+    // Ours are counted and logged by name; HTTP/2's own REFUSED_STREAMs are not ours to log.
+    let line = hop
+        .agent
+        .wait_log(&["connection complete", "limit streams_per_peer"]);
+    assert!(
+        line.contains("ZTUNNEL_HBONE_MAX_STREAMS_PER_PEER")
+            && line.contains("src.identity=\"spiffe://cluster.local/ns/default/sa/stranger\""),
+        "{line}"
+    );
+    // (A connect that took over 100 ms under load may have met the pending limit instead.)
+    let metrics = hop.agent.scrape_metrics();
+    let counted: u64 = ["streams_per_peer", "pending_connects_per_peer"]
+        .iter()
+        .map(|limit| {
+            ztunnel_e2e::metric_sum(
+                &metrics,
+                "ztunnel_limit_refusals_total",
+                &[&format!("limit=\"{limit}\"")],
+            )
+        })
+        .sum();
+    assert_eq!(counted, refused as u64, "{metrics}");
+
+    // Another pod's traffic to the same pod is untouched while the 30 streams stay open.
+    let got = ztunnel_e2e::traffic::exchange(&hop.client.netns_path(), hop.dst(), "during")
+        .expect("exchange during the flood");
+    assert_eq!(got.response, "hello during");
+
+    // An application that stopped accepting: a peer's CONNECTs to it wait, up to the
+    // pending limit; past it they are refused at once, by name (in a new second of the
+    // log's refusal budget, which the flood used up).
+    std::thread::sleep(Duration::from_millis(1100));
+    let stuck = SocketAddr::new(hop.server.ip4, 9999).to_string();
+    let ca = ca_dir.clone();
+    let (waiting, pending) = in_netns(&other.netns_path(), move || {
+        let rt = ztunnel_e2e::traffic::runtime();
+        let (raw, pending) = rt.block_on(async move {
+            let id = "spiffe://cluster.local/ns/default/sa/other";
+            let mut raw = RawHbone::connect(&ca, id, hbone, server_id)
+                .await
+                .expect("mTLS to 15008");
+            let mut ids = Vec::new();
+            for _ in 0..12 {
+                ids.push(raw.open(&stuck, &[]).await.expect("open"));
+            }
+            // The refusals come at once; the waiting ones do not (their connect times out).
+            let got = raw
+                .outcomes(&ids, Duration::from_secs(3))
+                .await
+                .expect("read");
+            (raw, got.values().copied().collect::<Vec<_>>())
+        });
+        ((rt, raw), pending)
+    });
+    let refused_pending = pending.iter().filter(|o| **o == Outcome::Refused).count();
+    // At most the backlog's one connection plus PENDING waiting are not refused.
+    assert!(
+        refused_pending >= 12 - PENDING - 2,
+        "{refused_pending} of 12 refused at once: {pending:?}"
+    );
+    let line = hop
+        .agent
+        .wait_log(&["connection complete", "limit pending_connects_per_peer"]);
+    assert!(
+        line.contains("ZTUNNEL_HBONE_MAX_PENDING_CONNECTS_PER_PEER"),
+        "{line}"
+    );
+    let got = ztunnel_e2e::traffic::exchange(&hop.client.netns_path(), hop.dst(), "after")
+        .expect("exchange after the floods");
+    assert_eq!(got.response, "hello after");
+    drop((flooding, waiting));
+}

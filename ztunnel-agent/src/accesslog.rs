@@ -86,49 +86,84 @@ impl ConnectionRecord {
     }
 }
 
-/// Access-log lines of connections refused before the peer was authenticated (a failed or
-/// abandoned TLS handshake on 15008) an agent writes per second at most: anyone who can reach
-/// the port can cause them, and a flood of them must not flood the log. The rest are counted
-/// (metrics, `diagnose`) and summed up in one warning when lines are written again.
-pub const UNAUTHENTICATED_LINES_PER_SECOND: u32 = 10;
+/// Access-log lines of refused connections an agent writes per second at most, for refusals
+/// before the peer was authenticated (a failed or abandoned TLS handshake on 15008) and
+/// refusals by a limit: a flood of either must not flood the log. The rest are counted in the
+/// metrics and summed up in one warning when lines are written again.
+pub const REFUSAL_LINES_PER_SECOND: u32 = 10;
 
-/// The budget of [`UNAUTHENTICATED_LINES_PER_SECOND`]: the current one-second window, lines
-/// written in it, and lines left out since the last one written.
+/// The budget of [`REFUSAL_LINES_PER_SECOND`]: the current one-second window, lines
+/// written in it, and lines left out since they were last summed up.
 struct Budget {
     window: Option<Instant>,
     written: u32,
     left_out: u64,
     left_out_since: Option<Instant>,
+    /// A summary of the left-out lines is due at the end of the window.
+    summary_due: bool,
 }
 
-static UNAUTHENTICATED: std::sync::Mutex<Budget> = std::sync::Mutex::new(Budget {
+static REFUSALS: std::sync::Mutex<Budget> = std::sync::Mutex::new(Budget {
     window: None,
     written: 0,
     left_out: 0,
     left_out_since: None,
+    summary_due: false,
 });
 
-/// [`write`] for a connection refused before its peer was authenticated: the line is written
-/// within the budget of [`UNAUTHENTICATED_LINES_PER_SECOND`], else left out (the outcome is
-/// still kept); the first line written after some were left out is preceded by a warning
-/// saying how many, since when.
-pub fn write_unauthenticated(
+const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn refusals() -> std::sync::MutexGuard<'static, Budget> {
+    REFUSALS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sums up the lines left out so far in one warning (`left_out=N`), if any were.
+fn summarize(count: u64, since: Option<Instant>) {
+    if count > 0 {
+        let secs = since.map_or(0, |s| s.elapsed().as_secs());
+        tracing::warn!(target: "access", left_out = count, "{count} access-log lines of refused connections (failed or abandoned TLS handshakes, limit refusals) were left out in the last {secs}s: at most {REFUSAL_LINES_PER_SECOND} a second are written; all are counted in istio_tcp_connections_failed_total and limit refusals in ztunnel_limit_refusals_total");
+    }
+}
+
+/// [`write`] for a connection refused before its peer was authenticated or by a limit: the
+/// line is written within the budget of [`REFUSAL_LINES_PER_SECOND`], else left out (counted
+/// in the metrics only); lines left out are summed up in one warning at the end of the
+/// window (or before the next line written, whichever comes first).
+pub fn write_rate_limited(
     record: &ConnectionRecord,
     error: Option<&(dyn std::error::Error + 'static)>,
 ) {
     let now = Instant::now();
     let left_out = {
-        let mut budget = UNAUTHENTICATED.lock().unwrap_or_else(|p| p.into_inner());
+        let mut budget = refusals();
         if budget
             .window
-            .is_none_or(|start| now.duration_since(start) >= std::time::Duration::from_secs(1))
+            .is_none_or(|start| now.duration_since(start) >= WINDOW)
         {
             budget.window = Some(now);
             budget.written = 0;
         }
-        if budget.written >= UNAUTHENTICATED_LINES_PER_SECOND {
+        if budget.written >= REFUSAL_LINES_PER_SECOND {
             budget.left_out += 1;
             budget.left_out_since.get_or_insert(now);
+            if !budget.summary_due {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    budget.summary_due = true;
+                    let end = budget.window.map_or(now, |start| start + WINDOW);
+                    runtime.spawn(async move {
+                        tokio::time::sleep_until(end.into()).await;
+                        let (count, since) = {
+                            let mut budget = refusals();
+                            budget.summary_due = false;
+                            (
+                                std::mem::take(&mut budget.left_out),
+                                budget.left_out_since.take(),
+                            )
+                        };
+                        summarize(count, since);
+                    });
+                }
+            }
             None
         } else {
             budget.written += 1;
@@ -141,10 +176,7 @@ pub fn write_unauthenticated(
         // flood does not push the pods' real failures out.
         None => {}
         Some((count, since)) => {
-            if count > 0 {
-                let secs = since.map_or(0, |s| now.duration_since(s).as_secs());
-                tracing::warn!(target: "access", left_out = count, "{count} access-log lines of refused connections (failed or abandoned TLS handshakes, limit refusals) were left out in the last {secs}s: at most {UNAUTHENTICATED_LINES_PER_SECOND} a second are written; all are counted in istio_tcp_connections_failed_total");
-            }
+            summarize(count, since);
             write(record, error);
         }
     }

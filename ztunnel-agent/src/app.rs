@@ -163,6 +163,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "maxHandshakesPerPeer": config.limits.handshakes_per_peer,
         "hboneHandshakeTimeoutMs": u64::try_from(config.limits.handshake_timeout.as_millis()).unwrap_or(u64::MAX),
         "hboneMaxHeaderBytes": config.limits.max_header_bytes,
+        "hboneMaxStreamsPerConnection": config.limits.streams_per_connection,
+        "hboneMaxStreamsPerPeer": config.limits.streams_per_peer,
+        "hboneMaxPendingConnectsPerPeer": config.limits.pending_connects_per_peer,
     });
     let config_source = match (&config.xds, &config.local_xds_path) {
         (Some(t), _) => format!("xDS from {}", t.authority),

@@ -295,6 +295,21 @@ pub struct RunArgs {
     /// The largest header block an HBONE CONNECT may carry, in bytes.
     #[arg(long, env = "ZTUNNEL_HBONE_MAX_HEADER_BYTES", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1024..))]
     pub hbone_max_header_bytes: u32,
+    /// CONNECT streams one HBONE connection to a pod may have open at once (advertised to the
+    /// client as HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS; a client that opens more anyway
+    /// gets REFUSED_STREAM from HTTP/2 itself).
+    #[arg(long, env = "ZTUNNEL_HBONE_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hbone_max_streams_per_connection: u32,
+    /// CONNECT streams one peer address may have open on one pod at once, across all its
+    /// HBONE connections (half the pod's inbound connections by default, so no one peer,
+    /// not even a waypoint, takes all of them).
+    #[arg(long, env = "ZTUNNEL_HBONE_MAX_STREAMS_PER_PEER", default_value_t = 16384, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub hbone_max_streams_per_peer: usize,
+    /// CONNECT streams one peer address may have waiting more than 100 ms for a connection
+    /// to a pod's application at once (an application that stops accepting holds them until
+    /// the connect times out); past it, such CONNECTs from that peer are answered 503.
+    #[arg(long, env = "ZTUNNEL_HBONE_MAX_PENDING_CONNECTS_PER_PEER", default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub hbone_max_pending_connects_per_peer: usize,
     /// Connect to each pod's application from the client's address (its pod IP and port
     /// over HBONE, the peer's IP for plaintext), so the application's logs, allow-lists and
     /// rate limits see the client; off, the application sees its own pod's address.

@@ -238,6 +238,9 @@ impl Config {
                 handshakes_per_peer: args.max_handshakes_per_peer,
                 handshake_timeout: args.hbone_handshake_timeout,
                 max_header_bytes: args.hbone_max_header_bytes,
+                streams_per_connection: args.hbone_max_streams_per_connection,
+                streams_per_peer: args.hbone_max_streams_per_peer,
+                pending_connects_per_peer: args.hbone_max_pending_connects_per_peer,
             },
             keepalive: args.keepalive_enabled.then_some(crate::socket::Keepalive {
                 time: args.keepalive_time,

@@ -213,6 +213,15 @@ struct AcceptErrorLabels {
     error: &'static str,
 }
 
+/// The limits of `proxy::Limits` that refuse work visibly: the `limit` label of
+/// `ztunnel_limit_refusals_total`, each exported from the start.
+pub const LIMIT_NAMES: [&str; 4] = [
+    "connections_per_pod",
+    "handshakes_per_peer",
+    "streams_per_peer",
+    "pending_connects_per_peer",
+];
+
 /// A limit that refused work.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
@@ -566,12 +575,12 @@ impl Metrics {
             accept_errors.clone(),
         );
         let limit_refusals = Family::<LimitLabels, Counter>::default();
-        for limit in ["connections_per_pod", "handshakes_per_peer"] {
+        for limit in LIMIT_NAMES {
             drop(limit_refusals.get_or_create(&LimitLabels { limit }));
         }
         registry.register(
             "ztunnel_limit_refusals",
-            "Connections refused because a pod reached a limit, by limit (connections_per_pod, handshakes_per_peer); the access log names the pod",
+            "Connections and HBONE streams refused because a pod reached a limit, by limit (connections_per_pod, handshakes_per_peer, streams_per_peer, pending_connects_per_peer); the access log names the pod",
             limit_refusals.clone(),
         );
         let source_fallbacks = Family::<PodLabels, Counter>::default();

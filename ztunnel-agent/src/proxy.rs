@@ -64,8 +64,9 @@ pub enum Error {
 /// and touches nothing else: other pods, and the pod's established connections, go on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections one pod's listeners hold at once, each way (15001 outbound; 15006 and
-    /// 15008 inbound together).
+    /// Connections one pod's listeners hold at once, each way (15001 outbound; inbound: 15006
+    /// connections, 15008 tunnels and every CONNECT stream in them, each of which holds a
+    /// connection to the application).
     pub connections_per_pod: usize,
     /// TLS and HTTP/2 handshakes one peer address may have in progress on one pod's 15008
     /// (a peer that stalls its handshakes costs a bounded amount, and other peers go on).
@@ -74,6 +75,15 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Largest header block an HBONE CONNECT may carry, in bytes.
     pub max_header_bytes: u32,
+    /// CONNECT streams one HBONE connection may have open at once (HTTP/2's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS: a client opening more gets REFUSED_STREAM).
+    pub streams_per_connection: u32,
+    /// CONNECT streams one peer address may have open on one pod at once, across all its
+    /// HBONE connections.
+    pub streams_per_peer: usize,
+    /// CONNECT streams of one peer address on one pod whose connection to the application has
+    /// waited more than 100 ms (an application that stops accepting holds them).
+    pub pending_connects_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -83,6 +93,9 @@ impl Default for Limits {
             handshakes_per_peer: 64,
             handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
+            streams_per_connection: 100,
+            streams_per_peer: 16384,
+            pending_connects_per_peer: 1024,
         }
     }
 }
@@ -115,23 +128,26 @@ pub struct PodLoad {
     /// Connections accepted on 15006 and 15008.
     pub inbound: Arc<std::sync::atomic::AtomicUsize>,
     /// Handshakes in progress on 15008, by peer address.
-    pub handshakes: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    pub handshakes: PeerCounts,
+    /// CONNECT streams open on 15008, by peer address.
+    pub streams: PeerCounts,
+    /// CONNECT streams still connecting to the application, by peer address.
+    pub pending_connects: PeerCounts,
 }
 
-/// One handshake of a peer counted in [`PodLoad::handshakes`], given back when dropped.
+/// A count per peer address (see [`PeerSlot`]).
+pub type PeerCounts = Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>;
+
+/// One unit of a peer's count in [`PeerCounts`], given back when dropped.
 #[derive(Debug)]
 pub struct PeerSlot {
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    counts: PeerCounts,
     peer: IpAddr,
 }
 
 impl PeerSlot {
-    /// Takes one handshake of `peer` if it has fewer than `limit` in progress.
-    pub fn take(
-        counts: &Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
-        peer: IpAddr,
-        limit: usize,
-    ) -> Option<PeerSlot> {
+    /// Takes one unit of `peer`'s count if it holds fewer than `limit`.
+    pub fn take(counts: &PeerCounts, peer: IpAddr, limit: usize) -> Option<PeerSlot> {
         let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(peer).or_insert(0);
         if *n >= limit {
@@ -559,7 +575,7 @@ fn refuse_over_limit(pod: &PodProxy, stream: TcpStream, peer: SocketAddr, report
         Direction::Inbound => conn.record.dst = me,
     }
     // Rate-limited like refusals before authentication: a flood past a limit is one too.
-    conn.finish_unauthenticated(Error::from(reached).into());
+    conn.finish_rate_limited(Error::from(reached).into());
 }
 
 /// Wait after a failed accept before the next try.

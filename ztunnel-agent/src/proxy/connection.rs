@@ -120,8 +120,8 @@ pub struct Connection {
     opened: Option<Opened>,
     span: tracing::Span,
     finished: bool,
-    /// Refused before its peer was authenticated: its line is rate-limited.
-    unauthenticated: bool,
+    /// Refused before its peer was authenticated, or by a limit: its line is rate-limited.
+    rate_limited: bool,
 }
 
 impl Connection {
@@ -143,7 +143,7 @@ impl Connection {
             opened: None,
             span,
             finished: false,
-            unauthenticated: false,
+            rate_limited: false,
         }
     }
 
@@ -184,10 +184,10 @@ impl Connection {
     }
 
     /// Ends a connection refused before its peer was authenticated (a failed or abandoned
-    /// TLS handshake): as [`Self::finish`], but anyone who can reach the port can cause these,
-    /// so the access-log line is rate-limited (`accesslog::write_unauthenticated`).
-    pub fn finish_unauthenticated(mut self, error: ConnectionError) {
-        self.unauthenticated = true;
+    /// TLS handshake) or by a limit: as [`Self::finish`], but a flood causes these, so the
+    /// access-log line is rate-limited (`accesslog::write_rate_limited`).
+    pub fn finish_rate_limited(mut self, error: ConnectionError) {
+        self.rate_limited = true;
         self.finish(Err(error));
     }
 
@@ -201,8 +201,8 @@ impl Connection {
             Some(opened) => crate::metrics::global().closed(&self.record, opened, flag),
             None => crate::metrics::global().failed(&self.record, flag),
         }
-        if self.unauthenticated {
-            crate::accesslog::write_unauthenticated(&self.record, error.map(|(e, _)| e));
+        if self.rate_limited {
+            crate::accesslog::write_rate_limited(&self.record, error.map(|(e, _)| e));
         } else {
             crate::accesslog::write(&self.record, error.map(|(e, _)| e));
         }

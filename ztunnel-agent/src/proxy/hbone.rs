@@ -30,7 +30,8 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest frame.
 pub const MAX_FRAME: u32 = 1024 * 1024;
-/// Streams per connection.
+/// Streams the client pool puts on one connection at most (upstream's
+/// POOL_MAX_STREAMS_PER_CONNECTION; a server may allow fewer, see `Limits`).
 pub const MAX_STREAMS: u32 = 100;
 /// Keepalive PING interval and timeout.
 const PING_INTERVAL: Duration = Duration::from_secs(10);

@@ -170,9 +170,10 @@ impl InPodSockets {
                 Err(Error::ConnectTimeout(_)) => {
                     // A connection to the application in its own namespace does not time out
                     // unless the replies went astray (the pod's routing changed since
-                    // enrollment): said, and retried from the pod's own address.
+                    // enrollment) or the application stopped accepting (its backlog is
+                    // full): said, and retried from the pod's own address.
                     return Ok(Err(format!(
-                        "the connection from {from} timed out (are the rule `fwmark 0x111/0xfff lookup 100` and table 100 still in the pod?)"
+                        "the connection from {from} timed out (are the rule `fwmark 0x111/0xfff lookup 100` and table 100 still in the pod? or is the application's listen backlog full?)"
                     )));
                 }
                 Err(e) => return Err(e),

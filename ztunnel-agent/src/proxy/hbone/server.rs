@@ -37,7 +37,7 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
         if authenticated {
             conn.finish(Err(e.into()));
         } else {
-            conn.finish_unauthenticated(e.into());
+            conn.finish_rate_limited(e.into());
         }
     };
     let limits = pod.mesh.limits;
@@ -75,7 +75,7 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS)
+        .max_concurrent_streams(limits.streams_per_connection)
         .max_header_list_size(limits.max_header_bytes)
         .handshake::<_, Bytes>(tls);
     let mut conn = match tokio::time::timeout_at(handshake_deadline, handshake).await {
@@ -144,6 +144,8 @@ fn refuse(answer: &mut SendResponse<Bytes>, status: StatusCode) {
 struct Refusal {
     status: StatusCode,
     error: ConnectionError,
+    /// Refused by a limit (its line is rate-limited: a flood past a limit is one too).
+    by_limit: bool,
 }
 
 impl Refusal {
@@ -151,8 +153,66 @@ impl Refusal {
         Self {
             status,
             error: error.into(),
+            by_limit: false,
         }
     }
+
+    /// A limit of `pod` was reached: 503, counted under the limit's name.
+    fn limit(
+        pod: &PodProxy,
+        limit: &'static str,
+        what: &'static str,
+        value: usize,
+        setting: &'static str,
+    ) -> Self {
+        let reached = pod.limit_reached(limit, what, value, setting);
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: crate::proxy::Error::from(reached).into(),
+            by_limit: true,
+        }
+    }
+}
+
+/// How long a CONNECT's connection to the application may take before the stream counts as
+/// pending ([`crate::proxy::Limits::pending_connects_per_peer`]).
+const PENDING_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What an accepted CONNECT stream holds against its pod's limits until it ends.
+struct StreamSlots {
+    _peer: crate::proxy::PeerSlot,
+    _pod: crate::proxy::Slot,
+}
+
+/// Takes one stream of `peer` ([`crate::proxy::Limits::streams_per_peer`]) and one of the
+/// pod's inbound connections (each stream holds a connection to the application).
+fn take_stream_slots(pod: &PodProxy, peer: IpAddr) -> Result<StreamSlots, Refusal> {
+    let limits = pod.mesh.limits;
+    let Some(per_peer) =
+        crate::proxy::PeerSlot::take(&pod.load.streams, peer, limits.streams_per_peer)
+    else {
+        return Err(Refusal::limit(
+            pod,
+            "streams_per_peer",
+            "HBONE streams from this peer",
+            limits.streams_per_peer,
+            "ZTUNNEL_HBONE_MAX_STREAMS_PER_PEER",
+        ));
+    };
+    let Some(per_pod) = crate::proxy::Slot::take(&pod.load.inbound, limits.connections_per_pod)
+    else {
+        return Err(Refusal::limit(
+            pod,
+            "connections_per_pod",
+            "inbound connections",
+            limits.connections_per_pod,
+            "ZTUNNEL_MAX_CONNECTIONS_PER_POD",
+        ));
+    };
+    Ok(StreamSlots {
+        _peer: per_peer,
+        _pod: per_pod,
+    })
 }
 
 /// Where a CONNECT for `authority`, accepted on this pod's `local` address, goes (upstream's
@@ -206,11 +266,15 @@ async fn handle_connect(
     let accepted = accept_connect(&pod, local, client, &req, authority, target, &mut conn)
         .instrument(span.clone())
         .await;
-    let (app, _held, target) = match accepted {
+    let (app, _held, _slots, target) = match accepted {
         Ok(accepted) => accepted,
         Err(refusal) => {
             // Logged before the answer, so the line exists once the client sees the status.
-            conn.finish(Err(refusal.error));
+            if refusal.by_limit {
+                conn.finish_rate_limited(refusal.error);
+            } else {
+                conn.finish(Err(refusal.error));
+            }
             return refuse(&mut answer, refusal.status);
         }
     };
@@ -255,8 +319,8 @@ async fn relay(
     relayed
 }
 
-/// Checks a CONNECT (method, authority, self-call, policy) and connects to the application;
-/// returns the application's socket, what it holds, and its address.
+/// Checks a CONNECT (limits, method, authority, self-call, policy) and connects to the
+/// application; returns the application's socket, what it holds, and its address.
 async fn accept_connect(
     pod: &Arc<PodProxy>,
     local: IpAddr,
@@ -265,7 +329,7 @@ async fn accept_connect(
     authority: Option<String>,
     target: Option<SocketAddr>,
     conn: &mut Connection,
-) -> Result<(TcpStream, crate::proxy::Held, SocketAddr), Refusal> {
+) -> Result<(TcpStream, crate::proxy::Held, StreamSlots, SocketAddr), Refusal> {
     let peer = conn.record.src_addr;
     conn.record.dst_hbone_addr = target;
     let mesh = pod.mesh.state.snapshot();
@@ -279,6 +343,7 @@ async fn accept_connect(
     conn.record.dst = pod.as_peer(&mesh, Some(pod.identity.clone()));
     conn.record.dst_service =
         target.and_then(|t| PodProxy::service_of(conn.record.dst.detail.as_deref(), t.port()));
+    let slots = take_stream_slots(pod, peer.ip())?;
     if req.method() != Method::CONNECT {
         let e = Error::NotConnect(req.method().clone());
         return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
@@ -325,11 +390,30 @@ async fn accept_connect(
         conn.record.src.identity.as_ref(),
         forwarded,
     );
-    let (app, held) = pod
-        .connect_from(client, target)
-        .await
-        .map_err(|e| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
-    Ok((app, held, target))
+    // A connect that is not done within PENDING_AFTER waits on an application that is not
+    // accepting: only then is it counted against the peer's pending limit (so a burst of
+    // CONNECTs to a healthy application is never refused), and past the limit it is dropped.
+    let mut connecting = std::pin::pin!(pod.connect_from(client, target));
+    let connected = match tokio::time::timeout(PENDING_AFTER, &mut connecting).await {
+        Ok(connected) => connected,
+        Err(_) => {
+            let limit = pod.mesh.limits.pending_connects_per_peer;
+            let Some(_pending) =
+                crate::proxy::PeerSlot::take(&pod.load.pending_connects, peer.ip(), limit)
+            else {
+                return Err(Refusal::limit(
+                    pod,
+                    "pending_connects_per_peer",
+                    "HBONE streams from this peer waiting for the application",
+                    limit,
+                    "ZTUNNEL_HBONE_MAX_PENDING_CONNECTS_PER_PEER",
+                ));
+            };
+            connecting.await
+        }
+    };
+    let (app, held) = connected.map_err(|e| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    Ok((app, held, slots, target))
 }
 
 /// The client address the application sees: the one the client's agent forwarded when it
