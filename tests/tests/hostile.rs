@@ -380,3 +380,175 @@ fn hbone_peer_breaking_stream_limits_is_refused_and_spares_the_rest() {
     assert_eq!(got.response, "hello after");
     drop((flooding, waiting));
 }
+
+/// Time of `n` request/answer exchanges from `netns` to `dst`, each on a new connection.
+fn latencies(netns: &std::path::Path, dst: SocketAddr, n: usize) -> Vec<Duration> {
+    use std::io::Read;
+    in_netns(netns, move || {
+        (0..n)
+            .map(|i| {
+                let started = std::time::Instant::now();
+                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("exchange {i}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                s.write_all(b"ping").expect("send");
+                s.shutdown(std::net::Shutdown::Write).expect("half-close");
+                let mut answer = String::new();
+                s.read_to_string(&mut answer).expect("answer");
+                assert_eq!(answer, "hello ping");
+                started.elapsed()
+            })
+            .collect()
+    })
+}
+
+/// The 99th percentile of `samples`.
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
+}
+
+/// The agent's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("agent status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// File descriptors the agent holds.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Until `stop` is set (at most `max` times), connects from `netns` to `dst`, writes 4 KiB of
+/// pseudo-random bytes and closes. Returns how many connections it made.
+fn spray(
+    netns: &std::path::Path,
+    dst: SocketAddr,
+    max: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(dst.port());
+            let mut bytes = vec![0u8; 4096];
+            let mut made = 0;
+            while made < max && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for b in bytes.iter_mut() {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    *b = state as u8;
+                }
+                if let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_secs(2)) {
+                    let _ = s.write_all(&bytes);
+                    made += 1;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            made
+        })
+    })
+}
+
+#[test]
+fn floods_keep_another_pods_latency_and_the_agents_memory_bounded() {
+    if !require_root() {
+        return;
+    }
+    const SAMPLES: usize = 300;
+    const STALLED: usize = 1000;
+    let mut hop = OneHop::start(
+        true,
+        &[
+            // All 1,000 stalled handshakes are let in (one peer makes them) and outlast the
+            // measurement.
+            "--max-handshakes-per-peer",
+            "1000",
+            "--hbone-handshake-timeout",
+            "120s",
+        ],
+    );
+    let stranger = hop.topo.add_pod("stranger", 12);
+    let pid = hop.agent.pid().expect("agent pid");
+    let hbone = SocketAddr::new(hop.server.ip4, 15008);
+    let client = hop.client.netns_path();
+
+    latencies(&client, hop.dst(), 50);
+    let rss_before = rss_kib(pid);
+    let quiet = p99(latencies(&client, hop.dst(), SAMPLES));
+
+    // 1. 1,000 connections to 15008 that never send a byte.
+    let fds_before = fds(pid);
+    let stalled = stall(&stranger, hbone, STALLED);
+    wait_for(
+        "the agent holding the stalled connections",
+        Duration::from_secs(20),
+        || (fds(pid) >= fds_before + STALLED).then_some(()),
+    );
+    let during_stall = p99(latencies(&client, hop.dst(), SAMPLES));
+    let rss_stall = rss_kib(pid);
+    drop(stalled);
+
+    // 2. Random bytes to a pod's 15008 (from outside) and to a pod's 15001 (from inside).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sprays = [
+        spray(&stranger.netns_path(), hbone, 3000, stop.clone()),
+        spray(
+            &client,
+            SocketAddr::from(([127, 0, 0, 1], 15001)),
+            3000,
+            stop.clone(),
+        ),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    let during_garbage = p99(latencies(&client, hop.dst(), SAMPLES));
+    let rss_garbage = rss_kib(pid);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sprayed: Vec<usize> = sprays
+        .into_iter()
+        .map(|s| s.join().expect("spray"))
+        .collect();
+
+    // After: the stalled handshakes are gone and memory comes back down.
+    wait_for(
+        "the stalled connections closed",
+        Duration::from_secs(20),
+        || (fds(pid) < fds_before + 50).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_kib(pid);
+    eprintln!(
+        "p99 of {SAMPLES} exchanges: quiet {quiet:?}, {STALLED} stalled handshakes {during_stall:?} ({:.2}x), random bytes ({} to 15008, {} to 15001) {during_garbage:?} ({:.2}x); RSS KiB: before {rss_before}, stalled {rss_stall}, random {rss_garbage}, after {rss_after}",
+        during_stall.as_secs_f64() / quiet.as_secs_f64(),
+        sprayed[0],
+        sprayed[1],
+        during_garbage.as_secs_f64() / quiet.as_secs_f64(),
+    );
+    assert!(hop.agent.is_running());
+    assert!(during_stall <= quiet * 3, "stalled handshakes: {during_stall:?} vs quiet {quiet:?}");
+    assert!(during_garbage <= quiet * 3, "random bytes: {during_garbage:?} vs quiet {quiet:?}");
+    // Each stalled handshake costs a bounded amount (a socket and a TLS acceptor).
+    assert!(
+        rss_stall - rss_before.min(rss_stall) < 64 * 1024,
+        "{STALLED} stalled handshakes took {} KiB",
+        rss_stall - rss_before
+    );
+    assert!(rss_after <= rss_stall.max(rss_garbage), "{rss_after} KiB after");
+    // Everything is visible: the refusals are counted, and the log says how many it left out.
+    let metrics = hop.agent.scrape_metrics();
+    let failed = ztunnel_e2e::metric_sum(
+        &metrics,
+        "istio_tcp_connections_failed_total",
+        &["reporter=\"destination\""],
+    );
+    assert!(failed >= (STALLED + sprayed[0]) as u64, "{failed} failed: {metrics}");
+    hop.agent.wait_log(&["were left out", "left_out="]);
+}
