@@ -246,7 +246,7 @@ impl ControlPlane {
         }
     }
 
-    /// Serves `body` as resource `name` of `type_url` on top of the file, with the next push
+    /// Serves `body` as resource `name` of `type_url` on top of the file, pushed at once
     /// (tests use it for resources the YAML cannot express, such as a malformed address).
     pub fn inject(&self, type_url: &str, name: &str, body: Vec<u8>) {
         let any = prost_types::Any {
@@ -257,6 +257,15 @@ impl ControlPlane {
             .entry(type_url.to_string())
             .or_default()
             .insert(name.to_string(), (version_of(&any.value), any));
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Stops serving an injected resource (a removal is pushed at once).
+    pub fn remove_injected(&self, type_url: &str, name: &str) {
+        if let Some(injected) = lock(&self.shared.injected).get_mut(type_url) {
+            injected.remove(name);
+        }
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// Every ACK and NACK so far.

@@ -23,10 +23,12 @@ pub enum Error {
         source: io::Error,
     },
     /// setns(2) failed.
-    #[error("cannot enter network namespace {what}: the agent needs CAP_SYS_ADMIN")]
+    #[error("cannot enter network namespace {what}: {hint}")]
     Enter {
         /// Which namespace.
         what: String,
+        /// What the failure means (see [`enter_hint`]).
+        hint: &'static str,
         /// Why.
         #[source]
         source: io::Error,
@@ -40,6 +42,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// What a failed setns(2) means: EINVAL is a file that is no network namespace, EPERM a
+/// missing capability.
+fn enter_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EINVAL) => {
+            "the file is not a network namespace (whoever named or sent it gave the wrong one)"
+        }
+        Some(libc::EPERM) => "the agent needs CAP_SYS_ADMIN",
+        _ => "setns(2) failed",
+    }
 }
 
 /// The agent's own network namespace, to return to after working in a pod's.
@@ -114,6 +128,7 @@ impl PodNetns {
     /// `f` must not block for long: it holds the calling (possibly runtime) thread.
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> Result<R, Error> {
         setns(&self.file).map_err(|source| Error::Enter {
+            hint: enter_hint(&source),
             what: self.what.clone(),
             source,
         })?;

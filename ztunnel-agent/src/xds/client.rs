@@ -185,6 +185,34 @@ impl Store {
     }
 }
 
+/// Longest resource name quoted whole in a NACK or a log line: a control plane (or whoever
+/// speaks for it) may send names of any length.
+const NAME_SHOWN: usize = 200;
+/// Problems listed one by one in a NACK; the rest are counted.
+const PROBLEMS_LISTED: usize = 20;
+
+/// `name`, cut to [`NAME_SHOWN`] characters (saying how long it was) when longer.
+pub fn shown_name(name: &str) -> String {
+    match name.char_indices().nth(NAME_SHOWN) {
+        None => name.to_string(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &name[..cut], name.len()),
+    }
+}
+
+/// The first [`PROBLEMS_LISTED`] of `problems`, then how many more there were.
+fn listed(problems: &[String]) -> String {
+    let mut message = problems
+        .iter()
+        .take(PROBLEMS_LISTED)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > PROBLEMS_LISTED {
+        message.push_str(&format!("; and {} more", problems.len() - PROBLEMS_LISTED));
+    }
+    message
+}
+
 /// Decodes and converts one resource body of `type_url` as a subscription response would (the
 /// fuzz targets' entry): `Err` says what is wrong, as the NACK would.
 pub fn check_resource(type_url: &str, body: &[u8]) -> Result<(), String> {
@@ -429,7 +457,9 @@ impl XdsClient {
             for resource in &response.resources {
                 match decode(&type_url, resource) {
                     Ok(item) => next.insert(&type_url, &resource.name, &resource.version, item),
-                    Err(problem) => errors.push(format!("{}: {problem}", resource.name)),
+                    Err(problem) => {
+                        errors.push(format!("{}: {problem}", shown_name(&resource.name)))
+                    }
                 }
             }
             for name in &response.removed_resources {
@@ -462,12 +492,12 @@ impl XdsClient {
             status.synced_types = self.synced_types.iter().cloned().collect();
             status.resources = self.store.counts();
             if !errors.is_empty() {
-                status.last_nack = Some(format!("{type_url}: {}", errors.join("; ")));
+                status.last_nack = Some(format!("{type_url}: {}", listed(&errors)));
                 status.last_nack_at = Some(SystemTime::now());
             }
         }
         let error_detail = (!errors.is_empty()).then(|| {
-            let message = errors.join("; ");
+            let message = listed(&errors);
             tracing::error!(type_url = %type_url, nonce = %response.nonce, error = %message, "xDS resources rejected (NACK)");
             Status {
                 code: INVALID_ARGUMENT,
@@ -491,5 +521,25 @@ impl XdsClient {
                 let _ = tx.send(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_names_and_many_problems_are_cut() {
+        assert_eq!(shown_name("default/reviews"), "default/reviews");
+        let long = "é".repeat(1000);
+        let shown = shown_name(&long);
+        assert!(shown.starts_with(&"é".repeat(NAME_SHOWN)), "{shown}");
+        assert!(shown.ends_with("... (2000 bytes)"), "{shown}");
+        let problems: Vec<String> = (0..25).map(|i| format!("r{i}: bad")).collect();
+        let message = listed(&problems);
+        assert!(message.starts_with("r0: bad; r1: bad"), "{message}");
+        assert!(message.contains("r19: bad; and 5 more"), "{message}");
+        assert!(!message.contains("r20"), "{message}");
+        assert_eq!(listed(&problems[..2]), "r0: bad; r1: bad");
     }
 }
