@@ -2,13 +2,4 @@
 //! (truncated, zero to three file descriptors).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let Some((&flags, bytes)) = data.split_first() else {
-        return;
-    };
-    let truncated = flags & 1 == 1;
-    let fds = usize::from((flags >> 1) & 3);
-    let _ = ztunnel_agent::enroll::zds::parse_request(bytes, truncated, fds);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ztunnel_fuzz::zds_request(data));
