@@ -50,9 +50,7 @@ pub fn current_filter() -> String {
 
 /// Changes the log filter at run time (RUST_LOG syntax), e.g. `info,access=off`.
 pub fn set_filter(filter: &str) -> Result<(), String> {
-    let parsed = EnvFilter::try_new(filter).map_err(|e| {
-        format!("invalid log filter {filter:?}: {e} (RUST_LOG syntax, e.g. info,access=off)")
-    })?;
+    let parsed = parse_filter(filter)?;
     let (reload, text) = FILTER.get().ok_or("logging is not initialised")?;
     reload(parsed)?;
     *text.lock().unwrap_or_else(|p| p.into_inner()) = filter.to_string();
@@ -60,9 +58,27 @@ pub fn set_filter(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses a log filter (RUST_LOG syntax) from outside the agent (the command line, the admin
+/// API). The syntax is ASCII, and anything else is refused up front: tracing-subscriber's
+/// parser (0.3.23) panics on some non-ASCII input (found by the `admin_query` fuzz target),
+/// and a parser panic is caught as well, so no filter text can take the agent down.
+pub fn parse_filter(filter: &str) -> Result<EnvFilter, String> {
+    let invalid = |why: String| {
+        format!("invalid log filter {filter:?}: {why} (RUST_LOG syntax, e.g. info,access=off)")
+    };
+    if let Some(c) = filter.chars().find(|c| !c.is_ascii()) {
+        return Err(invalid(format!("{c:?} is not ASCII")));
+    }
+    match std::panic::catch_unwind(|| EnvFilter::try_new(filter)) {
+        Ok(Ok(parsed)) => Ok(parsed),
+        Ok(Err(e)) => Err(invalid(e.to_string())),
+        Err(_) => Err(invalid("the filter parser failed on it".into())),
+    }
+}
+
 /// Installs the global subscriber. A bad filter falls back to `info` and says so.
 pub fn init(filter: &str, format: LogFormat) {
-    let (env_filter, bad) = match EnvFilter::try_new(filter) {
+    let (env_filter, bad) = match parse_filter(filter) {
         Ok(f) => (f, None),
         Err(e) => (EnvFilter::new("info"), Some(e)),
     };
@@ -90,7 +106,7 @@ pub fn init(filter: &str, format: LogFormat) {
     let text = if bad.is_some() { "info" } else { filter };
     let _ = FILTER.set((reload, std::sync::Mutex::new(text.to_string())));
     if let Some(e) = bad {
-        tracing::warn!(filter, error = %e, "invalid RUST_LOG filter; using info");
+        tracing::warn!(error = %e, "invalid RUST_LOG filter; using info");
     }
 }
 
@@ -317,5 +333,23 @@ where
         object.append(&mut fields.0);
         let line = serde_json::to_string(&object).map_err(|_| std::fmt::Error)?;
         writeln!(writer, "{line}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filters_from_outside_are_refused_not_panicked_on() {
+        assert!(parse_filter("info,access=off").is_ok());
+        // The fuzz target's crash input: tracing-subscriber's parser panics on it.
+        let e = parse_filter(" fo\u{8f41b}=2iv%").expect_err("refused");
+        assert!(
+            e.contains("is not ASCII") && e.contains("RUST_LOG syntax"),
+            "{e}"
+        );
+        let e = parse_filter("info,[{").expect_err("refused");
+        assert!(e.starts_with("invalid log filter"), "{e}");
     }
 }
