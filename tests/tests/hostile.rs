@@ -765,3 +765,44 @@ fn zds_peer_sending_garbage_and_truncated_messages_is_answered_and_survived() {
     assert_eq!(got.response, "hello zds");
     agent.wait_log(&["captured connection", &format!("original_dst={dst}")]);
 }
+
+#[test]
+fn outbound_connection_limit_refuses_the_pods_next_connection_only() {
+    if !require_root() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let mut hop = OneHop::start(true, &["--max-connections-per-pod", "3"]);
+    // A destination outside the mesh (passthrough): only the client's outbound side counts.
+    let outside = hop.topo.add_pod("outside", 13);
+    let dst = SocketAddr::new(outside.ip4, 9080);
+    let _app = ztunnel_e2e::traffic::Server::start(outside.netns_path(), dst);
+
+    let held = stall(&hop.client, dst, 3);
+    let refused = ztunnel_e2e::traffic::exchange(&hop.client.netns_path(), dst, "fourth");
+    assert!(
+        refused.as_ref().map_or(true, |e| e.response.is_empty()),
+        "the fourth connection got through: {refused:?}"
+    );
+    let line = hop
+        .agent
+        .wait_log(&["connection complete", "limit connections_per_pod"]);
+    assert!(
+        line.contains("pod default/client already holds 3 outbound connections")
+            && line.contains("direction=\"outbound\"")
+            && line.contains(&format!("dst.addr={dst}")),
+        "{line}"
+    );
+    // Another pod's outbound connections are its own to count.
+    let got = ztunnel_e2e::traffic::exchange(&hop.server.netns_path(), dst, "server")
+        .expect("another pod's connection");
+    assert_eq!(got.response, "hello server");
+    // And the pod's own come back once its connections end.
+    drop(held);
+    let got = wait_for(
+        "the client's connection after its others ended",
+        Duration::from_secs(10),
+        || ztunnel_e2e::traffic::exchange(&hop.client.netns_path(), dst, "again").ok(),
+    );
+    assert_eq!(got.response, "hello again");
+}

@@ -552,9 +552,13 @@ pub async fn accept_loop<F, Fut>(
 /// Refuses a connection over [`Limits::connections_per_pod`]: reset at once, a (rate-limited)
 /// access-log error naming the limit, and the limit's counter.
 fn refuse_over_limit(pod: &PodProxy, stream: TcpStream, peer: SocketAddr, reporter: Direction) {
-    let local = stream
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let local = match reporter {
+        // Taken (not left to the map's LRU), and logged as where the pod meant to go.
+        Direction::Outbound => pod.sockets.original_dst(&stream, peer).0,
+        Direction::Inbound => stream
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+    };
     reset_on_close(&stream);
     drop(stream);
     let what = match reporter {
