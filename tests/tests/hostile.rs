@@ -156,8 +156,9 @@ fn limits_refuse_new_work_by_name_and_spare_everyone_else() {
         &[
             "--max-handshakes-per-peer",
             "2",
+            // 2 stalled + the client's tunnel + its stream leave one to spare.
             "--max-connections-per-pod",
-            "4",
+            "5",
             // The stalled handshakes must outlast the test.
             "--hbone-handshake-timeout",
             "120s",
@@ -184,11 +185,11 @@ fn limits_refuse_new_work_by_name_and_spare_everyone_else() {
     assert_eq!(got.response, "hello ok");
 
     // The server pod holds the 2 stalled connections and the client's pooled HBONE one (if
-    // its pool kept it): more connections fit until the fourth, then the next is over its
+    // its pool kept it): more connections fit until the fifth, then the next is over its
     // connection limit.
     let mut more = Vec::new();
     let mut refused_line = None;
-    for _ in 0..4 {
+    for _ in 0..5 {
         more.push(stall(&other, hbone, 1));
         let until = std::time::Instant::now() + Duration::from_secs(2);
         while refused_line.is_none() && std::time::Instant::now() < until {
@@ -205,7 +206,7 @@ fn limits_refuse_new_work_by_name_and_spare_everyone_else() {
     }
     let line =
         refused_line.unwrap_or_else(|| panic!("no connection-limit refusal: {}", hop.agent.log()));
-    assert!(line.contains("4 inbound connections"), "{line}");
+    assert!(line.contains("5 inbound connections"), "{line}");
     drop(more);
 
     let metrics = hop.agent.scrape_metrics();
@@ -249,12 +250,15 @@ fn hbone_peer_breaking_stream_limits_is_refused_and_spares_the_rest() {
     }
     let _serial = one_at_a_time();
     const PER_PEER: usize = 30;
+    const PER_CONNECTION: usize = 40;
     const PENDING: usize = 4;
     let mut hop = OneHop::start(
         true,
         &[
             "--hbone-max-streams-per-peer",
             &PER_PEER.to_string(),
+            "--hbone-max-streams-per-connection",
+            &PER_CONNECTION.to_string(),
             "--hbone-max-pending-connects-per-peer",
             &PENDING.to_string(),
         ],
@@ -271,9 +275,10 @@ fn hbone_peer_breaking_stream_limits_is_refused_and_spares_the_rest() {
     let server_id = "spiffe://cluster.local/ns/default/sa/server";
 
     // One connection: an oversized header block, then a flood of CONNECTs far past both the
-    // per-connection (100) and the per-peer (30) stream limits, all left open.
+    // per-connection (40) and the per-peer (30) stream limits, all left open; then a second
+    // connection of the same peer, whose first CONNECT is over the per-peer limit.
     let ca = ca_dir.clone();
-    let (flooding, (big, flood, goaway)) = in_netns(&stranger.netns_path(), move || {
+    let (flooding, (big, flood, goaway, across)) = in_netns(&stranger.netns_path(), move || {
         let rt = ztunnel_e2e::traffic::runtime();
         let (raw, outcomes) = rt.block_on(async move {
             let id = "spiffe://cluster.local/ns/default/sa/stranger";
@@ -299,7 +304,17 @@ fn hbone_peer_breaking_stream_limits_is_refused_and_spares_the_rest() {
                 .expect("read");
             let flood: Vec<Option<Outcome>> = ids.iter().map(|id| got.get(id).copied()).collect();
             let goaway = raw.goaway;
-            (raw, (big, flood, goaway))
+            let mut second = RawHbone::connect(&ca, id, hbone, server_id)
+                .await
+                .expect("a second connection");
+            let one = second.open(&app, &[]).await.expect("open");
+            let across = second
+                .outcomes(&[one], Duration::from_secs(5))
+                .await
+                .expect("read")
+                .get(&one)
+                .copied();
+            ((raw, second), (big, flood, goaway, across))
         });
         // The connection (and its runtime) stays open, streams and all, until dropped.
         ((rt, raw), outcomes)
@@ -317,8 +332,14 @@ fn hbone_peer_breaking_stream_limits_is_refused_and_spares_the_rest() {
     let open = count(|o| *o == Outcome::Open);
     let refused = count(|o| *o == Outcome::Refused);
     let reset = count(|o| *o == Outcome::Reset(REFUSED_STREAM));
-    assert_eq!(open, PER_PEER, "{flood:?}");
     assert_eq!(open + refused + reset, 150, "{flood:?}");
+    // HTTP/2 itself refuses what is past the per-connection limit at any moment.
+    assert!(
+        reset > 0,
+        "no REFUSED_STREAM past {PER_CONNECTION} streams: {flood:?}"
+    );
+    // The same peer's second connection shares the per-peer limit.
+    assert_eq!(across, Some(Outcome::Refused), "across connections");
     // Ours are counted and logged by name; HTTP/2's own REFUSED_STREAMs are not ours to log.
     let line = hop
         .agent
@@ -328,19 +349,25 @@ fn hbone_peer_breaking_stream_limits_is_refused_and_spares_the_rest() {
             && line.contains("src.identity=\"spiffe://cluster.local/ns/default/sa/stranger\""),
         "{line}"
     );
-    // (A connect that took over 100 ms under load may have met the pending limit instead.)
+    // (A connect that took over 100 ms under load may have met the pending limit instead,
+    // freeing its stream slot after the flood had been answered.)
     let metrics = hop.agent.scrape_metrics();
-    let counted: u64 = ["streams_per_peer", "pending_connects_per_peer"]
-        .iter()
-        .map(|limit| {
-            ztunnel_e2e::metric_sum(
-                &metrics,
-                "ztunnel_limit_refusals_total",
-                &[&format!("limit=\"{limit}\"")],
-            )
-        })
-        .sum();
-    assert_eq!(counted, refused as u64, "{metrics}");
+    let refusals = |limit: &str| {
+        ztunnel_e2e::metric_sum(
+            &metrics,
+            "ztunnel_limit_refusals_total",
+            &[&format!("limit=\"{limit}\"")],
+        )
+    };
+    let (per_peer, pending) = (
+        refusals("streams_per_peer"),
+        refusals("pending_connects_per_peer"),
+    );
+    assert_eq!(per_peer + pending, refused as u64 + 1, "{metrics}");
+    assert!(
+        open <= PER_PEER && open as u64 + pending >= PER_PEER as u64,
+        "{open} open: {flood:?}"
+    );
 
     // Another pod's traffic to the same pod is untouched while the 30 streams stay open.
     let got = ztunnel_e2e::traffic::exchange(&hop.client.netns_path(), hop.dst(), "during")

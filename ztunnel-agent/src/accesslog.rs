@@ -89,7 +89,7 @@ impl ConnectionRecord {
 /// Access-log lines of refused connections an agent writes per second at most, for refusals
 /// before the peer was authenticated (a failed or abandoned TLS handshake on 15008) and
 /// refusals by a limit: a flood of either must not flood the log. The rest are counted in the
-/// metrics and summed up in one warning when lines are written again.
+/// metrics and summed up in one warning at the end of the second that left them out.
 pub const REFUSAL_LINES_PER_SECOND: u32 = 10;
 
 /// The budget of [`REFUSAL_LINES_PER_SECOND`]: the current one-second window, lines
@@ -112,6 +112,16 @@ static REFUSALS: std::sync::Mutex<Budget> = std::sync::Mutex::new(Budget {
 });
 
 const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Held by the task that writes a window's summary: dropped unfinished, it clears
+/// [`Budget::summary_due`].
+struct Due;
+
+impl Drop for Due {
+    fn drop(&mut self) {
+        refusals().summary_due = false;
+    }
+}
 
 fn refusals() -> std::sync::MutexGuard<'static, Budget> {
     REFUSALS.lock().unwrap_or_else(|p| p.into_inner())
@@ -151,7 +161,11 @@ pub fn write_rate_limited(
                     budget.summary_due = true;
                     let end = budget.window.map_or(now, |start| start + WINDOW);
                     runtime.spawn(async move {
+                        // Cancelled (its runtime shutting down), it lets the next left-out
+                        // line schedule the summary again.
+                        let due = Due;
                         tokio::time::sleep_until(end.into()).await;
+                        std::mem::forget(due);
                         let (count, since) = {
                             let mut budget = refusals();
                             budget.summary_due = false;

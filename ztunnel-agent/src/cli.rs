@@ -281,8 +281,9 @@ pub struct RunArgs {
     #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
     pub dns_capture: bool,
     /// Connections one pod's listeners may hold at once, each way (outbound on 15001;
-    /// inbound on 15006 and 15008 together): past it new ones are reset, so one pod cannot
-    /// use up the agent's file descriptors for all.
+    /// inbound on 15006 and 15008 together, every HBONE stream counted as one): past it new
+    /// ones are reset (streams answered 503), so one pod cannot use up the agent's file
+    /// descriptors for all.
     #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_POD", default_value_t = 32768, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections_per_pod: usize,
     /// TLS and HTTP/2 handshakes one peer address may have in progress on a pod's 15008: a
@@ -301,8 +302,8 @@ pub struct RunArgs {
     #[arg(long, env = "ZTUNNEL_HBONE_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub hbone_max_streams_per_connection: u32,
     /// CONNECT streams one peer address may have open on one pod at once, across all its
-    /// HBONE connections (half the pod's inbound connections by default, so no one peer,
-    /// not even a waypoint, takes all of them).
+    /// HBONE connections (by default half of the default ZTUNNEL_MAX_CONNECTIONS_PER_POD, so
+    /// one peer address, even a waypoint's, cannot take a pod's whole inbound budget).
     #[arg(long, env = "ZTUNNEL_HBONE_MAX_STREAMS_PER_PEER", default_value_t = 16384, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub hbone_max_streams_per_peer: usize,
     /// CONNECT streams one peer address may have waiting more than 100 ms for a connection

@@ -125,7 +125,7 @@ impl Classify for LimitReached {}
 pub struct PodLoad {
     /// Connections accepted on 15001.
     pub outbound: Arc<std::sync::atomic::AtomicUsize>,
-    /// Connections accepted on 15006 and 15008.
+    /// Connections accepted on 15006 and 15008, and the CONNECT streams in the latter.
     pub inbound: Arc<std::sync::atomic::AtomicUsize>,
     /// Handshakes in progress on 15008, by peer address.
     pub handshakes: PeerCounts,

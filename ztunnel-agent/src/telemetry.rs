@@ -61,7 +61,8 @@ pub fn set_filter(filter: &str) -> Result<(), String> {
 /// Parses a log filter (RUST_LOG syntax) from outside the agent (the command line, the admin
 /// API). The syntax is ASCII, and anything else is refused up front: tracing-subscriber's
 /// parser (0.3.23) panics on some non-ASCII input (found by the `admin_query` fuzz target),
-/// and a parser panic is caught as well, so no filter text can take the agent down.
+/// and a parser panic is caught as well, so no filter text can take the agent down (the
+/// panic hook still prints the panic to stderr).
 pub fn parse_filter(filter: &str) -> Result<EnvFilter, String> {
     let invalid = |why: String| {
         format!("invalid log filter {filter:?}: {why} (RUST_LOG syntax, e.g. info,access=off)")

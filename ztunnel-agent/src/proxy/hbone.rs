@@ -95,6 +95,9 @@ pub enum Error {
     /// The peer's identity is unusable.
     #[error("client identity rejected")]
     PeerIdentity(#[source] crate::tls::Error),
+    /// The client reset its CONNECT stream before the application answered.
+    #[error("the client cancelled the CONNECT ({0}) before the application answered")]
+    Cancelled(h2::Reason),
 }
 
 impl Classify for Error {

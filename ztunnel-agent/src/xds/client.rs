@@ -199,12 +199,20 @@ pub fn shown_name(name: &str) -> String {
     }
 }
 
-/// The first [`PROBLEMS_LISTED`] of `problems`, then how many more there were.
+/// Longest problem quoted whole in a NACK (the rest of it is cut and counted).
+const PROBLEM_SHOWN: usize = 1000;
+
+/// The first [`PROBLEMS_LISTED`] of `problems`, each cut to [`PROBLEM_SHOWN`] characters, then
+/// how many more there were: whatever the control plane sent, a NACK (and its log line) stays
+/// under about 20 KB.
 fn listed(problems: &[String]) -> String {
     let mut message = problems
         .iter()
         .take(PROBLEMS_LISTED)
-        .cloned()
+        .map(|p| match p.char_indices().nth(PROBLEM_SHOWN) {
+            None => p.clone(),
+            Some((cut, _)) => format!("{}... ({} bytes)", &p[..cut], p.len()),
+        })
         .collect::<Vec<_>>()
         .join("; ");
     if problems.len() > PROBLEMS_LISTED {
@@ -441,6 +449,8 @@ impl XdsClient {
     /// Applies one response; returns its ACK or NACK.
     fn handle(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
         let type_url = response.type_url.clone();
+        // What the control plane sent, as logged: cut (it may be of any length).
+        let (shown_type, shown_nonce) = (shown_name(&type_url), shown_name(&response.nonce));
         // Upstream counts the resources' payload bytes (not the envelope) per response.
         let payload: usize = response
             .resources
@@ -451,7 +461,7 @@ impl XdsClient {
         crate::metrics::global().xds_received(&type_url, payload);
         let mut errors = Vec::new();
         if !TYPES.contains(&type_url.as_str()) {
-            errors.push(format!("type {type_url} was not subscribed to"));
+            errors.push(format!("type {shown_type} was not subscribed to"));
         } else {
             let mut next = self.store.clone();
             for resource in &response.resources {
@@ -492,13 +502,13 @@ impl XdsClient {
             status.synced_types = self.synced_types.iter().cloned().collect();
             status.resources = self.store.counts();
             if !errors.is_empty() {
-                status.last_nack = Some(format!("{type_url}: {}", listed(&errors)));
+                status.last_nack = Some(format!("{shown_type}: {}", listed(&errors)));
                 status.last_nack_at = Some(SystemTime::now());
             }
         }
         let error_detail = (!errors.is_empty()).then(|| {
             let message = listed(&errors);
-            tracing::error!(type_url = %type_url, nonce = %response.nonce, error = %message, "xDS resources rejected (NACK)");
+            tracing::error!(type_url = %shown_type, nonce = %shown_nonce, error = %message, "xDS resources rejected (NACK)");
             Status {
                 code: INVALID_ARGUMENT,
                 message,
@@ -541,5 +551,13 @@ mod tests {
         assert!(message.contains("r19: bad; and 5 more"), "{message}");
         assert!(!message.contains("r20"), "{message}");
         assert_eq!(listed(&problems[..2]), "r0: bad; r1: bad");
+        let huge = vec!["x".repeat(1 << 20); 30];
+        let message = listed(&huge);
+        assert!(message.len() < 25_000, "{} bytes", message.len());
+        assert!(
+            message.ends_with("... (1048576 bytes); and 10 more"),
+            "{}",
+            &message[message.len() - 60..]
+        );
     }
 }

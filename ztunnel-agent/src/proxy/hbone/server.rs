@@ -263,9 +263,16 @@ async fn handle_connect(
     // src.addr is the tunnel's peer, as upstream (and the guide) report it.
     let mut conn = Connection::new(Direction::Inbound, peer, target.unwrap_or(peer));
     let span = conn.span();
-    let accepted = accept_connect(&pod, local, client, &req, authority, target, &mut conn)
-        .instrument(span.clone())
-        .await;
+    // A client that resets the stream while the application is being connected gives its
+    // slots back at once (not after the connect's timeout).
+    let accepted = tokio::select! {
+        accepted = accept_connect(&pod, local, client, &req, authority, target, &mut conn)
+            .instrument(span.clone()) => accepted,
+        reset = std::future::poll_fn(|cx| answer.poll_reset(cx)) => {
+            let reason = reset.unwrap_or(h2::Reason::CANCEL);
+            return conn.finish(Err(Error::Cancelled(reason).into()));
+        }
+    };
     let (app, _held, _slots, target) = match accepted {
         Ok(accepted) => accepted,
         Err(refusal) => {
@@ -343,7 +350,6 @@ async fn accept_connect(
     conn.record.dst = pod.as_peer(&mesh, Some(pod.identity.clone()));
     conn.record.dst_service =
         target.and_then(|t| PodProxy::service_of(conn.record.dst.detail.as_deref(), t.port()));
-    let slots = take_stream_slots(pod, peer.ip())?;
     if req.method() != Method::CONNECT {
         let e = Error::NotConnect(req.method().clone());
         return Err(Refusal::new(StatusCode::BAD_REQUEST, e));
@@ -393,6 +399,7 @@ async fn accept_connect(
     // A connect that is not done within PENDING_AFTER waits on an application that is not
     // accepting: only then is it counted against the peer's pending limit (so a burst of
     // CONNECTs to a healthy application is never refused), and past the limit it is dropped.
+    let slots = take_stream_slots(pod, peer.ip())?;
     let mut connecting = std::pin::pin!(pod.connect_from(client, target));
     let connected = match tokio::time::timeout(PENDING_AFTER, &mut connecting).await {
         Ok(connected) => connected,
