@@ -172,3 +172,20 @@ impl CniServer {
 
 /// How long tests wait for the agent to connect.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// A node whose agent takes its pods from istio-cni: the CNI side listening at
+/// `<tmp>/<prefix>-cni.sock`, an agent started on it (`--inpod-uds`, plus `extra`), and the
+/// agent's hello accepted.
+pub fn start_with_agent(
+    topo: &crate::topology::Topology,
+    extra: &[&str],
+) -> (CniServer, crate::agent::Agent, ZdsHello) {
+    let sock = std::env::temp_dir().join(format!("{}-cni.sock", topo.prefix));
+    let mut cni = CniServer::listen(&sock);
+    let sock_arg = sock.display().to_string();
+    let mut args = vec!["--inpod-uds", sock_arg.as_str()];
+    args.extend_from_slice(extra);
+    let agent = crate::agent::Agent::start(topo, &args);
+    let hello = cni.accept_hello();
+    (cni, agent, hello)
+}

@@ -447,23 +447,6 @@ fn p99(mut samples: Vec<Duration>) -> Duration {
     samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
 }
 
-/// The agent's resident memory, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("agent status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
-}
-
-/// File descriptors the agent holds.
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 /// Until `stop` is set (at most `max` times), connects from `netns` to `dst`, writes 4 KiB of
 /// pseudo-random bytes and closes. Returns how many connections it made.
 fn spray(
@@ -475,16 +458,9 @@ fn spray(
     let netns = netns.to_path_buf();
     std::thread::spawn(move || {
         in_netns(&netns, move || {
-            let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(dst.port());
-            let mut bytes = vec![0u8; 4096];
             let mut made = 0;
             while made < max && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for b in bytes.iter_mut() {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    *b = state as u8;
-                }
+                let bytes = noise(4096, u64::from(dst.port()) << 32 | made as u64);
                 if let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_secs(2)) {
                     let _ = s.write_all(&bytes);
                     made += 1;
@@ -521,20 +497,20 @@ fn floods_keep_another_pods_latency_and_the_agents_memory_bounded() {
     let client = hop.client.netns_path();
 
     latencies(&client, hop.dst(), 50);
-    let rss_before = rss_kib(pid);
+    let rss_before = ztunnel_e2e::rss_kib(pid);
     let quiet = p99(latencies(&client, hop.dst(), SAMPLES));
 
     // 1. 1,000 connections to 15008 that never send a byte.
-    let fds_before = fds(pid);
+    let fds_before = ztunnel_e2e::open_fds(pid) as usize;
     let stalled = stall(&stranger, hbone, STALLED);
     wait_for(
         "the agent holding the stalled connections",
         Duration::from_secs(20),
         // (Less a few: connections of the quiet samples may still have been closing.)
-        || (fds(pid) + 10 >= fds_before + STALLED).then_some(()),
+        || (ztunnel_e2e::open_fds(pid) as usize + 10 >= fds_before + STALLED).then_some(()),
     );
     let during_stall = p99(latencies(&client, hop.dst(), SAMPLES));
-    let rss_stall = rss_kib(pid);
+    let rss_stall = ztunnel_e2e::rss_kib(pid);
     drop(stalled);
 
     // 2. Random bytes to a pod's 15008 (from outside) and to a pod's 15001 (from inside).
@@ -550,7 +526,7 @@ fn floods_keep_another_pods_latency_and_the_agents_memory_bounded() {
     ];
     std::thread::sleep(Duration::from_millis(200));
     let during_garbage = p99(latencies(&client, hop.dst(), SAMPLES));
-    let rss_garbage = rss_kib(pid);
+    let rss_garbage = ztunnel_e2e::rss_kib(pid);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sprayed: Vec<usize> = sprays
         .into_iter()
@@ -561,10 +537,10 @@ fn floods_keep_another_pods_latency_and_the_agents_memory_bounded() {
     wait_for(
         "the stalled connections closed",
         Duration::from_secs(20),
-        || (fds(pid) < fds_before + 50).then_some(()),
+        || ((ztunnel_e2e::open_fds(pid) as usize) < fds_before + 50).then_some(()),
     );
     std::thread::sleep(Duration::from_secs(1));
-    let rss_after = rss_kib(pid);
+    let rss_after = ztunnel_e2e::rss_kib(pid);
     eprintln!(
         "p99 of {SAMPLES} exchanges: quiet {quiet:?}, {STALLED} stalled handshakes {during_stall:?} ({:.2}x), random bytes ({} to 15008, {} to 15001) {during_garbage:?} ({:.2}x); RSS KiB: before {rss_before}, stalled {rss_stall}, random {rss_garbage}, after {rss_after}",
         during_stall.as_secs_f64() / quiet.as_secs_f64(),
@@ -679,7 +655,7 @@ fn control_plane_sending_garbage_and_enormous_responses_is_survived() {
 
     // One response past the 200 MiB message limit: refused before it is read, the last state
     // is served, and the stream comes back once the control plane behaves.
-    let rss_before = rss_kib(pid);
+    let rss_before = ztunnel_e2e::rss_kib(pid);
     let mark = m.agent.log_mark();
     cp.inject(
         ADDRESS_TYPE,
@@ -689,7 +665,7 @@ fn control_plane_sending_garbage_and_enormous_responses_is_survived() {
     let line = m.agent.wait_log_after(mark, &["xDS stream failed"]);
     assert!(line.contains("too large"), "{line}");
     assert_eq!(hbone_exchange(&m, "during"), "hello during");
-    let rss_during = rss_kib(pid);
+    let rss_during = ztunnel_e2e::rss_kib(pid);
     assert!(
         rss_during < rss_before + 64 * 1024,
         "the agent grew from {rss_before} to {rss_during} KiB"
@@ -718,8 +694,6 @@ fn control_plane_sending_garbage_and_enormous_responses_is_survived() {
 fn zds_peer_sending_garbage_and_truncated_messages_is_answered_and_survived() {
     use prost::Message;
     use ztunnel_agent::zds_proto::{workload_request, AddWorkload, WorkloadInfo, WorkloadRequest};
-    use ztunnel_e2e::agent::Agent;
-    use ztunnel_e2e::cni::CniServer;
     use ztunnel_e2e::topology::Topology;
     use ztunnel_e2e::traffic::{exchange, Server};
     if !require_root() {
@@ -733,11 +707,7 @@ fn zds_peer_sending_garbage_and_truncated_messages_is_answered_and_survived() {
         server_pod.netns_path(),
         SocketAddr::new(server_pod.ip4, 9080),
     );
-    let sock = std::env::temp_dir().join(format!("{}-cni.sock", topo.prefix));
-    let mut cni = CniServer::listen(&sock);
-    let sock_arg = sock.display().to_string();
-    let mut agent = Agent::start(&topo, &["--inpod-uds", &sock_arg]);
-    cni.accept_hello();
+    let (cni, mut agent, _) = ztunnel_e2e::cni::start_with_agent(&topo, &[]);
 
     // A valid request cut at every length: each prefix is answered with a refusal (none
     // carries the namespace fd, so none may enroll anything). Not the empty prefix: on a

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use ztunnel_agent::zds_proto::Version;
 use ztunnel_e2e::agent::{agent_binary, Agent};
-use ztunnel_e2e::cni::CniServer;
 use ztunnel_e2e::mesh::{self, Workload};
 use ztunnel_e2e::topology::Topology;
 use ztunnel_e2e::traffic::{exchange, in_netns, Server};
@@ -24,12 +23,7 @@ fn zds_add_del_and_malformed_messages() {
         server_pod.netns_path(),
         SocketAddr::new(server_pod.ip4, 9080),
     );
-    let sock = std::env::temp_dir().join(format!("{}-cni.sock", topo.prefix));
-    let mut cni = CniServer::listen(&sock);
-    let sock_arg = sock.display().to_string();
-    let mut agent = Agent::start(&topo, &["--inpod-uds", &sock_arg]);
-
-    let hello = cni.accept_hello();
+    let (cni, mut agent, hello) = ztunnel_e2e::cni::start_with_agent(&topo, &[]);
     assert_eq!(hello.version, Version::V1 as i32);
     assert_eq!(cni.add("uid-client", "client", &client.netns_path()), "");
     assert_eq!(cni.snapshot_sent(), "");

@@ -114,11 +114,7 @@ fn overlapping_upgrade_with_istio_cni_hands_over_the_zds_connection() {
     let server = topo.add_pod("server", 11);
     let app = SocketAddr::new(server.ip4, 9080);
     let _app = Server::start(server.netns_path(), app);
-    let sock = std::env::temp_dir().join(format!("{}-cni.sock", topo.prefix));
-    let mut cni = CniServer::listen(&sock);
-    let sock_arg = sock.display().to_string();
-    let mut old = Agent::start(&topo, &["--inpod-uds", &sock_arg]);
-    cni.accept_hello();
+    let (cni, mut old, _) = ztunnel_e2e::cni::start_with_agent(&topo, &[]);
     // As istio-cni does for every connection: the whole snapshot, then snapshot_sent.
     let snapshot = |cni: &CniServer| {
         assert_eq!(cni.add("uid-client", "client", &client.netns_path()), "");

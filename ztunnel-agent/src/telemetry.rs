@@ -58,6 +58,16 @@ pub fn set_filter(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `text` as shown in a log line or an error when it came from outside: at most `max_chars`
+/// characters, then how long it was (`...(N bytes)`), so no peer or control plane can make
+/// the agent write a line of any length.
+pub fn cut(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}... ({} bytes)", &text[..end], text.len()),
+    }
+}
+
 /// Parses a log filter (RUST_LOG syntax) from outside the agent (the command line, the admin
 /// API). The syntax is ASCII, and anything else is refused up front: tracing-subscriber's
 /// parser (0.3.23) panics on some non-ASCII input (found by the `admin_query` fuzz target),

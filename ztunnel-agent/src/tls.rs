@@ -99,10 +99,7 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
 /// only "no SPIFFE identity"). Presented strings are quoted and cut to 200 characters.
 pub fn spiffe_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
     use x509_parser::extensions::GeneralName;
-    let shown = |text: &str| {
-        let cut: String = text.chars().take(200).collect();
-        format!("{cut:?}")
-    };
+    let shown = |text: &str| format!("{:?}", crate::telemetry::cut(text, 200));
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| format!("it is not a readable X.509 certificate ({e})"))?;
     let san = match parsed.subject_alternative_name() {

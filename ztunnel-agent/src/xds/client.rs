@@ -193,10 +193,7 @@ const PROBLEMS_LISTED: usize = 20;
 
 /// `name`, cut to [`NAME_SHOWN`] characters (saying how long it was) when longer.
 pub fn shown_name(name: &str) -> String {
-    match name.char_indices().nth(NAME_SHOWN) {
-        None => name.to_string(),
-        Some((cut, _)) => format!("{}... ({} bytes)", &name[..cut], name.len()),
-    }
+    crate::telemetry::cut(name, NAME_SHOWN)
 }
 
 /// Longest problem quoted whole in a NACK (the rest of it is cut and counted).
@@ -209,10 +206,7 @@ fn listed(problems: &[String]) -> String {
     let mut message = problems
         .iter()
         .take(PROBLEMS_LISTED)
-        .map(|p| match p.char_indices().nth(PROBLEM_SHOWN) {
-            None => p.clone(),
-            Some((cut, _)) => format!("{}... ({} bytes)", &p[..cut], p.len()),
-        })
+        .map(|p| crate::telemetry::cut(p, PROBLEM_SHOWN))
         .collect::<Vec<_>>()
         .join("; ");
     if problems.len() > PROBLEMS_LISTED {

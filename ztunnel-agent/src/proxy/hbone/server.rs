@@ -396,10 +396,10 @@ async fn accept_connect(
         conn.record.src.identity.as_ref(),
         forwarded,
     );
+    let slots = take_stream_slots(pod, peer.ip())?;
     // A connect that is not done within PENDING_AFTER waits on an application that is not
     // accepting: only then is it counted against the peer's pending limit (so a burst of
     // CONNECTs to a healthy application is never refused), and past the limit it is dropped.
-    let slots = take_stream_slots(pod, peer.ip())?;
     let mut connecting = std::pin::pin!(pod.connect_from(client, target));
     let connected = match tokio::time::timeout(PENDING_AFTER, &mut connecting).await {
         Ok(connected) => connected,
