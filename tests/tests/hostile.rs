@@ -186,11 +186,12 @@ fn limits_refuse_new_work_by_name_and_spare_everyone_else() {
 
     // The server pod holds the 2 stalled connections and the client's pooled HBONE one (if
     // its pool kept it): more connections fit until the fifth, then the next is over its
-    // connection limit.
+    // connection limit. They come from two peers in turn, since each peer may stall only 2.
+    let another = hop.topo.add_pod("another", 14);
     let mut more = Vec::new();
     let mut refused_line = None;
-    for _ in 0..5 {
-        more.push(stall(&other, hbone, 1));
+    for i in 0..4 {
+        more.push(stall(if i % 2 == 0 { &other } else { &another }, hbone, 1));
         let until = std::time::Instant::now() + Duration::from_secs(2);
         while refused_line.is_none() && std::time::Instant::now() < until {
             refused_line = hop
