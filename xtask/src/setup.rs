@@ -20,6 +20,9 @@ const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "libprotobuf-dev",
     "curl",
+    // jemalloc (the agent's allocator) is built from its C sources.
+    "make",
+    "gcc",
     // The privileged metrics test scrapes the agent with a real Prometheus and runs the
     // PromQL of Istio's ztunnel dashboard against it.
     "prometheus",

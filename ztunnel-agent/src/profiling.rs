@@ -153,14 +153,14 @@ impl AdminHandler for HeapProfileHandler {
     }
 
     fn description(&self) -> &'static str {
-        "heap profile (needs jemalloc's profiler; this build uses the system allocator and says so)"
+        "heap profile (needs jemalloc's heap profiler, which this build leaves out, and says so)"
     }
 
     fn handle(&self, _req: Request<Incoming>) -> Responding<'_> {
         Box::pin(async move {
             text(
                 StatusCode::NOT_IMPLEMENTED,
-                "heap profiling is not available: this build uses the system allocator, and heap profiles need jemalloc's profiler. \
+                "heap profiling is not available: this build's jemalloc is built without its heap profiler. \
                  Look at process_resident_memory_bytes on :15020/metrics for the total, and /debug/pprof/profile for where CPU goes.\n",
             )
         })

@@ -21,6 +21,8 @@ const RUN: Duration = Duration::from_secs(3);
 const ROUNDS: usize = 3;
 const CONCURRENCY: usize = 16;
 const IDLE_CONNECTIONS: usize = 1000;
+/// How long after a burst of connections closed the agents' RSS is read again.
+const SETTLE: Duration = Duration::from_secs(8);
 
 /// Echo on 9000, count-and-discard on 9001, inside the pod (one thread, one runtime).
 fn start_servers(pod: &Pod) {
@@ -164,6 +166,67 @@ fn latency(client: &Pod, dst: SocketAddr) -> (f64, f64) {
             samples[samples.len() * 99 / 100],
         )
     })
+}
+
+/// Fixed offered load for the tail-latency figure: well below every path's saturation (the
+/// HBONE request rate above is about ten times this here).
+const FIXED_RATE: f64 = 2000.0;
+const FIXED_RUN: Duration = Duration::from_secs(4);
+
+/// 1 KiB round trips at [`FIXED_RATE`] requests per second in all, spread over `CONCURRENCY`
+/// persistent connections with staggered schedules (open loop: a request is sent at its
+/// slot whether or not others are slow). Returns each round trip in microseconds, timed from
+/// the write (the runtime's timer wakes up to a millisecond late, which is not the path's).
+fn fixed_rate(client: &Pod, dst: SocketAddr) -> Vec<f64> {
+    in_netns(&client.netns_path(), move || {
+        ztunnel_e2e::traffic::runtime().block_on(async move {
+            let interval = Duration::from_secs_f64(CONCURRENCY as f64 / FIXED_RATE);
+            let start = tokio::time::Instant::now() + Duration::from_millis(50);
+            let local = tokio::task::LocalSet::new();
+            let tasks: Vec<_> = (0..CONCURRENCY)
+                .map(|i| {
+                    local.spawn_local(async move {
+                        let mut samples = Vec::new();
+                        let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
+                            return samples;
+                        };
+                        let _ = s.set_nodelay(true);
+                        let mut buf = [9u8; 1024];
+                        let mut slot = start + interval.mul_f64(i as f64 / CONCURRENCY as f64);
+                        while slot < start + FIXED_RUN {
+                            tokio::time::sleep_until(slot).await;
+                            let t = Instant::now();
+                            if s.write_all(&buf).await.is_err()
+                                || s.read_exact(&mut buf).await.is_err()
+                            {
+                                break;
+                            }
+                            samples.push(t.elapsed().as_secs_f64() * 1e6);
+                            slot += interval;
+                        }
+                        samples
+                    })
+                })
+                .collect();
+            local
+                .run_until(async {
+                    let mut all = Vec::new();
+                    for t in tasks {
+                        all.extend(t.await.unwrap_or_default());
+                    }
+                    all
+                })
+                .await
+        })
+    })
+}
+
+/// The sample at quantile `q` of sorted `v` (0 when empty).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
 }
 
 /// CPU time in seconds since boot: the machine's (all CPUs) and the agents'.
@@ -492,6 +555,25 @@ fn main() {
             });
             (medians, used)
         };
+    // Memory first, on fresh agents (as upstream's is measured side by side): after the
+    // load figures, memory the allocator kept from them would serve the idle connections
+    // and hide their cost.
+    eprintln!("agent memory with {IDLE_CONNECTIONS} idle HBONE connections...");
+    let _ = std::net::TcpStream::connect(SocketAddr::new(hs.ip4, ECHO_PORT));
+    // Start-up's garbage (certificates, programs loaded) given back first.
+    std::thread::sleep(SETTLE);
+    let hold = || idle_rss(&hc, SocketAddr::new(hs.ip4, ECHO_PORT), &[&a1, &a2]);
+    let (before, after) = hold();
+    // Memory given back once a burst is over: RSS a while after the connections closed,
+    // after one burst and after three.
+    let settled = || {
+        std::thread::sleep(SETTLE);
+        pids.iter().map(|p| rss_kib(*p)).sum::<u64>()
+    };
+    let after_one = settled();
+    hold();
+    hold();
+    let after_three = settled();
     eprintln!("bulk throughput...");
     let (bulk_r, bulk_cpu) = measure(&bulk, SINK_PORT);
     eprintln!("new connections per second...");
@@ -505,8 +587,20 @@ fn main() {
         .iter()
         .map(|(c, s)| latency(c, SocketAddr::new(s.ip4, ECHO_PORT)))
         .collect();
-    eprintln!("agent memory with {IDLE_CONNECTIONS} idle HBONE connections...");
-    let (before, after) = idle_rss(&hc, SocketAddr::new(hs.ip4, ECHO_PORT), &[&a1, &a2]);
+    eprintln!("latency at a fixed rate of {FIXED_RATE} req/s...");
+    let mut fixed: [Vec<f64>; 3] = Default::default();
+    for _ in 0..ROUNDS {
+        for (i, (c, s)) in paths.iter().enumerate() {
+            fixed[i].extend(fixed_rate(c, SocketAddr::new(s.ip4, ECHO_PORT)));
+        }
+    }
+    for v in &mut fixed {
+        v.sort_by(f64::total_cmp);
+    }
+    eprintln!(
+        "  samples (direct, passthrough, HBONE): {:?}",
+        fixed.iter().map(Vec::len).collect::<Vec<_>>()
+    );
 
     let rows = [
         Row {
@@ -549,6 +643,30 @@ fn main() {
             hbone: lat[2].1,
             target: None,
         },
+        Row {
+            name: "fixed 2,000 req/s: p50",
+            unit: "us",
+            direct: quantile(&fixed[0], 0.5),
+            passthrough: quantile(&fixed[1], 0.5),
+            hbone: quantile(&fixed[2], 0.5),
+            target: None,
+        },
+        Row {
+            name: "fixed 2,000 req/s: p99",
+            unit: "us",
+            direct: quantile(&fixed[0], 0.99),
+            passthrough: quantile(&fixed[1], 0.99),
+            hbone: quantile(&fixed[2], 0.99),
+            target: None,
+        },
+        Row {
+            name: "fixed 2,000 req/s: p99.9",
+            unit: "us",
+            direct: quantile(&fixed[0], 0.999),
+            passthrough: quantile(&fixed[1], 0.999),
+            hbone: quantile(&fixed[2], 0.999),
+            target: None,
+        },
     ];
     let mut out = String::new();
     out.push_str("| figure | unit | direct TCP | passthrough | ratio | HBONE | ratio | target |\n|---|---|---|---|---|---|---|---|\n");
@@ -571,8 +689,13 @@ fn main() {
     }
     let growth = after.saturating_sub(before);
     out.push_str(&format!(
-        "\nAgents' RSS (both nodes): {before} KiB before, {after} KiB with {IDLE_CONNECTIONS} idle HBONE connections: {:.1} KiB per connection.\n",
+        "\nAgents' RSS (both nodes, fresh): {before} KiB before, {after} KiB with {IDLE_CONNECTIONS} idle HBONE connections: {:.1} KiB per connection.\n",
         growth as f64 / IDLE_CONNECTIONS as f64
+    ));
+    out.push_str(&format!(
+        "Given back after the burst: {after_one} KiB {}s after the connections closed, {after_three} KiB after three such bursts ({:+} KiB against before the first).\n",
+        SETTLE.as_secs(),
+        after_three as i64 - before as i64
     ));
     out.push_str(&cpu_report(&bulk_cpu, bulk_r[0], aes));
     let workers = std::env::var("ZTUNNEL_WORKER_THREADS").unwrap_or_else(|_| "2 (default)".into());

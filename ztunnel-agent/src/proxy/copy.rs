@@ -3,8 +3,8 @@
 //! buffer), and a received DATA payload is written to the socket as it is (no copy into a
 //! relay buffer). (Plain TCP passthrough moves bytes in the kernel: see `splice`.)
 //!
-//! Reads start small and double whenever a read fills the buffer, up to 256 KiB: idle
-//! connections stay cheap, bulk transfers make few large syscalls and large DATA frames. The
+//! Reads start small and double whenever a read fills the buffer, up to 256 KiB: an idle
+//! connection holds no read buffer at all, bulk transfers make few large syscalls and large DATA frames. The
 //! read buffer is taken back for the next read once HTTP/2 has written the previous chunk; a
 //! new one is allocated only while that chunk is still queued. A half-close is propagated as
 //! soon as one side ends (END_STREAM one way, shutdown(SHUT_WR) the other).
@@ -47,7 +47,7 @@ struct ToStream {
 impl ToStream {
     fn new() -> Self {
         Self {
-            buf: BytesMut::with_capacity(INITIAL),
+            buf: BytesMut::new(),
             size: INITIAL,
             pending: Bytes::new(),
             done: false,
@@ -59,6 +59,11 @@ impl ToStream {
     /// shrink once it fires.
     fn quiet(&mut self, cx: &mut Context<'_>) {
         if self.size <= INITIAL {
+            // An idle connection holds no buffer (the next read allocates one): most of a
+            // node's connections are idle at any moment.
+            if self.buf.is_empty() {
+                self.buf = BytesMut::new();
+            }
             return;
         }
         let deadline = tokio::time::Instant::now() + SHRINK_AFTER;

@@ -417,7 +417,11 @@ async fn proxy(
                 dst: hbone_addr,
                 src_ip: peer.ip(),
             };
-            let (tunnel, _stream) = pod.mesh.pool.tunnel(pod, key, authority, peer).await?;
+            // Boxed: opening a tunnel (a TLS and HTTP/2 handshake when no pooled connection
+            // serves) is the largest state of this future, and the task holding it lives as
+            // long as the connection; boxed, that memory is freed once the tunnel is open.
+            let opening = Box::pin(pod.mesh.pool.tunnel(pod, key, authority, peer));
+            let (tunnel, _stream) = opening.await?;
             conn.established();
             let mut client = client;
             let relayed = super::copy::tunnel(

@@ -265,9 +265,14 @@ async fn handle_connect(
     let span = conn.span();
     // A client that resets the stream while the application is being connected gives its
     // slots back at once (not after the connect's timeout).
+    // Boxed: connecting to the application is the largest state of this future, and the
+    // task holding it lives as long as the connection; boxed, that memory is freed once the
+    // application is connected.
+    let accepting = Box::pin(accept_connect(
+        &pod, local, client, &req, authority, target, &mut conn,
+    ));
     let accepted = tokio::select! {
-        accepted = accept_connect(&pod, local, client, &req, authority, target, &mut conn)
-            .instrument(span.clone()) => accepted,
+        accepted = accepting.instrument(span.clone()) => accepted,
         reset = std::future::poll_fn(|cx| answer.poll_reset(cx)) => {
             let reason = reset.unwrap_or(h2::Reason::CANCEL);
             return conn.finish(Err(Error::Cancelled(reason).into()));
