@@ -395,8 +395,16 @@ async fn proxy(
             let upstream = pod.connect(target).await?;
             conn.established();
             let deadline = pod.mesh.drain.deadline_reached();
-            super::splice::bidirectional(&client, &upstream, &conn.sent, &conn.received, deadline)
-                .await?;
+            // Boxed: the splice relay's state is larger than the HBONE relay's, and every
+            // connection's task would otherwise be sized for it.
+            Box::pin(super::splice::bidirectional(
+                &client,
+                &upstream,
+                &conn.sent,
+                &conn.received,
+                deadline,
+            ))
+            .await?;
         }
         Route::Hbone {
             hbone_addr,

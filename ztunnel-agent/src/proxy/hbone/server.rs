@@ -91,14 +91,14 @@ pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _soc
         tokio::select! {
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
-                    tokio::spawn(drain.track(handle_connect(
-                        pod.clone(),
+                    tokio::spawn(drain.track(handle_connect(Box::new(Stream {
+                        pod: pod.clone(),
                         peer,
-                        local.ip(),
-                        client_identity.clone(),
+                        local: local.ip(),
+                        client: client_identity.clone(),
                         req,
-                        respond,
-                    )));
+                        answer: respond,
+                    }))));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(src.addr = %peer, error = %ErrorChain(&e), "HBONE connection ended");
@@ -249,15 +249,31 @@ pub fn inbound_target(
     this_pod.then(|| SocketAddr::new(local, authority.port()))
 }
 
-/// Serves one CONNECT stream: one inbound connection.
-async fn handle_connect(
+/// A CONNECT stream as accepted: the tunnel's pod, peer and local address, the peer's
+/// identity, the request and its answer.
+struct Stream {
     pod: Arc<PodProxy>,
     peer: SocketAddr,
     local: IpAddr,
     client: Identity,
     req: Request<RecvStream>,
-    mut answer: SendResponse<Bytes>,
-) {
+    answer: SendResponse<Bytes>,
+}
+
+/// Serves one CONNECT stream: one inbound connection.
+///
+/// Takes its arguments boxed: an async fn's arguments stay in its future (the task's memory)
+/// for as long as it runs, and the request alone is most of a kilobyte; unpacked into
+/// locals, each takes room only while it is still used.
+async fn handle_connect(stream: Box<Stream>) {
+    let Stream {
+        pod,
+        peer,
+        local,
+        client,
+        req,
+        mut answer,
+    } = *stream;
     let authority = req.uri().authority().map(|a| a.as_str().to_string());
     let target: Option<SocketAddr> = authority.as_deref().and_then(|a| a.parse().ok());
     // src.addr is the tunnel's peer, as upstream (and the guide) report it.
