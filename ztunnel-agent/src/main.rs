@@ -20,6 +20,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// page stays cached for reuse at most about 3 s and is then returned outright
 /// (`MADV_DONTNEED`: no "muzzy" stage, whose lazily freed pages still count in RSS), and no
 /// transparent huge pages (a 2 MiB page would keep a mostly idle heap resident).
+// Read by jemalloc (tikv-jemalloc-sys prefixes its symbols with `_rjem_`) as its
+// `const char *malloc_conf` before `main`: a `'static`, NUL-terminated string.
 #[cfg(feature = "jemalloc")]
 #[export_name = "_rjem_malloc_conf"]
 pub static JEMALLOC_OPTIONS: &u8 =

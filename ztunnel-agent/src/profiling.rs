@@ -158,10 +158,17 @@ impl AdminHandler for HeapProfileHandler {
 
     fn handle(&self, _req: Request<Incoming>) -> Responding<'_> {
         Box::pin(async move {
+            let why = if cfg!(feature = "jemalloc") {
+                "this build's jemalloc is built without its heap profiler"
+            } else {
+                "this build uses the system allocator (built without the `jemalloc` feature), and heap profiles need jemalloc's heap profiler"
+            };
             text(
                 StatusCode::NOT_IMPLEMENTED,
-                "heap profiling is not available: this build's jemalloc is built without its heap profiler. \
-                 Look at process_resident_memory_bytes on :15020/metrics for the total, and /debug/pprof/profile for where CPU goes.\n",
+                format!(
+                    "heap profiling is not available: {why}. \
+                     Look at process_resident_memory_bytes on :15020/metrics for the total, and /debug/pprof/profile for where CPU goes.\n"
+                ),
             )
         })
     }

@@ -4,7 +4,7 @@
 //! relay buffer). (Plain TCP passthrough moves bytes in the kernel: see `splice`.)
 //!
 //! Reads start small and double whenever a read fills the buffer, up to 256 KiB: an idle
-//! connection holds no read buffer at all, bulk transfers make few large syscalls and large DATA frames. The
+//! connection holds no read buffer, bulk transfers make few large syscalls and large DATA frames. The
 //! read buffer is taken back for the next read once HTTP/2 has written the previous chunk; a
 //! new one is allocated only while that chunk is still queued. A half-close is propagated as
 //! soon as one side ends (END_STREAM one way, shutdown(SHUT_WR) the other).
@@ -80,6 +80,14 @@ impl ToStream {
         }
     }
 
+    /// This direction has ended: its buffer (up to [`MAX`] after a burst) is not kept for
+    /// the rest of the connection.
+    fn finish(&mut self) {
+        self.done = true;
+        self.buf = BytesMut::new();
+        self.shrink = None;
+    }
+
     /// Data arrived: the quiet period is over.
     fn busy(&mut self) {
         if let Some(timer) = self.shrink.as_mut() {
@@ -132,7 +140,7 @@ impl ToStream {
                     }
                     // "No more, thanks": stop sending, without error.
                     Poll::Ready(Ok(reason)) if reason == h2::Reason::NO_ERROR => {
-                        self.done = true;
+                        self.finish();
                         return Poll::Ready(Ok(()));
                     }
                     Poll::Ready(Ok(reason)) => return Poll::Ready(Err(reset(reason))),
@@ -142,7 +150,7 @@ impl ToStream {
             if n == 0 {
                 // Half-close: END_STREAM on an empty DATA frame.
                 to.send_data(Bytes::new(), true).map_err(h2_io)?;
-                self.done = true;
+                self.finish();
                 return Poll::Ready(Ok(()));
             }
             if n >= self.size && self.size < MAX {
