@@ -4,9 +4,9 @@
 //! relay buffer). (Plain TCP passthrough moves bytes in the kernel: see `splice`.)
 //!
 //! Reads start small and double whenever a read fills the buffer, up to 256 KiB: an idle
-//! connection holds no read buffer, bulk transfers make few large syscalls and large DATA frames. The
-//! read buffer is taken back for the next read once HTTP/2 has written the previous chunk; a
-//! new one is allocated only while that chunk is still queued. A half-close is propagated as
+//! connection holds no read buffer, bulk transfers make few large syscalls and large DATA
+//! frames. The read buffer is taken back for the next read once HTTP/2 has written the
+//! previous chunk; a new one is allocated only while that chunk is still queued. A half-close is propagated as
 //! soon as one side ends (END_STREAM one way, shutdown(SHUT_WR) the other).
 
 use std::future::poll_fn;

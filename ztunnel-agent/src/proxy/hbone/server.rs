@@ -285,14 +285,14 @@ async fn handle_connect(stream: Box<Stream>) {
     // src.addr is the tunnel's peer, as upstream (and the guide) report it.
     let mut conn = Connection::new(Direction::Inbound, peer, target.unwrap_or(peer));
     let span = conn.span();
-    // A client that resets the stream while the application is being connected gives its
-    // slots back at once (not after the connect's timeout).
     // Boxed: connecting to the application is the largest state of this future, and the
     // task holding it lives as long as the connection; boxed, that memory is freed once the
     // application is connected.
     let accepting = Box::pin(accept_connect(
         &pod, local, client, &req, authority, target, &mut conn,
     ));
+    // A client that resets the stream while the application is being connected gives its
+    // slots back at once (not after the connect's timeout).
     let accepted = tokio::select! {
         accepted = accepting.instrument(span.clone()) => accepted,
         reset = std::future::poll_fn(|cx| answer.poll_reset(cx)) => {
