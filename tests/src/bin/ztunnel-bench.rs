@@ -335,10 +335,15 @@ fn aes_gcm_seconds_per_gb() -> f64 {
     best
 }
 
+/// The agents' RSS together, in KiB.
+fn agents_rss(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| rss_kib(*p)).sum()
+}
+
 /// Opens 1000 idle HBONE connections and returns the agents' RSS growth in KiB.
 fn idle_rss(client: &Pod, dst: SocketAddr, agents: &[&Agent]) -> (u64, u64) {
     let pids: Vec<u32> = agents.iter().filter_map(|a| a.pid()).collect();
-    let before: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let before = agents_rss(&pids);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (opened_tx, opened_rx) = std::sync::mpsc::channel();
     let netns = client.netns_path();
@@ -359,7 +364,7 @@ fn idle_rss(client: &Pod, dst: SocketAddr, agents: &[&Agent]) -> (u64, u64) {
     });
     opened_rx.recv().expect("connections opened");
     std::thread::sleep(Duration::from_millis(500));
-    let after: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let after = agents_rss(&pids);
     let _ = tx.send(());
     let _ = holder.join();
     (before, after)
@@ -572,7 +577,7 @@ fn main() {
     // after one burst and after three.
     let settled = || {
         std::thread::sleep(SETTLE);
-        pids.iter().map(|p| rss_kib(*p)).sum::<u64>()
+        agents_rss(&pids)
     };
     let after_one = settled();
     hold();
@@ -610,7 +615,7 @@ fn main() {
         fixed.iter().map(Vec::len).collect::<Vec<_>>()
     );
 
-    let rows = [
+    let mut rows = vec![
         Row {
             name: "bulk throughput, 1 stream",
             unit: "MB/s",
@@ -651,31 +656,22 @@ fn main() {
             hbone: lat[2].1,
             target: None,
         },
-        Row {
-            name: "fixed-rate p50, 1 KiB",
-            unit: "us",
-            direct: quantile(&fixed[0], 0.5),
-            passthrough: quantile(&fixed[1], 0.5),
-            hbone: quantile(&fixed[2], 0.5),
-            target: None,
-        },
-        Row {
-            name: "fixed-rate p99, 1 KiB",
-            unit: "us",
-            direct: quantile(&fixed[0], 0.99),
-            passthrough: quantile(&fixed[1], 0.99),
-            hbone: quantile(&fixed[2], 0.99),
-            target: None,
-        },
-        Row {
-            name: "fixed-rate p99.9, 1 KiB",
-            unit: "us",
-            direct: quantile(&fixed[0], 0.999),
-            passthrough: quantile(&fixed[1], 0.999),
-            hbone: quantile(&fixed[2], 0.999),
-            target: None,
-        },
     ];
+    rows.extend(
+        [
+            ("fixed-rate p50, 1 KiB", 0.5),
+            ("fixed-rate p99, 1 KiB", 0.99),
+            ("fixed-rate p99.9, 1 KiB", 0.999),
+        ]
+        .map(|(name, q)| Row {
+            name,
+            unit: "us",
+            direct: quantile(&fixed[0], q),
+            passthrough: quantile(&fixed[1], q),
+            hbone: quantile(&fixed[2], q),
+            target: None,
+        }),
+    );
     let mut out = String::new();
     out.push_str("| figure | unit | direct TCP | passthrough | ratio | HBONE | ratio | target |\n|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
