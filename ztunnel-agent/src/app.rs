@@ -89,6 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         drain: Drain::default(),
         keepalive: config.keepalive,
         limits: config.limits,
+        kernel_relay: redirect.kernel_relay(),
     });
     tokio::spawn(mesh.pool.clone().run_eviction(shutdown.clone()));
     crate::metrics::global().configure_series(
@@ -141,6 +142,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "cgroupPath": config.redirect.cgroup,
         "excludeOutboundPorts": config.redirect.exclude_outbound_ports,
         "excludeInboundPorts": config.redirect.exclude_inbound_ports,
+        "kernelRelay": config.redirect.kernel_relay,
         "trustDomain": config.trust_domain,
         "caDir": config.ca_dir,
         "certTtlSecs": config.cert_ttl.as_secs(),

@@ -216,6 +216,7 @@ impl Config {
                 cgroup,
                 exclude_outbound_ports: args.exclude_outbound_ports.clone(),
                 exclude_inbound_ports: args.exclude_inbound_ports.clone(),
+                kernel_relay: args.kernel_relay,
             },
             dns,
             dns_problem,

@@ -298,6 +298,9 @@ pub struct MeshContext {
     pub keepalive: Option<crate::socket::Keepalive>,
     /// What one pod can make the agent hold.
     pub limits: Limits,
+    /// The kernel relay of plain passthrough connections (None: off, or refused by the
+    /// kernel; the agent splices them).
+    pub kernel_relay: Option<Arc<crate::redirect::KernelRelay>>,
 }
 
 impl MeshContext {
@@ -473,7 +476,7 @@ impl PodProxy {
 /// Makes closing `stream` send a RST instead of a FIN (`SO_LINGER` 0): for a relay that
 /// ended in error, so the failure reaches the application on that side and no socket is left
 /// in FIN_WAIT2 or CLOSE_WAIT.
-pub fn reset_on_close(stream: &TcpStream) {
+pub fn reset_on_close(stream: &impl std::os::fd::AsFd) {
     if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
         tracing::debug!(error = %e, "SO_LINGER not set");
     }

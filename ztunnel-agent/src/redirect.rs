@@ -18,8 +18,12 @@ pub mod kernel;
 pub mod linkinfo;
 mod log_drain;
 mod pod_maps;
+mod relay;
 
 pub use pod_maps::{DialTable, OrigDstTable, PodKernelView, PodRedirect};
+#[cfg(test)]
+pub use relay::testing as relay_testing;
+pub use relay::{Engaged, KernelRelay};
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -152,6 +156,8 @@ pub struct RedirectConfig {
     pub exclude_outbound_ports: Vec<u16>,
     /// Destination ports never captured inbound.
     pub exclude_inbound_ports: Vec<u16>,
+    /// Whether plain passthrough connections are relayed by the kernel (see `relay`).
+    pub kernel_relay: bool,
 }
 
 /// What the redirect layer did with one cgroup program at start-up.
@@ -177,6 +183,7 @@ pub struct Redirect {
     counters: PerCpuHashMap<MapData, u64, PodCounters>,
     dns_counters: PerCpuHashMap<MapData, u64, DnsCounters>,
     attachments: Vec<(&'static str, Attachment)>,
+    relay: Option<Arc<KernelRelay>>,
 }
 
 impl Redirect {
@@ -222,6 +229,17 @@ impl Redirect {
             source,
         })?;
 
+        let relay = if config.kernel_relay {
+            match relay::KernelRelay::load(&mut ebpf) {
+                Ok(relay) => Some(Arc::new(relay)),
+                Err(e) => {
+                    tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "the kernel relay of plain passthrough connections is off: the agent splices them (ZTUNNEL_KERNEL_RELAY=false silences this)");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut redirect = Self {
             enrolled: take_map(&mut ebpf, maps::ENROLLED_PODS)?,
             pod_addrs: take_map(&mut ebpf, maps::POD_ADDRS)?,
@@ -237,6 +255,7 @@ impl Redirect {
             counters: take_map(&mut ebpf, maps::POD_COUNTERS)?,
             dns_counters: take_map(&mut ebpf, maps::DNS_COUNTERS)?,
             attachments,
+            relay,
             ebpf,
             config,
         };
@@ -321,6 +340,12 @@ impl Redirect {
     /// The table connections accepted on 15001 read their original destination from.
     pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
         self.orig_dst.clone()
+    }
+
+    /// The kernel relay of plain passthrough connections, unless it is off or the kernel
+    /// refused it.
+    pub fn kernel_relay(&self) -> Option<Arc<KernelRelay>> {
+        self.relay.clone()
     }
 
     /// The table connections to an application from a client's address register in.

@@ -1,4 +1,5 @@
-//! Socket options the kernel ABI needs: netns cookies, the agent's mark, `SO_ORIGINAL_DST`.
+//! Socket options the kernel ABI needs: netns and socket cookies, the agent's mark,
+//! `SO_ORIGINAL_DST`, and a TCP socket's byte totals.
 
 use std::io;
 use std::mem::size_of;
@@ -19,26 +20,100 @@ impl std::fmt::Display for NetnsCookie {
 
 /// `SO_NETNS_COOKIE` (Linux 5.14), not in every libc crate version.
 const SO_NETNS_COOKIE: libc::c_int = 71;
+/// `SO_COOKIE` (Linux 4.13): the socket's own cookie (`bpf_get_socket_cookie`).
+const SO_COOKIE: libc::c_int = 57;
 
-/// Reads the cookie of the network namespace the socket was created in.
-pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
-    let mut cookie: u64 = 0;
+/// Reads a `u64` socket option at `SOL_SOCKET`.
+fn sol_socket_u64(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the fd is a valid socket for the borrow; `cookie` and `len` are valid writable
+    // SAFETY: the fd is a valid socket for the borrow; `value` and `len` are valid writable
     // memory of the size passed.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(NetnsCookie(cookie))
+    Ok(value)
+}
+
+/// Reads the cookie of the network namespace the socket was created in.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
+    sol_socket_u64(fd, SO_NETNS_COOKIE).map(NetnsCookie)
+}
+
+/// Reads the socket's own cookie, the key the kernel relay's maps use.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    sol_socket_u64(fd, SO_COOKIE)
+}
+
+/// Makes the socket's receive callback run now for what it already holds: setting
+/// `SO_RCVLOWAT` on a TCP socket signals readiness at once when data is waiting, which for a
+/// socket just given a stream verdict program hands that data to the program.
+pub fn kick_receive(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: the fd is a valid socket for the borrow; the option value is a c_int we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A TCP socket's byte totals as its kernel counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpTotals {
+    /// Payload bytes received in order (`tcpi_bytes_received`).
+    pub received: u64,
+    /// Payload bytes written to the socket: acknowledged by the peer, or still queued.
+    pub written: u64,
+}
+
+/// Reads a TCP socket's byte totals. `written` never overstates: the acknowledged count is
+/// read before the queue, so an ACK in between can only make it lower.
+pub fn tcp_totals(fd: BorrowedFd<'_>) -> io::Result<TcpTotals> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the fd is a valid socket for the borrow; `info` and `len` are valid writable
+    // memory of the size passed (the kernel writes at most `len` bytes).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int through the pointer we own.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpTotals {
+        received: info.tcpi_bytes_received,
+        written: info.tcpi_bytes_acked + queued.max(0) as u64,
+    })
 }
 
 /// Marks a socket as the agent's own so outbound capture never loops it back.

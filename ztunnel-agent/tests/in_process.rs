@@ -159,6 +159,8 @@ impl Node {
             drain: Default::default(),
             keepalive: Some(Default::default()),
             limits: Default::default(),
+            // These tests run unprivileged: passthrough is spliced.
+            kernel_relay: None,
         });
         Self {
             mesh,

@@ -89,6 +89,10 @@ pub mod maps {
     /// Connections the agent is opening to a pod's application from the client's address:
     /// [`crate::DialKey`] -> `u32` (unused); `sk_lookup` leaves them to the application.
     pub const AGENT_DIALS: &str = "AGENT_DIALS";
+    /// Kernel-relayed passthrough sockets under their own cookie (`u64`); not pinned.
+    pub const RELAY_SOCKS: &str = "RELAY_SOCKS";
+    /// Kernel-relayed passthrough sockets under their peer's cookie (`u64`); not pinned.
+    pub const RELAY_TARGETS: &str = "RELAY_TARGETS";
     /// aya-log's ring buffer.
     pub const AYA_LOGS: &str = "AYA_LOGS";
     /// Every map the agent pins, in a stable order.
@@ -122,6 +126,8 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "ztunnel_getpeername6";
     /// `sk_lookup`: inbound plaintext steering to 15006, one link per pod netns.
     pub const INBOUND: &str = "ztunnel_inbound";
+    /// `sk_skb/stream_verdict`: the kernel relay of plain passthrough connections.
+    pub const RELAY: &str = "ztunnel_relay";
     /// `cgroup/sendmsg4`: DNS capture of unconnected IPv4 UDP sends.
     pub const SENDMSG4: &str = "ztunnel_sendmsg4";
     /// `cgroup/sendmsg6`: DNS capture of unconnected IPv6 UDP sends.

@@ -1,7 +1,8 @@
 //! ztunnel-agent's kernel programs: outbound capture (`cgroup/connect4|6`), original
 //! destination bookkeeping (`sockops`, `cgroup/sock_release`, `cgroup/getpeername4|6`),
 //! inbound plaintext steering (`sk_lookup`) and DNS capture (`cgroup/sendmsg4|6`,
-//! `cgroup/recvmsg4|6`, and port 53 in the connect hooks). Each entry point is a thin wrapper that returns
+//! `cgroup/recvmsg4|6`, and port 53 in the connect hooks) and the kernel relay of plain
+//! passthrough connections (`sk_skb/stream_verdict`). Each entry point is a thin wrapper that returns
 //! the verdict its `try_*` helper computed.
 
 #![no_std]
@@ -12,6 +13,7 @@ mod inbound;
 mod maps;
 mod orig_dst;
 mod outbound;
+mod relay;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -14,6 +14,9 @@ const MAX_PODS: usize = 1024;
 /// Original destinations of connections in flight (LRU: a stale entry is evicted, never
 /// blocks a new connection).
 const MAX_IN_FLIGHT: usize = 65536;
+/// Sockets of passthrough connections the kernel relays (two per connection); beyond it a
+/// connection is spliced by the agent instead.
+const MAX_RELAYED: usize = 65536;
 
 #[btf_map]
 pub static ENROLLED_PODS: HashMap<u64, PodConfig, MAX_PODS> = HashMap::new();
@@ -40,6 +43,14 @@ pub static AGENT_DIALS: LruHashMap<DialKey, u32, MAX_IN_FLIGHT> = LruHashMap::ne
 
 #[btf_map]
 pub static INBOUND_LISTENERS: SockHash<ListenerKey, { MAX_PODS * 2 }> = SockHash::new();
+
+/// Relayed passthrough sockets under their own cookie; carries the stream verdict program.
+#[btf_map]
+pub static RELAY_SOCKS: SockHash<u64, MAX_RELAYED> = SockHash::new();
+
+/// Relayed passthrough sockets under their peer's cookie: where the peer's bytes go.
+#[btf_map]
+pub static RELAY_TARGETS: SockHash<u64, MAX_RELAYED> = SockHash::new();
 
 #[btf_map]
 pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, MAX_PODS> = PerCpuHashMap::new();

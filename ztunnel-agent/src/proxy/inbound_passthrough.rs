@@ -81,7 +81,7 @@ async fn proxy(
     let tracked = pod.mesh.tracker.track(pod.clone(), peer.ip(), None, dst);
     // Inbound: the reporting side sends what the application answers.
     tokio::select! {
-        relayed = super::splice::bidirectional(&client, &upstream, &conn.received, &conn.sent, pod.mesh.drain.deadline_reached()) => relayed?,
+        relayed = super::splice::bidirectional(client, upstream, &conn.received, &conn.sent, pod.mesh.drain.deadline_reached(), pod.mesh.kernel_relay.as_deref()) => relayed?,
         denied = tracked.revoked() => return Err(denied.into()),
     }
     Ok(())

@@ -398,11 +398,12 @@ async fn proxy(
             // Boxed: the splice relay's state is larger than the HBONE relay's, and every
             // connection's task would otherwise be sized for it.
             Box::pin(super::splice::bidirectional(
-                &client,
-                &upstream,
+                client,
+                upstream,
                 &conn.sent,
                 &conn.received,
                 deadline,
+                pod.mesh.kernel_relay.as_deref(),
             ))
             .await?;
         }

@@ -1,15 +1,25 @@
-//! Zero-copy relay between two TCP sockets (plain passthrough): each direction moves bytes
-//! socket -> pipe -> socket with splice(2), so payload never enters userspace. Half-closes
-//! propagate; every splice into the destination socket is counted at once, so a direction
-//! that fails keeps the count of what it moved.
+//! Zero-copy relay between two TCP sockets (plain passthrough). Where the kernel relay is on
+//! (`redirect::KernelRelay`) a direction's bytes never reach the agent: the kernel sends
+//! what one socket receives out of the other, and the agent only waits for that direction's
+//! end. Otherwise each direction moves bytes socket -> pipe -> socket with splice(2), so
+//! payload never enters userspace either, but the agent is woken for every chunk.
+//!
+//! Either way half-closes propagate in order (the FIN goes out only once every byte before
+//! it has), an error either way resets both sides, and each direction's bytes are counted as
+//! having reached the destination socket: splice counts as it goes, the kernel relay from
+//! the sockets' own totals when the direction ends.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::connection::Meter;
+use crate::redirect::{Engaged, KernelRelay};
+use crate::socket::tcp_totals;
 
 /// How much one splice call moves at most (the pipe is sized to match).
 const CHUNK: usize = 256 * 1024;
@@ -87,23 +97,69 @@ async fn one_way(from: &TcpStream, to: &TcpStream, meter: &Meter) -> io::Result<
 }
 
 /// Relays both ways until both sides have ended, counting bytes a->b in `ab` and b->a in
-/// `ba` as they move. A clean end one way (EOF) is a half-close and the other way goes on;
-/// an error either way (a peer's reset) or the drain `deadline` ends the relay at once and
-/// is returned, and both
-/// sockets are set to reset when closed: the failure reaches the other application as it
-/// would on a direct connection, and neither socket lingers in CLOSE_WAIT or FIN_WAIT2.
+/// `ba`. A clean end one way (EOF) is a half-close and the other way goes on; an error
+/// either way (a peer's reset) or the drain `deadline` ends the relay at once and is
+/// returned, and both sockets are set to reset when closed: the failure reaches the other
+/// application as it would on a direct connection, and neither socket lingers in CLOSE_WAIT
+/// or FIN_WAIT2. With `relay`, the kernel moves the bytes of every direction it takes.
 pub async fn bidirectional(
-    a: &TcpStream,
-    b: &TcpStream,
+    a: TcpStream,
+    b: TcpStream,
     ab: &Meter,
     ba: &Meter,
     deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
+    relay: Option<&KernelRelay>,
 ) -> Result<(), io::Error> {
+    let (engaged, a_base, b_base) = match relay {
+        // What each socket had been written before the kernel starts writing to it.
+        Some(relay) => {
+            let (a_base, b_base) = (written(&a)?, written(&b)?);
+            (relay.engage(a.as_fd(), b.as_fd()), a_base, b_base)
+        }
+        None => (Engaged::Neither, 0, 0),
+    };
+    match engaged {
+        Engaged::Both => {
+            // Out of the runtime's poller: the kernel relay's data wakes nobody (each
+            // direction's end is watched on its own, see `kernel_one_way`).
+            let (a, b) = (a.into_std()?, b.into_std()?);
+            let both = async {
+                tokio::try_join!(
+                    kernel_one_way(a.as_fd(), b.as_fd(), b_base, ab),
+                    kernel_one_way(b.as_fd(), a.as_fd(), a_base, ba)
+                )
+            };
+            end_both(&a, &b, deadline, both).await
+        }
+        Engaged::First => {
+            let both = async {
+                tokio::try_join!(
+                    kernel_one_way(a.as_fd(), b.as_fd(), b_base, ab),
+                    one_way(&b, &a, ba)
+                )
+            };
+            end_both(&a, &b, deadline, both).await
+        }
+        Engaged::Neither => {
+            let both = async { tokio::try_join!(one_way(&a, &b, ab), one_way(&b, &a, ba)) };
+            end_both(&a, &b, deadline, both).await
+        }
+    }
+}
+
+/// Runs `both` directions to their end unless the drain `deadline` comes first; a failure
+/// sets both sockets to reset when closed.
+async fn end_both(
+    a: &impl AsFd,
+    b: &impl AsFd,
+    deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
+    both: impl std::future::Future<Output = io::Result<((), ())>>,
+) -> io::Result<()> {
     let relayed = tokio::select! {
         // The drain deadline ends it as an error (both ends reset, see above).
         biased;
         reached = deadline => Err(io::Error::other(reached)),
-        relayed = async { tokio::try_join!(one_way(a, b, ab), one_way(b, a, ba)) } => relayed.map(|_| ()),
+        relayed = both => relayed.map(|_| ()),
     };
     if relayed.is_err() {
         super::reset_on_close(a);
@@ -112,14 +168,134 @@ pub async fn bidirectional(
     relayed
 }
 
+/// What has been written to `socket` so far, by the kernel's count: the base a kernel
+/// relayed direction's count starts from.
+fn written(socket: &impl AsFd) -> io::Result<u64> {
+    Ok(tcp_totals(socket.as_fd())?.written)
+}
+
+/// Waits for the end of one direction the kernel relays (`from`'s EOF), lets `to` take every
+/// byte `from` received, then shuts `to`'s write side down. `to_base` is what `to` had been
+/// written before the relay began; what `to` took since is counted in `meter`, also when
+/// the direction fails.
+async fn kernel_one_way(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    to_base: u64,
+    meter: &Meter,
+) -> io::Result<()> {
+    let mut counted = 0;
+    let mut count = |to: BorrowedFd<'_>| -> io::Result<u64> {
+        let moved = tcp_totals(to)?.written.saturating_sub(to_base);
+        meter.add(moved.saturating_sub(counted) as usize);
+        counted = counted.max(moved);
+        Ok(moved)
+    };
+    let ended = wait_for_end(from).await;
+    if let Err(e) = ended {
+        let _ = count(to);
+        return Err(e);
+    }
+    // The kernel counts the FIN as one byte received.
+    let received = tcp_totals(from)?.received.saturating_sub(1);
+    // The program has handed every byte to `to` by now, but `to` may still be taking them
+    // from the kernel's queue: the FIN must not overtake them.
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if count(to)? >= received {
+            break;
+        }
+        if let Some(e) = socket2::SockRef::from(&to).take_error()? {
+            return Err(e);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    socket2::SockRef::from(&to).shutdown(std::net::Shutdown::Write)
+}
+
+/// Waits until `socket` (whose received bytes the kernel relays) reports its peer's FIN
+/// (Ok) or an error. Watched through an epoll instance of its own that wakes only for the
+/// end, never for the data the kernel moves.
+async fn wait_for_end(socket: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: epoll_create1 with a valid flag; the returned fd is checked below.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: epoll_create1 succeeded: the fd is new and owned by nobody else.
+    let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+    // The peer's FIN (RDHUP); errors and a full hang-up are always reported.
+    let mut event = libc::epoll_event {
+        events: libc::EPOLLRDHUP as u32,
+        u64: 0,
+    };
+    // SAFETY: both fds are valid for the call; `event` is a valid epoll_event we own.
+    let rc = unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            socket.as_raw_fd(),
+            &mut event,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same fd until the
+    // AsyncFd is dropped.
+    let watch = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
+        .map_err(io::Error::from)?;
+    loop {
+        let mut guard = watch.readable().await?;
+        let mut ready = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: the epoll fd is valid; one event fits in `ready`; a zero timeout never
+        // blocks.
+        let n = unsafe { libc::epoll_wait(watch.as_raw_fd(), &mut ready, 1, 0) };
+        if n <= 0 {
+            guard.clear_ready();
+            continue;
+        }
+        let mut byte = [0u8; 1];
+        // SAFETY: the socket fd is valid; the buffer is one writable byte we own.
+        let read = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match read {
+            0 => return Ok(()),
+            n if n > 0 => {
+                // The program relays every byte; one reaching the agent means the kernel
+                // behaves otherwise than the relay was built for. Refuse rather than reorder.
+                return Err(io::Error::other(
+                    "the kernel relay handed payload to the agent; set ZTUNNEL_KERNEL_RELAY=false and report this kernel",
+                ));
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    return Err(e);
+                }
+                guard.clear_ready();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
-    #[tokio::test]
-    async fn splices_both_ways_with_half_close_and_counts() {
+    /// A client -> relay -> server connection: the client sends 5 MB and half-closes, the
+    /// server reads to EOF, answers "done" and closes; returns what the relay counted each
+    /// way and how it ended.
+    async fn relay_one(relay: Option<&KernelRelay>) -> (u64, u64, Option<io::Error>) {
         let front = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -130,17 +306,23 @@ mod tests {
             front.local_addr().expect("a"),
             back.local_addr().expect("b"),
         );
-        let relay = tokio::spawn(async move {
-            let (client_side, _) = front.accept().await.expect("accept");
-            let server_side = TcpStream::connect(back_addr).await.expect("connect");
-            let (ab, ba) = (Meter::default(), Meter::default());
-            let err = bidirectional(&client_side, &server_side, &ab, &ba, std::future::pending())
-                .await
-                .err();
-            (ab.get(), ba.get(), err)
-        });
         let mut client = TcpStream::connect(front_addr).await.expect("client");
+        let (client_side, _) = front.accept().await.expect("accept");
+        let server_side = TcpStream::connect(back_addr).await.expect("connect");
         let (mut server, _) = back.accept().await.expect("server");
+        // Bytes already waiting on both of the relay's sockets before it starts.
+        client.write_all(b"early").await.expect("early write");
+        server.write_all(b"hello ").await.expect("early reply");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (ab, ba) = (Meter::default(), Meter::default());
+        let relaying = bidirectional(
+            client_side,
+            server_side,
+            &ab,
+            &ba,
+            std::future::pending(),
+            relay,
+        );
         let payload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
         let sent = payload.clone();
         let (mut cr, mut cw) = client.split();
@@ -163,11 +345,33 @@ mod tests {
             cr.read_to_end(&mut reply).await.expect("client reads");
             reply
         };
-        let ((), got, reply) = tokio::join!(write, serve, read);
-        assert_eq!(got, payload);
-        assert_eq!(reply, b"done");
-        let (ab, ba, err) = relay.await.expect("relay");
+        let ((), got, reply, relayed) = tokio::join!(write, serve, read, relaying);
+        assert_eq!(&got[..5], b"early");
+        assert!(
+            got[5..] == payload[..],
+            "payload arrived intact and in order"
+        );
+        assert_eq!(reply, b"hello done");
+        (ab.get(), ba.get(), relayed.err())
+    }
+
+    #[tokio::test]
+    async fn splices_both_ways_with_half_close_and_counts() {
+        let (ab, ba, err) = relay_one(None).await;
         assert!(err.is_none(), "{err:?}");
-        assert_eq!((ab, ba), (5_000_000, 4));
+        assert_eq!((ab, ba), (5_000_005, 10));
+    }
+
+    #[tokio::test]
+    async fn kernel_relays_both_ways_with_half_close_and_counts() {
+        let (_ebpf, relay) = crate::redirect::relay_testing::relay();
+        let (ab, ba, err) = relay_one(Some(&relay)).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!((ab, ba), (5_000_005, 10));
+        assert_eq!(
+            relay.engaged_counts(),
+            (1, 0, 0),
+            "the kernel took both ways"
+        );
     }
 }
