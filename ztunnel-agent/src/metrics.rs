@@ -228,6 +228,16 @@ struct LimitLabels {
     limit: &'static str,
 }
 
+/// How the bytes of plain passthrough connections move: the `relay` label of
+/// `ztunnel_passthrough_connections_total`, each exported from the start.
+pub const RELAY_NAMES: [&str; 3] = ["kernel", "kernel_one_way", "splice"];
+
+/// How one passthrough connection's bytes moved.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RelayLabels {
+    relay: &'static str,
+}
+
 /// The pod whose application saw its own address instead of a client's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PodLabels {
@@ -405,6 +415,7 @@ pub struct Metrics {
     accept_errors: Family<AcceptErrorLabels, Counter>,
     source_fallbacks: Family<PodLabels, Counter>,
     limit_refusals: Family<LimitLabels, Counter>,
+    passthrough_relays: Family<RelayLabels, Counter>,
     dns: DnsMetrics,
 }
 
@@ -583,6 +594,15 @@ impl Metrics {
             "Connections and HBONE streams refused because a pod reached a limit, by limit (connections_per_pod, handshakes_per_peer, streams_per_peer, pending_connects_per_peer); the access log names the pod",
             limit_refusals.clone(),
         );
+        let passthrough_relays = Family::<RelayLabels, Counter>::default();
+        for relay in RELAY_NAMES {
+            drop(passthrough_relays.get_or_create(&RelayLabels { relay }));
+        }
+        registry.register(
+            "ztunnel_passthrough_connections",
+            "Plain passthrough connections (outbound outside the mesh, inbound plaintext) by how their bytes moved: kernel (both directions relayed by the kernel, the payload never reached the agent), kernel_one_way (the kernel refused one socket, the agent spliced that direction), splice (ZTUNNEL_KERNEL_RELAY off, the kernel refused, or the relay failed to load: the agent's log says why at start)",
+            passthrough_relays.clone(),
+        );
         let source_fallbacks = Family::<PodLabels, Counter>::default();
         registry.register(
             "ztunnel_source_address_fallbacks",
@@ -650,6 +670,7 @@ impl Metrics {
             accept_errors,
             source_fallbacks,
             limit_refusals,
+            passthrough_relays,
             dns,
         }
     }
@@ -707,6 +728,20 @@ impl Metrics {
         self.limit_refusals
             .get_or_create(&LimitLabels { limit })
             .inc();
+    }
+
+    /// Counts a passthrough connection by how its bytes moved (one of [`RELAY_NAMES`]).
+    pub fn passthrough_relay(&self, relay: &'static str) {
+        self.passthrough_relays
+            .get_or_create(&RelayLabels { relay })
+            .inc();
+    }
+
+    /// Passthrough connections counted so far under `relay`.
+    pub fn passthrough_relays(&self, relay: &'static str) -> u64 {
+        self.passthrough_relays
+            .get_or_create(&RelayLabels { relay })
+            .get()
     }
 
     /// Forgets a pod's fallback count (the pod left this agent).

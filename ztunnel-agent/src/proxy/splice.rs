@@ -11,6 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -60,25 +61,98 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves `from` to `to` until EOF, then shuts `to`'s write side down; counts what reaches
-/// `to` in `meter` as it goes.
-async fn one_way(from: &TcpStream, to: &TcpStream, meter: &Meter) -> io::Result<()> {
+/// A spliced connection is handed to the kernel relay once it has shown itself
+/// interactive: this many small moves (both directions together), none large.
+const ENGAGE_AFTER_SMALL: u32 = 8;
+/// A move of at most this much is small. One larger marks the connection as bulk, which
+/// stays spliced: splice moves bulk with less CPU per byte than the kernel relay, whose
+/// per-packet work pays off only in latency and request rate.
+const SMALL_MOVE: usize = 16 * 1024;
+
+/// What the two spliced directions of one connection share (one task polls both).
+struct Splicing<'r> {
+    /// Where the connection may be handed once interactive (None: spliced to the end).
+    relay: Option<&'r KernelRelay>,
+    /// Per direction: waiting for its source with an empty pipe (nothing in flight).
+    idle: [AtomicBool; 2],
+    /// Per direction: ended (EOF passed on).
+    ended: [AtomicBool; 2],
+    small_moves: AtomicU32,
+    bulk: AtomicBool,
+}
+
+impl Splicing<'_> {
+    fn new(relay: Option<&KernelRelay>) -> Splicing<'_> {
+        Splicing {
+            relay,
+            idle: Default::default(),
+            ended: Default::default(),
+            small_moves: AtomicU32::new(0),
+            bulk: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether direction `i`, idle itself, hands the connection to the kernel now: only
+    /// while the other direction is idle too, so no byte is in either pipe.
+    fn engage_now(&self, i: usize) -> bool {
+        let other = 1 - i;
+        self.relay.is_some()
+            && !self.bulk.load(Ordering::Relaxed)
+            && self.small_moves.load(Ordering::Relaxed) >= ENGAGE_AFTER_SMALL
+            && self.idle[other].load(Ordering::Relaxed)
+            && !self.ended[other].load(Ordering::Relaxed)
+    }
+
+    fn moved(&self, n: usize) {
+        if n > SMALL_MOVE {
+            self.bulk.store(true, Ordering::Relaxed);
+        } else {
+            self.small_moves.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How a spliced direction stopped.
+enum Spliced {
+    /// EOF passed on (`to`'s write side shut down).
+    Ended,
+    /// Both directions idle and the connection interactive: the kernel relay takes over.
+    Engage,
+}
+
+/// Moves `from` to `to` (direction `i` of `shared`) until EOF, then shuts `to`'s write side
+/// down; counts what reaches `to` in `meter` as it goes. Stops early, between moves, when
+/// the connection is to be handed to the kernel relay.
+async fn one_way(
+    i: usize,
+    from: &TcpStream,
+    to: &TcpStream,
+    meter: &Meter,
+    shared: &Splicing<'_>,
+) -> io::Result<Spliced> {
     let (pipe_r, pipe_w) = pipe()?;
     loop {
+        if shared.engage_now(i) {
+            return Ok(Spliced::Engage);
+        }
         // Fill the pipe from the source socket.
+        shared.idle[i].store(true, Ordering::Relaxed);
         from.readable().await?;
+        shared.idle[i].store(false, Ordering::Relaxed);
         let moved = from.try_io(Interest::READABLE, || {
             splice(from.as_raw_fd(), pipe_w.as_raw_fd(), CHUNK)
         });
         let mut in_pipe = match moved {
             Ok(0) => {
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-                return Ok(());
+                shared.ended[i].store(true, Ordering::Relaxed);
+                return Ok(Spliced::Ended);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
+        shared.moved(in_pipe);
         // Drain it into the destination socket.
         while in_pipe > 0 {
             to.writable().await?;
@@ -96,12 +170,42 @@ async fn one_way(from: &TcpStream, to: &TcpStream, meter: &Meter) -> io::Result<
     }
 }
 
+/// Splices both ways until both have ended (false) or until the connection is to be handed
+/// to the kernel relay (true), with both pipes empty.
+async fn splice_both(
+    a: &TcpStream,
+    b: &TcpStream,
+    ab: &Meter,
+    ba: &Meter,
+    relay: Option<&KernelRelay>,
+) -> io::Result<bool> {
+    let shared = Splicing::new(relay);
+    let mut forth = std::pin::pin!(one_way(0, a, b, ab, &shared));
+    let mut back = std::pin::pin!(one_way(1, b, a, ba, &shared));
+    let (mut forth_done, mut back_done) = (false, false);
+    while !(forth_done && back_done) {
+        let stopped = tokio::select! {
+            stopped = &mut forth, if !forth_done => { forth_done = true; stopped? }
+            stopped = &mut back, if !back_done => { back_done = true; stopped? }
+        };
+        if let Spliced::Engage = stopped {
+            // The other direction is idle (waiting for its source, pipe empty): dropping it
+            // loses nothing.
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Relays both ways until both sides have ended, counting bytes a->b in `ab` and b->a in
 /// `ba`. A clean end one way (EOF) is a half-close and the other way goes on; an error
 /// either way (a peer's reset) or the drain `deadline` ends the relay at once and is
 /// returned, and both sockets are set to reset when closed: the failure reaches the other
 /// application as it would on a direct connection, and neither socket lingers in CLOSE_WAIT
-/// or FIN_WAIT2. With `relay`, the kernel moves the bytes of every direction it takes.
+/// or FIN_WAIT2.
+///
+/// The connection starts spliced. With `relay`, once it shows itself interactive (small
+/// moves, no bulk) the kernel takes over every direction it accepts.
 pub async fn bidirectional(
     a: TcpStream,
     b: TcpStream,
@@ -110,14 +214,31 @@ pub async fn bidirectional(
     deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
     relay: Option<&KernelRelay>,
 ) -> Result<(), io::Error> {
-    let (engaged, a_base, b_base) = match relay {
-        // What each socket had been written before the kernel starts writing to it.
-        Some(relay) => {
-            let (a_base, b_base) = (written(&a)?, written(&b)?);
-            (relay.engage(a.as_fd(), b.as_fd()), a_base, b_base)
+    let mut deadline = std::pin::pin!(deadline);
+    let engage = end_both(
+        &a,
+        &b,
+        deadline.as_mut(),
+        splice_both(&a, &b, ab, ba, relay),
+    )
+    .await;
+    let relay = match (engage, relay) {
+        (Ok(true), Some(relay)) => relay,
+        (ended, _) => {
+            crate::metrics::global().passthrough_relay("splice");
+            return ended.map(|_| ());
         }
-        None => (Engaged::Neither, 0, 0),
     };
+    // What each way moved spliced, and what each socket had been written, before the
+    // kernel starts writing to it (both pipes are empty: the two agree).
+    let (a_base, b_base) = (written(&a)?, written(&b)?);
+    let (ab_spliced, ba_spliced) = (ab.get(), ba.get());
+    let engaged = relay.engage(a.as_fd(), b.as_fd());
+    crate::metrics::global().passthrough_relay(match engaged {
+        Engaged::Both => "kernel",
+        Engaged::First => "kernel_one_way",
+        Engaged::Neither => "splice",
+    });
     match engaged {
         Engaged::Both => {
             // Out of the runtime's poller: the kernel relay's data wakes nobody (each
@@ -125,41 +246,42 @@ pub async fn bidirectional(
             let (a, b) = (a.into_std()?, b.into_std()?);
             let both = async {
                 tokio::try_join!(
-                    kernel_one_way(a.as_fd(), b.as_fd(), b_base, ab),
-                    kernel_one_way(b.as_fd(), a.as_fd(), a_base, ba)
+                    kernel_one_way(a.as_fd(), b.as_fd(), ab_spliced, b_base, ab),
+                    kernel_one_way(b.as_fd(), a.as_fd(), ba_spliced, a_base, ba)
                 )
             };
-            end_both(&a, &b, deadline, both).await
+            end_both(&a, &b, deadline, both).await.map(|_| ())
         }
         Engaged::First => {
+            let spliced = Splicing::new(None);
             let both = async {
                 tokio::try_join!(
-                    kernel_one_way(a.as_fd(), b.as_fd(), b_base, ab),
-                    one_way(&b, &a, ba)
+                    kernel_one_way(a.as_fd(), b.as_fd(), ab_spliced, b_base, ab),
+                    async { one_way(1, &b, &a, ba, &spliced).await.map(|_| ()) }
                 )
             };
-            end_both(&a, &b, deadline, both).await
+            end_both(&a, &b, deadline, both).await.map(|_| ())
         }
         Engaged::Neither => {
-            let both = async { tokio::try_join!(one_way(&a, &b, ab), one_way(&b, &a, ba)) };
-            end_both(&a, &b, deadline, both).await
+            let both = splice_both(&a, &b, ab, ba, None);
+            end_both(&a, &b, deadline, both).await.map(|_| ())
         }
     }
 }
 
 /// Runs `both` directions to their end unless the drain `deadline` comes first; a failure
 /// sets both sockets to reset when closed.
-async fn end_both(
+async fn end_both<T>(
     a: &impl AsFd,
     b: &impl AsFd,
     deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
-    both: impl std::future::Future<Output = io::Result<((), ())>>,
-) -> io::Result<()> {
+    both: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
     let relayed = tokio::select! {
         // The drain deadline ends it as an error (both ends reset, see above).
         biased;
         reached = deadline => Err(io::Error::other(reached)),
-        relayed = both => relayed.map(|_| ()),
+        relayed = both => relayed,
     };
     if relayed.is_err() {
         super::reset_on_close(a);
@@ -175,12 +297,13 @@ fn written(socket: &impl AsFd) -> io::Result<u64> {
 }
 
 /// Waits for the end of one direction the kernel relays (`from`'s EOF), lets `to` take every
-/// byte `from` received, then shuts `to`'s write side down. `to_base` is what `to` had been
-/// written before the relay began; what `to` took since is counted in `meter`, also when
-/// the direction fails.
+/// byte `from` received, then shuts `to`'s write side down. `spliced` is what the agent
+/// moved this way before the kernel took over, `to_base` what `to` had been written by
+/// then; what `to` took since is counted in `meter`, also when the direction fails.
 async fn kernel_one_way(
     from: BorrowedFd<'_>,
     to: BorrowedFd<'_>,
+    spliced: u64,
     to_base: u64,
     meter: &Meter,
 ) -> io::Result<()> {
@@ -196,8 +319,12 @@ async fn kernel_one_way(
         let _ = count(to);
         return Err(e);
     }
-    // The kernel counts the FIN as one byte received.
-    let received = tcp_totals(from)?.received.saturating_sub(1);
+    // What the kernel relayed: all `from` received (the kernel counts the FIN as one byte)
+    // but what the agent spliced before.
+    let received = tcp_totals(from)?
+        .received
+        .saturating_sub(1)
+        .saturating_sub(spliced);
     // The program has handed every byte to `to` by now, but `to` may still be taking them
     // from the kernel's queue: the FIN must not overtake them.
     let mut pause = Duration::from_millis(1);
@@ -325,12 +452,34 @@ mod tests {
         );
         let payload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
         let sent = payload.clone();
-        let (mut cr, mut cw) = client.split();
-        let write = async {
-            cw.write_all(&sent).await.expect("write");
-            cw.shutdown().await.expect("half-close");
+        // Ten small exchanges (an interactive connection), then a bulk upload and a
+        // half-close, answered once the server has seen the client's EOF.
+        let talk = async {
+            let mut hello = [0u8; 6];
+            client.read_exact(&mut hello).await.expect("early reply");
+            assert_eq!(&hello, b"hello ");
+            for _ in 0..10 {
+                client.write_all(b"ping").await.expect("ping");
+                let mut pong = [0u8; 4];
+                client.read_exact(&mut pong).await.expect("pong");
+                assert_eq!(&pong, b"pong");
+            }
+            client.write_all(&sent).await.expect("write");
+            client.shutdown().await.expect("half-close");
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.expect("client reads");
+            reply
         };
         let serve = async {
+            let mut early = [0u8; 5];
+            server.read_exact(&mut early).await.expect("early bytes");
+            assert_eq!(&early, b"early");
+            for _ in 0..10 {
+                let mut ping = [0u8; 4];
+                server.read_exact(&mut ping).await.expect("ping");
+                assert_eq!(&ping, b"ping");
+                server.write_all(b"pong").await.expect("pong");
+            }
             let mut got = Vec::new();
             server
                 .read_to_end(&mut got)
@@ -340,18 +489,9 @@ mod tests {
             server.shutdown().await.expect("close");
             got
         };
-        let read = async {
-            let mut reply = Vec::new();
-            cr.read_to_end(&mut reply).await.expect("client reads");
-            reply
-        };
-        let ((), got, reply, relayed) = tokio::join!(write, serve, read, relaying);
-        assert_eq!(&got[..5], b"early");
-        assert!(
-            got[5..] == payload[..],
-            "payload arrived intact and in order"
-        );
-        assert_eq!(reply, b"hello done");
+        let (reply, got, relayed) = tokio::join!(talk, serve, relaying);
+        assert!(got == payload, "payload arrived intact and in order");
+        assert_eq!(reply, b"done");
         (ab.get(), ba.get(), relayed.err())
     }
 
@@ -359,19 +499,17 @@ mod tests {
     async fn splices_both_ways_with_half_close_and_counts() {
         let (ab, ba, err) = relay_one(None).await;
         assert!(err.is_none(), "{err:?}");
-        assert_eq!((ab, ba), (5_000_005, 10));
+        assert_eq!((ab, ba), (5_000_045, 50));
     }
 
     #[tokio::test]
     async fn kernel_relays_both_ways_with_half_close_and_counts() {
         let (_ebpf, relay) = crate::redirect::relay_testing::relay();
+        let kernel = || crate::metrics::global().passthrough_relays("kernel");
+        let before = kernel();
         let (ab, ba, err) = relay_one(Some(&relay)).await;
         assert!(err.is_none(), "{err:?}");
-        assert_eq!((ab, ba), (5_000_005, 10));
-        assert_eq!(
-            relay.engaged_counts(),
-            (1, 0, 0),
-            "the kernel took both ways"
-        );
+        assert_eq!((ab, ba), (5_000_045, 50));
+        assert_eq!(kernel() - before, 1, "the kernel took both ways");
     }
 }

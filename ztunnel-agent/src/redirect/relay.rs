@@ -10,7 +10,6 @@
 //! leaves its direction to the agent.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use aya::maps::{MapData, SockHash};
@@ -40,8 +39,6 @@ struct RelayMaps {
 /// The loaded relay program and its two maps.
 pub struct KernelRelay {
     maps: Mutex<RelayMaps>,
-    /// Connections engaged, by how far (both directions, one, none).
-    engaged: [AtomicU64; 3],
 }
 
 impl std::fmt::Debug for KernelRelay {
@@ -68,34 +65,12 @@ impl KernelRelay {
         verdict.attach(socks.fd()).map_err(err("attaching"))?;
         Ok(Self {
             maps: Mutex::new(RelayMaps { socks, targets }),
-            engaged: Default::default(),
         })
-    }
-
-    /// Connections engaged so far: (both directions in the kernel, one, none).
-    pub fn engaged_counts(&self) -> (u64, u64, u64) {
-        let [both, first, neither] = &self.engaged;
-        (
-            both.load(Ordering::Relaxed),
-            first.load(Ordering::Relaxed),
-            neither.load(Ordering::Relaxed),
-        )
     }
 
     /// Hands `first` and `second` (two connected TCP sockets of one connection, nothing
     /// read from either yet) to the kernel as far as it takes them.
     pub fn engage(&self, first: BorrowedFd<'_>, second: BorrowedFd<'_>) -> Engaged {
-        let engaged = self.try_engage(first, second);
-        let slot = match engaged {
-            Engaged::Both => 0,
-            Engaged::First => 1,
-            Engaged::Neither => 2,
-        };
-        self.engaged[slot].fetch_add(1, Ordering::Relaxed);
-        engaged
-    }
-
-    fn try_engage(&self, first: BorrowedFd<'_>, second: BorrowedFd<'_>) -> Engaged {
         let (first_cookie, second_cookie) = match (socket_cookie(first), socket_cookie(second)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => {
