@@ -405,6 +405,97 @@ fn large_transfers_arrive_intact_both_ways_with_half_close() {
 }
 
 #[test]
+fn interactive_passthrough_moves_to_the_kernel_relay_intact() {
+    if !require_root() {
+        return;
+    }
+    const LEN: u64 = 8 * 1024 * 1024;
+    const ROUNDS: usize = 20;
+    let mut topo = Topology::for_test();
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    // The server is outside the mesh: the client's connection to it is plain passthrough.
+    let yaml = mesh::yaml(
+        &[
+            Workload::hbone(&client, "client", "node-1"),
+            Workload {
+                protocol: "TCP",
+                enrolled: false,
+                ..Workload::hbone(&server, "server", "node-1")
+            },
+        ],
+        &[],
+    );
+    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
+
+    // Small exchanges (so the agent hands the connection to the kernel), then a bulk upload
+    // and a half-close, answered with the count and hash of what arrived.
+    let server_addr = SocketAddr::new(server.ip4, 9080);
+    let netns = server.netns_path();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server_thread = std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            let listener = std::net::TcpListener::bind(server_addr).expect("bind");
+            ready_tx.send(()).expect("ready");
+            let (mut conn, _) = listener.accept().expect("accept");
+            for _ in 0..ROUNDS {
+                let mut ping = [0u8; 4];
+                conn.read_exact(&mut ping).expect("ping");
+                assert_eq!(&ping, b"ping");
+                conn.write_all(b"pong").expect("pong");
+            }
+            let (got, hash) = drain_hash(&mut conn);
+            conn.write_all(&got.to_be_bytes()).expect("write count");
+            conn.write_all(&hash.to_be_bytes()).expect("write hash");
+        })
+    });
+    ready_rx.recv().expect("server ready");
+    let (up_hash, echoed_len, echoed_hash) = in_netns(&client.netns_path(), move || {
+        let mut s = std::net::TcpStream::connect(server_addr).expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        for _ in 0..ROUNDS {
+            s.write_all(b"ping").expect("ping");
+            let mut pong = [0u8; 4];
+            s.read_exact(&mut pong).expect("pong");
+            assert_eq!(&pong, b"pong");
+        }
+        let up = send_pattern(&mut s, 3, LEN);
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut header = [0u8; 16];
+        s.read_exact(&mut header).expect("header");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("the server's close");
+        assert!(rest.is_empty(), "nothing after the answer");
+        let len = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
+        let hash = u64::from_be_bytes(header[8..].try_into().expect("8 bytes"));
+        (up, len, hash)
+    });
+    server_thread.join().expect("server thread");
+    assert_eq!(echoed_len, LEN, "every byte arrived upstream");
+    assert_eq!(echoed_hash, up_hash, "upstream bytes intact and in order");
+    let line = agent.wait_log(&["connection complete", "direction=\"outbound\""]);
+    let small = 4 * ROUNDS as u64;
+    assert!(
+        line.contains(&format!("bytes_sent={}", small + LEN)),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("bytes_recv={}", small + 16)),
+        "{line}"
+    );
+    let metrics = agent.scrape_metrics();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "ztunnel_passthrough_connections_total",
+            &["relay=\"kernel\""]
+        ),
+        1,
+        "the kernel relayed the connection: {metrics}"
+    );
+}
+
+#[test]
 fn json_log_format_has_the_contract_keys() {
     if !require_root() {
         return;

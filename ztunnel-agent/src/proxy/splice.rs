@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -229,10 +229,8 @@ pub async fn bidirectional(
             return ended.map(|_| ());
         }
     };
-    // What each way moved spliced, and what each socket had been written, before the
-    // kernel starts writing to it (both pipes are empty: the two agree).
-    let (a_base, b_base) = (written(&a)?, written(&b)?);
-    let (ab_spliced, ba_spliced) = (ab.get(), ba.get());
+    // Each way's count from here on (taken before the kernel starts writing).
+    let (ab_kernel, ba_kernel) = (KernelMeter::new(ab, &b)?, KernelMeter::new(ba, &a)?);
     let engaged = relay.engage(a.as_fd(), b.as_fd());
     crate::metrics::global().passthrough_relay(match engaged {
         Engaged::Both => "kernel",
@@ -246,21 +244,25 @@ pub async fn bidirectional(
             let (a, b) = (a.into_std()?, b.into_std()?);
             let both = async {
                 tokio::try_join!(
-                    kernel_one_way(a.as_fd(), b.as_fd(), ab_spliced, b_base, ab),
-                    kernel_one_way(b.as_fd(), a.as_fd(), ba_spliced, a_base, ba)
+                    kernel_one_way(a.as_fd(), b.as_fd(), &ab_kernel),
+                    kernel_one_way(b.as_fd(), a.as_fd(), &ba_kernel)
                 )
             };
-            end_both(&a, &b, deadline, both).await.map(|_| ())
+            let relayed = end_both(&a, &b, deadline, both).await;
+            // The last count of a direction cut short by the other's failure.
+            let _ = (ab_kernel.count(b.as_fd()), ba_kernel.count(a.as_fd()));
+            relayed.map(|_| ())
         }
         Engaged::First => {
             let spliced = Splicing::new(None);
             let both = async {
-                tokio::try_join!(
-                    kernel_one_way(a.as_fd(), b.as_fd(), ab_spliced, b_base, ab),
-                    async { one_way(1, &b, &a, ba, &spliced).await.map(|_| ()) }
-                )
+                tokio::try_join!(kernel_one_way(a.as_fd(), b.as_fd(), &ab_kernel), async {
+                    one_way(1, &b, &a, ba, &spliced).await.map(|_| ())
+                })
             };
-            end_both(&a, &b, deadline, both).await.map(|_| ())
+            let relayed = end_both(&a, &b, deadline, both).await;
+            let _ = ab_kernel.count(b.as_fd());
+            relayed.map(|_| ())
         }
         Engaged::Neither => {
             let both = splice_both(&a, &b, ab, ba, None);
@@ -296,35 +298,63 @@ fn written(socket: &impl AsFd) -> io::Result<u64> {
     Ok(tcp_totals(socket.as_fd())?.written)
 }
 
+/// One kernel-relayed direction's count: what its destination socket has taken since the
+/// kernel began, added to the direction's [`Meter`] as it is learnt.
+struct KernelMeter<'m> {
+    meter: &'m Meter,
+    /// What the agent moved this way spliced, before the kernel took over.
+    spliced: u64,
+    /// What the destination socket had been written by then.
+    to_base: u64,
+    counted: AtomicU64,
+    /// The direction ended cleanly, its count exact (`to`'s FIN is not a byte).
+    settled: AtomicBool,
+}
+
+impl<'m> KernelMeter<'m> {
+    fn new(meter: &'m Meter, to: &impl AsFd) -> io::Result<Self> {
+        Ok(Self {
+            meter,
+            spliced: meter.get(),
+            to_base: written(to)?,
+            counted: AtomicU64::new(0),
+            settled: AtomicBool::new(false),
+        })
+    }
+
+    /// Brings the count up to what `to` (the destination socket) has taken; returns it.
+    fn count(&self, to: BorrowedFd<'_>) -> io::Result<u64> {
+        if self.settled.load(Ordering::Relaxed) {
+            return Ok(self.counted.load(Ordering::Relaxed));
+        }
+        let moved = tcp_totals(to)?.written.saturating_sub(self.to_base);
+        let before = self.counted.fetch_max(moved, Ordering::Relaxed);
+        self.meter.add(moved.saturating_sub(before) as usize);
+        Ok(moved)
+    }
+}
+
 /// Waits for the end of one direction the kernel relays (`from`'s EOF), lets `to` take every
-/// byte `from` received, then shuts `to`'s write side down. `spliced` is what the agent
-/// moved this way before the kernel took over, `to_base` what `to` had been written by
-/// then; what `to` took since is counted in `meter`, also when the direction fails.
+/// byte `from` received, then shuts `to`'s write side down. Counts in `meter` as it learns;
+/// a failure leaves the last count to the caller (the other direction may fail first).
 async fn kernel_one_way(
     from: BorrowedFd<'_>,
     to: BorrowedFd<'_>,
-    spliced: u64,
-    to_base: u64,
-    meter: &Meter,
+    meter: &KernelMeter<'_>,
 ) -> io::Result<()> {
-    let mut counted = 0;
-    let mut count = |to: BorrowedFd<'_>| -> io::Result<u64> {
-        let moved = tcp_totals(to)?.written.saturating_sub(to_base);
-        meter.add(moved.saturating_sub(counted) as usize);
-        counted = counted.max(moved);
-        Ok(moved)
-    };
-    let ended = wait_for_end(from).await;
-    if let Err(e) = ended {
+    let count = |to| meter.count(to);
+    let ended = wait_for_end(from, || {
+        // A failure here shows again, and ends the direction, when it ends.
         let _ = count(to);
-        return Err(e);
-    }
+    })
+    .await;
+    ended?;
     // What the kernel relayed: all `from` received (the kernel counts the FIN as one byte)
     // but what the agent spliced before.
     let received = tcp_totals(from)?
         .received
         .saturating_sub(1)
-        .saturating_sub(spliced);
+        .saturating_sub(meter.spliced);
     // The program has handed every byte to `to` by now, but `to` may still be taking them
     // from the kernel's queue: the FIN must not overtake them.
     let mut pause = Duration::from_millis(1);
@@ -338,13 +368,19 @@ async fn kernel_one_way(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
+    meter.settled.store(true, Ordering::Relaxed);
     socket2::SockRef::from(&to).shutdown(std::net::Shutdown::Write)
 }
 
+/// How often a kernel-relayed direction's byte count is brought up to date while it lasts
+/// (the metrics of a long-lived connection move as it goes, as spliced ones do).
+const COUNT_EVERY: Duration = Duration::from_secs(5);
+
 /// Waits until `socket` (whose received bytes the kernel relays) reports its peer's FIN
-/// (Ok) or an error. Watched through an epoll instance of its own that wakes only for the
-/// end, never for the data the kernel moves.
-async fn wait_for_end(socket: BorrowedFd<'_>) -> io::Result<()> {
+/// (Ok) or an error, calling `tick` every [`COUNT_EVERY`] meanwhile. Watched through an
+/// epoll instance of its own that wakes only for the end, never for the data the kernel
+/// moves.
+async fn wait_for_end(socket: BorrowedFd<'_>, mut tick: impl FnMut()) -> io::Result<()> {
     // SAFETY: epoll_create1 with a valid flag; the returned fd is checked below.
     let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if epfd < 0 {
@@ -374,7 +410,13 @@ async fn wait_for_end(socket: BorrowedFd<'_>) -> io::Result<()> {
     let watch = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
         .map_err(io::Error::from)?;
     loop {
-        let mut guard = watch.readable().await?;
+        let mut guard = match tokio::time::timeout(COUNT_EVERY, watch.readable()).await {
+            Ok(guard) => guard?,
+            Err(_) => {
+                tick();
+                continue;
+            }
+        };
         let mut ready = libc::epoll_event { events: 0, u64: 0 };
         // SAFETY: the epoll fd is valid; one event fits in `ready`; a zero timeout never
         // blocks.
@@ -419,10 +461,12 @@ mod tests {
 
     use super::*;
 
-    /// A client -> relay -> server connection: the client sends 5 MB and half-closes, the
-    /// server reads to EOF, answers "done" and closes; returns what the relay counted each
-    /// way and how it ended.
-    async fn relay_one(relay: Option<&KernelRelay>) -> (u64, u64, Option<io::Error>) {
+    /// The kernel relay tests count on a process-wide metric: one at a time.
+    static KERNEL_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// The four sockets of a relayed connection on loopback: the client, the relay's two
+    /// (accepted from the client, connected to the server) and the server.
+    async fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
         let front = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -433,10 +477,18 @@ mod tests {
             front.local_addr().expect("a"),
             back.local_addr().expect("b"),
         );
-        let mut client = TcpStream::connect(front_addr).await.expect("client");
+        let client = TcpStream::connect(front_addr).await.expect("client");
         let (client_side, _) = front.accept().await.expect("accept");
         let server_side = TcpStream::connect(back_addr).await.expect("connect");
-        let (mut server, _) = back.accept().await.expect("server");
+        let (server, _) = back.accept().await.expect("server");
+        (client, client_side, server_side, server)
+    }
+
+    /// A client -> relay -> server connection: the client sends 5 MB and half-closes, the
+    /// server reads to EOF, answers "done" and closes; returns what the relay counted each
+    /// way and how it ended.
+    async fn relay_one(relay: Option<&KernelRelay>) -> (u64, u64, Option<io::Error>) {
+        let (mut client, client_side, server_side, mut server) = sockets().await;
         // Bytes already waiting on both of the relay's sockets before it starts.
         client.write_all(b"early").await.expect("early write");
         server.write_all(b"hello ").await.expect("early reply");
@@ -504,6 +556,7 @@ mod tests {
 
     #[tokio::test]
     async fn kernel_relays_both_ways_with_half_close_and_counts() {
+        let _one_at_a_time = KERNEL_TESTS.lock().await;
         let (_ebpf, relay) = crate::redirect::relay_testing::relay();
         let kernel = || crate::metrics::global().passthrough_relays("kernel");
         let before = kernel();
@@ -511,5 +564,52 @@ mod tests {
         assert!(err.is_none(), "{err:?}");
         assert_eq!((ab, ba), (5_000_045, 50));
         assert_eq!(kernel() - before, 1, "the kernel took both ways");
+    }
+
+    #[tokio::test]
+    async fn kernel_relay_passes_a_reset_on_to_the_client() {
+        let _one_at_a_time = KERNEL_TESTS.lock().await;
+        let (_ebpf, relay) = crate::redirect::relay_testing::relay();
+        let kernel = || crate::metrics::global().passthrough_relays("kernel");
+        let before = kernel();
+        let (mut client, client_side, server_side, mut server) = sockets().await;
+        let (ab, ba) = (Meter::default(), Meter::default());
+        let relaying = bidirectional(
+            client_side,
+            server_side,
+            &ab,
+            &ba,
+            std::future::pending(),
+            Some(&relay),
+        );
+        let talk = async {
+            for _ in 0..10 {
+                client.write_all(b"ping").await.expect("ping");
+                let mut pong = [0u8; 4];
+                client.read_exact(&mut pong).await.expect("pong");
+            }
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await
+        };
+        let serve = async {
+            for _ in 0..10 {
+                let mut ping = [0u8; 4];
+                server.read_exact(&mut ping).await.expect("ping");
+                server.write_all(b"pong").await.expect("pong");
+            }
+            // Give the relay its turn to hand the connection over, then reset.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            crate::proxy::reset_on_close(&server);
+            drop(server);
+        };
+        let (read, (), relayed) = tokio::join!(talk, serve, relaying);
+        assert_eq!(kernel() - before, 1, "the kernel had the connection");
+        assert_eq!(
+            read.map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::ConnectionReset),
+            "the client sees the server's reset"
+        );
+        assert!(relayed.is_err(), "the relay ends in error");
+        assert_eq!((ab.get(), ba.get()), (40, 40));
     }
 }
