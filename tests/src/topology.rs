@@ -150,10 +150,13 @@ impl Topology {
     }
 
     /// Connects two nodes with a veth pair and routes each one's pod subnets via the other.
+    /// A node may be linked to several others: each pair has its own interface names and
+    /// its own /30 (and /64) between them.
     pub fn link(a: &Topology, b: &Topology) {
+        let pair = format!("{}-{}", a.node, b.node);
         let (va, vb) = (
-            format!("n{}", short_hash(&a.node)),
-            format!("n{}", short_hash(&b.node)),
+            format!("n{}", short_hash(&format!("{pair}-a"))),
+            format!("n{}", short_hash(&format!("{pair}-b"))),
         );
         sh(
             "ip",
@@ -162,23 +165,24 @@ impl Topology {
                 &b.node,
             ],
         );
-        for (topo, dev, mine, peer_net, peer_gw) in [
-            (a, &va, "172.31.0.1/30", b, "172.31.0.2"),
-            (b, &vb, "172.31.0.2/30", a, "172.31.0.1"),
+        let link = u16::from(a.subnet) * 16 + u16::from(b.subnet);
+        let (v4, v6) = (format!("172.31.{}", link % 256), format!("fd31:{link:x}:"));
+        let (a4, b4) = (format!("{v4}.1"), format!("{v4}.2"));
+        let (a6, b6) = (format!("{v6}:1"), format!("{v6}:2"));
+        for (topo, dev, mine, mine6, peer_net, peer_gw, gw6) in [
+            (a, &va, &a4, &a6, b, &b4, &b6),
+            (b, &vb, &b4, &b6, a, &a4, &a6),
         ] {
             let n = topo.node.as_str();
             let net4 = format!("10.244.{}.0/24", peer_net.subnet);
             let net6 = format!("{}/64", peer_net.v6_prefix());
-            let mine6 = if mine.ends_with(".1/30") {
-                "fd31::1/64"
-            } else {
-                "fd31::2/64"
-            };
-            let gw6 = if peer_gw.ends_with(".1") {
-                "fd31::1"
-            } else {
-                "fd31::2"
-            };
+            let (mine, mine6) = (format!("{mine}/30"), format!("{mine6}/64"));
+            let (mine, mine6, peer_gw, gw6) = (
+                mine.as_str(),
+                mine6.as_str(),
+                peer_gw.as_str(),
+                gw6.as_str(),
+            );
             sh("ip", &["-n", n, "addr", "add", mine, "dev", dev]);
             sh("ip", &["-n", n, "addr", "add", mine6, "dev", dev, "nodad"]);
             sh("ip", &["-n", n, "link", "set", dev, "up"]);

@@ -442,12 +442,17 @@ fn main() {
         n2.add_pod("pserver", 11),
         n2.add_pod("hserver", 12),
     );
+    // A third node whose agent splices every passthrough connection (kernel relay off): the
+    // relay measured on and off in the same run.
+    let mut n3 = Topology::with_subnet("bn3", 3);
+    Topology::link(&n3, &n2);
+    let sc = n3.add_pod("sclient", 11);
     for s in [&ds, &ps, &hs] {
         start_servers(s);
     }
     // Rounds of the connection-rate figure open tens of thousands of connections between
     // the same addresses: without these, ports left in TIME_WAIT throttle later rounds.
-    for pod in [&dc, &pc, &hc, &ds, &ps, &hs] {
+    for pod in [&dc, &pc, &hc, &ds, &ps, &hs, &sc] {
         ztunnel_e2e::sh(
             "ip",
             &[
@@ -476,6 +481,7 @@ fn main() {
                 ..Workload::hbone(&ps, "pserver", "node-2")
             },
             Workload::hbone(&hs, "hserver", "node-2"),
+            Workload::hbone(&sc, "sclient", "node-3"),
         ],
         &[],
     );
@@ -513,8 +519,24 @@ fn main() {
             &ca,
         ],
     );
+    let mut a3 = Agent::start(
+        &n3,
+        &[
+            "--log",
+            "info",
+            "--node-name",
+            "node-3",
+            "--local-xds-path",
+            &cfg,
+            "--ca-dir",
+            &ca,
+            "--kernel-relay",
+            "false",
+        ],
+    );
     a1.wait_ready();
     a2.wait_ready();
+    a3.wait_ready();
 
     if let Some(what) = std::env::var_os("ZTUNNEL_BENCH_PROFILE") {
         // For `perf record -p <pids>`: one HBONE figure alone, for longer.
@@ -614,6 +636,37 @@ fn main() {
         "  samples (direct, passthrough, HBONE): {:?}",
         fixed.iter().map(Vec::len).collect::<Vec<_>>()
     );
+    eprintln!("passthrough with the kernel relay on and off...");
+    let relay_paths = [&pc, &sc];
+    let mut relay_rr: [Vec<f64>; 2] = Default::default();
+    let mut relay_fixed: [Vec<f64>; 2] = Default::default();
+    for _ in 0..ROUNDS {
+        for (i, c) in relay_paths.iter().enumerate() {
+            relay_rr[i].push(request_rate(c, SocketAddr::new(ps.ip4, ECHO_PORT)));
+            relay_fixed[i].extend(fixed_rate(c, SocketAddr::new(ps.ip4, ECHO_PORT)));
+        }
+    }
+    let relay_lat = relay_paths.map(|c| latency(c, SocketAddr::new(ps.ip4, ECHO_PORT)));
+    for v in relay_rr.iter_mut().chain(relay_fixed.iter_mut()) {
+        assert!(!v.is_empty(), "no sample on a kernel relay path");
+        v.sort_by(f64::total_cmp);
+    }
+    let relay_rows = [
+        (
+            "1 KiB req/resp, 16 conns (req/s)",
+            relay_rr.each_ref().map(|v| v[v.len() / 2]),
+        ),
+        ("latency p50, 1 KiB (us)", relay_lat.map(|l| l.0)),
+        ("latency p99, 1 KiB (us)", relay_lat.map(|l| l.1)),
+        (
+            "fixed-rate p50, 1 KiB (us)",
+            relay_fixed.each_ref().map(|v| quantile(v, 0.5)),
+        ),
+        (
+            "fixed-rate p99, 1 KiB (us)",
+            relay_fixed.each_ref().map(|v| quantile(v, 0.99)),
+        ),
+    ];
 
     let mut rows = vec![
         Row {
@@ -691,6 +744,13 @@ fn main() {
             r.name, r.unit, r.direct, r.passthrough, pr, r.hbone, hr, verdict
         ));
     }
+    out.push_str("\nPassthrough, kernel relay on (node 1, the default) and off (node 3, `--kernel-relay false`), same server, same run:\n\n| figure | relay on | relay off (splice) | on/off |\n|---|---|---|---|\n");
+    for (name, [on, off]) in relay_rows {
+        out.push_str(&format!(
+            "| {name} | {on:.0} | {off:.0} | {:.2} |\n",
+            on / off
+        ));
+    }
     let growth = after.saturating_sub(before);
     out.push_str(&format!(
         "\nAgents' RSS (both nodes, fresh): {before} KiB before, {after} KiB with {IDLE_CONNECTIONS} idle HBONE connections: {:.1} KiB per connection.\n",
@@ -714,4 +774,5 @@ fn main() {
     }
     drop(a1);
     drop(a2);
+    drop(a3);
 }
