@@ -165,9 +165,13 @@ impl Topology {
                 &b.node,
             ],
         );
-        let link = u16::from(a.subnet) * 16 + u16::from(b.subnet);
-        let (v4, v6) = (format!("172.31.{}", link % 256), format!("fd31:{link:x}:"));
-        let (a4, b4) = (format!("{v4}.1"), format!("{v4}.2"));
+        // 172.31.<a>.<4b>/30 and fd31:<a>:<b>::/64: distinct for every pair of subnets.
+        let (sa, sb) = (a.subnet, u16::from(b.subnet) * 4 % 256);
+        let (a4, b4) = (
+            format!("172.31.{sa}.{}", sb + 1),
+            format!("172.31.{sa}.{}", sb + 2),
+        );
+        let v6 = format!("fd31:{sa:x}:{:x}:", b.subnet);
         let (a6, b6) = (format!("{v6}:1"), format!("{v6}:2"));
         for (topo, dev, mine, mine6, peer_net, peer_gw, gw6) in [
             (a, &va, &a4, &a6, b, &b4, &b6),

@@ -317,10 +317,12 @@ pub struct RunArgs {
     /// Upstream's ENABLE_ORIG_SRC; on by default. A pod whose kernel refuses falls back.
     #[arg(long, env = "ENABLE_ORIG_SRC", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
     pub preserve_source_address: bool,
-    /// Let the kernel move the bytes of plain passthrough connections (outbound to a
-    /// destination outside the mesh, inbound plaintext): an `sk_skb` program sends what one
-    /// of the agent's two sockets receives out of the other, so the payload never wakes the
-    /// agent. Off, or where the kernel refuses a connection, the agent splices it.
+    /// Let the kernel move the bytes of interactive plain passthrough connections (outbound
+    /// to a destination outside the mesh, inbound plaintext): such a connection starts
+    /// spliced and, after 8 small moves and no large one, an `sk_skb` program sends what one
+    /// of the agent's two sockets receives out of the other, so the payload no longer wakes
+    /// the agent. Off, for bulk from the start, or where the kernel refuses a connection,
+    /// the agent splices it to the end.
     #[arg(long, env = "ZTUNNEL_KERNEL_RELAY", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
     pub kernel_relay: bool,
     /// Where the DNS proxy finds the resolvers it forwards non-mesh names to (its

@@ -228,9 +228,31 @@ struct LimitLabels {
     limit: &'static str,
 }
 
-/// How the bytes of plain passthrough connections move: the `relay` label of
-/// `ztunnel_passthrough_connections_total`, each exported from the start.
-pub const RELAY_NAMES: [&str; 3] = ["kernel", "kernel_one_way", "splice"];
+/// How a plain passthrough connection's bytes moved: the `relay` label of
+/// `ztunnel_passthrough_connections_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassthroughRelay {
+    /// Both directions handed to the kernel relay.
+    Kernel,
+    /// One direction: the kernel refused the other socket.
+    KernelOneWay,
+    /// Spliced by the agent from start to end.
+    Splice,
+}
+
+impl PassthroughRelay {
+    /// Every value, each exported from the start.
+    pub const ALL: [Self; 3] = [Self::Kernel, Self::KernelOneWay, Self::Splice];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::KernelOneWay => "kernel_one_way",
+            Self::Splice => "splice",
+        }
+    }
+}
 
 /// How one passthrough connection's bytes moved.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -595,12 +617,14 @@ impl Metrics {
             limit_refusals.clone(),
         );
         let passthrough_relays = Family::<RelayLabels, Counter>::default();
-        for relay in RELAY_NAMES {
-            drop(passthrough_relays.get_or_create(&RelayLabels { relay }));
+        for relay in PassthroughRelay::ALL {
+            drop(passthrough_relays.get_or_create(&RelayLabels {
+                relay: relay.as_str(),
+            }));
         }
         registry.register(
             "ztunnel_passthrough_connections",
-            "Plain passthrough connections (outbound outside the mesh, inbound plaintext) by how their bytes moved: kernel (both directions relayed by the kernel, the payload never reached the agent), kernel_one_way (the kernel refused one socket, the agent spliced that direction), splice (ZTUNNEL_KERNEL_RELAY off, the kernel refused, or the relay failed to load: the agent's log says why at start)",
+            "Plain passthrough connections (outbound outside the mesh, inbound plaintext) by how their bytes moved: kernel (spliced at first, then, once interactive, both directions relayed by the kernel), kernel_one_way (the kernel refused one socket, the agent spliced that direction), splice (spliced to the end: bulk or short from the start, ZTUNNEL_KERNEL_RELAY off, the kernel refused, or the relay failed to load and the agent's log said why at start)",
             passthrough_relays.clone(),
         );
         let source_fallbacks = Family::<PodLabels, Counter>::default();
@@ -730,17 +754,21 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a passthrough connection by how its bytes moved (one of [`RELAY_NAMES`]).
-    pub fn passthrough_relay(&self, relay: &'static str) {
+    /// Counts a passthrough connection by how its bytes moved.
+    pub fn passthrough_relay(&self, relay: PassthroughRelay) {
         self.passthrough_relays
-            .get_or_create(&RelayLabels { relay })
+            .get_or_create(&RelayLabels {
+                relay: relay.as_str(),
+            })
             .inc();
     }
 
     /// Passthrough connections counted so far under `relay`.
-    pub fn passthrough_relays(&self, relay: &'static str) -> u64 {
+    pub fn passthrough_relays(&self, relay: PassthroughRelay) -> u64 {
         self.passthrough_relays
-            .get_or_create(&RelayLabels { relay })
+            .get_or_create(&RelayLabels {
+                relay: relay.as_str(),
+            })
             .get()
     }
 

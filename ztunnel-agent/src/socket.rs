@@ -240,3 +240,106 @@ impl Keepalive {
         socket2::SockRef::from(socket).set_tcp_keepalive(&params)
     }
 }
+
+/// The `epoll_event.u64` of the watched socket and of its peer in an [`EndWatch`].
+const WATCHED: u64 = 0;
+const PEER: u64 = 1;
+
+/// Watches a TCP socket whose received bytes the kernel relays, for the end of that
+/// direction: its peer's FIN, or an error on it or on the socket its bytes go to. An epoll
+/// instance of its own, registered with the runtime, wakes only for those, never for the
+/// data the kernel moves.
+pub struct EndWatch {
+    epoll: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl EndWatch {
+    /// Watches `socket` for its peer's FIN and for errors, and `to` (where its bytes go) for
+    /// errors and a hang-up.
+    pub fn new(socket: BorrowedFd<'_>, to: BorrowedFd<'_>) -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: epoll_create1 with a valid flag; the returned fd is checked below.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: epoll_create1 succeeded: the fd is new and owned by nobody else.
+        let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(epfd) };
+        // The FIN is RDHUP; errors and a full hang-up are reported whatever the mask.
+        for (fd, events, data) in [(socket, libc::EPOLLRDHUP as u32, WATCHED), (to, 0, PEER)] {
+            let mut event = libc::epoll_event { events, u64: data };
+            // SAFETY: both fds are valid for the call; `event` is a valid epoll_event we
+            // own.
+            let rc = unsafe {
+                libc::epoll_ctl(
+                    epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    fd.as_raw_fd(),
+                    &mut event,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same fd until the
+        // AsyncFd is dropped.
+        let epoll = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
+        Ok(Self { epoll })
+    }
+
+    /// Waits for the end: Ok at `socket`'s FIN, the error on `socket`, or an error if `to`
+    /// failed or closed first (its bytes would have nowhere to go). Cancel-safe.
+    pub async fn wait(&self, socket: BorrowedFd<'_>, to: BorrowedFd<'_>) -> io::Result<()> {
+        loop {
+            let mut guard = self.epoll.readable().await?;
+            let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 2];
+            // SAFETY: the epoll fd is valid; `ready` holds the 2 events asked for; a zero
+            // timeout never blocks.
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), ready.as_mut_ptr(), 2, 0) };
+            if n <= 0 {
+                guard.clear_ready();
+                continue;
+            }
+            if ready[..n as usize].iter().any(|e| e.u64 == PEER) {
+                let error = socket2::SockRef::from(&to).take_error()?;
+                return Err(error.unwrap_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the socket the kernel relays to closed",
+                    )
+                }));
+            }
+            let mut byte = [0u8; 1];
+            // SAFETY: the socket fd is valid; the buffer is one writable byte we own.
+            let read = unsafe {
+                libc::recv(
+                    socket.as_raw_fd(),
+                    byte.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match read {
+                0 => return Ok(()),
+                n if n > 0 => {
+                    // The program relays every byte; one reaching the agent means the kernel
+                    // behaves otherwise than the relay was built for. Refuse, not reorder.
+                    return Err(io::Error::other(
+                        "the kernel relay handed payload to the agent; set ZTUNNEL_KERNEL_RELAY=false and report this kernel",
+                    ));
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        return Err(e);
+                    }
+                    guard.clear_ready();
+                }
+            }
+        }
+    }
+}

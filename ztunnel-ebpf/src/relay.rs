@@ -18,6 +18,11 @@ const SK_DROP: u32 = 0;
 
 #[stream_verdict]
 pub fn ztunnel_relay(ctx: SkBuffContext) -> u32 {
+    try_relay(&ctx)
+}
+
+#[inline(always)]
+fn try_relay(ctx: &SkBuffContext) -> u32 {
     // The carrier of a bare FIN has no payload; the FIN itself has already reached the
     // socket (the agent sees it there). Relayed, the empty send would break the peer's
     // stream (the kernel takes a send of nothing for a broken pipe).
@@ -28,7 +33,7 @@ pub fn ztunnel_relay(ctx: SkBuffContext) -> u32 {
     let socket = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SK_PASS with the redirect recorded, or SK_DROP when the peer is not in the map, which
     // happens only once it has closed (closing takes a socket out of every map): the
-    // connection is failing, the agent sees it on the peer, and the bytes are dropped as a
-    // write to a closed socket would drop them.
-    RELAY_TARGETS.redirect_skb(&ctx, socket, 0) as u32
+    // connection is failing, and the agent, which watches the peer for errors and hang-ups,
+    // resets both ends; the bytes are dropped as a write to a closed socket would drop them.
+    RELAY_TARGETS.redirect_skb(ctx, socket, 0) as u32
 }

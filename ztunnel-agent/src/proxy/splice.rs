@@ -1,26 +1,27 @@
-//! Zero-copy relay between two TCP sockets (plain passthrough). Where the kernel relay is on
-//! (`redirect::KernelRelay`) a direction's bytes never reach the agent: the kernel sends
-//! what one socket receives out of the other, and the agent only waits for that direction's
-//! end. Otherwise each direction moves bytes socket -> pipe -> socket with splice(2), so
-//! payload never enters userspace either, but the agent is woken for every chunk.
+//! Zero-copy relay between two TCP sockets (plain passthrough). Each direction moves bytes
+//! socket -> pipe -> socket with splice(2), so payload never enters userspace, though the
+//! agent is woken for every chunk. Where the kernel relay is on (`redirect::KernelRelay`),
+//! a connection that shows itself interactive is then handed to it at a point where
+//! nothing is in flight: from there the kernel sends what one socket receives out of the
+//! other, and the agent only waits for each direction's end.
 //!
 //! Either way half-closes propagate in order (the FIN goes out only once every byte before
 //! it has), an error either way resets both sides, and each direction's bytes are counted as
 //! having reached the destination socket: splice counts as it goes, the kernel relay from
-//! the sockets' own totals when the direction ends.
+//! the sockets' own totals every few seconds and when the direction ends.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::connection::Meter;
+use crate::metrics::PassthroughRelay;
 use crate::redirect::{Engaged, KernelRelay};
-use crate::socket::tcp_totals;
+use crate::socket::{tcp_totals, EndWatch};
 
 /// How much one splice call moves at most (the pipe is sized to match).
 const CHUNK: usize = 256 * 1024;
@@ -73,8 +74,10 @@ const SMALL_MOVE: usize = 16 * 1024;
 struct Splicing<'r> {
     /// Where the connection may be handed once interactive (None: spliced to the end).
     relay: Option<&'r KernelRelay>,
-    /// Per direction: waiting for its source with an empty pipe (nothing in flight).
-    idle: [AtomicBool; 2],
+    /// Per direction: its last read found the source socket empty, and its pipe is empty:
+    /// no byte of it is in flight and no packet of its source is half read (the kernel
+    /// relay takes packets whole, so a half-read one would be sent again).
+    drained: [AtomicBool; 2],
     /// Per direction: ended (EOF passed on).
     ended: [AtomicBool; 2],
     small_moves: AtomicU32,
@@ -85,22 +88,24 @@ impl Splicing<'_> {
     fn new(relay: Option<&KernelRelay>) -> Splicing<'_> {
         Splicing {
             relay,
-            idle: Default::default(),
+            drained: Default::default(),
             ended: Default::default(),
             small_moves: AtomicU32::new(0),
             bulk: AtomicBool::new(false),
         }
     }
 
-    /// Whether direction `i`, idle itself, hands the connection to the kernel now: only
-    /// while the other direction is idle too, so no byte is in either pipe.
-    fn engage_now(&self, i: usize) -> bool {
-        let other = 1 - i;
+    /// Whether the connection is handed to the kernel now: only while both directions are
+    /// drained and open.
+    fn engage_now(&self) -> bool {
+        let both = |flags: &[AtomicBool; 2], want: bool| {
+            flags.iter().all(|f| f.load(Ordering::Relaxed) == want)
+        };
         self.relay.is_some()
             && !self.bulk.load(Ordering::Relaxed)
             && self.small_moves.load(Ordering::Relaxed) >= ENGAGE_AFTER_SMALL
-            && self.idle[other].load(Ordering::Relaxed)
-            && !self.ended[other].load(Ordering::Relaxed)
+            && both(&self.drained, true)
+            && both(&self.ended, false)
     }
 
     fn moved(&self, n: usize) {
@@ -121,8 +126,9 @@ enum Spliced {
 }
 
 /// Moves `from` to `to` (direction `i` of `shared`) until EOF, then shuts `to`'s write side
-/// down; counts what reaches `to` in `meter` as it goes. Stops early, between moves, when
-/// the connection is to be handed to the kernel relay.
+/// down; counts what reaches `to` in `meter` as it goes. Stops early, when its source is
+/// drained and the other direction's too, if the connection is to be handed to the kernel
+/// relay.
 async fn one_way(
     i: usize,
     from: &TcpStream,
@@ -132,16 +138,18 @@ async fn one_way(
 ) -> io::Result<Spliced> {
     let (pipe_r, pipe_w) = pipe()?;
     loop {
-        if shared.engage_now(i) {
-            return Ok(Spliced::Engage);
-        }
         // Fill the pipe from the source socket.
-        shared.idle[i].store(true, Ordering::Relaxed);
         from.readable().await?;
-        shared.idle[i].store(false, Ordering::Relaxed);
         let moved = from.try_io(Interest::READABLE, || {
             splice(from.as_raw_fd(), pipe_w.as_raw_fd(), CHUNK)
         });
+        shared.drained[i].store(
+            matches!(&moved, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            Ordering::Relaxed,
+        );
+        if shared.engage_now() {
+            return Ok(Spliced::Engage);
+        }
         let mut in_pipe = match moved {
             Ok(0) => {
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
@@ -189,8 +197,8 @@ async fn splice_both(
             stopped = &mut back, if !back_done => { back_done = true; stopped? }
         };
         if let Spliced::Engage = stopped {
-            // The other direction is idle (waiting for its source, pipe empty): dropping it
-            // loses nothing.
+            // The other direction is drained (waiting for its source, pipe empty): dropping
+            // it loses nothing.
             return Ok(true);
         }
     }
@@ -225,44 +233,55 @@ pub async fn bidirectional(
     let relay = match (engage, relay) {
         (Ok(true), Some(relay)) => relay,
         (ended, _) => {
-            crate::metrics::global().passthrough_relay("splice");
+            crate::metrics::global().passthrough_relay(PassthroughRelay::Splice);
             return ended.map(|_| ());
         }
     };
-    // Each way's count from here on (taken before the kernel starts writing).
-    let (ab_kernel, ba_kernel) = (KernelMeter::new(ab, &b)?, KernelMeter::new(ba, &a)?);
+    // Where each way's kernel count starts: what it moved spliced and what its destination
+    // had been written (taken before the kernel starts writing).
+    let starts = written(&b).and_then(|b_base| Ok(((ab.get(), b_base), (ba.get(), written(&a)?))));
+    let (ab_start, ba_start) = match starts {
+        Ok(starts) => starts,
+        Err(e) => {
+            crate::metrics::global().passthrough_relay(PassthroughRelay::Splice);
+            super::reset_on_close(&a);
+            super::reset_on_close(&b);
+            return Err(e);
+        }
+    };
     let engaged = relay.engage(a.as_fd(), b.as_fd());
     crate::metrics::global().passthrough_relay(match engaged {
-        Engaged::Both => "kernel",
-        Engaged::First => "kernel_one_way",
-        Engaged::Neither => "splice",
+        Engaged::Both => PassthroughRelay::Kernel,
+        Engaged::First => PassthroughRelay::KernelOneWay,
+        Engaged::Neither => PassthroughRelay::Splice,
     });
     match engaged {
         Engaged::Both => {
             // Out of the runtime's poller: the kernel relay's data wakes nobody (each
             // direction's end is watched on its own, see `kernel_one_way`).
-            let (a, b) = (a.into_std()?, b.into_std()?);
+            let a = a.into_std().inspect_err(|_| super::reset_on_close(&b))?;
+            let b = b.into_std().inspect_err(|_| super::reset_on_close(&a))?;
+            // Declared after the sockets, so dropped first: a relay cut short (policy,
+            // drain) still counts what the kernel moved.
+            let ab_kernel = KernelMeter::new(ab, b.as_fd(), ab_start);
+            let ba_kernel = KernelMeter::new(ba, a.as_fd(), ba_start);
             let both = async {
                 tokio::try_join!(
-                    kernel_one_way(a.as_fd(), b.as_fd(), &ab_kernel),
-                    kernel_one_way(b.as_fd(), a.as_fd(), &ba_kernel)
+                    kernel_one_way(a.as_fd(), &ab_kernel),
+                    kernel_one_way(b.as_fd(), &ba_kernel)
                 )
             };
-            let relayed = end_both(&a, &b, deadline, both).await;
-            // The last count of a direction cut short by the other's failure.
-            let _ = (ab_kernel.count(b.as_fd()), ba_kernel.count(a.as_fd()));
-            relayed.map(|_| ())
+            end_both(&a, &b, deadline, both).await.map(|_| ())
         }
         Engaged::First => {
+            let ab_kernel = KernelMeter::new(ab, b.as_fd(), ab_start);
             let spliced = Splicing::new(None);
             let both = async {
-                tokio::try_join!(kernel_one_way(a.as_fd(), b.as_fd(), &ab_kernel), async {
+                tokio::try_join!(kernel_one_way(a.as_fd(), &ab_kernel), async {
                     one_way(1, &b, &a, ba, &spliced).await.map(|_| ())
                 })
             };
-            let relayed = end_both(&a, &b, deadline, both).await;
-            let _ = ab_kernel.count(b.as_fd());
-            relayed.map(|_| ())
+            end_both(&a, &b, deadline, both).await.map(|_| ())
         }
         Engaged::Neither => {
             let both = splice_both(&a, &b, ab, ba, None);
@@ -292,16 +311,19 @@ async fn end_both<T>(
     relayed
 }
 
-/// What has been written to `socket` so far, by the kernel's count: the base a kernel
-/// relayed direction's count starts from.
+/// What has been written to `socket` so far, by the kernel's count: where a kernel relayed
+/// direction's count starts from.
 fn written(socket: &impl AsFd) -> io::Result<u64> {
     Ok(tcp_totals(socket.as_fd())?.written)
 }
 
 /// One kernel-relayed direction's count: what its destination socket has taken since the
-/// kernel began, added to the direction's [`Meter`] as it is learnt.
+/// kernel began, added to the direction's [`Meter`] as it is learnt, and once more when
+/// dropped (a relay cut short by the other direction, a policy or the drain).
 struct KernelMeter<'m> {
     meter: &'m Meter,
+    /// The destination socket.
+    to: BorrowedFd<'m>,
     /// What the agent moved this way spliced, before the kernel took over.
     spliced: u64,
     /// What the destination socket had been written by then.
@@ -312,43 +334,56 @@ struct KernelMeter<'m> {
 }
 
 impl<'m> KernelMeter<'m> {
-    fn new(meter: &'m Meter, to: &impl AsFd) -> io::Result<Self> {
-        Ok(Self {
+    /// `start`: (what was spliced this way, what `to` had been written) at the hand-over.
+    fn new(meter: &'m Meter, to: BorrowedFd<'m>, (spliced, to_base): (u64, u64)) -> Self {
+        Self {
             meter,
-            spliced: meter.get(),
-            to_base: written(to)?,
+            to,
+            spliced,
+            to_base,
             counted: AtomicU64::new(0),
             settled: AtomicBool::new(false),
-        })
+        }
     }
 
-    /// Brings the count up to what `to` (the destination socket) has taken; returns it.
-    fn count(&self, to: BorrowedFd<'_>) -> io::Result<u64> {
+    /// Brings the count up to what the destination has taken; returns it.
+    fn count(&self) -> io::Result<u64> {
         if self.settled.load(Ordering::Relaxed) {
             return Ok(self.counted.load(Ordering::Relaxed));
         }
-        let moved = tcp_totals(to)?.written.saturating_sub(self.to_base);
+        let moved = tcp_totals(self.to)?.written.saturating_sub(self.to_base);
         let before = self.counted.fetch_max(moved, Ordering::Relaxed);
         self.meter.add(moved.saturating_sub(before) as usize);
         Ok(moved)
     }
 }
 
-/// Waits for the end of one direction the kernel relays (`from`'s EOF), lets `to` take every
-/// byte `from` received, then shuts `to`'s write side down. Counts in `meter` as it learns;
-/// a failure leaves the last count to the caller (the other direction may fail first).
-async fn kernel_one_way(
-    from: BorrowedFd<'_>,
-    to: BorrowedFd<'_>,
-    meter: &KernelMeter<'_>,
-) -> io::Result<()> {
-    let count = |to| meter.count(to);
-    let ended = wait_for_end(from, || {
-        // A failure here shows again, and ends the direction, when it ends.
-        let _ = count(to);
-    })
-    .await;
-    ended?;
+impl Drop for KernelMeter<'_> {
+    fn drop(&mut self) {
+        // The socket is still open (it outlives this meter); a failure here has nothing
+        // left to report to.
+        let _ = self.count();
+    }
+}
+
+/// How often a kernel-relayed direction's byte count is brought up to date while it lasts
+/// (the metrics of a long-lived connection move as it goes, as spliced ones do).
+const COUNT_EVERY: Duration = Duration::from_secs(5);
+
+/// Waits for the end of one direction the kernel relays (`from`'s EOF), lets the
+/// destination take every byte `from` received, then shuts its write side down. Ends in
+/// error if either socket fails first (the destination's failure too: `from`'s bytes
+/// would have nowhere to go).
+async fn kernel_one_way(from: BorrowedFd<'_>, meter: &KernelMeter<'_>) -> io::Result<()> {
+    let to = meter.to;
+    let watch = EndWatch::new(from, to)?;
+    loop {
+        match tokio::time::timeout(COUNT_EVERY, watch.wait(from, to)).await {
+            Ok(ended) => break ended?,
+            // A failure here shows again, and ends the direction, when it ends.
+            Err(_) => drop(meter.count()),
+        }
+    }
     // What the kernel relayed: all `from` received (the kernel counts the FIN as one byte)
     // but what the agent spliced before.
     let received = tcp_totals(from)?
@@ -358,10 +393,7 @@ async fn kernel_one_way(
     // The program has handed every byte to `to` by now, but `to` may still be taking them
     // from the kernel's queue: the FIN must not overtake them.
     let mut pause = Duration::from_millis(1);
-    loop {
-        if count(to)? >= received {
-            break;
-        }
+    while meter.count()? < received {
         if let Some(e) = socket2::SockRef::from(&to).take_error()? {
             return Err(e);
         }
@@ -370,89 +402,6 @@ async fn kernel_one_way(
     }
     meter.settled.store(true, Ordering::Relaxed);
     socket2::SockRef::from(&to).shutdown(std::net::Shutdown::Write)
-}
-
-/// How often a kernel-relayed direction's byte count is brought up to date while it lasts
-/// (the metrics of a long-lived connection move as it goes, as spliced ones do).
-const COUNT_EVERY: Duration = Duration::from_secs(5);
-
-/// Waits until `socket` (whose received bytes the kernel relays) reports its peer's FIN
-/// (Ok) or an error, calling `tick` every [`COUNT_EVERY`] meanwhile. Watched through an
-/// epoll instance of its own that wakes only for the end, never for the data the kernel
-/// moves.
-async fn wait_for_end(socket: BorrowedFd<'_>, mut tick: impl FnMut()) -> io::Result<()> {
-    // SAFETY: epoll_create1 with a valid flag; the returned fd is checked below.
-    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if epfd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: epoll_create1 succeeded: the fd is new and owned by nobody else.
-    let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
-    // The peer's FIN (RDHUP); errors and a full hang-up are always reported.
-    let mut event = libc::epoll_event {
-        events: libc::EPOLLRDHUP as u32,
-        u64: 0,
-    };
-    // SAFETY: both fds are valid for the call; `event` is a valid epoll_event we own.
-    let rc = unsafe {
-        libc::epoll_ctl(
-            epoll.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            socket.as_raw_fd(),
-            &mut event,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same fd until the
-    // AsyncFd is dropped.
-    let watch = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
-        .map_err(io::Error::from)?;
-    loop {
-        let mut guard = match tokio::time::timeout(COUNT_EVERY, watch.readable()).await {
-            Ok(guard) => guard?,
-            Err(_) => {
-                tick();
-                continue;
-            }
-        };
-        let mut ready = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: the epoll fd is valid; one event fits in `ready`; a zero timeout never
-        // blocks.
-        let n = unsafe { libc::epoll_wait(watch.as_raw_fd(), &mut ready, 1, 0) };
-        if n <= 0 {
-            guard.clear_ready();
-            continue;
-        }
-        let mut byte = [0u8; 1];
-        // SAFETY: the socket fd is valid; the buffer is one writable byte we own.
-        let read = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                byte.as_mut_ptr().cast(),
-                1,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        match read {
-            0 => return Ok(()),
-            n if n > 0 => {
-                // The program relays every byte; one reaching the agent means the kernel
-                // behaves otherwise than the relay was built for. Refuse rather than reorder.
-                return Err(io::Error::other(
-                    "the kernel relay handed payload to the agent; set ZTUNNEL_KERNEL_RELAY=false and report this kernel",
-                ));
-            }
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    return Err(e);
-                }
-                guard.clear_ready();
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -489,10 +438,9 @@ mod tests {
     /// way and how it ended.
     async fn relay_one(relay: Option<&KernelRelay>) -> (u64, u64, Option<io::Error>) {
         let (mut client, client_side, server_side, mut server) = sockets().await;
-        // Bytes already waiting on both of the relay's sockets before it starts.
+        // Bytes already sent both ways before the relay starts.
         client.write_all(b"early").await.expect("early write");
         server.write_all(b"hello ").await.expect("early reply");
-        tokio::time::sleep(Duration::from_millis(20)).await;
         let (ab, ba) = (Meter::default(), Meter::default());
         let relaying = bidirectional(
             client_side,
@@ -557,8 +505,10 @@ mod tests {
     #[tokio::test]
     async fn kernel_relays_both_ways_with_half_close_and_counts() {
         let _one_at_a_time = KERNEL_TESTS.lock().await;
-        let (_ebpf, relay) = crate::redirect::relay_testing::relay();
-        let kernel = || crate::metrics::global().passthrough_relays("kernel");
+        let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
+            return;
+        };
+        let kernel = || crate::metrics::global().passthrough_relays(PassthroughRelay::Kernel);
         let before = kernel();
         let (ab, ba, err) = relay_one(Some(&relay)).await;
         assert!(err.is_none(), "{err:?}");
@@ -569,8 +519,10 @@ mod tests {
     #[tokio::test]
     async fn kernel_relay_passes_a_reset_on_to_the_client() {
         let _one_at_a_time = KERNEL_TESTS.lock().await;
-        let (_ebpf, relay) = crate::redirect::relay_testing::relay();
-        let kernel = || crate::metrics::global().passthrough_relays("kernel");
+        let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
+            return;
+        };
+        let kernel = || crate::metrics::global().passthrough_relays(PassthroughRelay::Kernel);
         let before = kernel();
         let (mut client, client_side, server_side, mut server) = sockets().await;
         let (ab, ba) = (Meter::default(), Meter::default());
@@ -597,8 +549,10 @@ mod tests {
                 server.read_exact(&mut ping).await.expect("ping");
                 server.write_all(b"pong").await.expect("pong");
             }
-            // Give the relay its turn to hand the connection over, then reset.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Once the kernel has the connection, reset it.
+            while kernel() == before {
+                tokio::task::yield_now().await;
+            }
             crate::proxy::reset_on_close(&server);
             drop(server);
         };
@@ -611,5 +565,39 @@ mod tests {
         );
         assert!(relayed.is_err(), "the relay ends in error");
         assert_eq!((ab.get(), ba.get()), (40, 40));
+    }
+
+    #[tokio::test]
+    async fn kernel_relay_takes_what_both_sockets_already_hold() {
+        let _one_at_a_time = KERNEL_TESTS.lock().await;
+        let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
+            return;
+        };
+        let (mut client, client_side, server_side, mut server) = sockets().await;
+        client.write_all(b"queued up").await.expect("client write");
+        server
+            .write_all(b"queued down")
+            .await
+            .expect("server write");
+        // Both arrived at the relay's sockets (nothing read yet): only the kick hands them
+        // to the program, since nothing more arrives.
+        for (socket, len) in [(&client_side, 9), (&server_side, 11)] {
+            while socket.peek(&mut [0u8; 16]).await.expect("peek") < len {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(
+            relay.engage(client_side.as_fd(), server_side.as_fd()),
+            Engaged::Both
+        );
+        let mut up = [0u8; 9];
+        let mut down = [0u8; 11];
+        tokio::time::timeout(Duration::from_secs(5), async {
+            server.read_exact(&mut up).await.expect("server reads");
+            client.read_exact(&mut down).await.expect("client reads");
+        })
+        .await
+        .expect("the queued bytes were relayed without more arriving");
+        assert_eq!((&up, &down), (b"queued up", b"queued down"));
     }
 }

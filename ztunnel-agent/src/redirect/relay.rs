@@ -68,8 +68,9 @@ impl KernelRelay {
         })
     }
 
-    /// Hands `first` and `second` (two connected TCP sockets of one connection, nothing
-    /// read from either yet) to the kernel as far as it takes them.
+    /// Hands `first` and `second` (two connected TCP sockets of one connection, neither
+    /// holding a half-read packet: whatever they have queued is relayed whole) to the kernel
+    /// as far as it takes them.
     pub fn engage(&self, first: BorrowedFd<'_>, second: BorrowedFd<'_>) -> Engaged {
         let (first_cookie, second_cookie) = match (socket_cookie(first), socket_cookie(second)) {
             (Ok(a), Ok(b)) => (a, b),
@@ -78,9 +79,12 @@ impl KernelRelay {
                 return Engaged::Neither;
             }
         };
-        let Ok(mut maps) = self.maps.lock() else {
-            return Engaged::Neither;
-        };
+        // A panic while holding the maps cannot leave them inconsistent (each update is
+        // one syscall): carry on.
+        let mut maps = self
+            .maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let refused = |e: aya::maps::MapError| {
             tracing::debug!(error = %e, "the kernel relay refused a socket: the agent moves its bytes");
         };
@@ -126,12 +130,24 @@ pub mod testing {
 
     use super::KernelRelay;
 
-    /// The loaded object (it holds the program's attachment) and the relay.
-    pub fn relay() -> (aya::Ebpf, KernelRelay) {
+    /// The loaded object (it holds the program's attachment) and the relay; None (the test
+    /// skips) when not root, unless CI or ZTUNNEL_E2E_REQUIRED forbid skipping, as the
+    /// privileged end-to-end tests do.
+    pub fn relay() -> Option<(aya::Ebpf, KernelRelay)> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+            assert!(
+                !ci && std::env::var_os("ZTUNNEL_E2E_REQUIRED").is_none(),
+                "privileged test cannot run: not root, and CI / ZTUNNEL_E2E_REQUIRED forbid skipping"
+            );
+            eprintln!("skipping privileged test: run as root (cargo xtask test does)");
+            return None;
+        }
         let mut ebpf = aya::EbpfLoader::new()
             .load(super::super::EBPF_OBJECT)
             .expect("the embedded eBPF object loads (as root)");
         let relay = KernelRelay::load(&mut ebpf).expect("the relay program attaches");
-        (ebpf, relay)
+        Some((ebpf, relay))
     }
 }
