@@ -600,4 +600,75 @@ mod tests {
         .expect("the queued bytes were relayed without more arriving");
         assert_eq!((&up, &down), (b"queued up", b"queued down"));
     }
+
+    #[tokio::test]
+    async fn kernel_relay_resets_the_server_when_a_half_closed_client_resets() {
+        let _one_at_a_time = KERNEL_TESTS.lock().await;
+        let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
+            return;
+        };
+        let kernel = || crate::metrics::global().passthrough_relays(PassthroughRelay::Kernel);
+        let before = kernel();
+        let (mut client, client_side, server_side, mut server) = sockets().await;
+        let (ab, ba) = (Meter::default(), Meter::default());
+        let relaying = bidirectional(
+            client_side,
+            server_side,
+            &ab,
+            &ba,
+            std::future::pending(),
+            Some(&relay),
+        );
+        let talk = async {
+            for _ in 0..10 {
+                client.write_all(b"ping").await.expect("ping");
+                let mut pong = [0u8; 4];
+                client.read_exact(&mut pong).await.expect("pong");
+            }
+            while kernel() == before {
+                tokio::task::yield_now().await;
+            }
+            // Done sending; then gone for good (a reset) while the server still sends.
+            client.shutdown().await.expect("half-close");
+            let mut first = [0u8; 4];
+            client
+                .read_exact(&mut first)
+                .await
+                .expect("the stream starts");
+            crate::proxy::reset_on_close(&client);
+            drop(client);
+        };
+        let serve = async {
+            for _ in 0..10 {
+                let mut ping = [0u8; 4];
+                server.read_exact(&mut ping).await.expect("ping");
+                server.write_all(b"pong").await.expect("pong");
+            }
+            let mut rest = Vec::new();
+            server
+                .read_to_end(&mut rest)
+                .await
+                .expect("the client's FIN");
+            // Streams until the reset reaches it.
+            let chunk = vec![7u8; 64 * 1024];
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if let Err(e) = server.write_all(&chunk).await {
+                        return e.kind();
+                    }
+                }
+            })
+            .await
+            .expect("the server learns the client is gone")
+        };
+        let ((), stopped, relayed) = tokio::join!(talk, serve, relaying);
+        assert!(
+            matches!(
+                stopped,
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "{stopped:?}"
+        );
+        assert!(relayed.is_err(), "the relay ends in error");
+    }
 }
