@@ -413,6 +413,31 @@ mod tests {
     /// The kernel relay tests count on a process-wide metric: one at a time.
     static KERNEL_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+    /// Connections the kernel relay took so far (process-wide).
+    fn kernel_count() -> u64 {
+        crate::metrics::global().passthrough_relays(PassthroughRelay::Kernel)
+    }
+
+    /// The client's side of `n` small exchanges (enough to make a connection interactive).
+    async fn pings(client: &mut TcpStream, n: usize) {
+        for _ in 0..n {
+            client.write_all(b"ping").await.expect("ping");
+            let mut pong = [0u8; 4];
+            client.read_exact(&mut pong).await.expect("pong");
+            assert_eq!(&pong, b"pong");
+        }
+    }
+
+    /// The server's side of [`pings`].
+    async fn pongs(server: &mut TcpStream, n: usize) {
+        for _ in 0..n {
+            let mut ping = [0u8; 4];
+            server.read_exact(&mut ping).await.expect("ping");
+            assert_eq!(&ping, b"ping");
+            server.write_all(b"pong").await.expect("pong");
+        }
+    }
+
     /// The four sockets of a relayed connection on loopback: the client, the relay's two
     /// (accepted from the client, connected to the server) and the server.
     async fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
@@ -458,12 +483,7 @@ mod tests {
             let mut hello = [0u8; 6];
             client.read_exact(&mut hello).await.expect("early reply");
             assert_eq!(&hello, b"hello ");
-            for _ in 0..10 {
-                client.write_all(b"ping").await.expect("ping");
-                let mut pong = [0u8; 4];
-                client.read_exact(&mut pong).await.expect("pong");
-                assert_eq!(&pong, b"pong");
-            }
+            pings(&mut client, 10).await;
             client.write_all(&sent).await.expect("write");
             client.shutdown().await.expect("half-close");
             let mut reply = Vec::new();
@@ -474,12 +494,7 @@ mod tests {
             let mut early = [0u8; 5];
             server.read_exact(&mut early).await.expect("early bytes");
             assert_eq!(&early, b"early");
-            for _ in 0..10 {
-                let mut ping = [0u8; 4];
-                server.read_exact(&mut ping).await.expect("ping");
-                assert_eq!(&ping, b"ping");
-                server.write_all(b"pong").await.expect("pong");
-            }
+            pongs(&mut server, 10).await;
             let mut got = Vec::new();
             server
                 .read_to_end(&mut got)
@@ -508,12 +523,11 @@ mod tests {
         let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
             return;
         };
-        let kernel = || crate::metrics::global().passthrough_relays(PassthroughRelay::Kernel);
-        let before = kernel();
+        let before = kernel_count();
         let (ab, ba, err) = relay_one(Some(&relay)).await;
         assert!(err.is_none(), "{err:?}");
         assert_eq!((ab, ba), (5_000_045, 50));
-        assert_eq!(kernel() - before, 1, "the kernel took both ways");
+        assert_eq!(kernel_count() - before, 1, "the kernel took both ways");
     }
 
     #[tokio::test]
@@ -522,8 +536,7 @@ mod tests {
         let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
             return;
         };
-        let kernel = || crate::metrics::global().passthrough_relays(PassthroughRelay::Kernel);
-        let before = kernel();
+        let before = kernel_count();
         let (mut client, client_side, server_side, mut server) = sockets().await;
         let (ab, ba) = (Meter::default(), Meter::default());
         let relaying = bidirectional(
@@ -535,29 +548,21 @@ mod tests {
             Some(&relay),
         );
         let talk = async {
-            for _ in 0..10 {
-                client.write_all(b"ping").await.expect("ping");
-                let mut pong = [0u8; 4];
-                client.read_exact(&mut pong).await.expect("pong");
-            }
+            pings(&mut client, 10).await;
             let mut rest = Vec::new();
             client.read_to_end(&mut rest).await
         };
         let serve = async {
-            for _ in 0..10 {
-                let mut ping = [0u8; 4];
-                server.read_exact(&mut ping).await.expect("ping");
-                server.write_all(b"pong").await.expect("pong");
-            }
+            pongs(&mut server, 10).await;
             // Once the kernel has the connection, reset it.
-            while kernel() == before {
+            while kernel_count() == before {
                 tokio::task::yield_now().await;
             }
             crate::proxy::reset_on_close(&server);
             drop(server);
         };
         let (read, (), relayed) = tokio::join!(talk, serve, relaying);
-        assert_eq!(kernel() - before, 1, "the kernel had the connection");
+        assert_eq!(kernel_count() - before, 1, "the kernel had the connection");
         assert_eq!(
             read.map_err(|e| e.kind()).err(),
             Some(io::ErrorKind::ConnectionReset),
@@ -607,8 +612,7 @@ mod tests {
         let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
             return;
         };
-        let kernel = || crate::metrics::global().passthrough_relays(PassthroughRelay::Kernel);
-        let before = kernel();
+        let before = kernel_count();
         let (mut client, client_side, server_side, mut server) = sockets().await;
         let (ab, ba) = (Meter::default(), Meter::default());
         let relaying = bidirectional(
@@ -620,12 +624,8 @@ mod tests {
             Some(&relay),
         );
         let talk = async {
-            for _ in 0..10 {
-                client.write_all(b"ping").await.expect("ping");
-                let mut pong = [0u8; 4];
-                client.read_exact(&mut pong).await.expect("pong");
-            }
-            while kernel() == before {
+            pings(&mut client, 10).await;
+            while kernel_count() == before {
                 tokio::task::yield_now().await;
             }
             // Done sending; then gone for good (a reset) while the server still sends.
@@ -639,11 +639,7 @@ mod tests {
             drop(client);
         };
         let serve = async {
-            for _ in 0..10 {
-                let mut ping = [0u8; 4];
-                server.read_exact(&mut ping).await.expect("ping");
-                server.write_all(b"pong").await.expect("pong");
-            }
+            pongs(&mut server, 10).await;
             let mut rest = Vec::new();
             server
                 .read_to_end(&mut rest)
