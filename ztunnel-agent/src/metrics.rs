@@ -764,6 +764,7 @@ impl Metrics {
     }
 
     /// Passthrough connections counted so far under `relay`.
+    #[cfg(test)]
     pub fn passthrough_relays(&self, relay: PassthroughRelay) -> u64 {
         self.passthrough_relays
             .get_or_create(&RelayLabels {

@@ -1,5 +1,5 @@
-//! Socket options the kernel ABI needs: netns and socket cookies, the agent's mark,
-//! `SO_ORIGINAL_DST`, and a TCP socket's byte totals.
+//! Socket options the kernel ABI needs: netns cookies, the agent's mark, `SO_ORIGINAL_DST`,
+//! the receive kick and byte totals of relayed TCP sockets, and their end-watch.
 
 use std::io;
 use std::mem::size_of;
@@ -20,38 +20,26 @@ impl std::fmt::Display for NetnsCookie {
 
 /// `SO_NETNS_COOKIE` (Linux 5.14), not in every libc crate version.
 const SO_NETNS_COOKIE: libc::c_int = 71;
-/// `SO_COOKIE` (Linux 4.13): the socket's own cookie (`bpf_get_socket_cookie`).
-const SO_COOKIE: libc::c_int = 57;
 
-/// Reads a `u64` socket option at `SOL_SOCKET`.
-fn sol_socket_u64(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<u64> {
-    let mut value: u64 = 0;
+/// Reads the cookie of the network namespace the socket was created in.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
+    let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the fd is a valid socket for the borrow; `value` and `len` are valid writable
+    // SAFETY: the fd is a valid socket for the borrow; `cookie` and `len` are valid writable
     // memory of the size passed.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            option,
-            (&mut value as *mut u64).cast(),
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(value)
-}
-
-/// Reads the cookie of the network namespace the socket was created in.
-pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
-    sol_socket_u64(fd, SO_NETNS_COOKIE).map(NetnsCookie)
-}
-
-/// Reads the socket's own cookie, the key the kernel relay's maps use.
-pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    sol_socket_u64(fd, SO_COOKIE)
+    Ok(NetnsCookie(cookie))
 }
 
 /// Makes the socket's receive callback run now for what it already holds: setting

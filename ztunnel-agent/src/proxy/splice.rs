@@ -438,6 +438,18 @@ mod tests {
         }
     }
 
+    /// Relays the relay's two sockets to the end with meters of its own: (bytes a->b,
+    /// bytes b->a, how it ended).
+    async fn relay_counted(
+        a: TcpStream,
+        b: TcpStream,
+        relay: Option<&KernelRelay>,
+    ) -> (u64, u64, io::Result<()>) {
+        let (ab, ba) = (Meter::default(), Meter::default());
+        let ended = bidirectional(a, b, &ab, &ba, std::future::pending(), relay).await;
+        (ab.get(), ba.get(), ended)
+    }
+
     /// The four sockets of a relayed connection on loopback: the client, the relay's two
     /// (accepted from the client, connected to the server) and the server.
     async fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
@@ -466,15 +478,7 @@ mod tests {
         // Bytes already sent both ways before the relay starts.
         client.write_all(b"early").await.expect("early write");
         server.write_all(b"hello ").await.expect("early reply");
-        let (ab, ba) = (Meter::default(), Meter::default());
-        let relaying = bidirectional(
-            client_side,
-            server_side,
-            &ab,
-            &ba,
-            std::future::pending(),
-            relay,
-        );
+        let relaying = relay_counted(client_side, server_side, relay);
         let payload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
         let sent = payload.clone();
         // Ten small exchanges (an interactive connection), then a bulk upload and a
@@ -504,10 +508,10 @@ mod tests {
             server.shutdown().await.expect("close");
             got
         };
-        let (reply, got, relayed) = tokio::join!(talk, serve, relaying);
+        let (reply, got, (ab, ba, relayed)) = tokio::join!(talk, serve, relaying);
         assert!(got == payload, "payload arrived intact and in order");
         assert_eq!(reply, b"done");
-        (ab.get(), ba.get(), relayed.err())
+        (ab, ba, relayed.err())
     }
 
     #[tokio::test]
@@ -538,15 +542,7 @@ mod tests {
         };
         let before = kernel_count();
         let (mut client, client_side, server_side, mut server) = sockets().await;
-        let (ab, ba) = (Meter::default(), Meter::default());
-        let relaying = bidirectional(
-            client_side,
-            server_side,
-            &ab,
-            &ba,
-            std::future::pending(),
-            Some(&relay),
-        );
+        let relaying = relay_counted(client_side, server_side, Some(&relay));
         let talk = async {
             pings(&mut client, 10).await;
             let mut rest = Vec::new();
@@ -561,7 +557,7 @@ mod tests {
             crate::proxy::reset_on_close(&server);
             drop(server);
         };
-        let (read, (), relayed) = tokio::join!(talk, serve, relaying);
+        let (read, (), (ab, ba, relayed)) = tokio::join!(talk, serve, relaying);
         assert_eq!(kernel_count() - before, 1, "the kernel had the connection");
         assert_eq!(
             read.map_err(|e| e.kind()).err(),
@@ -569,7 +565,7 @@ mod tests {
             "the client sees the server's reset"
         );
         assert!(relayed.is_err(), "the relay ends in error");
-        assert_eq!((ab.get(), ba.get()), (40, 40));
+        assert_eq!((ab, ba), (40, 40));
     }
 
     #[tokio::test]
@@ -614,15 +610,7 @@ mod tests {
         };
         let before = kernel_count();
         let (mut client, client_side, server_side, mut server) = sockets().await;
-        let (ab, ba) = (Meter::default(), Meter::default());
-        let relaying = bidirectional(
-            client_side,
-            server_side,
-            &ab,
-            &ba,
-            std::future::pending(),
-            Some(&relay),
-        );
+        let relaying = relay_counted(client_side, server_side, Some(&relay));
         let talk = async {
             pings(&mut client, 10).await;
             while kernel_count() == before {
@@ -657,7 +645,7 @@ mod tests {
             .await
             .expect("the server learns the client is gone")
         };
-        let ((), stopped, relayed) = tokio::join!(talk, serve, relaying);
+        let ((), stopped, (_, _, relayed)) = tokio::join!(talk, serve, relaying);
         assert!(
             matches!(
                 stopped,

@@ -18,7 +18,7 @@ use aya::Ebpf;
 use ztunnel_common::{maps, programs};
 
 use super::{program, take_map, Error};
-use crate::socket::{kick_receive, socket_cookie};
+use crate::socket::kick_receive;
 
 /// Which sockets' incoming bytes the kernel relays after [`KernelRelay::engage`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +72,8 @@ impl KernelRelay {
     /// holding a half-read packet: whatever they have queued is relayed whole) to the kernel
     /// as far as it takes them.
     pub fn engage(&self, first: BorrowedFd<'_>, second: BorrowedFd<'_>) -> Engaged {
-        let (first_cookie, second_cookie) = match (socket_cookie(first), socket_cookie(second)) {
+        let cookie = |fd: BorrowedFd<'_>| socket2::SockRef::from(&fd).cookie();
+        let (first_cookie, second_cookie) = match (cookie(first), cookie(second)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!(error = %e, "no socket cookie: the connection is spliced");
