@@ -430,3 +430,40 @@ impl ConnectionStream {
         self.0.finish("connection stream")
     }
 }
+
+/// Serves one connection at `addr` inside the network namespace at `netns` with `serve`, on
+/// a thread of its own. Returns once the listener is bound; join the handle for `serve`'s
+/// result.
+pub fn serve_one<T: Send + 'static>(
+    netns: PathBuf,
+    addr: SocketAddr,
+    serve: impl FnOnce(TcpStream) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            let listener = TcpListener::bind(addr).expect("bind");
+            ready_tx.send(()).expect("ready");
+            let (conn, _) = listener.accept().expect("accept");
+            serve(conn)
+        })
+    });
+    ready_rx.recv().expect("server ready");
+    handle
+}
+
+/// Reads `conn` to its EOF and answers with how many bytes came and their hash (see
+/// [`read_count_and_hash`]).
+pub fn answer_count_and_hash(conn: &mut TcpStream) {
+    let (got, hash) = drain_hash(conn);
+    conn.write_all(&got.to_be_bytes()).expect("write count");
+    conn.write_all(&hash.to_be_bytes()).expect("write hash");
+}
+
+/// Reads the answer of [`answer_count_and_hash`]: (bytes, hash).
+pub fn read_count_and_hash(s: &mut impl Read) -> (u64, u64) {
+    let mut header = [0u8; 16];
+    s.read_exact(&mut header).expect("header");
+    let word = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+    (word(&header[..8]), word(&header[8..]))
+}

@@ -9,7 +9,10 @@ use ztunnel_e2e::agent::Agent;
 use ztunnel_e2e::mesh::{self, guide, Workload};
 use ztunnel_e2e::one_hop::OneHop;
 use ztunnel_e2e::topology::{Pod, Topology};
-use ztunnel_e2e::traffic::{drain_hash, exchange, in_netns, send_pattern, Server};
+use ztunnel_e2e::traffic::{
+    answer_count_and_hash, drain_hash, exchange, in_netns, read_count_and_hash, send_pattern,
+    serve_one, Server,
+};
 use ztunnel_e2e::{metric_sum, require_root};
 
 const PRODUCTPAGE_VIP: &str = "10.96.0.10";
@@ -370,29 +373,16 @@ fn large_transfers_arrive_intact_both_ways_with_half_close() {
     // The server reads until the client's half-close arrives (proving it propagated), then
     // answers with the hash of what it got and LEN bytes of its own.
     let server_addr = SocketAddr::new(server.ip4, 9080);
-    let netns = server.netns_path();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server_thread = std::thread::spawn(move || {
-        in_netns(&netns, move || {
-            let listener = std::net::TcpListener::bind(server_addr).expect("bind");
-            ready_tx.send(()).expect("ready");
-            let (mut conn, _) = listener.accept().expect("accept");
-            let (got, hash) = drain_hash(&mut conn);
-            conn.write_all(&got.to_be_bytes()).expect("write count");
-            conn.write_all(&hash.to_be_bytes()).expect("write hash");
-            send_pattern(&mut conn, 2, LEN)
-        })
+    let server_thread = serve_one(server.netns_path(), server_addr, |mut conn| {
+        answer_count_and_hash(&mut conn);
+        send_pattern(&mut conn, 2, LEN)
     });
-    ready_rx.recv().expect("server ready");
 
     let (up_hash, echoed_len, echoed_hash, down) = in_netns(&client.netns_path(), move || {
         let mut s = std::net::TcpStream::connect(server_addr).expect("connect");
         let up = send_pattern(&mut s, 1, LEN);
         s.shutdown(std::net::Shutdown::Write).expect("half-close");
-        let mut header = [0u8; 16];
-        s.read_exact(&mut header).expect("header");
-        let len = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
-        let hash = u64::from_be_bytes(header[8..].try_into().expect("8 bytes"));
+        let (len, hash) = read_count_and_hash(&mut s);
         (up, len, hash, drain_hash(&mut s))
     });
     let down_hash = server_thread.join().expect("server thread");
@@ -431,25 +421,15 @@ fn interactive_passthrough_moves_to_the_kernel_relay_intact() {
     // Small exchanges (so the agent hands the connection to the kernel), then a bulk upload
     // and a half-close, answered with the count and hash of what arrived.
     let server_addr = SocketAddr::new(server.ip4, 9080);
-    let netns = server.netns_path();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server_thread = std::thread::spawn(move || {
-        in_netns(&netns, move || {
-            let listener = std::net::TcpListener::bind(server_addr).expect("bind");
-            ready_tx.send(()).expect("ready");
-            let (mut conn, _) = listener.accept().expect("accept");
-            for _ in 0..ROUNDS {
-                let mut ping = [0u8; 4];
-                conn.read_exact(&mut ping).expect("ping");
-                assert_eq!(&ping, b"ping");
-                conn.write_all(b"pong").expect("pong");
-            }
-            let (got, hash) = drain_hash(&mut conn);
-            conn.write_all(&got.to_be_bytes()).expect("write count");
-            conn.write_all(&hash.to_be_bytes()).expect("write hash");
-        })
+    let server_thread = serve_one(server.netns_path(), server_addr, |mut conn| {
+        for _ in 0..ROUNDS {
+            let mut ping = [0u8; 4];
+            conn.read_exact(&mut ping).expect("ping");
+            assert_eq!(&ping, b"ping");
+            conn.write_all(b"pong").expect("pong");
+        }
+        answer_count_and_hash(&mut conn);
     });
-    ready_rx.recv().expect("server ready");
     let (up_hash, echoed_len, echoed_hash) = in_netns(&client.netns_path(), move || {
         let mut s = std::net::TcpStream::connect(server_addr).expect("connect");
         s.set_nodelay(true).expect("nodelay");
@@ -461,13 +441,10 @@ fn interactive_passthrough_moves_to_the_kernel_relay_intact() {
         }
         let up = send_pattern(&mut s, 3, LEN);
         s.shutdown(std::net::Shutdown::Write).expect("half-close");
-        let mut header = [0u8; 16];
-        s.read_exact(&mut header).expect("header");
+        let (len, hash) = read_count_and_hash(&mut s);
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).expect("the server's close");
         assert!(rest.is_empty(), "nothing after the answer");
-        let len = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
-        let hash = u64::from_be_bytes(header[8..].try_into().expect("8 bytes"));
         (up, len, hash)
     });
     server_thread.join().expect("server thread");
