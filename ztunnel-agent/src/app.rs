@@ -63,6 +63,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for (program, state) in redirect.attachments() {
         tracing::info!(program, state = ?state, cgroup = %config.redirect.cgroup.display(), "eBPF program");
     }
+    // Loading the eBPF object took several MiB, all freed now: returned at once, not over
+    // the allocator's decay time.
+    crate::allocator::release_unused();
     readiness.unblock(BLOCK_EBPF);
     let state = SharedState::default();
     let certs = match &config.ca {

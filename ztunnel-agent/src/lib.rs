@@ -3,6 +3,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod authz;
 pub mod cli;

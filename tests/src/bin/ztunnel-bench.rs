@@ -542,6 +542,21 @@ fn main() {
         // For `perf record -p <pids>`: one HBONE figure alone, for longer.
         println!("agent pids: {:?} {:?}", a1.pid(), a2.pid());
         std::thread::sleep(Duration::from_secs(2));
+        if what == "memory" {
+            // For a heap profiler around the agents (ZTUNNEL_AGENT_BIN a wrapper): the idle
+            // connections alone, on fresh agents, as the memory figure below measures them.
+            let echo = SocketAddr::new(hs.ip4, ECHO_PORT);
+            in_netns(&hc.netns_path(), move || {
+                let _ = std::net::TcpStream::connect(echo);
+            });
+            std::thread::sleep(SETTLE);
+            let (before, after) = idle_rss(&hc, echo, &[&a1, &a2]);
+            println!(
+                "agents' RSS {before} KiB before, {after} KiB with {IDLE_CONNECTIONS} idle HBONE connections: {:.1} KiB per connection",
+                after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64
+            );
+            return;
+        }
         for _ in 0..4 {
             let figure = if what == "connections" {
                 connections(&hc, SocketAddr::new(hs.ip4, ECHO_PORT))

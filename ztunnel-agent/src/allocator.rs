@@ -1,0 +1,81 @@
+//! The allocator's unused memory handed back to the kernel on demand.
+//!
+//! jemalloc (the agent's allocator: `src/main.rs`) returns freed pages to the kernel over its
+//! decay time (3 s), which suits a busy proxy. A one-time burst is better returned at once:
+//! loading the embedded eBPF object at start-up leaves about 9 MiB freed, and until decay
+//! returns it the agent's RSS is 1.6 times its idle size (21 MiB against 12.6 on this
+//! machine): what an operator reads in `kubectl top` right after a start.
+
+/// Returns every arena's unused dirty pages to the kernel now; returns how many arenas did.
+/// Without jemalloc (the `jemalloc` feature off) there is nothing to return.
+#[cfg(feature = "jemalloc")]
+pub fn release_unused() -> usize {
+    use tikv_jemalloc_ctl::{arenas, Access, AsName};
+    let Ok(count) = arenas::narenas::read() else {
+        return 0;
+    };
+    (0..count)
+        .filter(|i| {
+            // A decay time of 0 purges the arena's unused dirty pages at once (jemalloc's
+            // `arena.<i>.dirty_decay_ms`); the arena's own time is then put back. Arenas not
+            // yet used answer an error and hold nothing.
+            let key = format!("arena.{i}.dirty_decay_ms\0");
+            let name = key.as_bytes().name();
+            Access::<isize>::read(name)
+                .is_ok_and(|ms| name.write(0isize).is_ok() && name.write(ms).is_ok())
+        })
+        .count()
+}
+
+/// Returns every arena's unused dirty pages to the kernel now; returns how many arenas did.
+/// Without jemalloc (the `jemalloc` feature off) there is nothing to return.
+#[cfg(not(feature = "jemalloc"))]
+pub fn release_unused() -> usize {
+    0
+}
+
+#[cfg(all(test, feature = "jemalloc"))]
+mod tests {
+    use std::alloc::{GlobalAlloc, Layout};
+
+    use tikv_jemalloc_ctl::{epoch, Access, AsName};
+
+    /// Unused dirty pages of all arenas, in pages.
+    fn dirty_pages() -> usize {
+        epoch::advance().expect("epoch");
+        Access::<usize>::read(b"stats.arenas.4096.pdirty\0".name()).expect("pdirty")
+    }
+
+    #[test]
+    fn freed_memory_goes_back_to_the_kernel_at_once() {
+        // Through jemalloc itself (the tests' global allocator is the system's): 4 MiB in
+        // 64 KiB blocks, freed, stays cached as dirty pages for the decay time...
+        let jemalloc = tikv_jemallocator::Jemalloc;
+        let layout = Layout::from_size_align(64 * 1024, 8).expect("layout");
+        // SAFETY: a non-zero layout; each block is written, then freed once with its layout.
+        let blocks: Vec<*mut u8> = (0..64)
+            .map(|_| unsafe {
+                let p = jemalloc.alloc(layout);
+                assert!(!p.is_null());
+                p.write_bytes(1, layout.size());
+                p
+            })
+            .collect();
+        for p in blocks {
+            // SAFETY: allocated above with this layout, freed once.
+            unsafe { jemalloc.dealloc(p, layout) };
+        }
+        let before = dirty_pages();
+        assert!(
+            before >= 512,
+            "4 MiB freed should leave dirty pages, found {before}"
+        );
+        // ...until released.
+        assert!(super::release_unused() > 0, "no arena released its pages");
+        let after = dirty_pages();
+        assert!(
+            after < before / 8,
+            "dirty pages {before} before the release, {after} after"
+        );
+    }
+}
