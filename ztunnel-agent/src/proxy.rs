@@ -173,6 +173,14 @@ impl Drop for PeerSlot {
     }
 }
 
+/// What an accepted connection holds until its handler ends: its count in
+/// `istio_tcp_sockets_open` and its unit of the pod's connection limit.
+#[derive(Debug)]
+pub struct Accepted {
+    _socket: OpenSocket,
+    _slot: Slot,
+}
+
 /// One unit of a [`PodLoad`] count, given back when dropped.
 #[derive(Debug)]
 pub struct Slot(Arc<std::sync::atomic::AtomicUsize>);
@@ -487,7 +495,7 @@ pub fn reset_on_close(stream: &impl std::os::fd::AsFd) {
 /// for the drain (the handlers create a [`connection::Connection`] per connection, and the
 /// HBONE server one per CONNECT stream). Each accepted socket is counted in
 /// `istio_tcp_sockets_open` under `reporter` (outbound: source; inbound: destination) for
-/// as long as its handler holds the [`OpenSocket`]. Returning closes the listener.
+/// as long as its handler holds the [`Accepted`]. Returning closes the listener.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     pod: Arc<PodProxy>,
@@ -495,7 +503,7 @@ pub async fn accept_loop<F, Fut>(
     reporter: Direction,
     handle: F,
 ) where
-    F: Fn(Arc<PodProxy>, TcpStream, SocketAddr, OpenSocket) -> Fut,
+    F: Fn(Arc<PodProxy>, TcpStream, SocketAddr, Accepted) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let drain = pod.mesh.drain.clone();
@@ -514,12 +522,14 @@ pub async fn accept_loop<F, Fut>(
                         continue;
                     };
                     pod.mesh.socket_options(&stream);
-                    let open = crate::metrics::global().socket_opened(reporter);
-                    let handled = handle(pod.clone(), stream, peer, open);
-                    tokio::spawn(drain.track(async move {
-                        let _slot = slot;
-                        handled.await
-                    }));
+                    let accepted = Accepted {
+                        _socket: crate::metrics::global().socket_opened(reporter),
+                        _slot: slot,
+                    };
+                    // The handler's future spawned as it is: wrapped in an `async` block,
+                    // it would be stored twice (as captured and as awaited), in every
+                    // connection's task.
+                    tokio::spawn(drain.track(handle(pod.clone(), stream, peer, accepted)));
                 }
                 // The socket stopped listening (shut down behind the agent's back, or its
                 // namespace torn down): accepting again would fail forever.

@@ -10,13 +10,13 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::connection::{Connection, ConnectionError};
-use super::{Error, PodProxy, ILLEGAL_PORTS};
+use super::{Accepted, Error, PodProxy, ILLEGAL_PORTS};
 use crate::accesslog::{Direction, Peer};
-use crate::metrics::OpenSocket;
 
 /// Serves one captured inbound connection.
-/// `_socket` keeps it counted in `istio_tcp_sockets_open` until this returns.
-pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr, _socket: OpenSocket) {
+/// `_accepted` keeps it counted in `istio_tcp_sockets_open` and in the pod's connection limit
+/// until this returns.
+pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr, _accepted: Accepted) {
     let dst = match pod.sockets.inbound_dst(&client) {
         Ok(super::OriginalDst(addr)) => addr,
         Err(e) => {

@@ -10,10 +10,9 @@ use tracing::Instrument;
 
 use super::connection::{Classify, Connection, ConnectionError};
 use super::hbone::{PoolKey, StreamGuard, Tunnel};
-use super::{Error, PodProxy, ILLEGAL_PORTS};
+use super::{Accepted, Error, PodProxy, ILLEGAL_PORTS};
 use crate::accesslog::{Direction, Peer};
 use crate::identity::Identity;
-use crate::metrics::OpenSocket;
 use crate::state::service::LoadBalancerMode;
 use crate::state::workload::{GatewayAddress, NetworkAddress, Protocol, Workload};
 use crate::state::{Endpoint, MeshState, ServiceEntry};
@@ -348,8 +347,9 @@ fn peer_of(w: &Arc<Workload>, with_identity: bool) -> Peer {
 }
 
 /// Serves one captured outbound connection.
-/// `_socket` keeps it counted in `istio_tcp_sockets_open` until this returns.
-pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr, _socket: OpenSocket) {
+/// `_accepted` keeps it counted in `istio_tcp_sockets_open` and in the pod's connection limit
+/// until this returns.
+pub async fn handle(pod: Arc<PodProxy>, client: TcpStream, peer: SocketAddr, _accepted: Accepted) {
     let super::OriginalDst(dst) = pod.sockets.original_dst(&client, peer);
     let mut conn = Connection::new(Direction::Outbound, peer, dst);
     let span = conn.span();

@@ -255,6 +255,26 @@ pub async fn bidirectional(
         Engaged::First => PassthroughRelay::KernelOneWay,
         Engaged::Neither => PassthroughRelay::Splice,
     });
+    // Boxed: the kernel relay's state (end watches, meters) is larger than the splice
+    // phase's, and every connection, idle ones included, starts spliced: unboxed, each would
+    // be sized for it.
+    Box::pin(relay_engaged(
+        engaged,
+        (a, ab, ab_start),
+        (b, ba, ba_start),
+        deadline,
+    ))
+    .await
+}
+
+/// Relays a connection after its hand-over to the kernel relay (`engaged` says what the
+/// kernel took): each way's socket, meter, and where its kernel count starts.
+async fn relay_engaged(
+    engaged: Engaged,
+    (a, ab, ab_start): (TcpStream, &Meter, (u64, u64)),
+    (b, ba, ba_start): (TcpStream, &Meter, (u64, u64)),
+    deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
+) -> io::Result<()> {
     match engaged {
         Engaged::Both => {
             // Out of the runtime's poller: the kernel relay's data wakes nobody (each

@@ -14,16 +14,16 @@ use tracing::Instrument;
 use super::*;
 use crate::accesslog::{Direction, Peer};
 use crate::identity::Identity;
-use crate::metrics::OpenSocket;
 use crate::proxy::connection::{Connection, ConnectionError};
-use crate::proxy::{PodProxy, ILLEGAL_PORTS};
+use crate::proxy::{Accepted, PodProxy, ILLEGAL_PORTS};
 use crate::state::workload::Workload;
 use crate::state::MeshState;
 use crate::telemetry::ErrorChain;
 
 /// Serves one connection accepted on a pod's 15008.
-/// `_socket` keeps it counted in `istio_tcp_sockets_open` until this returns.
-pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _socket: OpenSocket) {
+/// `_accepted` keeps it counted in `istio_tcp_sockets_open` and in the pod's connection limit
+/// until this returns.
+pub async fn serve(pod: Arc<PodProxy>, stream: TcpStream, peer: SocketAddr, _accepted: Accepted) {
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -262,35 +262,30 @@ struct Stream {
 
 /// Serves one CONNECT stream: one inbound connection.
 ///
-/// Takes its arguments boxed: an async fn's arguments stay in its future (the task's memory)
-/// for as long as it runs (they were half of this future's 2.8 KB); unpacked into locals,
-/// each takes room only while it is still used. For the same reason [`relay`] gets the
-/// request's body, not the request.
-async fn handle_connect(stream: Box<Stream>) {
-    let Stream {
-        pod,
-        peer,
-        local,
-        client,
-        req,
-        mut answer,
-    } = {
-        // Moved out in a block of its own, so the box is freed here, not when the
-        // connection ends.
-        let boxed = stream;
-        *boxed
-    };
-    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+/// The stream stays boxed while the CONNECT is checked and the application connected, and
+/// is unpacked only for the relay: this future is the task's memory for as long as the
+/// connection lives, and the request (its headers) is not needed once connected.
+async fn handle_connect(mut stream: Box<Stream>) {
+    let authority = stream.req.uri().authority().map(|a| a.as_str().to_string());
     let target: Option<SocketAddr> = authority.as_deref().and_then(|a| a.parse().ok());
     // src.addr is the tunnel's peer, as upstream (and the guide) report it.
+    let peer = stream.peer;
     let mut conn = Connection::new(Direction::Inbound, peer, target.unwrap_or(peer));
     let span = conn.span();
+    let client = stream.client;
     // Boxed: connecting to the application is the largest state of this future, and the
     // task holding it lives as long as the connection; boxed, that memory is freed once the
     // application is connected.
     let accepting = Box::pin(accept_connect(
-        &pod, local, client, &req, authority, target, &mut conn,
+        &stream.pod,
+        stream.local,
+        client,
+        &stream.req,
+        authority,
+        target,
+        &mut conn,
     ));
+    let answer = &mut stream.answer;
     // A client that resets the stream while the application is being connected gives its
     // slots back at once (not after the connect's timeout).
     let accepted = tokio::select! {
@@ -309,9 +304,12 @@ async fn handle_connect(stream: Box<Stream>) {
             } else {
                 conn.finish(Err(refusal.error));
             }
-            return refuse(&mut answer, refusal.status);
+            return refuse(answer, refusal.status);
         }
     };
+    let Stream {
+        pod, req, answer, ..
+    } = *stream;
     // Inline (not a helper taking the future): the connection's future is stored once.
     let result = tokio::select! {
         biased;
