@@ -7,7 +7,7 @@
 //! machine): what an operator reads in `kubectl top` right after a start.
 
 /// Returns every arena's unused dirty pages to the kernel now; returns how many arenas did.
-/// Without jemalloc (the `jemalloc` feature off) there is nothing to return.
+/// Called once, at start-up (two callers at once could leave an arena purging on every free).
 #[cfg(feature = "jemalloc")]
 pub fn release_unused() -> usize {
     use tikv_jemalloc_ctl::{arenas, Access, AsName};
@@ -18,23 +18,36 @@ pub fn release_unused() -> usize {
         .filter(|i| {
             // A decay time of 0 purges the arena's unused dirty pages at once (jemalloc's
             // `arena.<i>.dirty_decay_ms`); the arena's own time is then put back. Arenas not
-            // yet used answer an error and hold nothing.
+            // yet used answer an error and hold nothing; an arena that never purges (-1) or
+            // always does (0) is left as it is.
             let key = format!("arena.{i}.dirty_decay_ms\0");
             let name = key.as_bytes().name();
-            Access::<isize>::read(name)
-                .is_ok_and(|ms| name.write(0isize).is_ok() && name.write(ms).is_ok())
+            match Access::<isize>::read(name) {
+                // Two writes, not `update`: tikv-jemalloc-ctl's `update` hands jemalloc one
+                // buffer for the old and the new value, so jemalloc writes back the old one.
+                Ok(ms) if ms > 0 => match name.write(0isize) {
+                    Ok(()) => {
+                        if let Err(e) = name.write(ms) {
+                            tracing::warn!(arena = i, error = %e, "jemalloc: the arena's decay time was not restored; it returns freed pages at once");
+                        }
+                        true
+                    }
+                    Err(_) => false,
+                },
+                _ => false,
+            }
         })
         .count()
 }
 
-/// Returns every arena's unused dirty pages to the kernel now; returns how many arenas did.
 /// Without jemalloc (the `jemalloc` feature off) there is nothing to return.
 #[cfg(not(feature = "jemalloc"))]
 pub fn release_unused() -> usize {
     0
 }
 
-/// The unit tests run on the agent's allocator too.
+/// The unit tests run on jemalloc too (with its default options: `src/main.rs` sets the
+/// agent's).
 #[cfg(all(test, feature = "jemalloc"))]
 #[global_allocator]
 static TESTS_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -62,9 +75,10 @@ mod tests {
         );
         // ...until released.
         assert!(super::release_unused() > 0, "no arena released its pages");
+        // Other tests run beside this one and free memory too: at least the 4 MiB went.
         let after = dirty_pages();
         assert!(
-            after < before / 8,
+            after + 512 <= before,
             "dirty pages {before} before the release, {after} after"
         );
     }

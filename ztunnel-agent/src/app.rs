@@ -65,7 +65,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     // Loading the eBPF object took several MiB, all freed now: returned at once, not over
     // the allocator's decay time.
-    crate::allocator::release_unused();
+    let arenas = crate::allocator::release_unused();
+    tracing::debug!(arenas, "start-up's freed memory returned to the kernel");
     readiness.unblock(BLOCK_EBPF);
     let state = SharedState::default();
     let certs = match &config.ca {

@@ -494,8 +494,9 @@ pub fn reset_on_close(stream: &impl std::os::fd::AsFd) {
 /// handing each accepted socket to `handle`, which runs as its own task, counted as live
 /// for the drain (the handlers create a [`connection::Connection`] per connection, and the
 /// HBONE server one per CONNECT stream). Each accepted socket is counted in
-/// `istio_tcp_sockets_open` under `reporter` (outbound: source; inbound: destination) for
-/// as long as its handler holds the [`Accepted`]. Returning closes the listener.
+/// `istio_tcp_sockets_open` under `reporter` (outbound: source; inbound: destination), and
+/// in the pod's connection limit, for as long as its handler holds the [`Accepted`].
+/// Returning closes the listener.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     pod: Arc<PodProxy>,

@@ -1,6 +1,15 @@
 //! `cargo xtask bench`: direct TCP, agent TCP passthrough and agent HBONE measured in one run
 //! on the same two-node network-namespace path, each figure with its ratio to direct TCP.
 //! Not a test: figures vary with the machine; ratios in one run are what compare.
+//!
+//! For profiling, `ZTUNNEL_BENCH_PROFILE` runs one thing alone and exits: `bulk` or
+//! `connections` (HBONE, four times, for `perf record -p` on the printed pids), or `memory`
+//! (1,000 idle HBONE connections on fresh agents, which are killed while the connections are
+//! held). For a heap profiler, point `ZTUNNEL_AGENT_BIN` at a wrapper that `exec`s the agent
+//! (so the pid and the kill reach it) and records as it goes, as heaptrack's preload library
+//! does (`LD_PRELOAD=.../libheaptrack_preload.so DUMP_HEAPTRACK_OUTPUT=file`, on an agent
+//! built with `--no-default-features`, i.e. glibc's malloc); a profiler that reports only at
+//! exit loses its report to the kill.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -335,6 +344,17 @@ fn aes_gcm_seconds_per_gb() -> f64 {
     best
 }
 
+/// Before the idle connections are measured: one connection from `client` to `echo` first
+/// (certificates, the pooled tunnel: a one-time cost, not the idle connections'), then the
+/// agents given time to return start-up's garbage. Returns `echo`.
+fn warm_up_and_settle(client: &Pod, echo: SocketAddr) -> SocketAddr {
+    in_netns(&client.netns_path(), move || {
+        let _ = std::net::TcpStream::connect(echo);
+    });
+    std::thread::sleep(SETTLE);
+    echo
+}
+
 /// The agents' RSS together, in KiB.
 fn agents_rss(pids: &[u32]) -> u64 {
     pids.iter().map(|p| rss_kib(*p)).sum()
@@ -552,11 +572,7 @@ fn main() {
         if what == "memory" {
             // For a heap profiler around the agents (ZTUNNEL_AGENT_BIN a wrapper): the idle
             // connections alone, on fresh agents, as the memory figure below measures them.
-            let echo = SocketAddr::new(hs.ip4, ECHO_PORT);
-            in_netns(&hc.netns_path(), move || {
-                let _ = std::net::TcpStream::connect(echo);
-            });
-            std::thread::sleep(SETTLE);
+            let echo = warm_up_and_settle(&hc, SocketAddr::new(hs.ip4, ECHO_PORT));
             // The agents are killed while the connections are open: a heap profiler's
             // report then lists what each held connection holds as never freed.
             let (before, after) = idle_rss(&hc, echo, &[&a1, &a2], || {
@@ -612,15 +628,8 @@ fn main() {
     // load figures, memory the allocator kept from them would serve the idle connections
     // and hide their cost.
     eprintln!("agent memory with {IDLE_CONNECTIONS} idle HBONE connections...");
-    // Warm up from the client pod (certificates, the pooled tunnel): a one-time cost, not
-    // the idle connections'.
-    let echo = SocketAddr::new(hs.ip4, ECHO_PORT);
-    in_netns(&hc.netns_path(), move || {
-        let _ = std::net::TcpStream::connect(echo);
-    });
-    // Start-up's garbage (certificates, programs loaded) given back first.
-    std::thread::sleep(SETTLE);
-    let hold = || idle_rss(&hc, SocketAddr::new(hs.ip4, ECHO_PORT), &[&a1, &a2], || {});
+    let echo = warm_up_and_settle(&hc, SocketAddr::new(hs.ip4, ECHO_PORT));
+    let hold = || idle_rss(&hc, echo, &[&a1, &a2], || {});
     let (before, after) = hold();
     // Memory given back once a burst is over: RSS a while after the connections closed,
     // after one burst and after three.
