@@ -63,8 +63,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for (program, state) in redirect.attachments() {
         tracing::info!(program, state = ?state, cgroup = %config.redirect.cgroup.display(), "eBPF program");
     }
-    // Loading the eBPF object took several MiB, all freed now: returned at once, not over
-    // the allocator's decay time.
+    // Loading eBPF parsed the kernel's BTF (several MiB, all freed now): returned at once,
+    // not over the allocator's decay time.
     let arenas = crate::allocator::release_unused();
     tracing::debug!(arenas, "start-up's freed memory returned to the kernel");
     readiness.unblock(BLOCK_EBPF);
