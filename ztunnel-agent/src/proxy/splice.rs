@@ -433,6 +433,25 @@ mod tests {
     /// The kernel relay tests count on a process-wide metric: one at a time.
     static KERNEL_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+    /// A kernel relay test's turn: the relay (with its loaded object) and the lock that
+    /// keeps the other kernel relay tests waiting. None: the test skips (see
+    /// `relay_testing::relay`).
+    struct KernelTurn {
+        relay: KernelRelay,
+        _ebpf: aya::Ebpf,
+        _one_at_a_time: tokio::sync::MutexGuard<'static, ()>,
+    }
+
+    async fn kernel_turn() -> Option<KernelTurn> {
+        let one_at_a_time = KERNEL_TESTS.lock().await;
+        let (ebpf, relay) = crate::redirect::relay_testing::relay()?;
+        Some(KernelTurn {
+            relay,
+            _ebpf: ebpf,
+            _one_at_a_time: one_at_a_time,
+        })
+    }
+
     /// Connections the kernel relay took so far (process-wide).
     fn kernel_count() -> u64 {
         crate::metrics::global().passthrough_relays(PassthroughRelay::Kernel)
@@ -543,12 +562,12 @@ mod tests {
 
     #[tokio::test]
     async fn kernel_relays_both_ways_with_half_close_and_counts() {
-        let _one_at_a_time = KERNEL_TESTS.lock().await;
-        let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
+        let Some(turn) = kernel_turn().await else {
             return;
         };
+        let relay = &turn.relay;
         let before = kernel_count();
-        let (ab, ba, err) = relay_one(Some(&relay)).await;
+        let (ab, ba, err) = relay_one(Some(relay)).await;
         assert!(err.is_none(), "{err:?}");
         assert_eq!((ab, ba), (5_000_045, 50));
         assert_eq!(kernel_count() - before, 1, "the kernel took both ways");
@@ -556,13 +575,13 @@ mod tests {
 
     #[tokio::test]
     async fn kernel_relay_passes_a_reset_on_to_the_client() {
-        let _one_at_a_time = KERNEL_TESTS.lock().await;
-        let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
+        let Some(turn) = kernel_turn().await else {
             return;
         };
+        let relay = &turn.relay;
         let before = kernel_count();
         let (mut client, client_side, server_side, mut server) = sockets().await;
-        let relaying = relay_counted(client_side, server_side, Some(&relay));
+        let relaying = relay_counted(client_side, server_side, Some(relay));
         let talk = async {
             pings(&mut client, 10).await;
             let mut rest = Vec::new();
@@ -590,10 +609,10 @@ mod tests {
 
     #[tokio::test]
     async fn kernel_relay_takes_what_both_sockets_already_hold() {
-        let _one_at_a_time = KERNEL_TESTS.lock().await;
-        let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
+        let Some(turn) = kernel_turn().await else {
             return;
         };
+        let relay = &turn.relay;
         let (mut client, client_side, server_side, mut server) = sockets().await;
         client.write_all(b"queued up").await.expect("client write");
         server
@@ -624,13 +643,13 @@ mod tests {
 
     #[tokio::test]
     async fn kernel_relay_resets_the_server_when_a_half_closed_client_resets() {
-        let _one_at_a_time = KERNEL_TESTS.lock().await;
-        let Some((_ebpf, relay)) = crate::redirect::relay_testing::relay() else {
+        let Some(turn) = kernel_turn().await else {
             return;
         };
+        let relay = &turn.relay;
         let before = kernel_count();
         let (mut client, client_side, server_side, mut server) = sockets().await;
-        let relaying = relay_counted(client_side, server_side, Some(&relay));
+        let relaying = relay_counted(client_side, server_side, Some(relay));
         let talk = async {
             pings(&mut client, 10).await;
             while kernel_count() == before {
