@@ -1,6 +1,9 @@
-//! Zero-copy relay between two TCP sockets (plain passthrough). Each direction moves bytes
-//! socket -> pipe -> socket with splice(2), so payload never enters userspace, though the
-//! agent is woken for every chunk. Where the kernel relay is on (`redirect::KernelRelay`),
+//! Relay between two TCP sockets (plain passthrough). Each direction copies small moves
+//! through a buffer on the stack (a read and a write), and once a move fills that buffer
+//! (bulk) moves bytes socket -> pipe -> socket with splice(2), so bulk payload never enters
+//! userspace, though the agent is woken for every chunk. A connection that never moves bulk
+//! never makes a pipe: a pipe's creation, sizing and release cost more than a short
+//! connection's copies. Where the kernel relay is on (`redirect::KernelRelay`),
 //! a connection that shows itself interactive is then handed to it at a point where
 //! nothing is in flight: from there the kernel sends what one socket receives out of the
 //! other, and the agent only waits for each direction's end.
@@ -65,9 +68,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// A spliced connection is handed to the kernel relay once it has shown itself
 /// interactive: this many small moves (both directions together), none large.
 const ENGAGE_AFTER_SMALL: u32 = 8;
-/// A move of at most this much is small. One larger marks the connection as bulk, which
-/// stays spliced: splice moves bulk with less CPU per byte than the kernel relay, whose
-/// per-packet work pays off only in latency and request rate.
+/// A move of less than this much is small. One this large marks the connection as bulk,
+/// which stays spliced: splice moves bulk with less CPU per byte than the kernel relay,
+/// whose per-packet work pays off only in latency and request rate. Also the size of the
+/// stack buffer small moves are copied through: a read that fills it is bulk's first move.
 const SMALL_MOVE: usize = 16 * 1024;
 
 /// What the two spliced directions of one connection share (one task polls both).
@@ -109,7 +113,7 @@ impl Splicing<'_> {
     }
 
     fn moved(&self, n: usize) {
-        if n > SMALL_MOVE {
+        if n >= SMALL_MOVE {
             self.bulk.store(true, Ordering::Relaxed);
         } else {
             self.small_moves.fetch_add(1, Ordering::Relaxed);
@@ -125,10 +129,39 @@ enum Spliced {
     Engage,
 }
 
+/// What one copied move did.
+enum Copied {
+    /// `from` reached EOF.
+    Eof,
+    /// `read` bytes came from `from`; `to` took all but `rest` at once.
+    Moved { read: usize, rest: Vec<u8> },
+}
+
+/// Reads what `from` holds (up to [`SMALL_MOVE`]) into a buffer on the stack and writes it
+/// to `to` at once; what `to` cannot take now is returned, to be written once it can.
+/// Not async, so the buffer is never part of a connection's future.
+fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Copied> {
+    let mut buf = [0u8; SMALL_MOVE];
+    let read = from.try_read(&mut buf)?;
+    if read == 0 {
+        return Ok(Copied::Eof);
+    }
+    let taken = match to.try_write(&buf[..read]) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    Ok(Copied::Moved {
+        read,
+        rest: buf[taken..read].to_vec(),
+    })
+}
+
 /// Moves `from` to `to` (direction `i` of `shared`) until EOF, then shuts `to`'s write side
-/// down; counts what reaches `to` in `meter` as it goes. Stops early, when its source is
-/// drained and the other direction's too, if the connection is to be handed to the kernel
-/// relay.
+/// down; counts what reaches `to` in `meter` as it goes. Small moves are copied (see
+/// [`copy_once`]); from the first move that fills the copy buffer on, the direction is
+/// spliced through a pipe made then. Stops early, when its source is drained and the other
+/// direction's too, if the connection is to be handed to the kernel relay.
 async fn one_way(
     i: usize,
     from: &TcpStream,
@@ -136,13 +169,21 @@ async fn one_way(
     meter: &Meter,
     shared: &Splicing<'_>,
 ) -> io::Result<Spliced> {
-    let (pipe_r, pipe_w) = pipe()?;
+    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     loop {
-        // Fill the pipe from the source socket.
         from.readable().await?;
-        let moved = from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe_w.as_raw_fd(), CHUNK)
-        });
+        let moved = match &pipe {
+            // Fill the pipe from the source socket.
+            Some((_, pipe_w)) => from
+                .try_io(Interest::READABLE, || {
+                    splice(from.as_raw_fd(), pipe_w.as_raw_fd(), CHUNK)
+                })
+                .map(|n| (n, Vec::new())),
+            None => copy_once(from, to).map(|copied| match copied {
+                Copied::Eof => (0, Vec::new()),
+                Copied::Moved { read, rest } => (read, rest),
+            }),
+        };
         shared.drained[i].store(
             matches!(&moved, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
             Ordering::Relaxed,
@@ -150,18 +191,40 @@ async fn one_way(
         if shared.engage_now() {
             return Ok(Spliced::Engage);
         }
-        let mut in_pipe = match moved {
-            Ok(0) => {
+        let (n, mut rest) = match moved {
+            Ok((0, _)) => {
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
                 shared.ended[i].store(true, Ordering::Relaxed);
                 return Ok(Spliced::Ended);
             }
-            Ok(n) => n,
+            Ok(moved) => moved,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        shared.moved(in_pipe);
-        // Drain it into the destination socket.
+        shared.moved(n);
+        let Some((pipe_r, _)) = &pipe else {
+            // Copied: `to` took all but `rest` already.
+            meter.add(n - rest.len());
+            while !rest.is_empty() {
+                to.writable().await?;
+                match to.try_write(&rest) {
+                    Ok(taken) => {
+                        rest.drain(..taken);
+                        meter.add(taken);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if n >= SMALL_MOVE {
+                // Bulk: spliced from now on. Without a pipe (the fd limit reached), copying
+                // goes on: slower, never failed.
+                pipe = self::pipe().ok();
+            }
+            continue;
+        };
+        // Drain the pipe into the destination socket.
+        let mut in_pipe = n;
         while in_pipe > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
@@ -558,6 +621,44 @@ mod tests {
         let (ab, ba, err) = relay_one(None).await;
         assert!(err.is_none(), "{err:?}");
         assert_eq!((ab, ba), (5_000_045, 50));
+    }
+
+    /// Small writes to a destination that does not read yet: copied moves back up (the
+    /// relay's socket to the server takes only a few KiB), and what piles up at the client's
+    /// side then fills the copy buffer, so the direction turns to splice with a copied move
+    /// still half written. Every byte arrives once, in order, and is counted.
+    #[tokio::test]
+    async fn copied_moves_a_slow_destination_backs_up_arrive_in_order_and_counted() {
+        let (mut client, client_side, server_side, mut server) = sockets().await;
+        socket2::SockRef::from(&server_side)
+            .set_send_buffer_size(4096)
+            .expect("small send buffer");
+        let relaying = relay_counted(client_side, server_side, None);
+        let payload: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let talk = async {
+            for chunk in sent.chunks(1000) {
+                client.write_all(chunk).await.expect("write");
+                tokio::time::sleep(Duration::from_micros(50)).await;
+            }
+            client.shutdown().await.expect("half-close");
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.expect("client reads");
+            reply
+        };
+        let serve = async {
+            // Not reading yet: the relay's writes to this side back up.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.expect("server reads");
+            server.shutdown().await.expect("close");
+            got
+        };
+        let (reply, got, (ab, ba, relayed)) = tokio::join!(talk, serve, relaying);
+        assert!(relayed.is_ok(), "{relayed:?}");
+        assert!(reply.is_empty());
+        assert!(got == payload, "every byte arrived once and in order");
+        assert_eq!((ab, ba), (400_000, 0));
     }
 
     #[tokio::test]
