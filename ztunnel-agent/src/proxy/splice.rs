@@ -285,6 +285,7 @@ pub async fn bidirectional(
     deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
     relay: Option<&KernelRelay>,
 ) -> Result<(), io::Error> {
+    let mut counted = RelayCount { spliced: true };
     let mut deadline = std::pin::pin!(deadline);
     let engage = end_both(
         &a,
@@ -295,10 +296,7 @@ pub async fn bidirectional(
     .await;
     let relay = match (engage, relay) {
         (Ok(true), Some(relay)) => relay,
-        (ended, _) => {
-            crate::metrics::global().passthrough_relay(PassthroughRelay::Splice);
-            return ended.map(|_| ());
-        }
+        (ended, _) => return ended.map(|_| ()),
     };
     // Where each way's kernel count starts: what it moved spliced and what its destination
     // had been written (taken before the kernel starts writing).
@@ -306,18 +304,13 @@ pub async fn bidirectional(
     let (ab_start, ba_start) = match starts {
         Ok(starts) => starts,
         Err(e) => {
-            crate::metrics::global().passthrough_relay(PassthroughRelay::Splice);
             super::reset_on_close(&a);
             super::reset_on_close(&b);
             return Err(e);
         }
     };
     let engaged = relay.engage(a.as_fd(), b.as_fd());
-    crate::metrics::global().passthrough_relay(match engaged {
-        Engaged::Both => PassthroughRelay::Kernel,
-        Engaged::First => PassthroughRelay::KernelOneWay,
-        Engaged::Neither => PassthroughRelay::Splice,
-    });
+    counted.engaged(&engaged);
     // Boxed: the kernel relay's state (end watches, meters) is larger than the splice
     // phase's, and every connection, idle ones included, starts spliced: unboxed, each would
     // be sized for it.
@@ -328,6 +321,37 @@ pub async fn bidirectional(
         deadline,
     ))
     .await
+}
+
+/// Counts its connection in `ztunnel_passthrough_connections_total` once: under the kernel
+/// relay when handed over (so a long-lived relayed connection shows while it lasts), else as
+/// spliced when dropped. It lives as long as the relay, so a relay cut short (a policy
+/// revocation, the drain overdue: the outer selects drop it, never finish it) still counts.
+struct RelayCount {
+    /// Not counted yet: counted as spliced when dropped.
+    spliced: bool,
+}
+
+impl RelayCount {
+    /// Counts the hand-over's outcome now; a connection the kernel refused whole stays to be
+    /// counted as spliced.
+    fn engaged(&mut self, engaged: &Engaged) {
+        let relay = match engaged {
+            Engaged::Both => PassthroughRelay::Kernel,
+            Engaged::First => PassthroughRelay::KernelOneWay,
+            Engaged::Neither => return,
+        };
+        crate::metrics::global().passthrough_relay(relay);
+        self.spliced = false;
+    }
+}
+
+impl Drop for RelayCount {
+    fn drop(&mut self) {
+        if self.spliced {
+            crate::metrics::global().passthrough_relay(PassthroughRelay::Splice);
+        }
+    }
 }
 
 /// Relays a connection after its hand-over to the kernel relay (`engaged` says what the
@@ -493,8 +517,9 @@ mod tests {
 
     use super::*;
 
-    /// The kernel relay tests count on a process-wide metric: one at a time.
-    static KERNEL_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    /// The relay tests count on a process-wide metric (connections by how their bytes
+    /// moved): one at a time.
+    static RELAY_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     /// A kernel relay test's turn: the relay (with its loaded object) and the lock that
     /// keeps the other kernel relay tests waiting. None: the test skips (see
@@ -506,7 +531,7 @@ mod tests {
     }
 
     async fn kernel_turn() -> Option<KernelTurn> {
-        let one_at_a_time = KERNEL_TESTS.lock().await;
+        let one_at_a_time = RELAY_TESTS.lock().await;
         let (ebpf, relay) = crate::redirect::relay_testing::relay()?;
         Some(KernelTurn {
             relay,
@@ -616,9 +641,17 @@ mod tests {
         (ab, ba, relayed.err())
     }
 
+    /// Connections counted as spliced so far (process-wide).
+    fn splice_count() -> u64 {
+        crate::metrics::global().passthrough_relays(PassthroughRelay::Splice)
+    }
+
     #[tokio::test]
     async fn splices_both_ways_with_half_close_and_counts() {
+        let _one_at_a_time = RELAY_TESTS.lock().await;
+        let before = splice_count();
         let (ab, ba, err) = relay_one(None).await;
+        assert_eq!(splice_count() - before, 1, "counted once, as spliced");
         assert!(err.is_none(), "{err:?}");
         assert_eq!((ab, ba), (5_000_045, 50));
     }
@@ -629,6 +662,7 @@ mod tests {
     /// still half written. Every byte arrives once, in order, and is counted.
     #[tokio::test]
     async fn copied_moves_a_slow_destination_backs_up_arrive_in_order_and_counted() {
+        let _one_at_a_time = RELAY_TESTS.lock().await;
         let (mut client, client_side, server_side, mut server) = sockets().await;
         socket2::SockRef::from(&server_side)
             .set_send_buffer_size(4096)
@@ -659,6 +693,35 @@ mod tests {
         assert!(reply.is_empty());
         assert!(got == payload, "every byte arrived once and in order");
         assert_eq!((ab, ba), (400_000, 0));
+    }
+
+    /// A relay dropped mid-connection, as a policy revocation or the drain's select drops
+    /// it, is still counted, once, as spliced.
+    #[tokio::test]
+    async fn a_relay_cut_short_is_counted_once_as_spliced() {
+        let _one_at_a_time = RELAY_TESTS.lock().await;
+        let before = splice_count();
+        let (mut client, client_side, server_side, mut server) = sockets().await;
+        let (ab, ba) = (Meter::default(), Meter::default());
+        let relaying = bidirectional(
+            client_side,
+            server_side,
+            &ab,
+            &ba,
+            std::future::pending(),
+            None,
+        );
+        let exchange = async {
+            client.write_all(b"ping").await.expect("ping");
+            let mut ping = [0u8; 4];
+            server.read_exact(&mut ping).await.expect("ping arrives");
+        };
+        tokio::select! {
+            ended = relaying => panic!("the relay ended by itself: {ended:?}"),
+            () = exchange => {}
+        }
+        assert_eq!(splice_count() - before, 1);
+        assert_eq!(ab.get(), 4);
     }
 
     #[tokio::test]
