@@ -29,6 +29,13 @@ use crate::socket::{tcp_totals, EndWatch};
 /// How much one splice call moves at most (the pipe is sized to match).
 const CHUNK: usize = 256 * 1024;
 
+/// Pipes made, and copied moves the destination took only part of: the tests check the
+/// paths they name were taken.
+#[cfg(test)]
+static PIPES_MADE: AtomicU64 = AtomicU64::new(0);
+#[cfg(test)]
+static RESTS_KEPT: AtomicU64 = AtomicU64::new(0);
+
 /// A non-blocking pipe: (read end, write end).
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
@@ -37,6 +44,8 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    #[cfg(test)]
+    PIPES_MADE.fetch_add(1, Ordering::Relaxed);
     // SAFETY: pipe2 succeeded, so both fds are new and owned by nobody else.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // A larger pipe means fewer calls; failing to grow it only costs speed.
@@ -78,7 +87,8 @@ const SMALL_MOVE: usize = 16 * 1024;
 struct Splicing<'r> {
     /// Where the connection may be handed once interactive (None: spliced to the end).
     relay: Option<&'r KernelRelay>,
-    /// Per direction: its last read found the source socket empty, and its pipe is empty:
+    /// Per direction: its last read found the source socket empty, and neither its pipe
+    /// nor a copied move's unwritten rest holds a byte:
     /// no byte of it is in flight and no packet of its source is half read (the kernel
     /// relay takes packets whole, so a half-read one would be sent again).
     drained: [AtomicBool; 2],
@@ -170,6 +180,8 @@ async fn one_way(
     shared: &Splicing<'_>,
 ) -> io::Result<Spliced> {
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+    // No pipe could be made (the fd limit): this direction copies to its end.
+    let mut copy_only = false;
     loop {
         from.readable().await?;
         let moved = match &pipe {
@@ -205,6 +217,10 @@ async fn one_way(
         let Some((pipe_r, _)) = &pipe else {
             // Copied: `to` took all but `rest` already.
             meter.add(n - rest.len());
+            #[cfg(test)]
+            if !rest.is_empty() {
+                RESTS_KEPT.fetch_add(1, Ordering::Relaxed);
+            }
             while !rest.is_empty() {
                 to.writable().await?;
                 match to.try_write(&rest) {
@@ -216,10 +232,11 @@ async fn one_way(
                     Err(e) => return Err(e),
                 }
             }
-            if n >= SMALL_MOVE {
+            if n >= SMALL_MOVE && !copy_only {
                 // Bulk: spliced from now on. Without a pipe (the fd limit reached), copying
                 // goes on: slower, never failed.
                 pipe = self::pipe().ok();
+                copy_only = pipe.is_none();
             }
             continue;
         };
@@ -277,15 +294,30 @@ async fn splice_both(
 ///
 /// The connection starts spliced. With `relay`, once it shows itself interactive (small
 /// moves, no bulk) the kernel takes over every direction it accepts.
-pub async fn bidirectional(
+///
+/// Not `async fn`: the connection's count (see [`RelayCount`]) is taken when the relay is
+/// made, so a relay dropped before its first poll (a select that finds the connection
+/// already revoked) is counted too.
+pub fn bidirectional<'r>(
     a: TcpStream,
     b: TcpStream,
-    ab: &Meter,
-    ba: &Meter,
+    ab: &'r Meter,
+    ba: &'r Meter,
+    deadline: impl std::future::Future<Output = crate::drain::DeadlineReached> + 'r,
+    relay: Option<&'r KernelRelay>,
+) -> impl std::future::Future<Output = io::Result<()>> + 'r {
+    let counted = RelayCount { spliced: true };
+    relay_and_count(a, b, (ab, ba), deadline, relay, counted)
+}
+
+async fn relay_and_count(
+    a: TcpStream,
+    b: TcpStream,
+    (ab, ba): (&Meter, &Meter),
     deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
     relay: Option<&KernelRelay>,
-) -> Result<(), io::Error> {
-    let mut counted = RelayCount { spliced: true };
+    mut counted: RelayCount,
+) -> io::Result<()> {
     let mut deadline = std::pin::pin!(deadline);
     let engage = end_both(
         &a,
@@ -656,13 +688,17 @@ mod tests {
         assert_eq!((ab, ba), (5_000_045, 50));
     }
 
-    /// Small writes to a destination that does not read yet: copied moves back up (the
-    /// relay's socket to the server takes only a few KiB), and what piles up at the client's
-    /// side then fills the copy buffer, so the direction turns to splice with a copied move
-    /// still half written. Every byte arrives once, in order, and is counted.
+    /// Small writes to a destination that does not read yet: copied moves back up (a
+    /// copied move is left half written), what piles up at the client's side then fills the
+    /// copy buffer, and the direction turns to splice. Every byte arrives once, in order, and
+    /// is counted.
     #[tokio::test]
     async fn copied_moves_a_slow_destination_backs_up_arrive_in_order_and_counted() {
         let _one_at_a_time = RELAY_TESTS.lock().await;
+        let (pipes, rests) = (
+            PIPES_MADE.load(Ordering::Relaxed),
+            RESTS_KEPT.load(Ordering::Relaxed),
+        );
         let (mut client, client_side, server_side, mut server) = sockets().await;
         socket2::SockRef::from(&server_side)
             .set_send_buffer_size(4096)
@@ -670,9 +706,11 @@ mod tests {
         let relaying = relay_counted(client_side, server_side, None);
         let payload: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
+        let written = std::cell::Cell::new(0usize);
         let talk = async {
             for chunk in sent.chunks(1000) {
                 client.write_all(chunk).await.expect("write");
+                written.set(written.get() + chunk.len());
                 tokio::time::sleep(Duration::from_micros(50)).await;
             }
             client.shutdown().await.expect("half-close");
@@ -681,8 +719,20 @@ mod tests {
             reply
         };
         let serve = async {
-            // Not reading yet: the relay's writes to this side back up.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Not reading until a copied move was left half written, and until 40 KB more
+            // have piled up at the client's side: the relay's next read fills its buffer.
+            let give_up = std::time::Instant::now() + Duration::from_secs(30);
+            while RESTS_KEPT.load(Ordering::Relaxed) == rests {
+                assert!(
+                    std::time::Instant::now() < give_up,
+                    "the relay's writes never backed up"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mark = written.get();
+            while written.get() < (mark + 40_000).min(payload.len()) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             let mut got = Vec::new();
             server.read_to_end(&mut got).await.expect("server reads");
             server.shutdown().await.expect("close");
@@ -693,6 +743,10 @@ mod tests {
         assert!(reply.is_empty());
         assert!(got == payload, "every byte arrived once and in order");
         assert_eq!((ab, ba), (400_000, 0));
+        assert!(
+            PIPES_MADE.load(Ordering::Relaxed) > pipes,
+            "the direction turned to splice"
+        );
     }
 
     /// A relay dropped mid-connection, as a policy revocation or the drain's select drops
