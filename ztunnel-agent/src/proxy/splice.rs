@@ -139,32 +139,51 @@ enum Spliced {
     Engage,
 }
 
-/// What one copied move did.
-enum Copied {
-    /// `from` reached EOF.
-    Eof,
-    /// `read` bytes came from `from`; `to` took all but `rest` at once.
-    Moved { read: usize, rest: Vec<u8> },
+thread_local! {
+    /// The buffer small moves are copied through, one per runtime thread: zeroed once,
+    /// not on every read (a copy holds it only within one synchronous call).
+    static COPY_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SMALL_MOVE].into_boxed_slice());
 }
 
-/// Reads what `from` holds (up to [`SMALL_MOVE`]) into a buffer on the stack and writes it
-/// to `to` at once; what `to` cannot take now is returned, to be written once it can.
-/// Not async, so the buffer is never part of a connection's future.
-fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Copied> {
-    let mut buf = [0u8; SMALL_MOVE];
-    let read = from.try_read(&mut buf)?;
-    if read == 0 {
-        return Ok(Copied::Eof);
-    }
-    let taken = match to.try_write(&buf[..read]) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err(e),
-    };
-    Ok(Copied::Moved {
-        read,
-        rest: buf[taken..read].to_vec(),
+/// Reads what `from` holds (up to [`SMALL_MOVE`]) and writes it to `to` at once: how much
+/// was read (0: EOF) and what `to` could not take now, to be written once it can. Not
+/// async, so the buffer is never part of a connection's future.
+fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<(usize, Vec<u8>)> {
+    COPY_BUF.with_borrow_mut(|buf| {
+        let read = from.try_read(buf)?;
+        if read == 0 {
+            return Ok((0, Vec::new()));
+        }
+        let taken = match to.try_write(&buf[..read]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        Ok((read, buf[taken..read].to_vec()))
     })
+}
+
+/// Writes `len` bytes to `to` with `write` (given what is left, it returns what it wrote),
+/// waiting for `to` to take them; counts each write in `meter`.
+async fn write_out(
+    to: &TcpStream,
+    meter: &Meter,
+    mut len: usize,
+    mut write: impl FnMut(usize) -> io::Result<usize>,
+) -> io::Result<()> {
+    while len > 0 {
+        to.writable().await?;
+        match to.try_io(Interest::WRITABLE, || write(len)) {
+            Ok(n) => {
+                len -= n;
+                meter.add(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Moves `from` to `to` (direction `i` of `shared`) until EOF, then shuts `to`'s write side
@@ -184,6 +203,7 @@ async fn one_way(
     let mut copy_only = false;
     loop {
         from.readable().await?;
+        // What was read, and (copied) what `to` did not take yet.
         let moved = match &pipe {
             // Fill the pipe from the source socket.
             Some((_, pipe_w)) => from
@@ -191,10 +211,7 @@ async fn one_way(
                     splice(from.as_raw_fd(), pipe_w.as_raw_fd(), CHUNK)
                 })
                 .map(|n| (n, Vec::new())),
-            None => copy_once(from, to).map(|copied| match copied {
-                Copied::Eof => (0, Vec::new()),
-                Copied::Moved { read, rest } => (read, rest),
-            }),
+            None => copy_once(from, to),
         };
         shared.drained[i].store(
             matches!(&moved, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
@@ -203,7 +220,7 @@ async fn one_way(
         if shared.engage_now() {
             return Ok(Spliced::Engage);
         }
-        let (n, mut rest) = match moved {
+        let (n, rest) = match moved {
             Ok((0, _)) => {
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
                 shared.ended[i].store(true, Ordering::Relaxed);
@@ -214,45 +231,32 @@ async fn one_way(
             Err(e) => return Err(e),
         };
         shared.moved(n);
-        let Some((pipe_r, _)) = &pipe else {
-            // Copied: `to` took all but `rest` already.
-            meter.add(n - rest.len());
-            #[cfg(test)]
-            if !rest.is_empty() {
-                RESTS_KEPT.fetch_add(1, Ordering::Relaxed);
+        match &pipe {
+            // Drain the pipe into the destination socket.
+            Some((pipe_r, _)) => {
+                write_out(to, meter, n, |left| {
+                    splice(pipe_r.as_raw_fd(), to.as_raw_fd(), left)
+                })
+                .await?;
             }
-            while !rest.is_empty() {
-                to.writable().await?;
-                match to.try_write(&rest) {
-                    Ok(taken) => {
-                        rest.drain(..taken);
-                        meter.add(taken);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+            None => {
+                // Copied: `to` took all but `rest` already.
+                meter.add(n - rest.len());
+                #[cfg(test)]
+                if !rest.is_empty() {
+                    RESTS_KEPT.fetch_add(1, Ordering::Relaxed);
                 }
-            }
-            if n >= SMALL_MOVE && !copy_only {
-                // Bulk: spliced from now on. Without a pipe (the fd limit reached), copying
-                // goes on: slower, never failed.
-                pipe = self::pipe().ok();
-                copy_only = pipe.is_none();
-            }
-            continue;
-        };
-        // Drain the pipe into the destination socket.
-        let mut in_pipe = n;
-        while in_pipe > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe_r.as_raw_fd(), to.as_raw_fd(), in_pipe)
-            }) {
-                Ok(n) => {
-                    in_pipe -= n;
-                    meter.add(n);
+                write_out(to, meter, rest.len(), |left| {
+                    socket2::SockRef::from(to)
+                        .send_with_flags(&rest[rest.len() - left..], libc::MSG_NOSIGNAL)
+                })
+                .await?;
+                if n >= SMALL_MOVE && !copy_only {
+                    // Bulk: spliced from now on. Without a pipe (the fd limit reached),
+                    // copying goes on: slower, never failed.
+                    pipe = self::pipe().ok();
+                    copy_only = pipe.is_none();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
             }
         }
     }
