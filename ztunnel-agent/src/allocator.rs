@@ -74,8 +74,12 @@ mod tests {
             before >= 512,
             "4 MiB freed should leave dirty pages, found {before}"
         );
-        // ...until released.
+        // ...until released, the arenas keeping their decay time.
+        let decay =
+            || Access::<isize>::read(b"arena.0.dirty_decay_ms\0".name()).expect("decay time");
+        let decay_before = decay();
         assert!(super::release_unused() > 0, "no arena released its pages");
+        assert_eq!(decay(), decay_before, "the decay time was put back");
         // Other tests run beside this one and free memory too: at least the 4 MiB went.
         let after = dirty_pages();
         assert!(

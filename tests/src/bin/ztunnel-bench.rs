@@ -346,13 +346,18 @@ fn aes_gcm_seconds_per_gb() -> f64 {
 
 /// Before the idle connections are measured: one connection from `client` to `echo` first
 /// (certificates, the pooled tunnel: a one-time cost, not the idle connections'), then the
-/// agents given time to return start-up's garbage. Returns `echo`.
-fn warm_up_and_settle(client: &Pod, echo: SocketAddr) -> SocketAddr {
+/// agents given time to return start-up's garbage.
+fn warm_up_and_settle(client: &Pod, echo: SocketAddr) {
     in_netns(&client.netns_path(), move || {
         let _ = std::net::TcpStream::connect(echo);
     });
     std::thread::sleep(SETTLE);
-    echo
+}
+
+/// KiB of RSS per idle connection: the growth from `before` to `after` (KiB) over
+/// [`IDLE_CONNECTIONS`].
+fn kib_per_connection(before: u64, after: u64) -> f64 {
+    after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64
 }
 
 /// The agents' RSS together, in KiB.
@@ -572,7 +577,8 @@ fn main() {
         if what == "memory" {
             // For a heap profiler around the agents (ZTUNNEL_AGENT_BIN a wrapper): the idle
             // connections alone, on fresh agents, as the memory figure below measures them.
-            let echo = warm_up_and_settle(&hc, SocketAddr::new(hs.ip4, ECHO_PORT));
+            let echo = SocketAddr::new(hs.ip4, ECHO_PORT);
+            warm_up_and_settle(&hc, echo);
             // The agents are killed while the connections are open: a heap profiler's
             // report then lists what each held connection holds as never freed.
             let (before, after) = idle_rss(&hc, echo, &[&a1, &a2], || {
@@ -581,7 +587,7 @@ fn main() {
             });
             println!(
                 "agents' RSS {before} KiB before, {after} KiB with {IDLE_CONNECTIONS} idle HBONE connections: {:.1} KiB per connection",
-                after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64
+                kib_per_connection(before, after)
             );
             return;
         }
@@ -628,7 +634,8 @@ fn main() {
     // load figures, memory the allocator kept from them would serve the idle connections
     // and hide their cost.
     eprintln!("agent memory with {IDLE_CONNECTIONS} idle HBONE connections...");
-    let echo = warm_up_and_settle(&hc, SocketAddr::new(hs.ip4, ECHO_PORT));
+    let echo = SocketAddr::new(hs.ip4, ECHO_PORT);
+    warm_up_and_settle(&hc, echo);
     let hold = || idle_rss(&hc, echo, &[&a1, &a2], || {});
     let (before, after) = hold();
     // Memory given back once a burst is over: RSS a while after the connections closed,
@@ -787,10 +794,9 @@ fn main() {
             on / off
         ));
     }
-    let growth = after.saturating_sub(before);
     out.push_str(&format!(
         "\nAgents' RSS (both nodes, fresh): {before} KiB before, {after} KiB with {IDLE_CONNECTIONS} idle HBONE connections: {:.1} KiB per connection.\n",
-        growth as f64 / IDLE_CONNECTIONS as f64
+        kib_per_connection(before, after)
     ));
     out.push_str(&format!(
         "Given back after the burst: {after_one} KiB {}s after the connections closed, {after_three} KiB after three such bursts ({:+} KiB against before the first).\n",
