@@ -4,14 +4,15 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use ztunnel_e2e::agent::Agent;
 use ztunnel_e2e::mesh::{self, guide, Workload};
 use ztunnel_e2e::one_hop::OneHop;
 use ztunnel_e2e::topology::{Pod, Topology};
 use ztunnel_e2e::traffic::{
-    answer_count_and_hash, drain_hash, exchange, in_netns, read_count_and_hash, send_pattern,
-    serve_one, Server,
+    answer_count_and_hash, drain_hash, exchange, in_netns, pattern, read_count_and_hash,
+    send_pattern, serve_one, Server,
 };
 use ztunnel_e2e::{metric_sum, require_root};
 
@@ -416,7 +417,7 @@ fn interactive_passthrough_moves_to_the_kernel_relay_intact() {
         ],
         &[],
     );
-    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
+    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &["--kernel-relay", "true"]);
 
     // Small exchanges (so the agent hands the connection to the kernel), then a bulk upload
     // and a half-close, answered with the count and hash of what arrived.
@@ -469,6 +470,126 @@ fn interactive_passthrough_moves_to_the_kernel_relay_intact() {
         ),
         1,
         "the kernel relayed the connection: {metrics}"
+    );
+}
+
+/// A destination that stops reading holds a fast client back through the agent, as TCP
+/// between them would: the agent never queues without bound on a client's behalf, also not
+/// after the small exchanges that once handed a connection to the kernel relay (which has no
+/// flow control, so it is off by default). Nothing is lost when the destination reads again.
+#[test]
+fn a_destination_that_stops_reading_holds_back_a_passthrough_client() {
+    if !require_root() {
+        return;
+    }
+    destination_that_stops_reading_holds_back_the_client(false);
+}
+
+/// The same through HBONE: HTTP/2's flow control windows and the agents' bounded buffers
+/// hold the client back.
+#[test]
+fn a_destination_that_stops_reading_holds_back_an_hbone_client() {
+    if !require_root() {
+        return;
+    }
+    destination_that_stops_reading_holds_back_the_client(true);
+}
+
+fn destination_that_stops_reading_holds_back_the_client(server_in_mesh: bool) {
+    const ROUNDS: usize = 20;
+    /// What TCP buffers on the way may hold: the client's send buffer, the agent's two
+    /// sockets and pipe, the server's receive buffer (a few MiB each at most here).
+    const BOUND: u64 = 64 * 1024 * 1024;
+    /// Where the client stops pushing if nothing holds it back.
+    const CAP: u64 = 512 * 1024 * 1024;
+    let mut topo = Topology::for_test();
+    let client = topo.add_pod("client", 10);
+    let server = topo.add_pod("server", 11);
+    let server_workload = if server_in_mesh {
+        Workload::hbone(&server, "server", "node-1")
+    } else {
+        Workload {
+            protocol: "TCP",
+            enrolled: false,
+            ..Workload::hbone(&server, "server", "node-1")
+        }
+    };
+    let yaml = mesh::yaml(
+        &[
+            Workload::hbone(&client, "client", "node-1"),
+            server_workload,
+        ],
+        &[],
+    );
+    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
+
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let server_addr = SocketAddr::new(server.ip4, 9080);
+    let server_thread = serve_one(server.netns_path(), server_addr, move |mut conn| {
+        for _ in 0..ROUNDS {
+            let mut ping = [0u8; 4];
+            conn.read_exact(&mut ping).expect("ping");
+            conn.write_all(b"pong").expect("pong");
+        }
+        // Stops reading until the client has pushed all it could.
+        go_rx.recv().expect("go");
+        answer_count_and_hash(&mut conn);
+    });
+    let (pushed, up_hash, echoed_len, echoed_hash) = in_netns(&client.netns_path(), move || {
+        let mut s = std::net::TcpStream::connect(server_addr).expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        for _ in 0..ROUNDS {
+            s.write_all(b"ping").expect("ping");
+            let mut pong = [0u8; 4];
+            s.read_exact(&mut pong).expect("pong");
+        }
+        // Push until the writes have been refused for 300 ms straight (or the cap).
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut buf = vec![0u8; 256 * 1024];
+        let (mut sent, mut hash) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+        let mut stalled_since = None::<std::time::Instant>;
+        while sent < CAP {
+            pattern(5, sent, &mut buf);
+            match s.write(&buf) {
+                Ok(n) => {
+                    for b in &buf[..n] {
+                        hash = (hash ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+                    }
+                    sent += n as u64;
+                    stalled_since = None;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let since = *stalled_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > Duration::from_millis(300) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        s.set_nonblocking(false).expect("blocking");
+        go_tx.send(()).expect("go");
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let (len, echoed) = read_count_and_hash(&mut s);
+        (sent, hash, len, echoed)
+    });
+    server_thread.join().expect("server thread");
+    eprintln!("the client pushed {pushed} bytes before its writes stalled");
+    assert!(
+        pushed < BOUND,
+        "a destination that reads nothing let the client push {pushed} bytes (TCP holds it to a few MiB): something queues without flow control"
+    );
+    assert!(pushed > 0, "the client pushed something");
+    assert_eq!(
+        echoed_len, pushed,
+        "every byte arrived once the server read"
+    );
+    assert_eq!(echoed_hash, up_hash, "in order and intact");
+    let line = agent.wait_log(&["connection complete", "direction=\"outbound\""]);
+    assert!(
+        line.contains(&format!("bytes_sent={}", 4 * ROUNDS as u64 + pushed)),
+        "{line}"
     );
 }
 

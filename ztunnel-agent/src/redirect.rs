@@ -231,7 +231,10 @@ impl Redirect {
 
         let relay = if config.kernel_relay {
             match relay::KernelRelay::load(&mut ebpf) {
-                Ok(relay) => Some(Arc::new(relay)),
+                Ok(relay) => {
+                    tracing::warn!("the kernel relay of plain passthrough connections is on: it has no flow control, so a relayed connection whose destination reads slower than its source sends queues without bound in kernel memory (ZTUNNEL_KERNEL_RELAY=false turns it off)");
+                    Some(Arc::new(relay))
+                }
                 Err(e) => {
                     tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "the kernel relay of plain passthrough connections is off: the agent splices them (ZTUNNEL_KERNEL_RELAY=false silences this)");
                     None
