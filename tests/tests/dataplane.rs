@@ -475,8 +475,9 @@ fn interactive_passthrough_moves_to_the_kernel_relay_intact() {
 
 /// A destination that stops reading holds a fast client back through the agent, as TCP
 /// between them would: the agent never queues without bound on a client's behalf, also not
-/// after the small exchanges that once handed a connection to the kernel relay (which has no
-/// flow control, so it is off by default). Nothing is lost when the destination reads again.
+/// after the small exchanges that hand a connection to the kernel relay (which has no flow
+/// control of its own: the direction is handed back to the agent, and counted). Nothing is
+/// lost when the destination reads again.
 #[test]
 fn a_destination_that_stops_reading_holds_back_a_passthrough_client() {
     if !require_root() {
@@ -591,6 +592,24 @@ fn destination_that_stops_reading_holds_back_the_client(server_in_mesh: bool) {
         line.contains(&format!("bytes_sent={}", 4 * ROUNDS as u64 + pushed)),
         "{line}"
     );
+    if !server_in_mesh {
+        let metrics = agent.scrape_metrics();
+        let relayed =
+            |relay| metric_sum(&metrics, "ztunnel_passthrough_connections_total", &[relay]);
+        assert_eq!(
+            relayed("relay=\"kernel\""),
+            1,
+            "relayed by the kernel: {metrics}"
+        );
+        let handbacks = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ztunnel_passthrough_relay_handbacks_total "));
+        assert_eq!(
+            handbacks,
+            Some("1"),
+            "the client's direction handed back to the agent: {metrics}"
+        );
+    }
 }
 
 #[test]

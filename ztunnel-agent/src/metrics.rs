@@ -438,6 +438,7 @@ pub struct Metrics {
     source_fallbacks: Family<PodLabels, Counter>,
     limit_refusals: Family<LimitLabels, Counter>,
     passthrough_relays: Family<RelayLabels, Counter>,
+    relay_handbacks: Counter,
     dns: DnsMetrics,
 }
 
@@ -627,6 +628,12 @@ impl Metrics {
             "Plain passthrough connections (outbound outside the mesh, inbound plaintext) by how their bytes moved: kernel (spliced at first, then, once interactive, both directions relayed by the kernel), kernel_one_way (the kernel refused one socket, the agent spliced that direction), splice (spliced to the end: bulk or short from the start, ZTUNNEL_KERNEL_RELAY off, the kernel refused, or the relay failed to load and the agent's log said why at start)",
             passthrough_relays.clone(),
         );
+        let relay_handbacks = Counter::default();
+        registry.register(
+            "ztunnel_passthrough_relay_handbacks",
+            "Directions of kernel-relayed passthrough connections handed back to the agent because their destination did not keep up (more than 8 MiB waiting for it): the agent copies the rest, under TCP's flow control",
+            relay_handbacks.clone(),
+        );
         let source_fallbacks = Family::<PodLabels, Counter>::default();
         registry.register(
             "ztunnel_source_address_fallbacks",
@@ -695,6 +702,7 @@ impl Metrics {
             source_fallbacks,
             limit_refusals,
             passthrough_relays,
+            relay_handbacks,
             dns,
         }
     }
@@ -761,6 +769,17 @@ impl Metrics {
                 relay: relay.as_str(),
             })
             .inc();
+    }
+
+    /// Counts a kernel-relayed direction handed back to the agent.
+    pub fn relay_handback(&self) {
+        self.relay_handbacks.inc();
+    }
+
+    /// Kernel-relayed directions handed back so far.
+    #[cfg(test)]
+    pub fn relay_handbacks(&self) -> u64 {
+        self.relay_handbacks.get()
     }
 
     /// Passthrough connections counted so far under `relay`.

@@ -23,7 +23,7 @@ mod relay;
 pub use pod_maps::{DialTable, OrigDstTable, PodKernelView, PodRedirect};
 #[cfg(test)]
 pub use relay::testing as relay_testing;
-pub use relay::{Engaged, KernelRelay};
+pub use relay::{Engaged, KernelRelay, RELAY_BOUND};
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -231,10 +231,7 @@ impl Redirect {
 
         let relay = if config.kernel_relay {
             match relay::KernelRelay::load(&mut ebpf) {
-                Ok(relay) => {
-                    tracing::warn!("the kernel relay of plain passthrough connections is on: it has no flow control, so a relayed connection whose destination reads slower than its source sends queues without bound in kernel memory (ZTUNNEL_KERNEL_RELAY=false turns it off)");
-                    Some(Arc::new(relay))
-                }
+                Ok(relay) => Some(Arc::new(relay)),
                 Err(e) => {
                     tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "the kernel relay of plain passthrough connections is off: the agent splices them (ZTUNNEL_KERNEL_RELAY=false silences this)");
                     None

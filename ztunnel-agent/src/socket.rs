@@ -233,10 +233,20 @@ impl Keepalive {
 const WATCHED: u64 = 0;
 const PEER: u64 = 1;
 
+/// How a kernel-relayed direction's watch ended well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// The peer's FIN, after every byte.
+    Fin,
+    /// Payload waits on the socket: the program handed the direction back to the agent.
+    Payload,
+}
+
 /// Watches a TCP socket whose received bytes the kernel relays, for the end of that
-/// direction: its peer's FIN, or an error on it or on the socket its bytes go to. An epoll
-/// instance of its own, registered with the runtime, wakes only for those, never for the
-/// data the kernel moves.
+/// direction: its peer's FIN, payload the program handed back, or an error on it or on the
+/// socket its bytes go to. An epoll instance of its own, registered with the runtime, wakes
+/// only for those, never for the data the kernel moves (the program's socket wakes no
+/// reader for what it redirects).
 pub struct EndWatch {
     epoll: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
 }
@@ -253,8 +263,10 @@ impl EndWatch {
         }
         // SAFETY: epoll_create1 succeeded: the fd is new and owned by nobody else.
         let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(epfd) };
-        // The FIN is RDHUP; errors and a full hang-up are reported whatever the mask.
-        for (fd, events, data) in [(socket, libc::EPOLLRDHUP as u32, WATCHED), (to, 0, PEER)] {
+        // The FIN is RDHUP, handed-back payload IN; errors and a full hang-up are reported
+        // whatever the mask.
+        let watched = (libc::EPOLLRDHUP | libc::EPOLLIN) as u32;
+        for (fd, events, data) in [(socket, watched, WATCHED), (to, 0, PEER)] {
             let mut event = libc::epoll_event { events, u64: data };
             // SAFETY: both fds are valid for the call; `event` is a valid epoll_event we
             // own.
@@ -279,9 +291,10 @@ impl EndWatch {
         Ok(Self { epoll })
     }
 
-    /// Waits for the end: Ok at `socket`'s FIN, the error on `socket`, or an error if `to`
-    /// failed or closed first (its bytes would have nowhere to go). Cancel-safe.
-    pub async fn wait(&self, socket: BorrowedFd<'_>, to: BorrowedFd<'_>) -> io::Result<()> {
+    /// Waits for the end: `socket`'s FIN or payload handed back (left on the socket), the
+    /// error on `socket`, or an error if `to` failed or closed first (its bytes would have
+    /// nowhere to go). Cancel-safe.
+    pub async fn wait(&self, socket: BorrowedFd<'_>, to: BorrowedFd<'_>) -> io::Result<Watched> {
         loop {
             let mut guard = self.epoll.readable().await?;
             let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 2];
@@ -302,24 +315,19 @@ impl EndWatch {
                 }));
             }
             let mut byte = [0u8; 1];
-            // SAFETY: the socket fd is valid; the buffer is one writable byte we own.
+            // SAFETY: the socket fd is valid; the buffer is one writable byte we own. A
+            // peek: handed-back payload stays for the agent to read.
             let read = unsafe {
                 libc::recv(
                     socket.as_raw_fd(),
                     byte.as_mut_ptr().cast(),
                     1,
-                    libc::MSG_DONTWAIT,
+                    libc::MSG_DONTWAIT | libc::MSG_PEEK,
                 )
             };
             match read {
-                0 => return Ok(()),
-                n if n > 0 => {
-                    // The program relays every byte; one reaching the agent means the kernel
-                    // behaves otherwise than the relay was built for. Refuse, not reorder.
-                    return Err(io::Error::other(
-                        "the kernel relay handed payload to the agent; set ZTUNNEL_KERNEL_RELAY=false and report this kernel",
-                    ));
-                }
+                0 => return Ok(Watched::Fin),
+                n if n > 0 => return Ok(Watched::Payload),
                 _ => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::WouldBlock {

@@ -93,6 +93,13 @@ pub mod maps {
     pub const RELAY_SOCKS: &str = "RELAY_SOCKS";
     /// Kernel-relayed passthrough sockets under their peer's cookie (`u64`); not pinned.
     pub const RELAY_TARGETS: &str = "RELAY_TARGETS";
+    /// Each kernel-relayed direction's accounting, by its source socket's cookie (`u64`) ->
+    /// [`crate::RelayFlow`]; written by the program. Not pinned.
+    pub const RELAY_FLOW: &str = "RELAY_FLOW";
+    /// What each kernel-relayed direction may charge (`u64`, see [`crate::RelayFlow`]) before
+    /// the program hands it back to the agent, by its source socket's cookie; written by the
+    /// agent. Not pinned.
+    pub const RELAY_ALLOWED: &str = "RELAY_ALLOWED";
     /// aya-log's ring buffer.
     pub const AYA_LOGS: &str = "AYA_LOGS";
     /// Every map the agent pins, in a stable order.
@@ -367,6 +374,28 @@ pub struct DialKey {
     pub remote: [u32; 4],
 }
 
+/// Value of `RELAY_FLOW`: one kernel-relayed direction as the program counts it. The kernel
+/// gives the relay no flow control (a redirected packet leaves its source socket's window at
+/// once), so the program bounds what may wait for the destination: past `RELAY_ALLOWED` it
+/// hands the direction back to the agent for good, and packets then stay on the source
+/// socket, under TCP's flow control, for the agent to read once the destination has taken
+/// everything redirected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayFlow {
+    /// Payload bytes redirected: what the destination takes before the agent may write.
+    pub moved: u64,
+    /// What the redirected packets are charged: their bytes plus [`RELAY_PACKET_CHARGE`]
+    /// each, so many tiny packets are bounded by their real cost too.
+    pub charged: u64,
+    /// Non-zero once handed back to the agent.
+    pub handed_back: u64,
+}
+
+/// What a relayed packet is charged beyond its payload: about a small packet's kernel
+/// buffer overhead.
+pub const RELAY_PACKET_CHARGE: u64 = 1024;
+
 /// Key of `INBOUND_LISTENERS`: a pod's 15006 listener for one address family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -464,6 +493,7 @@ mod user {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::DialKey {}
+    unsafe impl aya::Pod for super::RelayFlow {}
     unsafe impl aya::Pod for super::PodCounters {}
     // SAFETY: as above: `#[repr(C)]`, u64 fields only, no padding.
     unsafe impl aya::Pod for super::DnsCounters {}

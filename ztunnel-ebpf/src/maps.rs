@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use ztunnel_common::{
     ConnKey, DialKey, DnsCounters, IpKey, ListenerKey, OrigDst, PodAddr, PodConfig, PodCounters,
-    PortKey,
+    PortKey, RelayFlow,
 };
 
 /// Pods on this node a kubelet cannot exceed by much (default max-pods is 110).
@@ -51,6 +51,16 @@ pub static RELAY_SOCKS: SockHash<u64, MAX_RELAYED> = SockHash::new();
 /// Relayed passthrough sockets under their peer's cookie: where the peer's bytes go.
 #[btf_map]
 pub static RELAY_TARGETS: SockHash<u64, MAX_RELAYED> = SockHash::new();
+
+/// Each relayed direction's accounting by its source socket's cookie. Not LRU: an entry
+/// must never vanish while its direction is relayed (the agent deletes it at the end; the
+/// map is not pinned, so it goes with the agent).
+#[btf_map]
+pub static RELAY_FLOW: HashMap<u64, RelayFlow, MAX_RELAYED> = HashMap::new();
+
+/// What each relayed direction may charge before it is handed back; the agent's.
+#[btf_map]
+pub static RELAY_ALLOWED: HashMap<u64, u64, MAX_RELAYED> = HashMap::new();
 
 #[btf_map]
 pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, MAX_PODS> = PerCpuHashMap::new();

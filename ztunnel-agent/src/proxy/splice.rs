@@ -23,8 +23,8 @@ use tokio::net::TcpStream;
 
 use super::connection::Meter;
 use crate::metrics::PassthroughRelay;
-use crate::redirect::{Engaged, KernelRelay};
-use crate::socket::{tcp_totals, EndWatch};
+use crate::redirect::{Engaged, KernelRelay, RELAY_BOUND};
+use crate::socket::{tcp_totals, EndWatch, Watched};
 
 /// How much one splice call moves at most (the pipe is sized to match).
 const CHUNK: usize = 256 * 1024;
@@ -355,6 +355,7 @@ async fn relay_and_count(
         (a, ab, ab_start),
         (b, ba, ba_start),
         deadline,
+        relay,
     ))
     .await
 }
@@ -397,7 +398,13 @@ async fn relay_engaged(
     (a, ab, ab_start): (TcpStream, &Meter, (u64, u64)),
     (b, ba, ba_start): (TcpStream, &Meter, (u64, u64)),
     deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
+    relay: &KernelRelay,
 ) -> io::Result<()> {
+    // Each direction's accounting in the kernel goes with the relay.
+    let _forget = Forget {
+        relay,
+        cookies: [cookie(&a), cookie(&b)],
+    };
     match engaged {
         Engaged::Both => {
             // Out of the runtime's poller: the kernel relay's data wakes nobody (each
@@ -410,8 +417,8 @@ async fn relay_engaged(
             let ba_kernel = KernelMeter::new(ba, a.as_fd(), ba_start);
             let both = async {
                 tokio::try_join!(
-                    kernel_one_way(a.as_fd(), &ab_kernel),
-                    kernel_one_way(b.as_fd(), &ba_kernel)
+                    kernel_one_way(a.as_fd(), &ab_kernel, relay),
+                    kernel_one_way(b.as_fd(), &ba_kernel, relay)
                 )
             };
             end_both(&a, &b, deadline, both).await.map(|_| ())
@@ -420,7 +427,7 @@ async fn relay_engaged(
             let ab_kernel = KernelMeter::new(ab, b.as_fd(), ab_start);
             let spliced = Splicing::new(None);
             let both = async {
-                tokio::try_join!(kernel_one_way(a.as_fd(), &ab_kernel), async {
+                tokio::try_join!(kernel_one_way(a.as_fd(), &ab_kernel, relay), async {
                     one_way(1, &b, &a, ba, &spliced).await.map(|_| ())
                 })
             };
@@ -489,6 +496,14 @@ impl<'m> KernelMeter<'m> {
         }
     }
 
+    /// Ends the kernel's count at `moved` (a direction handed back to the agent, once the
+    /// destination has taken that much); the agent counts the rest as it moves it.
+    fn settle(&self, moved: u64) {
+        let before = self.counted.fetch_max(moved, Ordering::Relaxed);
+        self.meter.add(moved.saturating_sub(before) as usize);
+        self.settled.store(true, Ordering::Relaxed);
+    }
+
     /// Brings the count up to what the destination has taken; returns it.
     fn count(&self) -> io::Result<u64> {
         if self.settled.load(Ordering::Relaxed) {
@@ -509,22 +524,92 @@ impl Drop for KernelMeter<'_> {
     }
 }
 
-/// How often a kernel-relayed direction's byte count is brought up to date while it lasts
-/// (the metrics of a long-lived connection move as it goes, as spliced ones do).
-const COUNT_EVERY: Duration = Duration::from_secs(5);
+/// How often a kernel-relayed direction's count is brought up to date and its allowance
+/// renewed while it moves bytes: at [`RELAY_BOUND`] per look, a direction that keeps its
+/// destination up stays in the kernel up to about 40 MB of charge a second.
+const LOOK_BUSY: Duration = Duration::from_millis(100);
+/// ... and while it is quiet (the looks space out from [`LOOK_BUSY`] up to this): the
+/// metrics of a long-lived connection still move as it goes, as spliced ones do.
+const LOOK_QUIET: Duration = Duration::from_secs(4);
+
+/// The socket's cookie, or 0 (no accounting entry has it) if it cannot be read.
+fn cookie(socket: &impl AsFd) -> u64 {
+    socket2::SockRef::from(socket).cookie().unwrap_or(0)
+}
+
+/// Drops the kernel relay's accounting of a connection's directions when its relay ends.
+struct Forget<'r> {
+    relay: &'r KernelRelay,
+    cookies: [u64; 2],
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        for cookie in self.cookies {
+            self.relay.forget(cookie);
+        }
+    }
+}
 
 /// Waits for the end of one direction the kernel relays (`from`'s EOF), lets the
 /// destination take every byte `from` received, then shuts its write side down. Ends in
 /// error if either socket fails first (the destination's failure too: `from`'s bytes
-/// would have nowhere to go).
-async fn kernel_one_way(from: BorrowedFd<'_>, meter: &KernelMeter<'_>) -> io::Result<()> {
+/// would have nowhere to go). While it lasts, the direction's allowance is renewed each time
+/// its destination is seen to have taken everything relayed; a direction that outruns its
+/// destination by more than [`RELAY_BOUND`] is handed back (see [`taken_back`]).
+async fn kernel_one_way(
+    from: BorrowedFd<'_>,
+    meter: &KernelMeter<'_>,
+    relay: &KernelRelay,
+) -> io::Result<()> {
     let to = meter.to;
     let watch = EndWatch::new(from, to)?;
+    let from_cookie = cookie(&from);
+    // The accounting as last seen, and what the direction may charge by now.
+    let mut last_seen: Option<ztunnel_common::RelayFlow> = None;
+    let mut allowed = RELAY_BOUND;
+    let mut look_after = LOOK_BUSY;
     loop {
-        match tokio::time::timeout(COUNT_EVERY, watch.wait(from, to)).await {
-            Ok(ended) => break ended?,
-            // A failure here shows again, and ends the direction, when it ends.
-            Err(_) => drop(meter.count()),
+        match tokio::time::timeout(look_after, watch.wait(from, to)).await {
+            Ok(ended) => match ended? {
+                Watched::Fin => break,
+                Watched::Payload => {
+                    // Made before the program could see the socket, deleted only after this
+                    // relay: never missing here. Without it, what the destination must take
+                    // first is unknown: fail rather than risk reordering.
+                    let flow = relay.flow(from_cookie).ok_or_else(|| {
+                        io::Error::other("a kernel-relayed direction lost its accounting")
+                    })?;
+                    return taken_back(from, meter, flow.moved).await;
+                }
+            },
+            Err(_) => {
+                // A failure here shows again, and ends the direction, when it ends.
+                let Some(flow) = relay.flow(from_cookie) else {
+                    continue;
+                };
+                let quiet = last_seen.is_some_and(|seen| seen.charged == flow.charged);
+                look_after = if quiet {
+                    (look_after * 2).min(LOOK_QUIET)
+                } else {
+                    LOOK_BUSY
+                };
+                let Ok(taken) = meter.count() else { continue };
+                // What the destination has taken for sure: everything relayed by now, or
+                // at least everything relayed by the last look (`flow` was read first, so
+                // a byte relayed since cannot be mistaken for taken).
+                let drained = [Some(flow), last_seen]
+                    .into_iter()
+                    .flatten()
+                    .find(|seen| taken >= seen.moved);
+                last_seen = Some(flow);
+                if let Some(seen) = drained {
+                    let renewed = seen.charged + RELAY_BOUND;
+                    if renewed > allowed && relay.allow(from_cookie, renewed).is_ok() {
+                        allowed = renewed;
+                    }
+                }
+            }
         }
     }
     // What the kernel relayed: all `from` received (the kernel counts the FIN as one byte)
@@ -545,6 +630,79 @@ async fn kernel_one_way(from: BorrowedFd<'_>, meter: &KernelMeter<'_>) -> io::Re
     }
     meter.settled.store(true, Ordering::Relaxed);
     socket2::SockRef::from(&to).shutdown(std::net::Shutdown::Write)
+}
+
+/// Moves the rest of a direction the program handed back: once the destination has taken
+/// the `moved` bytes the kernel relayed (nothing may overtake them), the agent copies what
+/// waits on `from` and all that follows, to the end. Copied, not spliced: the program still
+/// sees `from`'s packets and leaves them where a read finds them, not where splice looks.
+async fn taken_back(from: BorrowedFd<'_>, meter: &KernelMeter<'_>, moved: u64) -> io::Result<()> {
+    let to = meter.to;
+    let mut pause = Duration::from_millis(1);
+    while meter.count()? < moved {
+        if let Some(e) = socket2::SockRef::from(&to).take_error()? {
+            return Err(e);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    meter.settle(moved);
+    crate::metrics::global().relay_handback();
+    tracing::debug!(
+        moved,
+        "a kernel-relayed direction outran its destination: the agent moves the rest"
+    );
+    // Registered on duplicates: the sockets may be registered already (the other
+    // direction taken back too), and each registration needs its own descriptor.
+    use tokio::io::unix::AsyncFd;
+    let register = |fd: BorrowedFd<'_>, interest| {
+        let owned = fd.try_clone_to_owned()?;
+        // SAFETY: the AsyncFd owns the duplicate, which stays open and the same fd until
+        // the AsyncFd is dropped.
+        unsafe { AsyncFd::register_with_interest(owned, interest) }.map_err(io::Error::from)
+    };
+    let from = register(from, Interest::READABLE)?;
+    let to = register(to, Interest::WRITABLE)?;
+    let mut buf = vec![0u8; SMALL_MOVE];
+    loop {
+        let n = from
+            .async_io(Interest::READABLE, |fd| {
+                // SAFETY: a valid socket fd; `buf` is writable memory of the length passed.
+                let n = unsafe {
+                    libc::recv(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            })
+            .await?;
+        if n == 0 {
+            return socket2::SockRef::from(to.get_ref()).shutdown(std::net::Shutdown::Write);
+        }
+        let mut sent = 0;
+        while sent < n {
+            sent += to
+                .async_io(Interest::WRITABLE, |fd| {
+                    let rest = &buf[sent..n];
+                    // SAFETY: a valid socket fd; `rest` is readable memory of the length
+                    // passed.
+                    let k = unsafe {
+                        libc::send(
+                            fd.as_raw_fd(),
+                            rest.as_ptr().cast(),
+                            rest.len(),
+                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                        )
+                    };
+                    usize::try_from(k).map_err(|_| io::Error::last_os_error())
+                })
+                .await?;
+        }
+        meter.meter.add(n);
+    }
 }
 
 #[cfg(test)]
@@ -793,6 +951,69 @@ mod tests {
         assert!(err.is_none(), "{err:?}");
         assert_eq!((ab, ba), (5_000_045, 50));
         assert_eq!(kernel_count() - before, 1, "the kernel took both ways");
+    }
+
+    /// A relayed direction whose destination stops reading: the client is held back near
+    /// the relay's bound (the kernel gives the relay no flow control of its own), the
+    /// direction is handed back to the agent, and once the destination reads again every
+    /// byte arrives once, in order, and is counted once.
+    #[tokio::test]
+    async fn kernel_relay_hands_back_a_direction_its_destination_does_not_keep_up_with() {
+        let Some(turn) = kernel_turn().await else {
+            return;
+        };
+        let relay = &turn.relay;
+        let (before, taken_back) = (kernel_count(), crate::metrics::global().relay_handbacks());
+        let (mut client, client_side, server_side, mut server) = sockets().await;
+        let relaying = relay_counted(client_side, server_side, Some(relay));
+        let payload: Vec<u8> = (0..64_000_000u32).map(|i| (i % 249) as u8).collect();
+        let go = tokio::sync::Notify::new();
+        let talk = async {
+            pings(&mut client, 10).await;
+            // Pushes until the writes stall for 300 ms (nothing holds it back: all of it).
+            let mut pushed = 0;
+            while pushed < payload.len() {
+                let write = client.write(&payload[pushed..]);
+                match tokio::time::timeout(Duration::from_millis(300), write).await {
+                    Ok(written) => pushed += written.expect("write"),
+                    Err(_) => break,
+                }
+            }
+            go.notify_one();
+            client.write_all(&payload[pushed..]).await.expect("write");
+            client.shutdown().await.expect("half-close");
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.expect("client reads");
+            (pushed, reply)
+        };
+        let serve = async {
+            pongs(&mut server, 10).await;
+            go.notified().await;
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.expect("server reads");
+            server.write_all(b"done").await.expect("reply");
+            server.shutdown().await.expect("close");
+            got
+        };
+        let ((pushed, reply), got, (ab, ba, relayed)) = tokio::join!(talk, serve, relaying);
+        assert!(relayed.is_ok(), "{relayed:?}");
+        assert_eq!(kernel_count() - before, 1, "the kernel took the connection");
+        assert!(
+            pushed < 40_000_000,
+            "a destination that reads nothing let the client push {pushed} bytes"
+        );
+        assert_eq!(
+            crate::metrics::global().relay_handbacks() - taken_back,
+            1,
+            "the client's direction was handed back, the server's was not"
+        );
+        assert!(got == payload, "every byte arrived once and in order");
+        assert_eq!(reply, b"done");
+        assert_eq!(
+            (ab, ba),
+            (40 + 64_000_000, 40 + 4),
+            "each byte counted once"
+        );
     }
 
     #[tokio::test]

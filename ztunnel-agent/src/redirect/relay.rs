@@ -8,14 +8,19 @@
 //! relays what it receives, starting with what was already queued (the receive callback is
 //! run once by hand for that). A socket the kernel refuses (an unusual state, full maps)
 //! leaves its direction to the agent.
+//!
+//! Each direction's accounting (`RELAY_FLOW`, `RELAY_ALLOWED`) is made before its socket
+//! joins `RELAY_SOCKS`: the program charges what it relays against what the agent allows
+//! and hands the direction back past it (see ztunnel-ebpf's `relay`; the agent's side is
+//! `proxy::splice`).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 
-use aya::maps::{MapData, SockHash};
+use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
 use aya::Ebpf;
-use ztunnel_common::{maps, programs};
+use ztunnel_common::{maps, programs, RelayFlow};
 
 use super::{program, take_map, Error};
 use crate::socket::kick_receive;
@@ -31,9 +36,17 @@ pub enum Engaged {
     Both,
 }
 
+/// What a relayed direction may charge (payload plus a per-packet overhead, see
+/// [`RelayFlow`]) beyond what its destination had taken when last seen keeping up: the most
+/// the kernel holds for one slow destination. About what TCP's own buffers hold for one
+/// connection here.
+pub const RELAY_BOUND: u64 = 8 * 1024 * 1024;
+
 struct RelayMaps {
     socks: SockHash<MapData, u64>,
     targets: SockHash<MapData, u64>,
+    flow: HashMap<MapData, u64, RelayFlow>,
+    allowed: HashMap<MapData, u64, u64>,
 }
 
 /// The loaded relay program and its two maps.
@@ -53,6 +66,8 @@ impl KernelRelay {
     pub(super) fn load(ebpf: &mut Ebpf) -> Result<Self, Error> {
         let socks: SockHash<MapData, u64> = take_map(ebpf, maps::RELAY_SOCKS)?;
         let targets: SockHash<MapData, u64> = take_map(ebpf, maps::RELAY_TARGETS)?;
+        let flow: HashMap<MapData, u64, RelayFlow> = take_map(ebpf, maps::RELAY_FLOW)?;
+        let allowed: HashMap<MapData, u64, u64> = take_map(ebpf, maps::RELAY_ALLOWED)?;
         let verdict: &mut SkSkb = program(ebpf, programs::RELAY)?;
         let err = |what| {
             move |source| Error::Program {
@@ -64,7 +79,12 @@ impl KernelRelay {
         verdict.load().map_err(err("loading"))?;
         verdict.attach(socks.fd()).map_err(err("attaching"))?;
         Ok(Self {
-            maps: Mutex::new(RelayMaps { socks, targets }),
+            maps: Mutex::new(RelayMaps {
+                socks,
+                targets,
+                flow,
+                allowed,
+            }),
         })
     }
 
@@ -80,12 +100,7 @@ impl KernelRelay {
                 return Engaged::Neither;
             }
         };
-        // A panic while holding the maps cannot leave them inconsistent (each update is
-        // one syscall): carry on.
-        let mut maps = self
-            .maps
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut maps = self.maps();
         let refused = |e: aya::maps::MapError| {
             tracing::debug!(error = %e, "the kernel relay refused a socket: the agent moves its bytes");
         };
@@ -99,14 +114,25 @@ impl KernelRelay {
             let _ = maps.targets.remove(&first_cookie);
             return Engaged::Neither;
         }
-        if let Err(e) = maps.socks.insert(first_cookie, first.as_raw_fd(), 0) {
+        // Each direction's accounting before its program: without it the program hands
+        // the direction straight back.
+        let account = |maps: &mut RelayMaps, cookie: u64| {
+            maps.flow.insert(cookie, RelayFlow::default(), 0)?;
+            maps.allowed.insert(cookie, RELAY_BOUND, 0)
+        };
+        if let Err(e) = account(&mut maps, first_cookie)
+            .and_then(|()| maps.socks.insert(first_cookie, first.as_raw_fd(), 0))
+        {
             refused(e);
             let _ = maps.targets.remove(&first_cookie);
             let _ = maps.targets.remove(&second_cookie);
+            forget_flow(&mut maps, first_cookie);
             return Engaged::Neither;
         }
         kick(first);
-        if let Err(e) = maps.socks.insert(second_cookie, second.as_raw_fd(), 0) {
+        if let Err(e) = account(&mut maps, second_cookie)
+            .and_then(|()| maps.socks.insert(second_cookie, second.as_raw_fd(), 0))
+        {
             // The first socket's bytes already flow; the second's stay queued for the agent.
             refused(e);
             return Engaged::First;
@@ -114,6 +140,38 @@ impl KernelRelay {
         kick(second);
         Engaged::Both
     }
+}
+
+impl KernelRelay {
+    fn maps(&self) -> std::sync::MutexGuard<'_, RelayMaps> {
+        // A panic while holding the maps cannot leave them inconsistent (each update is
+        // one syscall): carry on.
+        self.maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The direction from the socket with this cookie, as the program counted it.
+    pub fn flow(&self, cookie: u64) -> Option<RelayFlow> {
+        self.maps().flow.get(&cookie, 0).ok()
+    }
+
+    /// Lets the direction from the socket with this cookie charge up to `allowed` in all.
+    pub fn allow(&self, cookie: u64, allowed: u64) -> Result<(), aya::maps::MapError> {
+        self.maps().allowed.insert(cookie, allowed, 0)
+    }
+
+    /// Drops the accounting of the direction from the socket with this cookie (its relay
+    /// has ended).
+    pub fn forget(&self, cookie: u64) {
+        forget_flow(&mut self.maps(), cookie);
+    }
+}
+
+fn forget_flow(maps: &mut RelayMaps, cookie: u64) {
+    // Absent already (never made, or evicted): nothing to do.
+    let _ = maps.flow.remove(&cookie);
+    let _ = maps.allowed.remove(&cookie);
 }
 
 /// Hands what `fd` received before it joined `RELAY_SOCKS` to the program.
