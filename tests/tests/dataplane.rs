@@ -474,16 +474,25 @@ fn interactive_passthrough_moves_to_the_kernel_relay_intact() {
 }
 
 /// A destination that stops reading holds a fast client back through the agent, as TCP
-/// between them would: the agent never queues without bound on a client's behalf, also not
-/// after the small exchanges that hand a connection to the kernel relay (which has no flow
-/// control of its own: the direction is handed back to the agent, and counted). Nothing is
-/// lost when the destination reads again.
+/// between them would: the agent never queues without bound on a client's behalf. Nothing
+/// is lost when the destination reads again.
 #[test]
 fn a_destination_that_stops_reading_holds_back_a_passthrough_client() {
     if !require_root() {
         return;
     }
-    destination_that_stops_reading_holds_back_the_client(false);
+    destination_that_stops_reading_holds_back_the_client(Path::Passthrough);
+}
+
+/// The same after the small exchanges that hand a connection to the kernel relay (on
+/// here), which has no flow control of its own: the direction is handed back to the agent,
+/// and counted.
+#[test]
+fn a_destination_that_stops_reading_holds_back_a_kernel_relayed_client() {
+    if !require_root() {
+        return;
+    }
+    destination_that_stops_reading_holds_back_the_client(Path::KernelRelay);
 }
 
 /// The same through HBONE: HTTP/2's flow control windows and the agents' bounded buffers
@@ -493,10 +502,17 @@ fn a_destination_that_stops_reading_holds_back_an_hbone_client() {
     if !require_root() {
         return;
     }
-    destination_that_stops_reading_holds_back_the_client(true);
+    destination_that_stops_reading_holds_back_the_client(Path::Hbone);
 }
 
-fn destination_that_stops_reading_holds_back_the_client(server_in_mesh: bool) {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Passthrough,
+    KernelRelay,
+    Hbone,
+}
+
+fn destination_that_stops_reading_holds_back_the_client(path: Path) {
     const ROUNDS: usize = 20;
     /// What TCP buffers on the way may hold: the client's send buffer, the agent's two
     /// sockets and pipe, the server's receive buffer (a few MiB each at most here).
@@ -506,7 +522,7 @@ fn destination_that_stops_reading_holds_back_the_client(server_in_mesh: bool) {
     let mut topo = Topology::for_test();
     let client = topo.add_pod("client", 10);
     let server = topo.add_pod("server", 11);
-    let server_workload = if server_in_mesh {
+    let server_workload = if path == Path::Hbone {
         Workload::hbone(&server, "server", "node-1")
     } else {
         Workload {
@@ -522,7 +538,12 @@ fn destination_that_stops_reading_holds_back_the_client(server_in_mesh: bool) {
         ],
         &[],
     );
-    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, &[]);
+    let relay: &[&str] = if path == Path::KernelRelay {
+        &["--kernel-relay", "true"]
+    } else {
+        &[]
+    };
+    let (mut agent, _) = Agent::start_local(&topo, "node-1", &yaml, relay);
 
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let server_addr = SocketAddr::new(server.ip4, 9080);
@@ -592,23 +613,32 @@ fn destination_that_stops_reading_holds_back_the_client(server_in_mesh: bool) {
         line.contains(&format!("bytes_sent={}", 4 * ROUNDS as u64 + pushed)),
         "{line}"
     );
-    if !server_in_mesh {
+    if path != Path::Hbone {
         let metrics = agent.scrape_metrics();
         let relayed =
             |relay| metric_sum(&metrics, "ztunnel_passthrough_connections_total", &[relay]);
-        assert_eq!(
-            relayed("relay=\"kernel\""),
-            1,
-            "relayed by the kernel: {metrics}"
-        );
         let handbacks = metrics
             .lines()
             .find_map(|l| l.strip_prefix("ztunnel_passthrough_relay_handbacks_total "));
-        assert_eq!(
-            handbacks,
-            Some("1"),
-            "the client's direction handed back to the agent: {metrics}"
-        );
+        if path == Path::KernelRelay {
+            assert_eq!(
+                relayed("relay=\"kernel\""),
+                1,
+                "relayed by the kernel: {metrics}"
+            );
+            assert_eq!(
+                handbacks,
+                Some("1"),
+                "the client's direction handed back to the agent: {metrics}"
+            );
+        } else {
+            assert_eq!(
+                relayed("relay=\"splice\""),
+                1,
+                "moved by the agent: {metrics}"
+            );
+            assert_eq!(handbacks, Some("0"), "{metrics}");
+        }
     }
 }
 

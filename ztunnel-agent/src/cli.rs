@@ -321,11 +321,13 @@ pub struct RunArgs {
     /// to a destination outside the mesh, inbound plaintext): such a connection starts
     /// spliced and, after 8 small moves and no large one, an `sk_skb` program sends what one
     /// of the agent's two sockets receives out of the other, so the payload no longer wakes
-    /// the agent. A direction whose destination falls more than 8 MiB behind is handed
-    /// back to the agent, which copies the rest under TCP's flow control (the kernel gives
-    /// the relay none of its own). Off, for bulk from the start, or where the kernel
-    /// refuses a connection, the agent splices it to the end.
-    #[arg(long, env = "ZTUNNEL_KERNEL_RELAY", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
+    /// the agent. Off by default: the kernel gives the relay no flow control of its own. A
+    /// direction whose destination falls more than 8 MiB behind is handed back to the
+    /// agent, which copies the rest under TCP's flow control; but a client that sends
+    /// without reading while its server sends too can make the kernel queue hundreds of MiB
+    /// within a tenth of a second before the agent resets the connection. Off, for bulk from
+    /// the start, or where the kernel refuses a connection, the agent splices it to the end.
+    #[arg(long, env = "ZTUNNEL_KERNEL_RELAY", default_value_t = false, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
     pub kernel_relay: bool,
     /// Where the DNS proxy finds the resolvers it forwards non-mesh names to (its
     /// `nameserver` lines; upstream uses the agent's own /etc/resolv.conf too).

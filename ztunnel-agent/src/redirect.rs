@@ -231,7 +231,10 @@ impl Redirect {
 
         let relay = if config.kernel_relay {
             match relay::KernelRelay::load(&mut ebpf) {
-                Ok(relay) => Some(Arc::new(relay)),
+                Ok(relay) => {
+                    tracing::warn!("the kernel relay of plain passthrough connections is on: a client that sends without reading while its server sends can make the kernel queue hundreds of MiB for a moment before the agent resets the connection (ZTUNNEL_KERNEL_RELAY=false, the default, keeps every connection under TCP's flow control)");
+                    Some(Arc::new(relay))
+                }
                 Err(e) => {
                     tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "the kernel relay of plain passthrough connections is off: the agent splices them (ZTUNNEL_KERNEL_RELAY=false silences this)");
                     None

@@ -236,17 +236,18 @@ const PEER: u64 = 1;
 /// How a kernel-relayed direction's watch ended well.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Watched {
-    /// The peer's FIN, after every byte.
+    /// The peer's FIN, and nothing left to read.
     Fin,
-    /// Payload waits on the socket: the program handed the direction back to the agent.
+    /// The peer's FIN, with payload left on the socket (the program handed the direction
+    /// back to the agent).
     Payload,
 }
 
 /// Watches a TCP socket whose received bytes the kernel relays, for the end of that
-/// direction: its peer's FIN, payload the program handed back, or an error on it or on the
-/// socket its bytes go to. An epoll instance of its own, registered with the runtime, wakes
-/// only for those, never for the data the kernel moves (the program's socket wakes no
-/// reader for what it redirects).
+/// direction: its peer's FIN, or an error on it or on the socket its bytes go to. An epoll
+/// instance of its own, registered with the runtime, wakes only for those, never for the
+/// data the kernel moves. (Not for readable data either: the kernel signals it after every
+/// batch its program handles, relayed or not.)
 pub struct EndWatch {
     epoll: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
 }
@@ -263,10 +264,8 @@ impl EndWatch {
         }
         // SAFETY: epoll_create1 succeeded: the fd is new and owned by nobody else.
         let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(epfd) };
-        // The FIN is RDHUP, handed-back payload IN; errors and a full hang-up are reported
-        // whatever the mask.
-        let watched = (libc::EPOLLRDHUP | libc::EPOLLIN) as u32;
-        for (fd, events, data) in [(socket, watched, WATCHED), (to, 0, PEER)] {
+        // The FIN is RDHUP; errors and a full hang-up are reported whatever the mask.
+        for (fd, events, data) in [(socket, libc::EPOLLRDHUP as u32, WATCHED), (to, 0, PEER)] {
             let mut event = libc::epoll_event { events, u64: data };
             // SAFETY: both fds are valid for the call; `event` is a valid epoll_event we
             // own.
@@ -291,9 +290,9 @@ impl EndWatch {
         Ok(Self { epoll })
     }
 
-    /// Waits for the end: `socket`'s FIN or payload handed back (left on the socket), the
-    /// error on `socket`, or an error if `to` failed or closed first (its bytes would have
-    /// nowhere to go). Cancel-safe.
+    /// Waits for the end: `socket`'s FIN (with or without payload left on it), the error on
+    /// `socket`, or an error if `to` failed or closed first (its bytes would have nowhere to
+    /// go). Cancel-safe.
     pub async fn wait(&self, socket: BorrowedFd<'_>, to: BorrowedFd<'_>) -> io::Result<Watched> {
         loop {
             let mut guard = self.epoll.readable().await?;

@@ -345,6 +345,13 @@ async fn relay_and_count(
             return Err(e);
         }
     };
+    // Each direction's accounting in the kernel goes when the relay ends. Declared before
+    // the relay's future, so dropped after it (and the sockets it owns), also when the relay
+    // is cut short.
+    let _forget = Forget {
+        relay,
+        cookies: [cookie(&a), cookie(&b)],
+    };
     let engaged = relay.engage(a.as_fd(), b.as_fd());
     counted.engaged(&engaged);
     // Boxed: the kernel relay's state (end watches, meters) is larger than the splice
@@ -400,11 +407,6 @@ async fn relay_engaged(
     deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
     relay: &KernelRelay,
 ) -> io::Result<()> {
-    // Each direction's accounting in the kernel goes with the relay.
-    let _forget = Forget {
-        relay,
-        cookies: [cookie(&a), cookie(&b)],
-    };
     match engaged {
         Engaged::Both => {
             // Out of the runtime's poller: the kernel relay's data wakes nobody (each
@@ -526,18 +528,21 @@ impl Drop for KernelMeter<'_> {
 
 /// How often a kernel-relayed direction's count is brought up to date and its allowance
 /// renewed while it moves bytes: at [`RELAY_BOUND`] per look, a direction that keeps its
-/// destination up stays in the kernel up to about 40 MB of charge a second.
+/// destination up stays in the kernel up to about 40 MB of charge a second. Also the
+/// longest a direction handed back waits for the agent to notice.
 const LOOK_BUSY: Duration = Duration::from_millis(100);
-/// ... and while it is quiet (the looks space out from [`LOOK_BUSY`] up to this): the
-/// metrics of a long-lived connection still move as it goes, as spliced ones do.
-const LOOK_QUIET: Duration = Duration::from_secs(4);
+/// ... and while it is quiet (the looks space out from [`LOOK_BUSY`] up to this): a burst
+/// after a quiet spell has [`RELAY_BOUND`] until the next look.
+const LOOK_QUIET: Duration = Duration::from_millis(800);
 
 /// The socket's cookie, or 0 (no accounting entry has it) if it cannot be read.
 fn cookie(socket: &impl AsFd) -> u64 {
     socket2::SockRef::from(socket).cookie().unwrap_or(0)
 }
 
-/// Drops the kernel relay's accounting of a connection's directions when its relay ends.
+/// Drops the kernel relay's accounting of a connection's directions. Dropped only once the
+/// relay no longer holds the sockets (they are out of every map by then), so no program
+/// can be counting into an entry that is gone.
 struct Forget<'r> {
     relay: &'r KernelRelay,
     cookies: [u64; 2],
@@ -555,8 +560,9 @@ impl Drop for Forget<'_> {
 /// destination take every byte `from` received, then shuts its write side down. Ends in
 /// error if either socket fails first (the destination's failure too: `from`'s bytes
 /// would have nowhere to go). While it lasts, the direction's allowance is renewed each time
-/// its destination is seen to have taken everything relayed; a direction that outruns its
-/// destination by more than [`RELAY_BOUND`] is handed back (see [`taken_back`]).
+/// its destination is seen to have taken what was relayed; a direction the program handed
+/// back (it outran its destination by more than [`RELAY_BOUND`]) is moved on by the agent
+/// (see [`taken_back`]).
 async fn kernel_one_way(
     from: BorrowedFd<'_>,
     meter: &KernelMeter<'_>,
@@ -565,48 +571,68 @@ async fn kernel_one_way(
     let to = meter.to;
     let watch = EndWatch::new(from, to)?;
     let from_cookie = cookie(&from);
-    // The accounting as last seen, and what the direction may charge by now.
+    // Made before the program could see the socket, deleted only after this relay: never
+    // missing while it lasts. Without it, what the destination must take first is unknown:
+    // fail rather than risk reordering.
+    let flow = || {
+        relay
+            .flow(from_cookie)
+            .ok_or_else(|| io::Error::other("a kernel-relayed direction lost its accounting"))
+    };
+    // The accounting as last seen, the charge the allowance was last renewed from, and what
+    // the direction may charge by now.
     let mut last_seen: Option<ztunnel_common::RelayFlow> = None;
+    let mut renewed_from = 0u64;
     let mut allowed = RELAY_BOUND;
     let mut look_after = LOOK_BUSY;
     loop {
         match tokio::time::timeout(look_after, watch.wait(from, to)).await {
-            Ok(ended) => match ended? {
-                Watched::Fin => break,
-                Watched::Payload => {
-                    // Made before the program could see the socket, deleted only after this
-                    // relay: never missing here. Without it, what the destination must take
-                    // first is unknown: fail rather than risk reordering.
-                    let flow = relay.flow(from_cookie).ok_or_else(|| {
-                        io::Error::other("a kernel-relayed direction lost its accounting")
-                    })?;
-                    return taken_back(from, meter, flow.moved).await;
+            Ok(ended) => {
+                let ended = ended?;
+                let seen = flow()?;
+                if seen.handed_back != 0 {
+                    return taken_back(from, meter, seen.moved).await;
                 }
-            },
+                if ended == Watched::Payload {
+                    // The program relays every byte it does not hand back; one reaching
+                    // the agent otherwise means the kernel behaves otherwise than the relay
+                    // was built for. Refuse, not reorder.
+                    return Err(io::Error::other(
+                        "the kernel relay handed payload to the agent; set ZTUNNEL_KERNEL_RELAY=false and report this kernel",
+                    ));
+                }
+                break;
+            }
             Err(_) => {
-                // A failure here shows again, and ends the direction, when it ends.
-                let Some(flow) = relay.flow(from_cookie) else {
-                    continue;
-                };
-                let quiet = last_seen.is_some_and(|seen| seen.charged == flow.charged);
-                look_after = if quiet {
-                    (look_after * 2).min(LOOK_QUIET)
-                } else {
+                let seen = flow()?;
+                if seen.handed_back != 0 {
+                    return taken_back(from, meter, seen.moved).await;
+                }
+                let moving = last_seen.is_none_or(|last| last.charged != seen.charged);
+                look_after = if moving {
                     LOOK_BUSY
+                } else {
+                    (look_after * 2).min(LOOK_QUIET)
                 };
+                if !moving && renewed_from == seen.charged {
+                    // Nothing relayed since the last renewal: nothing to learn.
+                    continue;
+                }
+                // A failure here shows again, and ends the direction, when it ends.
                 let Ok(taken) = meter.count() else { continue };
                 // What the destination has taken for sure: everything relayed by now, or
-                // at least everything relayed by the last look (`flow` was read first, so
+                // at least everything relayed by the last look (`seen` was read first, so
                 // a byte relayed since cannot be mistaken for taken).
-                let drained = [Some(flow), last_seen]
+                let drained = [Some(seen), last_seen]
                     .into_iter()
                     .flatten()
-                    .find(|seen| taken >= seen.moved);
-                last_seen = Some(flow);
-                if let Some(seen) = drained {
-                    let renewed = seen.charged + RELAY_BOUND;
+                    .find(|s| taken >= s.moved);
+                last_seen = Some(seen);
+                if let Some(drained) = drained {
+                    let renewed = drained.charged + RELAY_BOUND;
                     if renewed > allowed && relay.allow(from_cookie, renewed).is_ok() {
                         allowed = renewed;
+                        renewed_from = drained.charged;
                     }
                 }
             }
@@ -637,21 +663,24 @@ async fn kernel_one_way(
 /// waits on `from` and all that follows, to the end. Copied, not spliced: the program still
 /// sees `from`'s packets and leaves them where a read finds them, not where splice looks.
 async fn taken_back(from: BorrowedFd<'_>, meter: &KernelMeter<'_>, moved: u64) -> io::Result<()> {
-    let to = meter.to;
-    let mut pause = Duration::from_millis(1);
-    while meter.count()? < moved {
-        if let Some(e) = socket2::SockRef::from(&to).take_error()? {
-            return Err(e);
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-    meter.settle(moved);
     crate::metrics::global().relay_handback();
     tracing::debug!(
         moved,
         "a kernel-relayed direction outran its destination: the agent moves the rest"
     );
+    let to = meter.to;
+    // What the agent has copied since the hand-back.
+    let mut copied = 0u64;
+    let mut pause = Duration::from_millis(1);
+    while meter.count()? < moved {
+        if let Some(e) = socket2::SockRef::from(&to).take_error()? {
+            return Err(e);
+        }
+        parked_within_bound(from, meter, moved, copied)?;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    meter.settle(moved);
     // Registered on duplicates: the sockets may be registered already (the other
     // direction taken back too), and each registration needs its own descriptor.
     use tokio::io::unix::AsyncFd;
@@ -661,30 +690,45 @@ async fn taken_back(from: BorrowedFd<'_>, meter: &KernelMeter<'_>, moved: u64) -
         // the AsyncFd is dropped.
         unsafe { AsyncFd::register_with_interest(owned, interest) }.map_err(io::Error::from)
     };
-    let from = register(from, Interest::READABLE)?;
-    let to = register(to, Interest::WRITABLE)?;
-    let mut buf = vec![0u8; SMALL_MOVE];
+    let from_async = register(from, Interest::READABLE)?;
+    let to_async = register(to, Interest::WRITABLE)?;
+    let mut buf = vec![0u8; TAKEN_BACK_BUFFER];
     loop {
-        let n = from
-            .async_io(Interest::READABLE, |fd| {
-                // SAFETY: a valid socket fd; `buf` is writable memory of the length passed.
-                let n = unsafe {
-                    libc::recv(
-                        fd.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                usize::try_from(n).map_err(|_| io::Error::last_os_error())
-            })
-            .await?;
+        let read = from_async.async_io(Interest::READABLE, |fd| {
+            // SAFETY: a valid socket fd; `buf` is writable memory of the length passed.
+            let n = unsafe {
+                libc::recv(
+                    fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        });
+        let n = match tokio::time::timeout(LOOK_BUSY, read).await {
+            Ok(n) => n?,
+            Err(_) => {
+                parked_within_bound(from, meter, moved, copied)?;
+                continue;
+            }
+        };
         if n == 0 {
-            return socket2::SockRef::from(to.get_ref()).shutdown(std::net::Shutdown::Write);
+            // The end only once every byte `from` received is through: a packet the
+            // program handed back can still be queued in the kernel (behind the other
+            // direction's bytes waiting to leave this socket) when the FIN is already
+            // readable.
+            let received = tcp_totals(from)?.received.saturating_sub(1);
+            if meter.spliced + moved + copied >= received {
+                return socket2::SockRef::from(to_async.get_ref())
+                    .shutdown(std::net::Shutdown::Write);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
         }
         let mut sent = 0;
         while sent < n {
-            sent += to
+            sent += to_async
                 .async_io(Interest::WRITABLE, |fd| {
                     let rest = &buf[sent..n];
                     // SAFETY: a valid socket fd; `rest` is readable memory of the length
@@ -701,9 +745,36 @@ async fn taken_back(from: BorrowedFd<'_>, meter: &KernelMeter<'_>, moved: u64) -
                 })
                 .await?;
         }
+        copied += n as u64;
         meter.meter.add(n);
     }
 }
+
+/// Fails a direction taken back from the kernel relay whose source keeps sending while its
+/// packets cannot reach the agent: handed-back packets queue behind the other direction's
+/// bytes waiting to leave the same socket (its client is not reading them), and there the
+/// kernel counts them against no buffer, so TCP's window stays open. Only a client that
+/// sends without reading while its server sends too comes here; failing it (both ends
+/// reset, the log says why) bounds what the kernel holds for it.
+fn parked_within_bound(
+    from: BorrowedFd<'_>,
+    meter: &KernelMeter<'_>,
+    moved: u64,
+    copied: u64,
+) -> io::Result<()> {
+    let received = tcp_totals(from)?.received;
+    let parked = received.saturating_sub(meter.spliced + moved + copied);
+    if parked > RELAY_BOUND {
+        return Err(io::Error::other(format!(
+            "the kernel relay cannot hold back this client: it sent {parked} bytes more while not reading what the server sends (ZTUNNEL_KERNEL_RELAY=false keeps such clients under TCP's flow control)"
+        )));
+    }
+    Ok(())
+}
+
+/// The copy buffer of a direction taken back from the kernel relay (one per such
+/// direction, for its rest).
+const TAKEN_BACK_BUFFER: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -966,8 +1037,9 @@ mod tests {
         let (before, taken_back) = (kernel_count(), crate::metrics::global().relay_handbacks());
         let (mut client, client_side, server_side, mut server) = sockets().await;
         let relaying = relay_counted(client_side, server_side, Some(relay));
-        let payload: Vec<u8> = (0..64_000_000u32).map(|i| (i % 249) as u8).collect();
+        let payload: Vec<u8> = (0..96_000_000u32).map(|i| (i % 249) as u8).collect();
         let go = tokio::sync::Notify::new();
+        let handed_back_by_then = std::cell::Cell::new(0);
         let talk = async {
             pings(&mut client, 10).await;
             // Pushes until the writes stall for 300 ms (nothing holds it back: all of it).
@@ -979,6 +1051,7 @@ mod tests {
                     Err(_) => break,
                 }
             }
+            handed_back_by_then.set(crate::metrics::global().relay_handbacks() - taken_back);
             go.notify_one();
             client.write_all(&payload[pushed..]).await.expect("write");
             client.shutdown().await.expect("half-close");
@@ -998,20 +1071,28 @@ mod tests {
         let ((pushed, reply), got, (ab, ba, relayed)) = tokio::join!(talk, serve, relaying);
         assert!(relayed.is_ok(), "{relayed:?}");
         assert_eq!(kernel_count() - before, 1, "the kernel took the connection");
+        eprintln!("pushed {pushed} bytes before the client stalled");
+        // What TCP holds on the way (the client's send buffer, the relay's two sockets, the
+        // server's receive buffer: a few MiB each) plus the relay's bound.
         assert!(
-            pushed < 40_000_000,
+            pushed < 48_000_000,
             "a destination that reads nothing let the client push {pushed} bytes"
+        );
+        assert_eq!(
+            handed_back_by_then.get(),
+            1,
+            "the client's direction was handed back while the server did not read"
         );
         assert_eq!(
             crate::metrics::global().relay_handbacks() - taken_back,
             1,
-            "the client's direction was handed back, the server's was not"
+            "the server's direction stayed in the kernel"
         );
         assert!(got == payload, "every byte arrived once and in order");
         assert_eq!(reply, b"done");
         assert_eq!(
             (ab, ba),
-            (40 + 64_000_000, 40 + 4),
+            (40 + 96_000_000, 40 + 4),
             "each byte counted once"
         );
     }
