@@ -232,7 +232,7 @@ impl Redirect {
         let relay = if config.kernel_relay {
             match relay::KernelRelay::load(&mut ebpf) {
                 Ok(relay) => {
-                    tracing::warn!("the kernel relay of plain passthrough connections is on: a client that sends without reading while its server sends can make the kernel queue hundreds of MiB for a moment before the agent resets the connection (ZTUNNEL_KERNEL_RELAY=false, the default, keeps every connection under TCP's flow control)");
+                    tracing::warn!("the kernel relay of plain passthrough connections is on: a relayed client that sends without reading while its server sends is reset past 16 MiB, where TCP would only stall it (ZTUNNEL_KERNEL_RELAY=false, the default, keeps every connection under TCP's flow control)");
                     Some(Arc::new(relay))
                 }
                 Err(e) => {

@@ -100,6 +100,9 @@ pub mod maps {
     /// the program hands it back to the agent, by its source socket's cookie; written by the
     /// agent. Not pinned.
     pub const RELAY_ALLOWED: &str = "RELAY_ALLOWED";
+    /// What the agent has read of each handed-back direction (`u64`), by its source socket's
+    /// cookie; written by the agent. Not pinned.
+    pub const RELAY_READ: &str = "RELAY_READ";
     /// aya-log's ring buffer.
     pub const AYA_LOGS: &str = "AYA_LOGS";
     /// Every map the agent pins, in a stable order.
@@ -390,11 +393,26 @@ pub struct RelayFlow {
     pub charged: u64,
     /// Non-zero once handed back to the agent.
     pub handed_back: u64,
+    /// Payload bytes left on the source socket since the hand-back, for the agent.
+    pub passed: u64,
+    /// Non-zero once the program dropped a packet: handed-back packets outran what the
+    /// agent read by more than [`RELAY_PASS_BOUND`] (they can queue where the kernel counts
+    /// them against no buffer); the stream is broken and the agent resets the connection.
+    pub broken: u64,
 }
 
 /// What a relayed packet is charged beyond its payload: about a small packet's kernel
 /// buffer overhead.
 pub const RELAY_PACKET_CHARGE: u64 = 1024;
+
+/// How far a handed-back direction's packets may run ahead of what the agent has read
+/// (`RELAY_READ`) before the program drops them. Above what the source socket's receive
+/// buffer (set to [`RELAY_RCVBUF`] when relayed) lets through when the agent reads slowly.
+pub const RELAY_PASS_BOUND: u64 = 16 * 1024 * 1024;
+
+/// The receive buffer of a relayed socket (`SO_RCVBUF`; the kernel doubles it): what
+/// handed-back packets may fill while the agent does not read, its window then closed.
+pub const RELAY_RCVBUF: u32 = 2 * 1024 * 1024;
 
 /// Key of `INBOUND_LISTENERS`: a pod's 15006 listener for one address family.
 #[repr(C)]

@@ -62,6 +62,10 @@ pub static RELAY_FLOW: HashMap<u64, RelayFlow, MAX_RELAYED> = HashMap::new();
 #[btf_map]
 pub static RELAY_ALLOWED: HashMap<u64, u64, MAX_RELAYED> = HashMap::new();
 
+/// What the agent has read of each handed-back direction; the agent's.
+#[btf_map]
+pub static RELAY_READ: HashMap<u64, u64, MAX_RELAYED> = HashMap::new();
+
 #[btf_map]
 pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, MAX_PODS> = PerCpuHashMap::new();
 

@@ -14,14 +14,17 @@
 //! (`RELAY_ALLOWED`, renewed while the destination keeps up); past it the direction is handed
 //! back to the agent for good: its packets stay on the source socket (SK_PASS), whose window
 //! then closes as TCP's does, and the agent takes over once the destination has taken
-//! everything redirected.
+//! everything redirected. Where the kernel queues such packets behind the other direction's
+//! bytes waiting to leave the same socket, it counts them against no buffer and the window
+//! stays open: past `RELAY_PASS_BOUND` beyond what the agent has read (`RELAY_READ`), the
+//! program drops them and marks the direction broken, and the agent resets the connection.
 
 use aya_ebpf::{
     helpers::bpf_get_socket_cookie, macros::stream_verdict, programs::SkBuffContext, EbpfContext,
 };
-use ztunnel_common::RELAY_PACKET_CHARGE;
+use ztunnel_common::{RelayFlow, RELAY_PACKET_CHARGE, RELAY_PASS_BOUND};
 
-use crate::maps::{RELAY_ALLOWED, RELAY_FLOW, RELAY_TARGETS};
+use crate::maps::{RELAY_ALLOWED, RELAY_FLOW, RELAY_READ, RELAY_TARGETS};
 
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
@@ -50,14 +53,14 @@ fn try_relay(ctx: &SkBuffContext) -> u32 {
     // verdicts run one at a time under its lock, and only this program writes the entry.
     let flow = unsafe { &mut *flow };
     if flow.handed_back != 0 {
-        return SK_PASS;
+        return pass(flow, socket, len);
     }
     let charge = u64::from(len) + RELAY_PACKET_CHARGE;
     // SAFETY: read-only lookup of a plain-old-data value.
     let allowed = unsafe { RELAY_ALLOWED.get(socket) }.copied().unwrap_or(0);
     if flow.charged + charge > allowed {
         flow.handed_back = 1;
-        return SK_PASS;
+        return pass(flow, socket, len);
     }
     // SK_PASS with the redirect recorded, or SK_DROP when the peer is not in the map, which
     // happens only once it has closed (closing takes a socket out of every map): the
@@ -69,4 +72,22 @@ fn try_relay(ctx: &SkBuffContext) -> u32 {
         flow.charged += charge;
     }
     verdict
+}
+
+/// A handed-back direction's packet: left on its socket for the agent, unless the packets
+/// left so far run too far ahead of what the agent has read (then dropped, for good: the
+/// stream is broken and the agent resets the connection).
+#[inline(always)]
+fn pass(flow: &mut RelayFlow, socket: u64, len: u32) -> u32 {
+    if flow.broken != 0 {
+        return SK_DROP;
+    }
+    // SAFETY: read-only lookup of a plain-old-data value.
+    let read = unsafe { RELAY_READ.get(socket) }.copied().unwrap_or(0);
+    if flow.passed + u64::from(len) > read + RELAY_PASS_BOUND {
+        flow.broken = 1;
+        return SK_DROP;
+    }
+    flow.passed += u64::from(len);
+    SK_PASS
 }

@@ -352,6 +352,15 @@ async fn relay_and_count(
         relay,
         cookies: [cookie(&a), cookie(&b)],
     };
+    for socket in [&a, &b] {
+        // What handed-back packets may fill while the agent does not read (see
+        // `RELAY_PASS_BOUND`); the relayed bytes themselves never wait there.
+        if let Err(e) = socket2::SockRef::from(socket)
+            .set_recv_buffer_size(ztunnel_common::RELAY_RCVBUF as usize)
+        {
+            tracing::debug!(error = %e, "SO_RCVBUF not set on a socket handed to the kernel relay");
+        }
+    }
     let engaged = relay.engage(a.as_fd(), b.as_fd());
     counted.engaged(&engaged);
     // Boxed: the kernel relay's state (end watches, meters) is larger than the splice
@@ -591,7 +600,7 @@ async fn kernel_one_way(
                 let ended = ended?;
                 let seen = flow()?;
                 if seen.handed_back != 0 {
-                    return taken_back(from, meter, seen.moved).await;
+                    return taken_back(from, meter, (relay, from_cookie), seen.moved).await;
                 }
                 if ended == Watched::Payload {
                     // The program relays every byte it does not hand back; one reaching
@@ -606,7 +615,7 @@ async fn kernel_one_way(
             Err(_) => {
                 let seen = flow()?;
                 if seen.handed_back != 0 {
-                    return taken_back(from, meter, seen.moved).await;
+                    return taken_back(from, meter, (relay, from_cookie), seen.moved).await;
                 }
                 let moving = last_seen.is_none_or(|last| last.charged != seen.charged);
                 look_after = if moving {
@@ -662,7 +671,12 @@ async fn kernel_one_way(
 /// the `moved` bytes the kernel relayed (nothing may overtake them), the agent copies what
 /// waits on `from` and all that follows, to the end. Copied, not spliced: the program still
 /// sees `from`'s packets and leaves them where a read finds them, not where splice looks.
-async fn taken_back(from: BorrowedFd<'_>, meter: &KernelMeter<'_>, moved: u64) -> io::Result<()> {
+async fn taken_back(
+    from: BorrowedFd<'_>,
+    meter: &KernelMeter<'_>,
+    (relay, from_cookie): (&KernelRelay, u64),
+    moved: u64,
+) -> io::Result<()> {
     crate::metrics::global().relay_handback();
     tracing::debug!(
         moved,
@@ -676,7 +690,7 @@ async fn taken_back(from: BorrowedFd<'_>, meter: &KernelMeter<'_>, moved: u64) -
         if let Some(e) = socket2::SockRef::from(&to).take_error()? {
             return Err(e);
         }
-        parked_within_bound(from, meter, moved, copied)?;
+        not_broken(relay, from_cookie)?;
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
@@ -709,7 +723,7 @@ async fn taken_back(from: BorrowedFd<'_>, meter: &KernelMeter<'_>, moved: u64) -
         let n = match tokio::time::timeout(LOOK_BUSY, read).await {
             Ok(n) => n?,
             Err(_) => {
-                parked_within_bound(from, meter, moved, copied)?;
+                not_broken(relay, from_cookie)?;
                 continue;
             }
         };
@@ -747,26 +761,23 @@ async fn taken_back(from: BorrowedFd<'_>, meter: &KernelMeter<'_>, moved: u64) -
         }
         copied += n as u64;
         meter.meter.add(n);
+        // Lets the program leave more on the socket (see `RELAY_PASS_BOUND`); a failure
+        // only makes it stricter.
+        let _ = relay.set_read(from_cookie, copied);
+        not_broken(relay, from_cookie)?;
     }
 }
 
-/// Fails a direction taken back from the kernel relay whose source keeps sending while its
-/// packets cannot reach the agent: handed-back packets queue behind the other direction's
-/// bytes waiting to leave the same socket (its client is not reading them), and there the
-/// kernel counts them against no buffer, so TCP's window stays open. Only a client that
-/// sends without reading while its server sends too comes here; failing it (both ends
-/// reset, the log says why) bounds what the kernel holds for it.
-fn parked_within_bound(
-    from: BorrowedFd<'_>,
-    meter: &KernelMeter<'_>,
-    moved: u64,
-    copied: u64,
-) -> io::Result<()> {
-    let received = tcp_totals(from)?.received;
-    let parked = received.saturating_sub(meter.spliced + moved + copied);
-    if parked > RELAY_BOUND {
+/// Fails a direction taken back from the kernel relay whose packets the program had to
+/// drop: its source kept sending while its packets could not reach the agent (queued behind
+/// the other direction's bytes waiting to leave the same socket, its client not reading
+/// them, where the kernel counts them against no buffer). The stream is broken: both ends
+/// are reset and the log says why.
+fn not_broken(relay: &KernelRelay, from_cookie: u64) -> io::Result<()> {
+    if relay.flow(from_cookie).is_some_and(|flow| flow.broken != 0) {
         return Err(io::Error::other(format!(
-            "the kernel relay cannot hold back this client: it sent {parked} bytes more while not reading what the server sends (ZTUNNEL_KERNEL_RELAY=false keeps such clients under TCP's flow control)"
+            "the kernel relay could not hold back this client: it sent more than {} MiB past what reached the agent while not reading what the server sent (ZTUNNEL_KERNEL_RELAY=false keeps such clients under TCP's flow control)",
+            ztunnel_common::RELAY_PASS_BOUND >> 20
         )));
     }
     Ok(())
@@ -1097,6 +1108,80 @@ mod tests {
         );
     }
 
+    /// A client that sends without reading while its server sends too: once both directions
+    /// are handed back, the client's packets queue in the kernel where no buffer counts them
+    /// (behind the server's bytes waiting for it), so TCP would not hold it back. The
+    /// program drops them past its bound (so the kernel holds no more than it) and the agent
+    /// resets both ends, saying why; before, 470 MB queued within a tenth of a second.
+    #[tokio::test]
+    async fn kernel_relay_resets_a_client_that_sends_without_reading_while_its_server_sends() {
+        let Some(turn) = kernel_turn().await else {
+            return;
+        };
+        let relay = &turn.relay;
+        let (mut client, client_side, server_side, mut server) = sockets().await;
+        let relaying = relay_counted(client_side, server_side, Some(relay));
+        let chunk = vec![7u8; 1 << 20];
+        let talk = async {
+            pongs_and_pings(&mut client, &mut server).await;
+            // Each side pushes until its writes stall for 300 ms or fail; nobody reads.
+            let push = async |socket: &mut TcpStream| {
+                let mut pushed = 0usize;
+                while pushed < 512 << 20 {
+                    let write = socket.write(&chunk);
+                    match tokio::time::timeout(Duration::from_millis(300), write).await {
+                        Ok(Ok(n)) => pushed += n,
+                        Ok(Err(e)) => return (pushed, Some(e.kind())),
+                        Err(_) => break,
+                    }
+                }
+                (pushed, None)
+            };
+            let (server_pushed, _) = push(&mut server).await;
+            let (client_pushed, client_failed) = push(&mut client).await;
+            (server_pushed, client_pushed, client_failed)
+        };
+        let ((server_pushed, client_pushed, client_failed), (_, _, relayed)) =
+            tokio::time::timeout(Duration::from_secs(30), async {
+                tokio::join!(talk, relaying)
+            })
+            .await
+            .expect("the relay ends");
+        eprintln!("server pushed {server_pushed}, client pushed {client_pushed}");
+        let error = relayed.expect_err("the connection is reset").to_string();
+        assert!(error.contains("could not hold back this client"), "{error}");
+        // The client's sends past the bound are dropped, not held (it may push many more
+        // until the reset, at memory speed); the server's stayed held back by TCP.
+        assert!(
+            server_pushed < 48 << 20,
+            "the server pushed {server_pushed} bytes the client did not read"
+        );
+        // The reset shows on the client's next write or read (once, whichever comes first).
+        let reset = match client_failed {
+            Some(kind) => kind,
+            None => loop {
+                let mut buf = [0u8; 1 << 16];
+                match client.read(&mut buf).await {
+                    Ok(0) => break io::ErrorKind::UnexpectedEof,
+                    Ok(_) => continue,
+                    Err(e) => break e.kind(),
+                }
+            },
+        };
+        assert!(
+            matches!(
+                reset,
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "the client sees a reset, not a clean end: {reset:?}"
+        );
+    }
+
+    /// Ten small exchanges through a relay (the connection becomes interactive).
+    async fn pongs_and_pings(client: &mut TcpStream, server: &mut TcpStream) {
+        tokio::join!(pings(client, 10), pongs(server, 10));
+    }
+
     #[tokio::test]
     async fn kernel_relay_passes_a_reset_on_to_the_client() {
         let Some(turn) = kernel_turn().await else {
@@ -1106,14 +1191,18 @@ mod tests {
         let before = kernel_count();
         let (mut client, client_side, server_side, mut server) = sockets().await;
         let relaying = relay_counted(client_side, server_side, Some(relay));
+        let ponged = tokio::sync::Notify::new();
         let talk = async {
             pings(&mut client, 10).await;
+            ponged.notify_one();
             let mut rest = Vec::new();
             client.read_to_end(&mut rest).await
         };
         let serve = async {
             pongs(&mut server, 10).await;
-            // Once the kernel has the connection, reset it.
+            // Once the kernel has the connection and the client every pong (the kernel
+            // relays asynchronously: a reset must not overtake the last one), reset it.
+            ponged.notified().await;
             while kernel_count() == before {
                 tokio::task::yield_now().await;
             }

@@ -47,6 +47,7 @@ struct RelayMaps {
     targets: SockHash<MapData, u64>,
     flow: HashMap<MapData, u64, RelayFlow>,
     allowed: HashMap<MapData, u64, u64>,
+    read: HashMap<MapData, u64, u64>,
 }
 
 /// The loaded relay program and its two maps.
@@ -68,6 +69,7 @@ impl KernelRelay {
         let targets: SockHash<MapData, u64> = take_map(ebpf, maps::RELAY_TARGETS)?;
         let flow: HashMap<MapData, u64, RelayFlow> = take_map(ebpf, maps::RELAY_FLOW)?;
         let allowed: HashMap<MapData, u64, u64> = take_map(ebpf, maps::RELAY_ALLOWED)?;
+        let read: HashMap<MapData, u64, u64> = take_map(ebpf, maps::RELAY_READ)?;
         let verdict: &mut SkSkb = program(ebpf, programs::RELAY)?;
         let err = |what| {
             move |source| Error::Program {
@@ -84,6 +86,7 @@ impl KernelRelay {
                 targets,
                 flow,
                 allowed,
+                read,
             }),
         })
     }
@@ -161,6 +164,12 @@ impl KernelRelay {
         self.maps().allowed.insert(cookie, allowed, 0)
     }
 
+    /// Tells the program how much of the handed-back direction from the socket with this
+    /// cookie the agent has read.
+    pub fn set_read(&self, cookie: u64, read: u64) -> Result<(), aya::maps::MapError> {
+        self.maps().read.insert(cookie, read, 0)
+    }
+
     /// Drops the accounting of the direction from the socket with this cookie (its relay
     /// has ended).
     pub fn forget(&self, cookie: u64) {
@@ -172,6 +181,7 @@ fn forget_flow(maps: &mut RelayMaps, cookie: u64) {
     // Absent already (never made, or evicted): nothing to do.
     let _ = maps.flow.remove(&cookie);
     let _ = maps.allowed.remove(&cookie);
+    let _ = maps.read.remove(&cookie);
 }
 
 /// Hands what `fd` received before it joined `RELAY_SOCKS` to the program.
