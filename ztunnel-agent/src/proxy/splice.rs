@@ -352,17 +352,23 @@ async fn relay_and_count(
         relay,
         cookies: [cookie(&a), cookie(&b)],
     };
-    for socket in [&a, &b] {
+    let engaged = relay.engage(a.as_fd(), b.as_fd());
+    counted.engaged(&engaged);
+    let taken: &[&TcpStream] = match engaged {
+        Engaged::Both => &[&a, &b],
+        Engaged::First => &[&a],
+        Engaged::Neither => &[],
+    };
+    for socket in taken {
         // What handed-back packets may fill while the agent does not read (see
-        // `RELAY_PASS_BOUND`); the relayed bytes themselves never wait there.
-        if let Err(e) = socket2::SockRef::from(socket)
+        // `RELAY_PASS_BOUND`); the relayed bytes themselves never wait there. Capped by
+        // net.core.rmem_max (the kernel doubles what it grants).
+        if let Err(e) = socket2::SockRef::from(*socket)
             .set_recv_buffer_size(ztunnel_common::RELAY_RCVBUF as usize)
         {
             tracing::debug!(error = %e, "SO_RCVBUF not set on a socket handed to the kernel relay");
         }
     }
-    let engaged = relay.engage(a.as_fd(), b.as_fd());
-    counted.engaged(&engaged);
     // Boxed: the kernel relay's state (end watches, meters) is larger than the splice
     // phase's, and every connection, idle ones included, starts spliced: unboxed, each would
     // be sized for it.
@@ -537,8 +543,8 @@ impl Drop for KernelMeter<'_> {
 
 /// How often a kernel-relayed direction's count is brought up to date and its allowance
 /// renewed while it moves bytes: at [`RELAY_BOUND`] per look, a direction that keeps its
-/// destination up stays in the kernel up to about 40 MB of charge a second. Also the
-/// longest a direction handed back waits for the agent to notice.
+/// destination up stays in the kernel up to about 40 MB of charge a second. Also how soon
+/// a busy direction handed back is noticed (after a quiet spell, up to [`LOOK_QUIET`]).
 const LOOK_BUSY: Duration = Duration::from_millis(100);
 /// ... and while it is quiet (the looks space out from [`LOOK_BUSY`] up to this): a burst
 /// after a quiet spell has [`RELAY_BOUND`] until the next look.
@@ -600,7 +606,7 @@ async fn kernel_one_way(
                 let ended = ended?;
                 let seen = flow()?;
                 if seen.handed_back != 0 {
-                    return taken_back(from, meter, (relay, from_cookie), seen.moved).await;
+                    return taken_back(from, meter, (relay, from_cookie)).await;
                 }
                 if ended == Watched::Payload {
                     // The program relays every byte it does not hand back; one reaching
@@ -615,7 +621,7 @@ async fn kernel_one_way(
             Err(_) => {
                 let seen = flow()?;
                 if seen.handed_back != 0 {
-                    return taken_back(from, meter, (relay, from_cookie), seen.moved).await;
+                    return taken_back(from, meter, (relay, from_cookie)).await;
                 }
                 let moving = last_seen.is_none_or(|last| last.charged != seen.charged);
                 look_after = if moving {
@@ -675,8 +681,14 @@ async fn taken_back(
     from: BorrowedFd<'_>,
     meter: &KernelMeter<'_>,
     (relay, from_cookie): (&KernelRelay, u64),
-    moved: u64,
 ) -> io::Result<()> {
+    // Read again now that the hand-back is seen: the read that saw it may have copied the
+    // entry while the program was updating it (an older `moved`); after the hand-back
+    // `moved` never changes.
+    let moved = relay
+        .flow(from_cookie)
+        .ok_or_else(|| io::Error::other("a kernel-relayed direction lost its accounting"))?
+        .moved;
     crate::metrics::global().relay_handback();
     tracing::debug!(
         moved,
@@ -707,6 +719,9 @@ async fn taken_back(
     let from_async = register(from, Interest::READABLE)?;
     let to_async = register(to, Interest::WRITABLE)?;
     let mut buf = vec![0u8; TAKEN_BACK_BUFFER];
+    let mut eof_pause = Duration::from_millis(1);
+    // What was read when the program last heard of it.
+    let mut published = 0u64;
     loop {
         let read = from_async.async_io(Interest::READABLE, |fd| {
             // SAFETY: a valid socket fd; `buf` is writable memory of the length passed.
@@ -737,34 +752,47 @@ async fn taken_back(
                 return socket2::SockRef::from(to_async.get_ref())
                     .shutdown(std::net::Shutdown::Write);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Bytes the kernel dropped (a broken direction, a failed socket) never come.
+            not_broken(relay, from_cookie)?;
+            for socket in [from, to] {
+                if let Some(e) = socket2::SockRef::from(&socket).take_error()? {
+                    return Err(e);
+                }
+            }
+            tokio::time::sleep(eof_pause).await;
+            eof_pause = (eof_pause * 2).min(Duration::from_millis(50));
             continue;
         }
         let mut sent = 0;
         while sent < n {
-            sent += to_async
-                .async_io(Interest::WRITABLE, |fd| {
-                    let rest = &buf[sent..n];
-                    // SAFETY: a valid socket fd; `rest` is readable memory of the length
-                    // passed.
-                    let k = unsafe {
-                        libc::send(
-                            fd.as_raw_fd(),
-                            rest.as_ptr().cast(),
-                            rest.len(),
-                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                        )
-                    };
-                    usize::try_from(k).map_err(|_| io::Error::last_os_error())
-                })
-                .await?;
+            let write = to_async.async_io(Interest::WRITABLE, |fd| {
+                let rest = &buf[sent..n];
+                // SAFETY: a valid socket fd; `rest` is readable memory of the length passed.
+                let k = unsafe {
+                    libc::send(
+                        fd.as_raw_fd(),
+                        rest.as_ptr().cast(),
+                        rest.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                usize::try_from(k).map_err(|_| io::Error::last_os_error())
+            });
+            // A stalled destination must not keep a broken direction from being reset.
+            match tokio::time::timeout(LOOK_BUSY, write).await {
+                Ok(k) => sent += k?,
+                Err(_) => not_broken(relay, from_cookie)?,
+            }
         }
         copied += n as u64;
         meter.meter.add(n);
-        // Lets the program leave more on the socket (see `RELAY_PASS_BOUND`); a failure
-        // only makes it stricter.
-        let _ = relay.set_read(from_cookie, copied);
-        not_broken(relay, from_cookie)?;
+        if copied - published >= PUBLISH_EVERY {
+            // Lets the program leave more on the socket (see `RELAY_PASS_BOUND`); a
+            // failure only makes it stricter.
+            let _ = relay.set_read(from_cookie, copied);
+            published = copied;
+            not_broken(relay, from_cookie)?;
+        }
     }
 }
 
@@ -782,6 +810,10 @@ fn not_broken(relay: &KernelRelay, from_cookie: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// How often a direction taken back from the kernel relay tells the program what it has
+/// read (a sixteenth of [`ztunnel_common::RELAY_PASS_BOUND`]: the program's slack).
+const PUBLISH_EVERY: u64 = ztunnel_common::RELAY_PASS_BOUND / 16;
 
 /// The copy buffer of a direction taken back from the kernel relay (one per such
 /// direction, for its rest).
@@ -1062,6 +1094,13 @@ mod tests {
                     Err(_) => break,
                 }
             }
+            // The agent notices the hand-back at its next look.
+            let give_up = std::time::Instant::now() + Duration::from_secs(5);
+            while crate::metrics::global().relay_handbacks() == taken_back
+                && std::time::Instant::now() < give_up
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             handed_back_by_then.set(crate::metrics::global().relay_handbacks() - taken_back);
             go.notify_one();
             client.write_all(&payload[pushed..]).await.expect("write");
@@ -1079,7 +1118,12 @@ mod tests {
             server.shutdown().await.expect("close");
             got
         };
-        let ((pushed, reply), got, (ab, ba, relayed)) = tokio::join!(talk, serve, relaying);
+        let ((pushed, reply), got, (ab, ba, relayed)) =
+            tokio::time::timeout(Duration::from_secs(30), async {
+                tokio::join!(talk, serve, relaying)
+            })
+            .await
+            .expect("the relay ends");
         assert!(relayed.is_ok(), "{relayed:?}");
         assert_eq!(kernel_count() - before, 1, "the kernel took the connection");
         eprintln!("pushed {pushed} bytes before the client stalled");
