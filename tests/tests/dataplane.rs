@@ -423,23 +423,13 @@ fn interactive_passthrough_moves_to_the_kernel_relay_intact() {
     // and a half-close, answered with the count and hash of what arrived.
     let server_addr = SocketAddr::new(server.ip4, 9080);
     let server_thread = serve_one(server.netns_path(), server_addr, |mut conn| {
-        for _ in 0..ROUNDS {
-            let mut ping = [0u8; 4];
-            conn.read_exact(&mut ping).expect("ping");
-            assert_eq!(&ping, b"ping");
-            conn.write_all(b"pong").expect("pong");
-        }
+        pongs(&mut conn, ROUNDS);
         answer_count_and_hash(&mut conn);
     });
     let (up_hash, echoed_len, echoed_hash) = in_netns(&client.netns_path(), move || {
         let mut s = std::net::TcpStream::connect(server_addr).expect("connect");
         s.set_nodelay(true).expect("nodelay");
-        for _ in 0..ROUNDS {
-            s.write_all(b"ping").expect("ping");
-            let mut pong = [0u8; 4];
-            s.read_exact(&mut pong).expect("pong");
-            assert_eq!(&pong, b"pong");
-        }
+        pings(&mut s, ROUNDS);
         let up = send_pattern(&mut s, 3, LEN);
         s.shutdown(std::net::Shutdown::Write).expect("half-close");
         let (len, hash) = read_count_and_hash(&mut s);
@@ -548,11 +538,7 @@ fn destination_that_stops_reading_holds_back_the_client(path: Path) {
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let server_addr = SocketAddr::new(server.ip4, 9080);
     let server_thread = serve_one(server.netns_path(), server_addr, move |mut conn| {
-        for _ in 0..ROUNDS {
-            let mut ping = [0u8; 4];
-            conn.read_exact(&mut ping).expect("ping");
-            conn.write_all(b"pong").expect("pong");
-        }
+        pongs(&mut conn, ROUNDS);
         // Stops reading until the client has pushed all it could.
         go_rx.recv().expect("go");
         answer_count_and_hash(&mut conn);
@@ -560,11 +546,7 @@ fn destination_that_stops_reading_holds_back_the_client(path: Path) {
     let (pushed, up_hash, echoed_len, echoed_hash) = in_netns(&client.netns_path(), move || {
         let mut s = std::net::TcpStream::connect(server_addr).expect("connect");
         s.set_nodelay(true).expect("nodelay");
-        for _ in 0..ROUNDS {
-            s.write_all(b"ping").expect("ping");
-            let mut pong = [0u8; 4];
-            s.read_exact(&mut pong).expect("pong");
-        }
+        pings(&mut s, ROUNDS);
         // Push until the writes have been refused for 300 ms straight (or the cap).
         s.set_nonblocking(true).expect("nonblocking");
         let mut buf = vec![0u8; 256 * 1024];
@@ -639,6 +621,27 @@ fn destination_that_stops_reading_holds_back_the_client(path: Path) {
             );
             assert_eq!(handbacks, Some("0"), "{metrics}");
         }
+    }
+}
+
+/// The client's side of `rounds` small exchanges (enough for the agent to take a
+/// passthrough connection for interactive).
+fn pings(s: &mut std::net::TcpStream, rounds: usize) {
+    for _ in 0..rounds {
+        s.write_all(b"ping").expect("ping");
+        let mut pong = [0u8; 4];
+        s.read_exact(&mut pong).expect("pong");
+        assert_eq!(&pong, b"pong");
+    }
+}
+
+/// The server's side of [`pings`].
+fn pongs(conn: &mut std::net::TcpStream, rounds: usize) {
+    for _ in 0..rounds {
+        let mut ping = [0u8; 4];
+        conn.read_exact(&mut ping).expect("ping");
+        assert_eq!(&ping, b"ping");
+        conn.write_all(b"pong").expect("pong");
     }
 }
 

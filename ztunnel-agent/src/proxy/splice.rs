@@ -234,9 +234,11 @@ async fn one_way(
         match &pipe {
             // Drain the pipe into the destination socket.
             Some((pipe_r, _)) => {
-                write_out(to, meter, n, |left| {
+                // Boxed, as the rest below: a write that waits is the rare case, and every
+                // connection's future, idle ones included, would be sized for it.
+                Box::pin(write_out(to, meter, n, |left| {
                     splice(pipe_r.as_raw_fd(), to.as_raw_fd(), left)
-                })
+                }))
                 .await?;
             }
             None => {
@@ -246,11 +248,13 @@ async fn one_way(
                 if !rest.is_empty() {
                     RESTS_KEPT.fetch_add(1, Ordering::Relaxed);
                 }
-                write_out(to, meter, rest.len(), |left| {
-                    socket2::SockRef::from(to)
-                        .send_with_flags(&rest[rest.len() - left..], libc::MSG_NOSIGNAL)
-                })
-                .await?;
+                if !rest.is_empty() {
+                    Box::pin(write_out(to, meter, rest.len(), |left| {
+                        socket2::SockRef::from(to)
+                            .send_with_flags(&rest[rest.len() - left..], libc::MSG_NOSIGNAL)
+                    }))
+                    .await?;
+                }
                 if n >= SMALL_MOVE && !copy_only {
                     // Bulk: spliced from now on. Without a pipe (the fd limit reached),
                     // copying goes on: slower, never failed.
@@ -661,16 +665,28 @@ async fn kernel_one_way(
         .saturating_sub(meter.spliced);
     // The program has handed every byte to `to` by now, but `to` may still be taking them
     // from the kernel's queue: the FIN must not overtake them.
+    until_taken(meter, received, || Ok(())).await?;
+    meter.settled.store(true, Ordering::Relaxed);
+    socket2::SockRef::from(&to).shutdown(std::net::Shutdown::Write)
+}
+
+/// Waits until a kernel-relayed direction's destination has taken `bytes` (it may still be
+/// taking them from the kernel's queue); fails if the destination fails, or `check` does.
+async fn until_taken(
+    meter: &KernelMeter<'_>,
+    bytes: u64,
+    check: impl Fn() -> io::Result<()>,
+) -> io::Result<()> {
     let mut pause = Duration::from_millis(1);
-    while meter.count()? < received {
-        if let Some(e) = socket2::SockRef::from(&to).take_error()? {
+    while meter.count()? < bytes {
+        if let Some(e) = socket2::SockRef::from(&meter.to).take_error()? {
             return Err(e);
         }
+        check()?;
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
-    meter.settled.store(true, Ordering::Relaxed);
-    socket2::SockRef::from(&to).shutdown(std::net::Shutdown::Write)
+    Ok(())
 }
 
 /// Moves the rest of a direction the program handed back: once the destination has taken
@@ -697,15 +713,7 @@ async fn taken_back(
     let to = meter.to;
     // What the agent has copied since the hand-back.
     let mut copied = 0u64;
-    let mut pause = Duration::from_millis(1);
-    while meter.count()? < moved {
-        if let Some(e) = socket2::SockRef::from(&to).take_error()? {
-            return Err(e);
-        }
-        not_broken(relay, from_cookie)?;
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
+    until_taken(meter, moved, || not_broken(relay, from_cookie)).await?;
     meter.settle(moved);
     // Registered on duplicates: the sockets may be registered already (the other
     // direction taken back too), and each registration needs its own descriptor.
