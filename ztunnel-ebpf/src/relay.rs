@@ -45,7 +45,8 @@ fn try_relay(ctx: &SkBuffContext) -> u32 {
     }
     // SAFETY: bpf_get_socket_cookie accepts an sk_skb context (the receiving socket).
     let socket = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // No accounting (evicted, or never made): the agent takes the direction.
+    // No accounting (made before a socket joins, forgotten after it left): the agent takes
+    // the direction.
     let Some(flow) = RELAY_FLOW.get_ptr_mut(socket) else {
         return SK_PASS;
     };

@@ -664,29 +664,36 @@ async fn kernel_one_way(
         .saturating_sub(1)
         .saturating_sub(meter.spliced);
     // The program has handed every byte to `to` by now, but `to` may still be taking them
-    // from the kernel's queue: the FIN must not overtake them.
-    until_taken(meter, received, || Ok(())).await?;
+    // from the kernel's queue: the FIN must not overtake them. (A last packet's verdict may
+    // still be running as the FIN shows; if it handed the direction back, the agent takes
+    // over.)
+    if !until_taken(meter, received, || Ok(flow()?.handed_back != 0)).await? {
+        return taken_back(from, meter, (relay, from_cookie)).await;
+    }
     meter.settled.store(true, Ordering::Relaxed);
     socket2::SockRef::from(&to).shutdown(std::net::Shutdown::Write)
 }
 
 /// Waits until a kernel-relayed direction's destination has taken `bytes` (it may still be
-/// taking them from the kernel's queue); fails if the destination fails, or `check` does.
+/// taking them from the kernel's queue): true then, false if `give_up` says so first; fails
+/// if the destination fails, or `give_up` does.
 async fn until_taken(
     meter: &KernelMeter<'_>,
     bytes: u64,
-    check: impl Fn() -> io::Result<()>,
-) -> io::Result<()> {
+    give_up: impl Fn() -> io::Result<bool>,
+) -> io::Result<bool> {
     let mut pause = Duration::from_millis(1);
     while meter.count()? < bytes {
         if let Some(e) = socket2::SockRef::from(&meter.to).take_error()? {
             return Err(e);
         }
-        check()?;
+        if give_up()? {
+            return Ok(false);
+        }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Moves the rest of a direction the program handed back: once the destination has taken
@@ -713,7 +720,10 @@ async fn taken_back(
     let to = meter.to;
     // What the agent has copied since the hand-back.
     let mut copied = 0u64;
-    until_taken(meter, moved, || not_broken(relay, from_cookie)).await?;
+    until_taken(meter, moved, || {
+        not_broken(relay, from_cookie).map(|()| false)
+    })
+    .await?;
     meter.settle(moved);
     // Registered on duplicates: the sockets may be registered already (the other
     // direction taken back too), and each registration needs its own descriptor.
