@@ -326,8 +326,8 @@ pub struct RunArgs {
     /// agent, which copies the rest under TCP's flow control; but a client that sends
     /// without reading (or much faster than it reads) while its server sends too cannot be
     /// held back: past 16 MiB the kernel drops its bytes and the agent resets the
-    /// connection, which TCP would only have stalled. Off, for bulk from the start, or where the kernel refuses a connection,
-    /// the agent splices it to the end.
+    /// connection, which TCP would only have stalled. Off, for bulk from the start, or where
+    /// the kernel refuses a connection, the agent splices it to the end.
     #[arg(long, env = "ZTUNNEL_KERNEL_RELAY", default_value_t = false, action = clap::ArgAction::Set, value_parser = parse_bool_setting)]
     pub kernel_relay: bool,
     /// Where the DNS proxy finds the resolvers it forwards non-mesh names to (its

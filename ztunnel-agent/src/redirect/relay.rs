@@ -178,7 +178,7 @@ impl KernelRelay {
 }
 
 fn forget_flow(maps: &mut RelayMaps, cookie: u64) {
-    // Absent already (never made, or evicted): nothing to do.
+    // Absent already (never made, or forgotten): nothing to do.
     let _ = maps.flow.remove(&cookie);
     let _ = maps.allowed.remove(&cookie);
     let _ = maps.read.remove(&cookie);
