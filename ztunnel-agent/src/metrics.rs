@@ -631,7 +631,7 @@ impl Metrics {
         let relay_handbacks = Counter::default();
         registry.register(
             "ztunnel_passthrough_relay_handbacks",
-            "Directions of kernel-relayed passthrough connections handed back to the agent because their destination did not keep up (more than 8 MiB waiting for it): the agent copies the rest, under TCP's flow control",
+            format!("Directions of kernel-relayed passthrough connections handed back to the agent because their destination did not keep up (more than {} MiB waiting for it): the agent copies the rest, under TCP's flow control", ztunnel_common::RELAY_BOUND >> 20),
             relay_handbacks.clone(),
         );
         let source_fallbacks = Family::<PodLabels, Counter>::default();

@@ -23,7 +23,7 @@ mod relay;
 pub use pod_maps::{DialTable, OrigDstTable, PodKernelView, PodRedirect};
 #[cfg(test)]
 pub use relay::testing as relay_testing;
-pub use relay::{Engaged, KernelRelay, RELAY_BOUND};
+pub use relay::{Engaged, Engagement, KernelRelay};
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -232,7 +232,10 @@ impl Redirect {
         let relay = if config.kernel_relay {
             match relay::KernelRelay::load(&mut ebpf) {
                 Ok(relay) => {
-                    tracing::warn!("the kernel relay of plain passthrough connections is on: a relayed client that sends without reading while its server sends is reset past 16 MiB, where TCP would only stall it (ZTUNNEL_KERNEL_RELAY=false, the default, keeps every connection under TCP's flow control)");
+                    tracing::warn!(
+                        "the kernel relay of plain passthrough connections is on: a relayed client that sends without reading while its server sends is reset past {} MiB, where TCP would only stall it (ZTUNNEL_KERNEL_RELAY=false, the default, keeps every connection under TCP's flow control)",
+                        ztunnel_common::RELAY_PASS_BOUND >> 20
+                    );
                     Some(Arc::new(relay))
                 }
                 Err(e) => {

@@ -238,8 +238,8 @@ const PEER: u64 = 1;
 pub enum Watched {
     /// The peer's FIN, and nothing left to read.
     Fin,
-    /// The peer's FIN, with payload left on the socket (the program handed the direction
-    /// back to the agent).
+    /// The peer's FIN, with payload left on the socket for the agent (a direction the
+    /// program handed back leaves it there; otherwise the kernel did what it should not).
     Payload,
 }
 

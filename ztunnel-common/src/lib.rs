@@ -94,7 +94,8 @@ pub mod maps {
     /// Kernel-relayed passthrough sockets under their peer's cookie (`u64`); not pinned.
     pub const RELAY_TARGETS: &str = "RELAY_TARGETS";
     /// Each kernel-relayed direction's accounting, by its source socket's cookie (`u64`) ->
-    /// [`crate::RelayFlow`]; written by the program. Not pinned.
+    /// [`crate::RelayFlow`]; made (zeroed) by the agent, then written by the program. Not
+    /// pinned.
     pub const RELAY_FLOW: &str = "RELAY_FLOW";
     /// What each kernel-relayed direction may charge (`u64`, see [`crate::RelayFlow`]) before
     /// the program hands it back to the agent, by its source socket's cookie; written by the
@@ -400,6 +401,12 @@ pub struct RelayFlow {
     /// them against no buffer); the stream is broken and the agent resets the connection.
     pub broken: u64,
 }
+
+/// What a kernel-relayed direction may charge (payload plus [`RELAY_PACKET_CHARGE`] a
+/// packet, see [`RelayFlow`]) beyond what its destination had taken when last seen keeping
+/// up, before the program hands it back: the most the kernel holds for one slow destination.
+/// About what TCP's own buffers hold for one connection.
+pub const RELAY_BOUND: u64 = 8 * 1024 * 1024;
 
 /// What a relayed packet is charged beyond its payload: about a small packet's kernel
 /// buffer overhead.

@@ -23,8 +23,9 @@ use tokio::net::TcpStream;
 
 use super::connection::Meter;
 use crate::metrics::PassthroughRelay;
-use crate::redirect::{Engaged, KernelRelay, RELAY_BOUND};
+use crate::redirect::{Engaged, Engagement, KernelRelay};
 use crate::socket::{tcp_totals, EndWatch, Watched};
+use ztunnel_common::RELAY_BOUND;
 
 /// How much one splice call moves at most (the pipe is sized to match).
 const CHUNK: usize = 256 * 1024;
@@ -244,11 +245,9 @@ async fn one_way(
             None => {
                 // Copied: `to` took all but `rest` already.
                 meter.add(n - rest.len());
-                #[cfg(test)]
                 if !rest.is_empty() {
+                    #[cfg(test)]
                     RESTS_KEPT.fetch_add(1, Ordering::Relaxed);
-                }
-                if !rest.is_empty() {
                     Box::pin(write_out(to, meter, rest.len(), |left| {
                         socket2::SockRef::from(to)
                             .send_with_flags(&rest[rest.len() - left..], libc::MSG_NOSIGNAL)
@@ -349,35 +348,15 @@ async fn relay_and_count(
             return Err(e);
         }
     };
-    // Each direction's accounting in the kernel goes when the relay ends. Declared before
-    // the relay's future, so dropped after it (and the sockets it owns), also when the relay
-    // is cut short.
-    let _forget = Forget {
-        relay,
-        cookies: [cookie(&a), cookie(&b)],
-    };
-    let engaged = relay.engage(a.as_fd(), b.as_fd());
-    counted.engaged(&engaged);
-    let taken: &[&TcpStream] = match engaged {
-        Engaged::Both => &[&a, &b],
-        Engaged::First => &[&a],
-        Engaged::Neither => &[],
-    };
-    for socket in taken {
-        // What handed-back packets may fill while the agent does not read (see
-        // `RELAY_PASS_BOUND`); the relayed bytes themselves never wait there. Capped by
-        // net.core.rmem_max (the kernel doubles what it grants).
-        if let Err(e) = socket2::SockRef::from(*socket)
-            .set_recv_buffer_size(ztunnel_common::RELAY_RCVBUF as usize)
-        {
-            tracing::debug!(error = %e, "SO_RCVBUF not set on a socket handed to the kernel relay");
-        }
-    }
+    // Kept until the relay's future below is gone (it borrows it): the program's accounting
+    // outlives every use of the sockets, also when the relay is cut short.
+    let engagement = relay.engage(a.as_fd(), b.as_fd());
+    counted.engaged(&engagement.engaged);
     // Boxed: the kernel relay's state (end watches, meters) is larger than the splice
     // phase's, and every connection, idle ones included, starts spliced: unboxed, each would
     // be sized for it.
     Box::pin(relay_engaged(
-        engaged,
+        &engagement,
         (a, ab, ab_start),
         (b, ba, ba_start),
         deadline,
@@ -417,16 +396,17 @@ impl Drop for RelayCount {
     }
 }
 
-/// Relays a connection after its hand-over to the kernel relay (`engaged` says what the
+/// Relays a connection after its hand-over to the kernel relay (`engagement` says what the
 /// kernel took): each way's socket, meter, and where its kernel count starts.
 async fn relay_engaged(
-    engaged: Engaged,
+    engagement: &Engagement<'_>,
     (a, ab, ab_start): (TcpStream, &Meter, (u64, u64)),
     (b, ba, ba_start): (TcpStream, &Meter, (u64, u64)),
     deadline: impl std::future::Future<Output = crate::drain::DeadlineReached>,
     relay: &KernelRelay,
 ) -> io::Result<()> {
-    match engaged {
+    let [a_cookie, b_cookie] = engagement.cookies;
+    match engagement.engaged {
         Engaged::Both => {
             // Out of the runtime's poller: the kernel relay's data wakes nobody (each
             // direction's end is watched on its own, see `kernel_one_way`).
@@ -438,8 +418,8 @@ async fn relay_engaged(
             let ba_kernel = KernelMeter::new(ba, a.as_fd(), ba_start);
             let both = async {
                 tokio::try_join!(
-                    kernel_one_way(a.as_fd(), &ab_kernel, relay),
-                    kernel_one_way(b.as_fd(), &ba_kernel, relay)
+                    kernel_one_way((a.as_fd(), a_cookie), &ab_kernel, relay),
+                    kernel_one_way((b.as_fd(), b_cookie), &ba_kernel, relay)
                 )
             };
             end_both(&a, &b, deadline, both).await.map(|_| ())
@@ -448,9 +428,10 @@ async fn relay_engaged(
             let ab_kernel = KernelMeter::new(ab, b.as_fd(), ab_start);
             let spliced = Splicing::new(None);
             let both = async {
-                tokio::try_join!(kernel_one_way(a.as_fd(), &ab_kernel, relay), async {
-                    one_way(1, &b, &a, ba, &spliced).await.map(|_| ())
-                })
+                tokio::try_join!(
+                    kernel_one_way((a.as_fd(), a_cookie), &ab_kernel, relay),
+                    async { one_way(1, &b, &a, ba, &spliced).await.map(|_| ()) }
+                )
             };
             end_both(&a, &b, deadline, both).await.map(|_| ())
         }
@@ -554,27 +535,6 @@ const LOOK_BUSY: Duration = Duration::from_millis(100);
 /// after a quiet spell has [`RELAY_BOUND`] until the next look.
 const LOOK_QUIET: Duration = Duration::from_millis(800);
 
-/// The socket's cookie, or 0 (no accounting entry has it) if it cannot be read.
-fn cookie(socket: &impl AsFd) -> u64 {
-    socket2::SockRef::from(socket).cookie().unwrap_or(0)
-}
-
-/// Drops the kernel relay's accounting of a connection's directions. Dropped only once the
-/// relay no longer holds the sockets (they are out of every map by then), so no program
-/// can be counting into an entry that is gone.
-struct Forget<'r> {
-    relay: &'r KernelRelay,
-    cookies: [u64; 2],
-}
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        for cookie in self.cookies {
-            self.relay.forget(cookie);
-        }
-    }
-}
-
 /// Waits for the end of one direction the kernel relays (`from`'s EOF), lets the
 /// destination take every byte `from` received, then shuts its write side down. Ends in
 /// error if either socket fails first (the destination's failure too: `from`'s bytes
@@ -583,77 +543,62 @@ impl Drop for Forget<'_> {
 /// back (it outran its destination by more than [`RELAY_BOUND`]) is moved on by the agent
 /// (see [`taken_back`]).
 async fn kernel_one_way(
-    from: BorrowedFd<'_>,
+    (from, from_cookie): (BorrowedFd<'_>, u64),
     meter: &KernelMeter<'_>,
     relay: &KernelRelay,
 ) -> io::Result<()> {
     let to = meter.to;
     let watch = EndWatch::new(from, to)?;
-    let from_cookie = cookie(&from);
-    // Made before the program could see the socket, deleted only after this relay: never
-    // missing while it lasts. Without it, what the destination must take first is unknown:
-    // fail rather than risk reordering.
-    let flow = || {
-        relay
-            .flow(from_cookie)
-            .ok_or_else(|| io::Error::other("a kernel-relayed direction lost its accounting"))
-    };
-    // The accounting as last seen, the charge the allowance was last renewed from, and what
-    // the direction may charge by now.
+    // The accounting as last seen, and what the direction may charge by now (renewed from
+    // a drained snapshot's charge plus the bound; the first allowance is the bound alone).
     let mut last_seen: Option<ztunnel_common::RelayFlow> = None;
-    let mut renewed_from = 0u64;
     let mut allowed = RELAY_BOUND;
     let mut look_after = LOOK_BUSY;
     loop {
-        match tokio::time::timeout(look_after, watch.wait(from, to)).await {
-            Ok(ended) => {
-                let ended = ended?;
-                let seen = flow()?;
-                if seen.handed_back != 0 {
-                    return taken_back(from, meter, (relay, from_cookie)).await;
-                }
-                if ended == Watched::Payload {
-                    // The program relays every byte it does not hand back; one reaching
-                    // the agent otherwise means the kernel behaves otherwise than the relay
-                    // was built for. Refuse, not reorder.
-                    return Err(io::Error::other(
-                        "the kernel relay handed payload to the agent; set ZTUNNEL_KERNEL_RELAY=false and report this kernel",
-                    ));
-                }
-                break;
+        let ended = match tokio::time::timeout(look_after, watch.wait(from, to)).await {
+            Ok(ended) => Some(ended?),
+            Err(_) => None,
+        };
+        let seen = relay.flow(from_cookie)?;
+        if seen.handed_back != 0 {
+            return taken_back((from, from_cookie), meter, relay).await;
+        }
+        match ended {
+            Some(Watched::Fin) => break,
+            Some(Watched::Payload) => {
+                // The program relays every byte it does not hand back; one reaching the
+                // agent otherwise means the kernel behaves otherwise than the relay was
+                // built for. Refuse, not reorder.
+                return Err(io::Error::other(
+                    "the kernel relay handed payload to the agent; set ZTUNNEL_KERNEL_RELAY=false and report this kernel",
+                ));
             }
-            Err(_) => {
-                let seen = flow()?;
-                if seen.handed_back != 0 {
-                    return taken_back(from, meter, (relay, from_cookie)).await;
-                }
-                let moving = last_seen.is_none_or(|last| last.charged != seen.charged);
-                look_after = if moving {
-                    LOOK_BUSY
-                } else {
-                    (look_after * 2).min(LOOK_QUIET)
-                };
-                if !moving && renewed_from == seen.charged {
-                    // Nothing relayed since the last renewal: nothing to learn.
-                    continue;
-                }
-                // A failure here shows again, and ends the direction, when it ends.
-                let Ok(taken) = meter.count() else { continue };
-                // What the destination has taken for sure: everything relayed by now, or
-                // at least everything relayed by the last look (`seen` was read first, so
-                // a byte relayed since cannot be mistaken for taken).
-                let drained = [Some(seen), last_seen]
-                    .into_iter()
-                    .flatten()
-                    .find(|s| taken >= s.moved);
-                last_seen = Some(seen);
-                if let Some(drained) = drained {
-                    let renewed = drained.charged + RELAY_BOUND;
-                    if renewed > allowed && relay.allow(from_cookie, renewed).is_ok() {
-                        allowed = renewed;
-                        renewed_from = drained.charged;
-                    }
-                }
+            None => {}
+        }
+        let moving = last_seen.is_none_or(|last| last.charged != seen.charged);
+        look_after = if moving {
+            LOOK_BUSY
+        } else {
+            (look_after * 2).min(LOOK_QUIET)
+        };
+        if !moving && allowed == seen.charged + RELAY_BOUND {
+            // Nothing relayed since the last renewal: nothing to learn.
+            continue;
+        }
+        // A failure here shows again, and ends the direction, when it ends.
+        let Ok(taken) = meter.count() else { continue };
+        // What the destination has taken for sure: everything relayed by now, or at least
+        // everything relayed by the last look (`seen` was read first, so a byte relayed
+        // since cannot be mistaken for taken).
+        let drained = [Some(seen), last_seen]
+            .into_iter()
+            .flatten()
+            .find(|s| taken >= s.moved);
+        last_seen = Some(seen);
+        if let Some(drained) = drained {
+            let renewed = drained.charged + RELAY_BOUND;
+            if renewed > allowed && relay.allow(from_cookie, renewed).is_ok() {
+                allowed = renewed;
             }
         }
     }
@@ -667,10 +612,14 @@ async fn kernel_one_way(
     // from the kernel's queue: the FIN must not overtake them. (A last packet's verdict may
     // still be running as the FIN shows; if it handed the direction back, the agent takes
     // over.)
-    if !until_taken(meter, received, || Ok(flow()?.handed_back != 0)).await? {
-        return taken_back(from, meter, (relay, from_cookie)).await;
+    if !until_taken(meter, received, || {
+        Ok(relay.flow(from_cookie)?.handed_back != 0)
+    })
+    .await?
+    {
+        return taken_back((from, from_cookie), meter, relay).await;
     }
-    meter.settled.store(true, Ordering::Relaxed);
+    meter.settle(received);
     socket2::SockRef::from(&to).shutdown(std::net::Shutdown::Write)
 }
 
@@ -701,64 +650,39 @@ async fn until_taken(
 /// waits on `from` and all that follows, to the end. Copied, not spliced: the program still
 /// sees `from`'s packets and leaves them where a read finds them, not where splice looks.
 async fn taken_back(
-    from: BorrowedFd<'_>,
+    (from, from_cookie): (BorrowedFd<'_>, u64),
     meter: &KernelMeter<'_>,
-    (relay, from_cookie): (&KernelRelay, u64),
+    relay: &KernelRelay,
 ) -> io::Result<()> {
     // Read again now that the hand-back is seen: the read that saw it may have copied the
     // entry while the program was updating it (an older `moved`); after the hand-back
     // `moved` never changes.
-    let moved = relay
-        .flow(from_cookie)
-        .ok_or_else(|| io::Error::other("a kernel-relayed direction lost its accounting"))?
-        .moved;
+    let moved = relay.flow(from_cookie)?.moved;
     crate::metrics::global().relay_handback();
     tracing::debug!(
         moved,
         "a kernel-relayed direction outran its destination: the agent moves the rest"
     );
-    let to = meter.to;
-    // What the agent has copied since the hand-back.
-    let mut copied = 0u64;
     until_taken(meter, moved, || {
         not_broken(relay, from_cookie).map(|()| false)
     })
     .await?;
     meter.settle(moved);
-    // Registered on duplicates: the sockets may be registered already (the other
-    // direction taken back too), and each registration needs its own descriptor.
-    use tokio::io::unix::AsyncFd;
-    let register = |fd: BorrowedFd<'_>, interest| {
-        let owned = fd.try_clone_to_owned()?;
-        // SAFETY: the AsyncFd owns the duplicate, which stays open and the same fd until
-        // the AsyncFd is dropped.
-        unsafe { AsyncFd::register_with_interest(owned, interest) }.map_err(io::Error::from)
+    // Runtime streams on duplicates: the sockets themselves are out of the runtime's poller
+    // (the kernel relay's data must wake nobody), and both directions may be taken back.
+    let stream = |fd: BorrowedFd<'_>| {
+        TcpStream::from_std(std::net::TcpStream::from(fd.try_clone_to_owned()?))
     };
-    let from_async = register(from, Interest::READABLE)?;
-    let to_async = register(to, Interest::WRITABLE)?;
+    let (mut source, destination) = (stream(from)?, stream(meter.to)?);
+    let mut broken = std::pin::pin!(broken(relay, from_cookie));
     let mut buf = vec![0u8; TAKEN_BACK_BUFFER];
+    // What the agent has copied since the hand-back, and how much of it the program knows.
+    let (mut copied, mut published) = (0u64, 0u64);
     let mut eof_pause = Duration::from_millis(1);
-    // What was read when the program last heard of it.
-    let mut published = 0u64;
     loop {
-        let read = from_async.async_io(Interest::READABLE, |fd| {
-            // SAFETY: a valid socket fd; `buf` is writable memory of the length passed.
-            let n = unsafe {
-                libc::recv(
-                    fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            usize::try_from(n).map_err(|_| io::Error::last_os_error())
-        });
-        let n = match tokio::time::timeout(LOOK_BUSY, read).await {
-            Ok(n) => n?,
-            Err(_) => {
-                not_broken(relay, from_cookie)?;
-                continue;
-            }
+        let n = tokio::select! {
+            n = tokio::io::AsyncReadExt::read(&mut source, &mut buf) => n?,
+            e = &mut broken => return Err(e),
         };
         if n == 0 {
             // The end only once every byte `from` received is through: a packet the
@@ -767,12 +691,11 @@ async fn taken_back(
             // readable.
             let received = tcp_totals(from)?.received.saturating_sub(1);
             if meter.spliced + moved + copied >= received {
-                return socket2::SockRef::from(to_async.get_ref())
-                    .shutdown(std::net::Shutdown::Write);
+                return socket2::SockRef::from(&destination).shutdown(std::net::Shutdown::Write);
             }
             // Bytes the kernel dropped (a broken direction, a failed socket) never come.
             not_broken(relay, from_cookie)?;
-            for socket in [from, to] {
+            for socket in [from, meter.to] {
                 if let Some(e) = socket2::SockRef::from(&socket).take_error()? {
                     return Err(e);
                 }
@@ -781,35 +704,21 @@ async fn taken_back(
             eof_pause = (eof_pause * 2).min(Duration::from_millis(50));
             continue;
         }
-        let mut sent = 0;
-        while sent < n {
-            let write = to_async.async_io(Interest::WRITABLE, |fd| {
-                let rest = &buf[sent..n];
-                // SAFETY: a valid socket fd; `rest` is readable memory of the length passed.
-                let k = unsafe {
-                    libc::send(
-                        fd.as_raw_fd(),
-                        rest.as_ptr().cast(),
-                        rest.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
-                usize::try_from(k).map_err(|_| io::Error::last_os_error())
-            });
-            // A stalled destination must not keep a broken direction from being reset.
-            match tokio::time::timeout(LOOK_BUSY, write).await {
-                Ok(k) => sent += k?,
-                Err(_) => not_broken(relay, from_cookie)?,
-            }
+        // A stalled destination must not keep a broken direction from being reset.
+        let write = write_out(&destination, meter.meter, n, |left| {
+            socket2::SockRef::from(&destination)
+                .send_with_flags(&buf[n - left..n], libc::MSG_NOSIGNAL)
+        });
+        tokio::select! {
+            written = write => written?,
+            e = &mut broken => return Err(e),
         }
         copied += n as u64;
-        meter.meter.add(n);
         if copied - published >= PUBLISH_EVERY {
             // Lets the program leave more on the socket (see `RELAY_PASS_BOUND`); a
             // failure only makes it stricter.
             let _ = relay.set_read(from_cookie, copied);
             published = copied;
-            not_broken(relay, from_cookie)?;
         }
     }
 }
@@ -820,13 +729,24 @@ async fn taken_back(
 /// them, where the kernel counts them against no buffer). The stream is broken: both ends
 /// are reset and the log says why.
 fn not_broken(relay: &KernelRelay, from_cookie: u64) -> io::Result<()> {
-    if relay.flow(from_cookie).is_some_and(|flow| flow.broken != 0) {
+    if relay.flow(from_cookie)?.broken != 0 {
         return Err(io::Error::other(format!(
             "the kernel relay could not hold back this client: it sent more than {} MiB past what reached the agent while not reading what the server sent (ZTUNNEL_KERNEL_RELAY=false keeps such clients under TCP's flow control)",
             ztunnel_common::RELAY_PASS_BOUND >> 20
         )));
     }
     Ok(())
+}
+
+/// Resolves with [`not_broken`]'s error once the direction is broken, looking every
+/// [`LOOK_BUSY`].
+async fn broken(relay: &KernelRelay, from_cookie: u64) -> io::Error {
+    loop {
+        tokio::time::sleep(LOOK_BUSY).await;
+        if let Err(e) = not_broken(relay, from_cookie) {
+            return e;
+        }
+    }
 }
 
 /// How often a direction taken back from the kernel relay tells the program what it has
@@ -1301,10 +1221,9 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         }
-        assert_eq!(
-            relay.engage(client_side.as_fd(), server_side.as_fd()),
-            Engaged::Both
-        );
+        // Held while the sockets are relayed (dropping it drops the program's accounting).
+        let engagement = relay.engage(client_side.as_fd(), server_side.as_fd());
+        assert_eq!(engagement.engaged, Engaged::Both);
         let mut up = [0u8; 9];
         let mut down = [0u8; 11];
         tokio::time::timeout(Duration::from_secs(5), async {

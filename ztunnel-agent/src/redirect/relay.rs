@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
 use aya::Ebpf;
-use ztunnel_common::{maps, programs, RelayFlow};
+use ztunnel_common::{maps, programs, RelayFlow, RELAY_BOUND, RELAY_RCVBUF};
 
 use super::{program, take_map, Error};
 use crate::socket::kick_receive;
@@ -35,12 +35,6 @@ pub enum Engaged {
     /// Both.
     Both,
 }
-
-/// What a relayed direction may charge (payload plus a per-packet overhead, see
-/// [`RelayFlow`]) beyond what its destination had taken when last seen keeping up: the most
-/// the kernel holds for one slow destination. About what TCP's own buffers hold for one
-/// connection here.
-pub const RELAY_BOUND: u64 = 8 * 1024 * 1024;
 
 struct RelayMaps {
     socks: SockHash<MapData, u64>,
@@ -93,16 +87,31 @@ impl KernelRelay {
 
     /// Hands `first` and `second` (two connected TCP sockets of one connection, neither
     /// holding a half-read packet: whatever they have queued is relayed whole) to the kernel
-    /// as far as it takes them.
-    pub fn engage(&self, first: BorrowedFd<'_>, second: BorrowedFd<'_>) -> Engaged {
+    /// as far as it takes them. Keep the engagement as long as the relay holds the sockets:
+    /// dropping it drops the program's accounting of their directions.
+    pub fn engage(&self, first: BorrowedFd<'_>, second: BorrowedFd<'_>) -> Engagement<'_> {
+        let mut engagement = Engagement {
+            relay: self,
+            engaged: Engaged::Neither,
+            cookies: [0; 2],
+        };
         let cookie = |fd: BorrowedFd<'_>| socket2::SockRef::from(&fd).cookie();
         let (first_cookie, second_cookie) = match (cookie(first), cookie(second)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!(error = %e, "no socket cookie: the connection is spliced");
-                return Engaged::Neither;
+                return engagement;
             }
         };
+        engagement.cookies = [first_cookie, second_cookie];
+        engagement.engaged = self.take(first, second, engagement.cookies);
+        engagement
+    }
+
+    /// The map updates of [`Self::engage`]; each socket the program takes gets the receive
+    /// buffer its handed-back packets may fill ([`RELAY_RCVBUF`]).
+    fn take(&self, first: BorrowedFd<'_>, second: BorrowedFd<'_>, cookies: [u64; 2]) -> Engaged {
+        let [first_cookie, second_cookie] = cookies;
         let mut maps = self.maps();
         let refused = |e: aya::maps::MapError| {
             tracing::debug!(error = %e, "the kernel relay refused a socket: the agent moves its bytes");
@@ -132,20 +141,19 @@ impl KernelRelay {
             forget_flow(&mut maps, first_cookie);
             return Engaged::Neither;
         }
-        kick(first);
+        taken(first);
         if let Err(e) = account(&mut maps, second_cookie)
             .and_then(|()| maps.socks.insert(second_cookie, second.as_raw_fd(), 0))
         {
             // The first socket's bytes already flow; the second's stay queued for the agent.
             refused(e);
+            forget_flow(&mut maps, second_cookie);
             return Engaged::First;
         }
-        kick(second);
+        taken(second);
         Engaged::Both
     }
-}
 
-impl KernelRelay {
     fn maps(&self) -> std::sync::MutexGuard<'_, RelayMaps> {
         // A panic while holding the maps cannot leave them inconsistent (each update is
         // one syscall): carry on.
@@ -154,9 +162,16 @@ impl KernelRelay {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The direction from the socket with this cookie, as the program counted it.
-    pub fn flow(&self, cookie: u64) -> Option<RelayFlow> {
-        self.maps().flow.get(&cookie, 0).ok()
+    /// The direction from the socket with this cookie, as the program counted it. Made
+    /// before the program could see the socket and dropped only with its [`Engagement`], it
+    /// is missing only if something else removed it: then what the destination must take
+    /// first is unknown, and the relay fails rather than risk reordering.
+    pub fn flow(&self, cookie: u64) -> std::io::Result<RelayFlow> {
+        self.maps().flow.get(&cookie, 0).map_err(|e| {
+            std::io::Error::other(format!(
+                "a kernel-relayed direction lost its accounting: {e}"
+            ))
+        })
     }
 
     /// Lets the direction from the socket with this cookie charge up to `allowed` in all.
@@ -172,8 +187,33 @@ impl KernelRelay {
 
     /// Drops the accounting of the direction from the socket with this cookie (its relay
     /// has ended).
-    pub fn forget(&self, cookie: u64) {
+    fn forget(&self, cookie: u64) {
         forget_flow(&mut self.maps(), cookie);
+    }
+}
+
+/// A connection handed to the kernel relay: what the kernel took, and the cookies of the two
+/// sockets (`[first, second]`), under which the program keeps each direction's accounting.
+/// Dropped, it drops that accounting; kept until the relay no longer holds the sockets
+/// (closing takes them out of every map), no program can be counting into an entry that is
+/// gone.
+pub struct Engagement<'r> {
+    relay: &'r KernelRelay,
+    /// Which sockets the kernel took.
+    pub engaged: Engaged,
+    /// Each socket's cookie (0 where it could not be read: nothing was engaged).
+    pub cookies: [u64; 2],
+}
+
+impl Drop for Engagement<'_> {
+    fn drop(&mut self) {
+        // Nothing taken: nothing kept (a refusal cleans up at once).
+        if self.engaged == Engaged::Neither {
+            return;
+        }
+        for cookie in self.cookies {
+            self.relay.forget(cookie);
+        }
     }
 }
 
@@ -184,11 +224,16 @@ fn forget_flow(maps: &mut RelayMaps, cookie: u64) {
     let _ = maps.read.remove(&cookie);
 }
 
-/// Hands what `fd` received before it joined `RELAY_SOCKS` to the program.
-fn kick(fd: BorrowedFd<'_>) {
+/// A socket the program took: what it received before it joined `RELAY_SOCKS` is handed to
+/// the program, and its receive buffer is set to what handed-back packets may fill while the
+/// agent does not read (the relayed bytes never wait there; capped by net.core.rmem_max).
+fn taken(fd: BorrowedFd<'_>) {
+    // Only an invalid socket fails either; its connection fails on its own.
     if let Err(e) = kick_receive(fd) {
-        // Only an invalid socket fails here; its connection fails on its own.
         tracing::debug!(error = %e, "SO_RCVLOWAT not set on a relayed socket");
+    }
+    if let Err(e) = socket2::SockRef::from(&fd).set_recv_buffer_size(RELAY_RCVBUF as usize) {
+        tracing::debug!(error = %e, "SO_RCVBUF not set on a relayed socket");
     }
 }
 
