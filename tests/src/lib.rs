@@ -49,11 +49,13 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
     }
 }
 
-/// The sum of the samples of `metric` whose labels contain every one of `labels`.
+/// The sum of the samples of `metric` whose labels contain every one of `labels` (a metric
+/// without labels: its one sample, with `labels` empty).
 pub fn metric_sum(metrics: &str, metric: &str, labels: &[&str]) -> u64 {
+    let (labelled, bare) = (format!("{metric}{{"), format!("{metric} "));
     metrics
         .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| l.starts_with(&labelled) || l.starts_with(&bare))
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .map(|l| {
             l.rsplit(' ')

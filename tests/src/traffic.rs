@@ -129,18 +129,26 @@ pub fn pattern(seed: u8, offset: u64, buf: &mut [u8]) {
     }
 }
 
+/// Where an FNV-1a hash starts (its offset basis).
+pub const FNV1A_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a: `h` (a hash so far, [`FNV1A_START`] at first) extended over `bytes`.
+pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
 /// FNV-1a over everything read from `r` until EOF; returns (bytes, hash).
 pub fn drain_hash(r: &mut impl Read) -> (u64, u64) {
     let mut buf = vec![0u8; 256 * 1024];
-    let (mut n, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+    let (mut n, mut h) = (0u64, FNV1A_START);
     loop {
         let k = r.read(&mut buf).expect("read");
         if k == 0 {
             return (n, h);
         }
-        for b in &buf[..k] {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
+        h = fnv1a(h, &buf[..k]);
         n += k as u64;
     }
 }
@@ -148,13 +156,11 @@ pub fn drain_hash(r: &mut impl Read) -> (u64, u64) {
 /// Writes `len` bytes of `pattern(seed)` to `w`; returns their hash.
 pub fn send_pattern(w: &mut impl Write, seed: u8, len: u64) -> u64 {
     let mut buf = vec![0u8; 256 * 1024];
-    let (mut sent, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+    let (mut sent, mut h) = (0u64, FNV1A_START);
     while sent < len {
         let k = (len - sent).min(buf.len() as u64) as usize;
         pattern(seed, sent, &mut buf[..k]);
-        for b in &buf[..k] {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
+        h = fnv1a(h, &buf[..k]);
         w.write_all(&buf[..k]).expect("write");
         sent += k as u64;
     }
@@ -254,12 +260,10 @@ impl Transfer {
             let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
             let mut buf = vec![0u8; 64 * 1024];
-            let (mut total, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+            let (mut total, mut h) = (0u64, FNV1A_START);
             while !stop.load(Ordering::Relaxed) {
                 pattern(seed, total, &mut buf);
-                for b in &buf {
-                    h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-                }
+                h = fnv1a(h, &buf);
                 s.write_all(&buf)?;
                 total += buf.len() as u64;
                 progress.store(total, Ordering::Relaxed);
