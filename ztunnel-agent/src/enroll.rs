@@ -494,7 +494,8 @@ impl Enrollment {
         }
         let has_v6 = ips.iter().any(|ip| ip.is_ipv6());
         let mut listeners = Vec::new();
-        for (port, listener) in open_listeners(&netns, &spec.name, has_v6)? {
+        let keepalive = self.mesh.keepalive;
+        for (port, listener) in open_listeners(&netns, &spec.name, has_v6, keepalive.as_ref())? {
             let addr = listener
                 .local_addr()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
@@ -809,6 +810,7 @@ fn open_listeners(
     netns: &PodNetns,
     pod: &str,
     has_v6: bool,
+    keepalive: Option<&crate::socket::Keepalive>,
 ) -> Result<Vec<(u16, std::net::TcpListener)>, Error> {
     let mut addrs: Vec<SocketAddr> = Vec::new();
     for port in [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT] {
@@ -822,7 +824,7 @@ fn open_listeners(
         addrs
             .iter()
             .map(|addr| {
-                bind(*addr)
+                bind(*addr, keepalive)
                     .map(|l| (addr.port(), l))
                     .map_err(|e| (*addr, e))
             })
@@ -861,7 +863,12 @@ fn tune_pod_netns() {
     }
 }
 
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A pod's listener on `addr`, whose accepted sockets all have the connection options
+/// (set before it listens, so none is accepted without them).
+fn bind(
+    addr: SocketAddr,
+    keepalive: Option<&crate::socket::Keepalive>,
+) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -876,6 +883,7 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     // connections over the group, and when one closes the other takes over.
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    crate::socket::connection_options(&socket, keepalive)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
@@ -905,4 +913,52 @@ fn interface_addresses(netns: &PodNetns, pod: &str) -> Result<Vec<IpAddr>, Error
         pod: pod.to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The socket a pod's listener accepts, once a client has connected.
+    fn accepted(keepalive: Option<&crate::socket::Keepalive>) -> std::net::TcpStream {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), keepalive).expect("listener");
+        listener.set_nonblocking(false).expect("blocking accept");
+        let addr = listener.local_addr().expect("address");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        listener.accept().expect("accept").0
+    }
+
+    /// The accept path sets no option: every accepted socket has TCP_NODELAY and the
+    /// configured keepalive from its listener.
+    #[test]
+    fn accepted_sockets_have_the_connection_options_of_their_listener() {
+        let keepalive = crate::socket::Keepalive {
+            time: Duration::from_secs(170),
+            interval: Duration::from_secs(25),
+            retries: 4,
+        };
+        let socket = accepted(Some(&keepalive));
+        let socket = socket2::SockRef::from(&socket);
+        assert!(socket.nodelay().expect("TCP_NODELAY"), "TCP_NODELAY");
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"), "SO_KEEPALIVE");
+        assert_eq!(socket.keepalive_time().expect("idle"), keepalive.time);
+        assert_eq!(
+            socket.keepalive_interval().expect("interval"),
+            keepalive.interval
+        );
+        assert_eq!(
+            socket.keepalive_retries().expect("count"),
+            keepalive.retries
+        );
+
+        // Keepalive off: none, TCP_NODELAY still.
+        let socket = accepted(None);
+        let socket = socket2::SockRef::from(&socket);
+        assert!(socket.nodelay().expect("TCP_NODELAY"), "TCP_NODELAY");
+        assert!(
+            !socket.keepalive().expect("SO_KEEPALIVE"),
+            "no SO_KEEPALIVE"
+        );
+    }
 }

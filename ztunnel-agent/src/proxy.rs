@@ -312,17 +312,12 @@ pub struct MeshContext {
 }
 
 impl MeshContext {
-    /// Sets the options every socket the agent accepts or opens gets: TCP keepalive, and
-    /// `TCP_NODELAY` (small writes such as a CONNECT's 200 or a request's reply go out at
-    /// once instead of waiting up to 40 ms for the peer's delayed ACK).
+    /// Sets the options every socket the agent opens gets (see
+    /// [`crate::socket::connection_options`]). Accepted sockets have them from their
+    /// listener.
     pub fn socket_options(&self, stream: &TcpStream) {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-        if let Some(keepalive) = &self.keepalive {
-            if let Err(e) = keepalive.apply(stream) {
-                tracing::debug!(error = %e, "TCP keepalive not set");
-            }
+        if let Err(e) = crate::socket::connection_options(stream, self.keepalive.as_ref()) {
+            tracing::debug!(error = %e, "TCP_NODELAY or keepalive not set");
         }
     }
 
@@ -522,7 +517,8 @@ pub async fn accept_loop<F, Fut>(
                         refuse_over_limit(&pod, stream, peer, reporter);
                         continue;
                     };
-                    pod.mesh.socket_options(&stream);
+                    // TCP_NODELAY and keepalive: set on the listener before it listened
+                    // (`enroll`), so the accepted socket has them already.
                     let accepted = Accepted {
                         _socket: crate::metrics::global().socket_opened(reporter),
                         _slot: slot,

@@ -86,10 +86,10 @@ impl InPodSockets {
     fn plain_socket(&self, dst: SocketAddr) -> Result<tokio::net::TcpSocket, Error> {
         let socket = self.netns.run(|| -> io::Result<socket2::Socket> {
             let domain = socket2::Domain::for_address(dst);
-            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+            // Non-blocking from creation (no fcntl calls); TCP_NODELAY and keepalive come
+            // with every connected socket's options (`MeshContext::socket_options`).
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking(), None)?;
             set_agent_mark(&socket)?;
-            socket.set_nonblocking(true)?;
-            socket.set_nodelay(true)?;
             Ok(socket)
         })?;
         let socket = socket.map_err(|source| Error::Connect { dst, source })?;
