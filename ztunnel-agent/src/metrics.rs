@@ -24,7 +24,7 @@ use prometheus_client::registry::{Registry, Unit};
 use ztunnel_common::PodCounters;
 
 use crate::accesslog::{ConnectionRecord, Direction, Peer};
-use series::{Admission, Eviction, Purpose, Series};
+use series::{Admission, Admitted, Eviction, Purpose, Series};
 
 /// Istio's TCP metric labels, in Istio's order.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -339,8 +339,30 @@ impl Collector for RedirectCollector {
     }
 }
 
-/// The `istio_tcp_*` label sets in use, shared with the collector that reports them.
-type TcpSeries = Arc<Mutex<Series<TcpLabels>>>;
+/// The `istio_tcp_*` label sets in use, shared with the collector that reports them, each
+/// with its counters.
+type TcpSeries = Arc<Mutex<Series<TcpLabels, Arc<TcpCounters>>>>;
+
+/// One label set's counter in each `istio_tcp_*` family, taken from the family the first
+/// time the set counts there (a family shows a set only once it counted in it): a known
+/// set's connections count without hashing its 27 labels again for every family.
+#[derive(Debug, Default)]
+struct TcpCounters {
+    opened: OnceLock<Counter>,
+    closed: OnceLock<Counter>,
+    failed: OnceLock<Counter>,
+    sent: OnceLock<Counter>,
+    received: OnceLock<Counter>,
+}
+
+/// The counter of `labels` in `family`, kept in `slot`.
+fn counter<'c>(
+    slot: &'c OnceLock<Counter>,
+    family: &Family<TcpLabels, Counter>,
+    labels: &TcpLabels,
+) -> &'c Counter {
+    slot.get_or_init(|| family.get_or_create(labels).clone())
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EvictionLabels {
@@ -870,7 +892,7 @@ impl Metrics {
         self.series().idle()
     }
 
-    fn series(&self) -> MutexGuard<'_, Series<TcpLabels>> {
+    fn series(&self) -> MutexGuard<'_, Series<TcpLabels, Arc<TcpCounters>>> {
         self.series.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -886,30 +908,29 @@ impl Metrics {
         }
     }
 
-    /// Admits `labels` into the tracked sets (evicting an idle set at the limit); false when
-    /// refused. The caller counts under `labels` while still holding `series`, so an
-    /// eviction never races a new sample into an untracked series.
+    /// Admits `labels` into the tracked sets (evicting an idle set at the limit): the set's
+    /// shared copy and counters, None when refused. The caller counts under `labels` while
+    /// still holding `series`, so an eviction never races a new sample into an untracked
+    /// series.
     fn admit(
         &self,
-        series: &mut Series<TcpLabels>,
+        series: &mut Series<TcpLabels, Arc<TcpCounters>>,
         labels: &TcpLabels,
         record: &ConnectionRecord,
         purpose: Purpose,
-    ) -> bool {
+    ) -> Option<Admitted<TcpLabels, Arc<TcpCounters>>> {
         let [src, dst] = workload_uids(record);
-        match series.admit(
+        let (admission, admitted) = series.admit_with(
             labels,
             [src.as_deref(), dst.as_deref()],
             purpose,
             Instant::now(),
-        ) {
-            Admission::Counted => true,
-            Admission::CountedAfterEvicting(old) => {
-                self.remove_series(&old);
-                true
-            }
-            Admission::Refused => false,
+            Default::default,
+        );
+        if let Admission::CountedAfterEvicting(old) = admission {
+            self.remove_series(&old);
         }
+        admitted
     }
 
     fn labels(record: &ConnectionRecord, flag: ResponseFlag) -> TcpLabels {
@@ -958,17 +979,21 @@ impl Metrics {
     pub fn opened(&self, record: &ConnectionRecord) -> OpenedConnection {
         let labels = Self::labels(record, ResponseFlag::None);
         let mut series = self.series();
-        let counted = self.admit(&mut series, &labels, record, Purpose::Open);
-        let labels = series.interned(&labels).unwrap_or_else(|| Arc::new(labels));
-        let (sent, received) = if counted {
-            self.opened.get_or_create(&labels).inc();
-            (
-                self.sent.get_or_create(&labels).clone(),
-                self.received.get_or_create(&labels).clone(),
-            )
-        } else {
-            (Counter::default(), Counter::default())
-        };
+        let (labels, counted, sent, received) =
+            match self.admit(&mut series, &labels, record, Purpose::Open) {
+                Some(Admitted { key, value }) => {
+                    counter(&value.opened, &self.opened, &key).inc();
+                    let sent = counter(&value.sent, &self.sent, &key).clone();
+                    let received = counter(&value.received, &self.received, &key).clone();
+                    (key, true, sent, received)
+                }
+                None => (
+                    Arc::new(labels),
+                    false,
+                    Counter::default(),
+                    Counter::default(),
+                ),
+            };
         drop(series);
         OpenedConnection {
             opened: Opened { labels, counted },
@@ -986,14 +1011,24 @@ impl Metrics {
             return;
         }
         let mut series = self.series();
-        series.closed(&opened.labels, Instant::now());
+        let counters = series.closed(&opened.labels, Instant::now());
         if flag == ResponseFlag::None {
-            self.closed.get_or_create(&opened.labels).inc();
+            match counters {
+                Some(counters) => {
+                    counter(&counters.closed, &self.closed, &opened.labels).inc();
+                }
+                // Not held (cannot be while the connection is counted open): counted anyway.
+                None => {
+                    self.closed.get_or_create(&opened.labels).inc();
+                }
+            }
         } else {
             let mut labels = TcpLabels::clone(&opened.labels);
             labels.response_flags = flag.as_str();
-            if self.admit(&mut series, &labels, record, Purpose::CloseOfCounted) {
-                self.closed.get_or_create(&labels).inc();
+            if let Some(Admitted { key, value }) =
+                self.admit(&mut series, &labels, record, Purpose::CloseOfCounted)
+            {
+                counter(&value.closed, &self.closed, &key).inc();
             }
         }
     }
@@ -1002,8 +1037,10 @@ impl Metrics {
     pub fn failed(&self, record: &ConnectionRecord, flag: ResponseFlag) {
         let labels = Self::labels(record, flag);
         let mut series = self.series();
-        if self.admit(&mut series, &labels, record, Purpose::Event) {
-            self.failed.get_or_create(&labels).inc();
+        if let Some(Admitted { key, value }) =
+            self.admit(&mut series, &labels, record, Purpose::Event)
+        {
+            counter(&value.failed, &self.failed, &key).inc();
         }
     }
 

@@ -29,19 +29,41 @@ impl Eviction {
 }
 
 #[derive(Debug)]
-struct Entry {
+struct Entry<K, V> {
+    /// The shared copy of the set (also the map's key).
+    key: Arc<K>,
+    /// What the caller keeps with the set (the metric handles counted under it).
+    value: V,
     open: u32,
     last_active: Instant,
     /// The workload uids (source, destination) it was last counted for, where known.
     workloads: [Option<String>; 2],
 }
 
-/// Label sets of type `K` and what keeps each alive.
+impl<K, V> Entry<K, V> {
+    /// Active now, for a connection between `workloads`, for `purpose`.
+    fn touch(&mut self, workloads: [Option<&str>; 2], purpose: Purpose, now: Instant) {
+        self.last_active = now;
+        for (slot, uid) in self.workloads.iter_mut().zip(workloads) {
+            if let Some(uid) = uid {
+                if slot.as_deref() != Some(uid) {
+                    *slot = Some(uid.to_string());
+                }
+            }
+        }
+        if purpose == Purpose::Open {
+            self.open += 1;
+        }
+    }
+}
+
+/// Label sets of type `K` and what keeps each alive, each with a value `V` the caller keeps
+/// with it (made once, when the set is added).
 #[derive(Debug)]
-pub struct Series<K> {
+pub struct Series<K, V = ()> {
     /// Keyed by a shared copy: the connections counted under a set hold the same `Arc`
     /// instead of a copy of its labels each.
-    entries: HashMap<Arc<K>, Entry>,
+    entries: HashMap<Arc<K>, Entry<K, V>>,
     limit: usize,
     idle: Duration,
     evicted_idle: u64,
@@ -76,7 +98,28 @@ pub enum Admission<K> {
     Refused,
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Series<K> {
+/// A set admitted by [`Series::admit_with`]: its shared copy and its value.
+#[derive(Debug)]
+pub struct Admitted<K, V> {
+    pub key: Arc<K>,
+    pub value: V,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Series<K, ()> {
+    /// Marks `key` active now (adding it if there is room), for a connection between
+    /// `workloads`, for `purpose`.
+    pub fn admit(
+        &mut self,
+        key: &K,
+        workloads: [Option<&str>; 2],
+        purpose: Purpose,
+        now: Instant,
+    ) -> Admission<K> {
+        self.admit_with(key, workloads, purpose, now, || ()).0
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Series<K, V> {
     /// Bounded to `limit` sets; idle ones go after `idle`.
     pub fn new(limit: usize, idle: Duration) -> Self {
         Self {
@@ -89,18 +132,28 @@ impl<K: std::hash::Hash + Eq + Clone> Series<K> {
         }
     }
 
-    /// Marks `key` active now (adding it if there is room), for a connection between
-    /// `workloads`, for `purpose`.
-    pub fn admit(
+    /// Marks `key` active now (adding it, with the value `value` makes, if there is room),
+    /// for a connection between `workloads`, for `purpose`; with the set's shared copy and
+    /// value unless refused. A known set costs one lookup.
+    pub fn admit_with(
         &mut self,
         key: &K,
         workloads: [Option<&str>; 2],
         purpose: Purpose,
         now: Instant,
-    ) -> Admission<K> {
+        value: impl FnOnce() -> V,
+    ) -> (Admission<K>, Option<Admitted<K, V>>) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.touch(workloads, purpose, now);
+            let admitted = Admitted {
+                key: entry.key.clone(),
+                value: entry.value.clone(),
+            };
+            return (Admission::Counted, Some(admitted));
+        }
         let mut admission = Admission::Counted;
         let bounded = purpose != Purpose::CloseOfCounted;
-        if bounded && !self.entries.contains_key(key) && self.entries.len() >= self.limit {
+        if bounded && self.entries.len() >= self.limit {
             // Only a set idle for a while makes room: one that closed a moment ago would take
             // its last counts with it before they were scraped.
             let min_idle = self.idle.min(LIMIT_MIN_IDLE);
@@ -120,41 +173,32 @@ impl<K: std::hash::Hash + Eq + Clone> Series<K> {
                 }
                 None => {
                     self.refused += 1;
-                    return Admission::Refused;
+                    return (Admission::Refused, None);
                 }
             }
         }
-        if !self.entries.contains_key(key) {
-            let fresh = Entry {
-                open: 0,
-                last_active: now,
-                workloads: [None, None],
-            };
-            self.entries.insert(Arc::new(key.clone()), fresh);
-        }
-        let Some(entry) = self.entries.get_mut(key) else {
-            return admission;
+        let mut entry = Entry {
+            key: Arc::new(key.clone()),
+            value: value(),
+            open: 0,
+            last_active: now,
+            workloads: [None, None],
         };
-        entry.last_active = now;
-        for (slot, uid) in entry.workloads.iter_mut().zip(workloads) {
-            if let Some(uid) = uid {
-                if slot.as_deref() != Some(uid) {
-                    *slot = Some(uid.to_string());
-                }
-            }
-        }
-        if purpose == Purpose::Open {
-            entry.open += 1;
-        }
-        admission
+        entry.touch(workloads, purpose, now);
+        let admitted = Admitted {
+            key: entry.key.clone(),
+            value: entry.value.clone(),
+        };
+        self.entries.insert(entry.key.clone(), entry);
+        (admission, Some(admitted))
     }
 
-    /// A connection counted open under `key` ended.
-    pub fn closed(&mut self, key: &K, now: Instant) {
-        if let Some(entry) = self.entries.get_mut(key) {
-            entry.open = entry.open.saturating_sub(1);
-            entry.last_active = now;
-        }
+    /// A connection counted open under `key` ended: the set's value, while it is held.
+    pub fn closed(&mut self, key: &K, now: Instant) -> Option<V> {
+        let entry = self.entries.get_mut(key)?;
+        entry.open = entry.open.saturating_sub(1);
+        entry.last_active = now;
+        Some(entry.value.clone())
     }
 
     /// Removes and returns the sets idle past the interval whose workloads no longer exist
@@ -183,11 +227,6 @@ impl<K: std::hash::Hash + Eq + Clone> Series<K> {
     pub fn configure(&mut self, limit: usize, idle: Duration) {
         self.limit = limit.max(1);
         self.idle = idle;
-    }
-
-    /// The shared copy of a live set.
-    pub fn interned(&self, key: &K) -> Option<Arc<K>> {
-        self.entries.get_key_value(key).map(|(k, _)| k.clone())
     }
 
     /// Live sets.
@@ -247,6 +286,36 @@ mod tests {
         assert!(s.evict_idle(t0 + IDLE * 3, |uid| uid == "uid-b").is_empty());
         assert_eq!(s.evict_idle(t0 + IDLE * 3, |_| false), vec![Arc::new("a")]);
         assert_eq!((s.len(), s.evicted(Eviction::Idle)), (0, 1));
+    }
+
+    /// A set's value (its metric handles) is made once, when the set is added, and every
+    /// later admission and close of the set gets that same value and shared key, until the
+    /// set goes.
+    #[test]
+    fn a_sets_value_is_made_once_and_shared_until_the_set_goes() {
+        let t0 = Instant::now();
+        let mut s: Series<u8, Arc<u32>> = Series::new(10, IDLE);
+        let made = std::cell::Cell::new(0);
+        let make = || {
+            made.set(made.get() + 1);
+            Arc::new(made.get())
+        };
+        let admitted = |s: &mut Series<u8, Arc<u32>>| {
+            let (admission, admitted) = s.admit_with(&7, [None, None], Purpose::Open, t0, &make);
+            assert_eq!(admission, Admission::Counted);
+            admitted.expect("admitted")
+        };
+        let (first, second) = (admitted(&mut s), admitted(&mut s));
+        assert_eq!(made.get(), 1, "made once");
+        assert!(Arc::ptr_eq(&first.value, &second.value));
+        assert!(Arc::ptr_eq(&first.key, &second.key));
+        let closed = s.closed(&7, t0).expect("held");
+        assert!(Arc::ptr_eq(&closed, &first.value));
+        s.closed(&7, t0);
+        assert_eq!(s.evict_idle(t0 + IDLE, |_| false).len(), 1);
+        assert_eq!(s.closed(&7, t0), None, "gone with its set");
+        // Back after it went: a new value.
+        assert_eq!(*admitted(&mut s).value, 2);
     }
 
     #[test]
