@@ -75,6 +75,31 @@ pub struct TcpTotals {
 /// Reads a TCP socket's byte totals. `written` never overstates: the acknowledged count is
 /// read before the queue, so an ACK in between can only make it lower.
 pub fn tcp_totals(fd: BorrowedFd<'_>) -> io::Result<TcpTotals> {
+    let info = tcp_info(fd)?;
+    Ok(TcpTotals {
+        received: info.tcpi_bytes_received,
+        written: info.tcpi_bytes_acked + unacked(fd)?,
+    })
+}
+
+/// What has been written to a TCP socket nothing writes to meanwhile, exactly: the
+/// acknowledged count is read on both sides of the queue until it holds still (an ACK
+/// between [`tcp_totals`]' two reads makes its `written` low by what that ACK covered).
+pub fn tcp_written_exact(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // With nothing written, only ACKs of what is in flight move it: a few at most.
+    for _ in 0..64 {
+        let acked = tcp_info(fd)?.tcpi_bytes_acked;
+        let queued = unacked(fd)?;
+        if tcp_info(fd)?.tcpi_bytes_acked == acked {
+            return Ok(acked + queued);
+        }
+    }
+    Err(io::Error::other(
+        "a socket's acknowledged byte count kept moving while nothing was written to it",
+    ))
+}
+
+fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -92,16 +117,18 @@ pub fn tcp_totals(fd: BorrowedFd<'_>) -> io::Result<TcpTotals> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+/// Bytes written to the socket and not yet acknowledged (`SIOCOUTQ`).
+fn unacked(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int through the pointer we own.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(TcpTotals {
-        received: info.tcpi_bytes_received,
-        written: info.tcpi_bytes_acked + queued.max(0) as u64,
-    })
+    Ok(queued.max(0) as u64)
 }
 
 /// Marks a socket as the agent's own so outbound capture never loops it back.
@@ -233,8 +260,8 @@ impl Keepalive {
 /// CONNECT's 200 or a request's reply go out at once instead of waiting up to 40 ms for the
 /// peer's delayed ACK) and, unless off, TCP keepalive. Set on a listener before it listens,
 /// they are every accepted socket's from the start: Linux copies the listener's
-/// `TCP_NODELAY` and keepalive settings into each socket it accepts, which saves five
-/// setsockopt calls per accepted connection.
+/// `TCP_NODELAY` and keepalive settings into each socket it accepts, which saves four of
+/// five setsockopt calls per accepted connection (one getsockopt checks them).
 pub fn connection_options(
     socket: &impl std::os::fd::AsFd,
     keepalive: Option<&Keepalive>,
