@@ -256,10 +256,10 @@ pub struct RunArgs {
     #[arg(long, env = "KEEPALIVE_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub keepalive_enabled: bool,
     /// Idle time before the first keepalive probe (e.g. `180s`, `3m`).
-    #[arg(long, env = "KEEPALIVE_TIME", default_value = "180s", value_parser = parse_duration)]
+    #[arg(long, env = "KEEPALIVE_TIME", default_value = "180s", value_parser = parse_keepalive_duration)]
     pub keepalive_time: std::time::Duration,
     /// Time between keepalive probes.
-    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "180s", value_parser = parse_duration)]
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "180s", value_parser = parse_keepalive_duration)]
     pub keepalive_interval: std::time::Duration,
     /// Unanswered probes before a connection is dropped.
     #[arg(long, env = "KEEPALIVE_RETRIES", default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..=127))]
@@ -363,6 +363,18 @@ fn parse_max_series(text: &str) -> Result<usize, String> {
     }
 }
 
+/// A keepalive time or interval: a duration of whole seconds the kernel takes (1-32767 s).
+fn parse_keepalive_duration(text: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(text)?;
+    if d.subsec_nanos() != 0 || !(1..=32_767).contains(&d.as_secs()) {
+        return Err(format!(
+            "`{text}`: TCP keepalive takes whole seconds from 1s to 32767s (the kernel's range); \
+             default 180s"
+        ));
+    }
+    Ok(d)
+}
+
 /// A duration as upstream's settings write it: `180s`, `3m`, `500ms`, `1h`, or bare seconds.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
@@ -394,4 +406,22 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 pub fn fail(e: &dyn std::error::Error) -> std::process::ExitCode {
     eprintln!("error: {}", crate::telemetry::ErrorChain(e));
     std::process::ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A keepalive setting the kernel would refuse is refused with the flag's range, where
+    /// it would otherwise fail every pod's listeners.
+    #[test]
+    fn keepalive_durations_are_whole_seconds_in_the_kernels_range() {
+        for good in ["1s", "180s", "3m", "32767", "1000ms"] {
+            assert!(parse_keepalive_duration(good).is_ok(), "{good}");
+        }
+        for bad in ["500ms", "1500ms", "32768s", "10h"] {
+            let e = parse_keepalive_duration(bad).expect_err(bad);
+            assert!(e.contains("1s to 32767s"), "{bad}: {e}");
+        }
+    }
 }

@@ -883,7 +883,10 @@ fn bind(
     // connections over the group, and when one closes the other takes over.
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
-    crate::socket::connection_options(&socket, keepalive)?;
+    if let Err(e) = crate::socket::connection_options(&socket, keepalive) {
+        // The accept loop sets them on each accepted socket instead.
+        tracing::warn!(%addr, error = %e, "TCP_NODELAY or keepalive not set on a pod's listener: set on each connection instead");
+    }
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())

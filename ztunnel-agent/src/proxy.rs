@@ -485,7 +485,8 @@ pub fn reset_on_close(stream: &impl std::os::fd::AsFd) {
     }
 }
 
-/// Accepts on `listener` until `cancel` (the pod leaves) or the agent begins draining,
+/// Accepts on `listener` (best made by `enroll`, whose sockets have the connection options
+/// from the start) until `cancel` (the pod leaves) or the agent begins draining,
 /// handing each accepted socket to `handle`, which runs as its own task, counted as live
 /// for the drain (the handlers create a [`connection::Connection`] per connection, and the
 /// HBONE server one per CONNECT stream). Each accepted socket is counted in
@@ -518,7 +519,13 @@ pub async fn accept_loop<F, Fut>(
                         continue;
                     };
                     // TCP_NODELAY and keepalive: set on the listener before it listened
-                    // (`enroll`), so the accepted socket has them already.
+                    // (`enroll`), so the accepted socket has them already, unless another
+                    // listener made it (during an upgrade, the connections queued on an
+                    // older agent's listener move to this one when it closes) or the
+                    // listener refused them. One getsockopt tells.
+                    if !socket2::SockRef::from(&stream).nodelay().unwrap_or(false) {
+                        pod.mesh.socket_options(&stream);
+                    }
                     let accepted = Accepted {
                         _socket: crate::metrics::global().socket_opened(reporter),
                         _slot: slot,

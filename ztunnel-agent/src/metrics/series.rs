@@ -105,6 +105,7 @@ pub struct Admitted<K, V> {
     pub value: V,
 }
 
+#[cfg(test)]
 impl<K: std::hash::Hash + Eq + Clone> Series<K, ()> {
     /// Marks `key` active now (adding it if there is room), for a connection between
     /// `workloads`, for `purpose`.
