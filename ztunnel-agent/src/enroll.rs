@@ -932,8 +932,8 @@ mod tests {
         listener.accept().expect("accept").0
     }
 
-    /// The accept path sets no option: every accepted socket has TCP_NODELAY and the
-    /// configured keepalive from its listener.
+    /// Every socket a pod's listener accepts has TCP_NODELAY and the configured keepalive
+    /// from the listener (the accept loop sets them only where they are missing).
     #[test]
     fn accepted_sockets_have_the_connection_options_of_their_listener() {
         let keepalive = crate::socket::Keepalive {

@@ -1,9 +1,9 @@
 //! Relay between two TCP sockets (plain passthrough). Each direction copies small moves
-//! through a buffer on the stack (a read and a write), and once a move fills that buffer
-//! (bulk) moves bytes socket -> pipe -> socket with splice(2), so bulk payload never enters
-//! userspace, though the agent is woken for every chunk. A connection that never moves bulk
-//! never makes a pipe: a pipe's creation, sizing and release cost more than a short
-//! connection's copies. Where the kernel relay is on (`redirect::KernelRelay`),
+//! through a buffer, one per runtime thread (a read and a write), and once a move fills
+//! that buffer (bulk) moves bytes socket -> pipe -> socket with splice(2), so bulk payload
+//! never enters userspace, though the agent is woken for every chunk. A connection that
+//! never moves bulk never makes a pipe: a pipe's creation, sizing and release cost more than
+//! a short connection's copies. Where the kernel relay is on (`redirect::KernelRelay`),
 //! a connection that shows itself interactive is then handed to it at a point where
 //! nothing is in flight: from there the kernel sends what one socket receives out of the
 //! other, and the agent only waits for each direction's end.
