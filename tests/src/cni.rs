@@ -52,7 +52,7 @@ impl CniServer {
 
     /// Accepts the agent's connection and returns its hello.
     pub fn accept_hello(&mut self) -> ZdsHello {
-        let fd = accept(self.listener.as_raw_fd()).expect("accept agent");
+        let fd = restarting(|| accept(self.listener.as_raw_fd())).expect("accept agent");
         // SAFETY: accept returned a new fd we now own.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let timeout = nix::sys::time::TimeVal::new(10, 0);
@@ -77,10 +77,11 @@ impl CniServer {
     pub fn closed_by_agent(&self) -> bool {
         let mut buf = [0u8; 64];
         let mut iov = [IoSliceMut::new(&mut buf)];
-        matches!(
-            recvmsg::<()>(self.conn().as_raw_fd(), &mut iov, None, MsgFlags::empty()),
-            Ok(m) if m.bytes == 0
-        )
+        let read = restarting(|| {
+            recvmsg::<()>(self.conn().as_raw_fd(), &mut iov, None, MsgFlags::empty())
+                .map(|m| m.bytes)
+        });
+        matches!(read, Ok(0))
     }
 
     fn conn(&self) -> &OwnedFd {
@@ -90,9 +91,11 @@ impl CniServer {
     fn recv(&self) -> Vec<u8> {
         let mut buf = vec![0u8; 4096];
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let n = recvmsg::<()>(self.conn().as_raw_fd(), &mut iov, None, MsgFlags::empty())
-            .expect("recv from agent")
-            .bytes;
+        let n = restarting(|| {
+            recvmsg::<()>(self.conn().as_raw_fd(), &mut iov, None, MsgFlags::empty())
+                .map(|m| m.bytes)
+        })
+        .expect("recv from agent");
         buf.truncate(n);
         buf
     }
@@ -188,4 +191,16 @@ pub fn start_with_agent(
     let agent = crate::agent::Agent::start(topo, &args);
     let hello = cni.accept_hello();
     (cni, agent, hello)
+}
+
+/// Runs `call` again while a signal interrupts it (EINTR): socket calls with a timeout
+/// (`SO_RCVTIMEO`, set on every socket here) are never restarted after a handled signal,
+/// even with `SA_RESTART` (signal(7)). CI saw `accept agent: EINTR` once.
+fn restarting<T>(mut call: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
+    loop {
+        match call() {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
 }
