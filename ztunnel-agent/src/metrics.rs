@@ -24,7 +24,7 @@ use prometheus_client::registry::{Registry, Unit};
 use ztunnel_common::PodCounters;
 
 use crate::accesslog::{ConnectionRecord, Direction, Peer};
-use series::{Admission, Admitted, Eviction, Purpose, Series};
+use series::{Admitted, Eviction, Purpose, Series};
 
 /// Istio's TCP metric labels, in Istio's order.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -920,17 +920,17 @@ impl Metrics {
         purpose: Purpose,
     ) -> Option<Admitted<TcpLabels, Arc<TcpCounters>>> {
         let [src, dst] = workload_uids(record);
-        let (admission, admitted) = series.admit_with(
+        let admitted = series.admit_with(
             labels,
             [src.as_deref(), dst.as_deref()],
             purpose,
             Instant::now(),
             Default::default,
-        );
-        if let Admission::CountedAfterEvicting(old) = admission {
-            self.remove_series(&old);
+        )?;
+        if let Some(old) = &admitted.evicted {
+            self.remove_series(old);
         }
-        admitted
+        Some(admitted)
     }
 
     fn labels(record: &ConnectionRecord, flag: ResponseFlag) -> TcpLabels {
@@ -981,7 +981,7 @@ impl Metrics {
         let mut series = self.series();
         let (labels, counted, sent, received) =
             match self.admit(&mut series, &labels, record, Purpose::Open) {
-                Some(Admitted { key, value }) => {
+                Some(Admitted { key, value, .. }) => {
                     counter(&value.opened, &self.opened, &key).inc();
                     let sent = counter(&value.sent, &self.sent, &key).clone();
                     let received = counter(&value.received, &self.received, &key).clone();
@@ -1027,7 +1027,7 @@ impl Metrics {
         } else {
             let mut labels = TcpLabels::clone(&opened.labels);
             labels.response_flags = flag.as_str();
-            if let Some(Admitted { key, value }) =
+            if let Some(Admitted { key, value, .. }) =
                 self.admit(&mut series, &labels, record, Purpose::CloseOfCounted)
             {
                 counter(&value.closed, &self.closed, &key).inc();
@@ -1039,7 +1039,7 @@ impl Metrics {
     pub fn failed(&self, record: &ConnectionRecord, flag: ResponseFlag) {
         let labels = Self::labels(record, flag);
         let mut series = self.series();
-        if let Some(Admitted { key, value }) =
+        if let Some(Admitted { key, value, .. }) =
             self.admit(&mut series, &labels, record, Purpose::Event)
         {
             counter(&value.failed, &self.failed, &key).inc();

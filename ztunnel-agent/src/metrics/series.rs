@@ -88,6 +88,7 @@ pub enum Purpose {
 }
 
 /// What [`Series::admit`] decided.
+#[cfg(test)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission<K> {
     /// Known or added; count under it.
@@ -98,11 +99,13 @@ pub enum Admission<K> {
     Refused,
 }
 
-/// A set admitted by [`Series::admit_with`]: its shared copy and its value.
+/// A set admitted by [`Series::admit_with`]: its shared copy and its value, and the idle
+/// set evicted to make room for it (remove it from the families).
 #[derive(Debug)]
 pub struct Admitted<K, V> {
     pub key: Arc<K>,
     pub value: V,
+    pub evicted: Option<Arc<K>>,
 }
 
 #[cfg(test)]
@@ -116,7 +119,13 @@ impl<K: std::hash::Hash + Eq + Clone> Series<K, ()> {
         purpose: Purpose,
         now: Instant,
     ) -> Admission<K> {
-        self.admit_with(key, workloads, purpose, now, || ()).0
+        match self.admit_with(key, workloads, purpose, now, || ()) {
+            Some(Admitted {
+                evicted: Some(old), ..
+            }) => Admission::CountedAfterEvicting(old),
+            Some(_) => Admission::Counted,
+            None => Admission::Refused,
+        }
     }
 }
 
@@ -134,8 +143,8 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Series<K, V> {
     }
 
     /// Marks `key` active now (adding it, with the value `value` makes, if there is room),
-    /// for a connection between `workloads`, for `purpose`; with the set's shared copy and
-    /// value unless refused. A known set costs one lookup.
+    /// for a connection between `workloads`, for `purpose`; None when refused (at the limit
+    /// with every set in use). A known set costs one lookup.
     pub fn admit_with(
         &mut self,
         key: &K,
@@ -143,16 +152,16 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Series<K, V> {
         purpose: Purpose,
         now: Instant,
         value: impl FnOnce() -> V,
-    ) -> (Admission<K>, Option<Admitted<K, V>>) {
+    ) -> Option<Admitted<K, V>> {
         if let Some(entry) = self.entries.get_mut(key) {
             entry.touch(workloads, purpose, now);
-            let admitted = Admitted {
+            return Some(Admitted {
                 key: entry.key.clone(),
                 value: entry.value.clone(),
-            };
-            return (Admission::Counted, Some(admitted));
+                evicted: None,
+            });
         }
-        let mut admission = Admission::Counted;
+        let mut evicted = None;
         let bounded = purpose != Purpose::CloseOfCounted;
         if bounded && self.entries.len() >= self.limit {
             // Only a set idle for a while makes room: one that closed a moment ago would take
@@ -170,11 +179,11 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Series<K, V> {
                 Some(old) => {
                     self.entries.remove(&old);
                     self.evicted_limit += 1;
-                    admission = Admission::CountedAfterEvicting(old);
+                    evicted = Some(old);
                 }
                 None => {
                     self.refused += 1;
-                    return (Admission::Refused, None);
+                    return None;
                 }
             }
         }
@@ -189,9 +198,10 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Series<K, V> {
         let admitted = Admitted {
             key: entry.key.clone(),
             value: entry.value.clone(),
+            evicted,
         };
         self.entries.insert(entry.key.clone(), entry);
-        (admission, Some(admitted))
+        Some(admitted)
     }
 
     /// A connection counted open under `key` ended: the set's value, while it is held.
@@ -302,9 +312,10 @@ mod tests {
             Arc::new(made.get())
         };
         let admitted = |s: &mut Series<u8, Arc<u32>>| {
-            let (admission, admitted) = s.admit_with(&7, [None, None], Purpose::Open, t0, &make);
-            assert_eq!(admission, Admission::Counted);
-            admitted.expect("admitted")
+            let admitted = s.admit_with(&7, [None, None], Purpose::Open, t0, &make);
+            let admitted = admitted.expect("admitted");
+            assert!(admitted.evicted.is_none());
+            admitted
         };
         let (first, second) = (admitted(&mut s), admitted(&mut s));
         assert_eq!(made.get(), 1, "made once");

@@ -404,7 +404,14 @@ async fn relay_and_count(
     };
     // Where each way's kernel count starts: what it moved spliced and what its destination
     // had been written (taken before the kernel starts writing).
-    let starts = written(&b).and_then(|b_base| Ok(((ab.get(), b_base), (ba.get(), written(&a)?))));
+    // Read exactly: the agent's last write's ACK may be on its way, and a base low by it
+    // would count its bytes again.
+    let starts = tcp_written_exact(b.as_fd()).and_then(|b_base| {
+        Ok((
+            (ab.get(), b_base),
+            (ba.get(), tcp_written_exact(a.as_fd())?),
+        ))
+    });
     let (ab_start, ba_start) = match starts {
         Ok(starts) => starts,
         Err(e) => {
@@ -526,13 +533,6 @@ async fn end_both<T>(
         super::reset_on_close(b);
     }
     relayed
-}
-
-/// What has been written to `socket` so far, exactly, by the kernel's count: where a kernel
-/// relayed direction's count starts from. (Read right after the agent's last write, while
-/// that write's ACK may be on its way: a count low by it would count its bytes again.)
-fn written(socket: &impl AsFd) -> io::Result<u64> {
-    tcp_written_exact(socket.as_fd())
 }
 
 /// One kernel-relayed direction's count: what its destination socket has taken since the
